@@ -1,0 +1,270 @@
+"""The YAML cluster config: one pydantic model per section, strict about unknown keys and impossible values.
+
+Every error a user can make in the YAML is reported as ``path.to.field: what is wrong (fix: ...)`` so that a
+broken file is fixed from the message alone.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TINY_MODEL = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names each bad field and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class Dtype(StrEnum):
+    auto = "auto"  # bfloat16 on GPU, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(StrEnum):
+    auto = "auto"  # cuda when the workers see a GPU, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        TINY_MODEL,
+        description="HF checkpoint directory (config.json + safetensors + tokenizer), or 'tiny' for the built-in "
+        "random-weight test model.",
+    )
+    name: str | None = Field(None, description="Model name served by the APIs; defaults to the directory name.")
+    dtype: Dtype = Field(Dtype.auto, description="Weights and KV cache dtype.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest prompt + output in tokens; defaults to the checkpoint's context length."
+    )
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.path.rstrip("/")).name
+
+
+class ClusterSection(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto' to join a running cluster); none starts a local Ray."
+    )
+    device: Device = Field(Device.auto, description="Where workers run their engines.")
+    total_gpus: int | None = Field(
+        None, ge=0, description="GPUs the cluster has, checked against the pools at load time; none = not checked."
+    )
+    namespace: str = Field("splitserve", description="Ray namespace of the actors.")
+
+
+class _PoolConfig(_Section):
+    replicas: int = Field(1, ge=1, description="Number of worker actors in this pool.")
+    gpus_per_replica: float = Field(
+        1.0, ge=0, description="GPUs per worker (fractions share a GPU); ignored on CPU."
+    )
+    gpu_type: str | None = Field(
+        None, description="Ray accelerator type the pool is placed on (e.g. H100, H200); none = any node."
+    )
+    max_queue: int = Field(256, ge=1, description="Requests a worker queues before the router stops sending to it.")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV blocks per worker; none = sized from gpu_memory_fraction (GPU) or 2048 (CPU)."
+    )
+    gpu_memory_fraction: float = Field(
+        0.85, gt=0, le=0.95, description="Share of its GPU a worker may fill with weights, activations and KV cache."
+    )
+
+
+class PrefillPoolConfig(_PoolConfig):
+    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one prefill batch (prompts are packed).")
+
+
+class DecodePoolConfig(_PoolConfig):
+    max_batch_size: int = Field(128, ge=1, description="Sequences decoded together in one step.")
+
+
+class MixedPoolConfig(DecodePoolConfig):
+    replicas: int = Field(0, ge=0, description="Workers that serve either phase (Splitwise's mixed pool).")
+    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one prefill chunk.")
+
+
+class KVBackend(StrEnum):
+    auto = "auto"
+    nccl = "nccl"
+    cuda_ipc = "cuda_ipc"
+    grpc = "grpc"
+    local = "local"
+
+
+class KVTransferConfig(_Section):
+    backend: KVBackend = Field(KVBackend.auto, description="How KV pages move from prefill to decode workers.")
+    chunk_bytes: int = Field(4 << 20, ge=4096, description="Largest message of the grpc backend.")
+    compression: Literal["none", "int8", "fp8"] = Field(
+        "none", description="On-the-wire KV compression of the grpc backend (per-block scales)."
+    )
+    checksum: bool = Field(False, description="Verify a checksum of every transfer on the receiving side.")
+    timeout_s: float = Field(30.0, gt=0, description="Last resort for a peer that stops answering mid-transfer.")
+
+
+class RouterPolicy(StrEnum):
+    round_robin = "round_robin"
+    jsq = "jsq"  # join the shortest queue: pending prefill tokens / decode KV occupancy
+    mixed = "mixed"  # jsq, plus idle workers of one pool serve the other phase under overload
+
+
+class RouterConfig(_Section):
+    policy: RouterPolicy = Field(RouterPolicy.jsq, description="How requests are assigned to workers.")
+    max_queue: int = Field(1024, ge=1, description="Requests admitted and not finished; more get RESOURCE_EXHAUSTED.")
+    max_retries: int = Field(2, ge=0, description="Times a request is re-run after its worker died.")
+
+
+class TLSConfig(_Section):
+    cert_file: str = Field(..., description="PEM certificate chain.")
+    key_file: str = Field(..., description="PEM private key.")
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address both APIs listen on.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC API port (0 = any free port).")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0 = any free port).")
+    auth_token: str | None = Field(
+        None, description="Bearer token both APIs require; the env var SPLITSERVE_AUTH_TOKEN overrides it."
+    )
+    tls: TLSConfig | None = Field(None, description="Serve TLS on both APIs.")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
+    max_concurrent_per_client: int = Field(64, ge=1, description="Requests in flight per client (token or peer).")
+
+    @property
+    def effective_auth_token(self) -> str | None:
+        return os.environ.get("SPLITSERVE_AUTH_TOKEN") or self.auth_token
+
+
+class SLOConfig(_Section):
+    ttft_ms: float = Field(1000.0, gt=0, description="Time to first token target.")
+    tpot_ms: float = Field(50.0, gt=0, description="Time per output token target.")
+
+
+class KVCacheConfig(_Section):
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV page.")
+    prefix_caching: bool = Field(True, description="Reuse full KV blocks of repeated prompt prefixes.")
+
+
+class ServingMode(StrEnum):
+    disaggregated = "disaggregated"
+    colocated = "colocated"  # one pool does both phases with chunked prefill (the baseline)
+
+
+class SplitserveConfig(_Section):
+    mode: ServingMode = Field(ServingMode.disaggregated, description="Split pools, or the colocated baseline.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    prefill: PrefillPoolConfig = Field(default_factory=PrefillPoolConfig)
+    decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
+    mixed: MixedPoolConfig = Field(default_factory=MixedPoolConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+
+    @model_validator(mode="after")
+    def _fits_the_cluster(self) -> SplitserveConfig:
+        gpus = self.cluster.total_gpus
+        if gpus is None or self.cluster.device == Device.cpu:
+            return self
+        needed = self.gpus_needed
+        if needed > gpus:
+            raise ValueError(
+                f"cluster.total_gpus: the pools need {needed:g} GPUs (prefill {self.prefill.replicas}×{self.prefill.gpus_per_replica:g}"
+                f" + decode {self.decode.replicas}×{self.decode.gpus_per_replica:g}"
+                f" + mixed {self.mixed.replicas}×{self.mixed.gpus_per_replica:g}) but cluster.total_gpus is {gpus}"
+                " (fix: lower the replicas or gpus_per_replica, or raise cluster.total_gpus)"
+            )
+        return self
+
+    @property
+    def gpus_needed(self) -> float:
+        pools: list[_PoolConfig] = [self.decode, self.mixed]
+        if self.mode == ServingMode.disaggregated:
+            pools.append(self.prefill)
+        return sum(p.replicas * p.gpus_per_replica for p in pools)
+
+
+_FIX_HINTS: dict[str, str] = {
+    "extra_forbidden": "remove it, or check its spelling against the valid keys: {valid}",
+    "missing": "add this key",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "less_than_equal": "use a smaller value",
+    "less_than": "use a smaller value",
+    "enum": "use one of the listed values",
+    "literal_error": "use one of the listed values",
+}
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = SplitserveConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return ", ".join(model.model_fields)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``path: message (fix: ...)``."""
+    lines = []
+    for e in err.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        hint = _FIX_HINTS.get(e["type"])
+        if hint and "(fix:" not in message:
+            message += f" (fix: {hint.format(valid=_valid_keys(e['loc']))})"
+        # Cross-field checks name their own path in the message.
+        lines.append(f"{'.'.join(str(p) for p in e['loc'])}: {message}" if e["loc"] else message)
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> SplitserveConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (fix: start with 'model:' etc.)")
+    try:
+        return SplitserveConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> SplitserveConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_config(data, str(path))
+
+
+def dump_config(config: SplitserveConfig) -> str:
+    """The resolved config with every default filled in, as YAML."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,98 @@
+"""Attention over the paged KV cache for a packed batch: prefill chunks first, then decode tokens.
+
+The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), so a
+sequence's pages of one layer are ``cache[:, block_ids]``: what the KV transfer layer sends as soon as the layer is
+done. This module is the plain-torch path (CPU, and the GPU fallback); it uses SDPA with native GQA, so KV heads are
+never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of the packed batch reads and writes KV."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    block_size: int
+    # Prefill chunks: the first sum(prefill_query_lens) tokens.
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]  # KV length of each prefill sequence once this chunk is written
+    prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
+    # Decode tokens: the rest, one per sequence.
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [D] KV length including the new token
+    decode_max_context: int = 0
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_query_lens)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V ([T, Hkv, D]) into their slots."""
+    _, _, _, heads, dim = cache.shape
+    cache[0].view(-1, heads, dim).index_copy_(0, slot_mapping, k)
+    cache[1].view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+
+
+def _slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions [0, length) for one or many block tables ([..., max_blocks])."""
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[..., pos // block_size] * block_size + pos % block_size
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, _, heads, dim = cache.shape
+    return cache[0].view(-1, heads, dim)[slots], cache[1].view(-1, heads, dim)[slots]
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Writes k/v to the cache and returns [T, Hq, D]."""
+    write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    start = 0
+    for i, (qlen, ctx) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens, strict=True)):
+        qi = q[start : start + qlen].transpose(0, 1).unsqueeze(0)
+        if ctx == qlen:  # no earlier context: attend to this chunk only, causally
+            ki = k[start : start + qlen].transpose(0, 1).unsqueeze(0)
+            vi = v[start : start + qlen].transpose(0, 1).unsqueeze(0)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # a later chunk, or a prefix-cache hit: attend to the cached context too
+            assert meta.prefill_block_tables is not None
+            ks, vs = _gather(cache, _slots(meta.prefill_block_tables[i], ctx, meta.block_size))
+            q_pos = torch.arange(ctx - qlen, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+            oi = F.scaled_dot_product_attention(
+                qi, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=scale, enable_gqa=True,
+            )
+        out[start : start + qlen] = oi.squeeze(0).transpose(0, 1)
+        start += qlen
+    if meta.decode_block_tables is not None and start < q.shape[0]:
+        out[start:] = decode_attention(q[start:], cache, meta, scale)
+    return out
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence over its paged context, all sequences in one batched call."""
+    assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+    length = meta.decode_max_context
+    ks, vs = _gather(cache, _slots(meta.decode_block_tables, length, meta.block_size))  # [D, L, Hkv, dim]
+    mask = torch.arange(length, device=q.device)[None, :] < meta.decode_context_lens[:, None]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [D, Hq, 1, dim]
+        ks.transpose(1, 2),
+        vs.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(2)

@@ -1,0 +1,340 @@
+"""The engine every worker runs: a model runner, a block manager and a continuous-batching scheduler.
+
+Three ways to drive it, one per role:
+- colocated / offline: ``add_request`` + ``step`` (chunked prefill mixed with decode in one batch, as Sarathi does);
+- prefill worker: ``prefill`` runs whole prompts, yields the first token, and holds the pages until ``release``;
+- decode worker: ``reserve`` allocates pages for a prompt's KV, the transfer fills them, ``admit`` starts decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.engine import detokenizer
+from splitserve.engine.block_manager import BlockManager, OutOfBlocks
+from splitserve.engine.model import LayerHook
+from splitserve.engine.runner import ModelRunner, RunnerConfig
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sequence import FinishReason, Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as given; the message names the field."""
+
+
+@dataclass
+class EngineConfig:
+    runner: RunnerConfig
+    max_batch_size: int = 128
+    enable_prefix_caching: bool = True
+    load_tokenizer: bool = True
+
+
+@dataclass
+class TokenOutput:
+    """One new token of one request, as streamed to the client."""
+
+    request_id: str
+    token_id: int
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, hf_config=None):
+        self.config = config
+        self.runner = ModelRunner(config.runner, hf_config)
+        self.spec = self.runner.spec
+        self.max_model_len = self.runner.max_model_len
+        self.max_batch_tokens = config.runner.max_batch_tokens
+        self.blocks = BlockManager(self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching)
+        self.tokenizer = None
+        if config.load_tokenizer and config.runner.model_dir is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(config.runner.model_dir, local_files_only=True)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}  # prefilled (prefill role) or reserved (decode role), not running
+        self._detok: dict[str, detokenizer.DetokState] = {}
+
+    # --- requests ---
+
+    def make_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_token_ids:
+            raise RequestError("prompt: empty prompt (fix: send at least one token)")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt: {len(prompt_token_ids)} tokens, the model's context is {self.max_model_len} "
+                "(fix: shorten the prompt)"
+            )
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        if self.runner.num_kv_blocks < self.blocks.blocks_for(len(prompt_token_ids) + 1):
+            raise RequestError("prompt: longer than this worker's whole KV cache (fix: shorten the prompt)")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        return seq
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        if request_id in self._detok:
+            raise RequestError(f"request_id: {request_id!r} is already running")
+        seq = self.make_sequence(request_id, prompt_token_ids, params)
+        self._detok[request_id] = detokenizer.new_state(seq.prompt_token_ids)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its pages now. True if it was here."""
+        found = self.held.pop(request_id, None)
+        if found is None:
+            found = next((s for s in self.running if s.request_id == request_id), None)
+            if found is not None:
+                self.running.remove(found)
+            else:
+                found = next((s for s in self.waiting if s.request_id == request_id), None)
+                if found is not None:
+                    self.waiting.remove(found)
+        self._detok.pop(request_id, None)
+        if found is None:
+            return False
+        self._finish(found, FinishReason.ABORT)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_active(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.held)
+
+    def pending_prefill_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + sum(
+            s.num_tokens - s.num_computed_tokens for s in self.running if s.num_tokens - s.num_computed_tokens > 1
+        )
+
+    # --- colocated / offline scheduling ---
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back a running sequence's pages; it is recomputed (prefix cache helps) when there is room."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        log.debug("preempted %s", seq.request_id)
+
+    def _schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        budget = self.max_batch_tokens
+        decodes: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            if len(decodes) >= self.config.max_batch_size or budget <= 0:
+                break
+            while not self.blocks.can_append(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SeqStatus.RUNNING:
+                continue
+            self.blocks.append_slot(seq.block_table, seq.num_tokens)
+            decodes.append(seq)
+            budget -= 1
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1 and budget > 0:
+                n = min(remaining, budget)
+                chunks.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting[0]
+            try:
+                seq.block_table, seq.num_cached_tokens = self.blocks.allocate_prompt(seq.all_token_ids)
+            except OutOfBlocks:
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = seq.num_cached_tokens
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks, decodes
+
+    def step(self, layer_hook: LayerHook | None = None) -> list[TokenOutput]:
+        """One continuous-batching step: decode every running sequence, fill the rest of the budget with prefill."""
+        chunks, decodes = self._schedule()
+        if not chunks and not decodes:
+            return []
+        out = self.runner.execute(chunks, decodes, layer_hook)
+        self._commit_prompt_blocks(seq for seq, _ in chunks)
+        return self._apply(out.seqs, out.token_ids, out.logprobs)
+
+    def _commit_prompt_blocks(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            self.blocks.commit_full_blocks(seq.block_table, seq.all_token_ids[: seq.num_computed_tokens])
+
+    def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None) -> list[TokenOutput]:
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            outputs.append(self._append_token(seq, token, logprobs[i] if logprobs else None))
+            if seq.is_finished and seq in self.running:
+                self.running.remove(seq)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> TokenOutput:
+        seq.output_token_ids.append(token)
+        if logprob is not None and seq.params.logprobs:
+            seq.output_logprobs.append(logprob)
+        params = seq.params
+        is_stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.spec.eos_token_ids
+        )
+        text = ""
+        state = self._detok.get(seq.request_id)
+        if self.tokenizer is not None and state is not None and not is_stop_token:
+            text = detokenizer.add_token(self.tokenizer, state, token, params.stop)
+        reason = None
+        if is_stop_token or (state is not None and state.stopped):
+            reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(seq, reason)
+        return TokenOutput(seq.request_id, token, text, reason is not None, reason.value if reason else None,
+                           logprob if params.logprobs else None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status == SeqStatus.FINISHED:
+            return
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+        self._detok.pop(seq.request_id, None)
+
+    def generate(
+        self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run prompts to completion offline (tests, the ``generate`` CLI)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            seqs.append(self.add_request(f"offline-{i}-{id(prompt)}", ids, p))
+        texts: dict[str, list[str]] = {s.request_id: [] for s in seqs}
+        while self.has_work():
+            for out in self.step():
+                texts[out.request_id].append(out.text)
+        return [
+            GenerationResult(s.request_id, s.prompt_token_ids, s.output_token_ids, "".join(texts[s.request_id]),
+                             s.finish_reason.value if s.finish_reason else "abort", s.output_logprobs)
+            for s in seqs
+        ]
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("prompt: this engine has no tokenizer (fix: send token ids)")
+        return self.tokenizer(text)["input_ids"]
+
+    # --- prefill role ---
+
+    def prefill(
+        self,
+        seqs: list[Sequence],
+        hook_for: Callable[[list[Sequence]], LayerHook | None] | None = None,
+    ) -> list[TokenOutput]:
+        """Compute whole prompts (chunked to the token budget) and sample each one's first token.
+
+        The pages stay held until ``release``, so the transfer can read them. ``hook_for`` is asked, before each
+        forward pass, for a layer hook given the sequences whose prompts complete in that pass.
+        Raises OutOfBlocks (nothing allocated) when the prompts do not fit now.
+        """
+        needed = sum(self.blocks.blocks_for(s.num_tokens) for s in seqs)
+        if needed > self.blocks.num_free:
+            raise OutOfBlocks(needed, self.blocks.num_free)
+        for seq in seqs:
+            seq.block_table, seq.num_cached_tokens = self.blocks.allocate_prompt(seq.all_token_ids)
+            seq.num_computed_tokens = seq.num_cached_tokens
+            seq.status = SeqStatus.RUNNING
+            self.held[seq.request_id] = seq
+            self._detok[seq.request_id] = detokenizer.new_state(seq.prompt_token_ids)
+        outputs: list[TokenOutput] = []
+        pending = list(seqs)
+        try:
+            while pending:
+                budget = self.max_batch_tokens
+                chunks = []
+                for seq in pending:
+                    n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                    if n <= 0:
+                        break
+                    chunks.append((seq, n))
+                    budget -= n
+                completing = [s for s, n in chunks if s.num_computed_tokens + n == s.num_tokens]
+                hook = hook_for(completing) if hook_for else None
+                out = self.runner.execute(chunks, [], hook)
+                self._commit_prompt_blocks(s for s, _ in chunks)
+                for seq, token, lp in zip(out.seqs, out.token_ids, out.logprobs or [None] * len(out.seqs),
+                                          strict=True):
+                    outputs.append(self._append_token(seq, token, lp))
+                pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
+        except BaseException:
+            for seq in seqs:
+                self.abort(seq.request_id)
+            raise
+        return outputs
+
+    def release(self, request_id: str) -> bool:
+        """Free a prefilled request's pages once its KV has left (or will never leave)."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self._finish(seq, seq.finish_reason or FinishReason.STOP)
+        return True
+
+    # --- decode role ---
+
+    def reserve(self, seq: Sequence) -> list[int]:
+        """Pages for a prompt's KV arriving from a prefill worker. Raises OutOfBlocks when there is no room."""
+        if seq.request_id in self.held or seq.request_id in self._detok:
+            raise RequestError(f"request_id: {seq.request_id!r} is already here")
+        seq.block_table = self.blocks.allocate(self.blocks.blocks_for(seq.num_prompt_tokens))
+        self.held[seq.request_id] = seq
+        return list(seq.block_table)
+
+    def admit(self, request_id: str, first_token: int) -> None:
+        """Start decoding a request whose prompt KV is now in its reserved pages."""
+        seq = self.held.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SeqStatus.RUNNING
+        state = detokenizer.new_state(seq.prompt_token_ids)
+        self._detok[request_id] = state
+        seq.output_token_ids.append(first_token)
+        if self.tokenizer is not None:
+            detokenizer.add_token(self.tokenizer, state, first_token, seq.params.stop)
+        self.running.append(seq)

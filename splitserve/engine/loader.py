@@ -1,0 +1,134 @@
+"""Build a model from an HF checkpoint directory (config.json + *.safetensors), or with random weights.
+
+Weights stream tensor by tensor from safetensors straight into the fused parameters on the target device, so an
+8B checkpoint never needs a second copy in host memory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from splitserve.engine.model import CausalLM
+from splitserve.engine.model_spec import ModelSpec
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# checkpoint name -> (our parameter name, shard index in a fused parameter or None)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_hf_config(model_dir: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"model.path: {path} has no config.json (fix: point it at an HF checkpoint directory, or use 'tiny')"
+        )
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def _shard_sizes(spec: ModelSpec, fused: str) -> list[int]:
+    if fused.endswith("qkv_proj"):
+        return [spec.q_size, spec.kv_size, spec.kv_size]
+    return [spec.intermediate_size, spec.intermediate_size]
+
+
+def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int | None, str]:
+    """The parameter a checkpoint tensor lands in, and its shard index for fused parameters."""
+    if name == "lm_head.weight" and model.spec.tie_word_embeddings:
+        return model.embed_tokens.weight, None, "embed_tokens.weight"
+    m = _LAYER.match(name)
+    if m:
+        layer, rest = m.groups()
+        module, _, leaf = rest.rpartition(".")
+        fused = _FUSED.get(module)
+        if fused:
+            ours = f"layers.{layer}.{fused[0]}.{leaf}"
+            return model.get_parameter(ours), fused[1], ours
+        ours = f"layers.{layer}.{rest}"
+    else:
+        ours = name.removeprefix("model.")
+    try:
+        return model.get_parameter(ours), None, ours
+    except AttributeError:
+        raise CheckpointError(f"checkpoint tensor {name!r} has no place in a {model.spec.model_type} model") from None
+
+
+@torch.no_grad()
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"model.path: no *.safetensors in {model_dir} (fix: save the model with safetensors)")
+    expected = {name for name, _ in model.named_parameters()}
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if "rotary_emb" in name:
+                    continue
+                param, shard, ours = _target(model, name)
+                tensor = f.get_tensor(name)
+                if shard is None:
+                    dest = param
+                    loaded.add(ours)
+                else:
+                    sizes = _shard_sizes(model.spec, ours.rsplit(".", 1)[0])
+                    offset = sum(sizes[:shard])
+                    dest = param.narrow(0, offset, sizes[shard])
+                    loaded.add(f"{ours}#{shard}")
+                if dest.shape != tensor.shape:
+                    raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
+                dest.copy_(tensor)
+    missing = []
+    for name in expected:
+        base = name.rsplit(".", 1)[0]
+        if base.endswith(("qkv_proj", "gate_up_proj")):
+            n = len(_shard_sizes(model.spec, base))
+            if not all(f"{name}#{i}" in loaded for i in range(n)):
+                missing.append(name)
+        elif name not in loaded:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def build_model(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, model_dir: str | Path | None, seed: int = 0
+) -> CausalLM:
+    """The model on ``device``: weights from ``model_dir``, or random (benchmarks of large shapes) when None."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in the target dtype: no fp32 copy of a large model
+    try:
+        with torch.device("meta"):
+            model = CausalLM(spec)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    if model_dir is not None:
+        load_weights(model, model_dir)
+    else:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif p.dim() == 1:
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,224 @@
+"""Owns the model, its paged KV cache and the per-step tensor preparation: one forward over a packed batch.
+
+A batch is a list of prefill chunks (a sequence and how many of its next tokens to compute) followed by decode
+sequences (one token each). Packing everything into one token stream means no padding is ever computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.loader import build_model, load_hf_config
+from splitserve.engine.model import LayerHook
+from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
+from splitserve.engine.rope import RotaryEmbedding
+from splitserve.engine.sampler import sample
+from splitserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BLOCKS = 2048
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r} (fix: one of auto, {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("cluster.device is 'cuda' but this worker sees no GPU (fix: use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+@dataclass
+class RunnerConfig:
+    model_dir: str | None  # None: random weights of hf_config's shape (benchmarks)
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_fraction: float = 0.85
+    max_batch_tokens: int = 8192
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class BatchOutput:
+    """Sampled tokens for the sequences that reached the end of their known tokens in this step."""
+
+    seqs: list[Sequence]
+    token_ids: list[int]
+    logprobs: list[float] | None
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig, hf_config=None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if hf_config is None:
+            if config.model_dir is None:
+                raise ValueError("either a model directory or an HF config is needed")
+            hf_config = load_hf_config(config.model_dir)
+        self.hf_config = hf_config
+        self.spec: ModelSpec = spec_from_hf_config(hf_config)
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        self.block_size = config.block_size
+        self.model = build_model(self.spec, self.device, self.dtype, config.model_dir, config.seed)
+        self.rope = RotaryEmbedding(hf_config, self.spec.head_dim, self.max_model_len, self.device, self.dtype)
+        self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        # One tensor for every layer: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.zeros(
+            self.spec.num_layers, 2, self.num_kv_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
+            device=self.device, dtype=self.dtype,
+        )
+        self.kv_layers = list(self.kv_cache.unbind(0))
+        log.info("model %s on %s (%s): %d KV blocks of %d tokens", self.spec.model_type, self.device, self.dtype,
+                 self.num_kv_blocks, self.block_size)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers (K and V)."""
+        return self.spec.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+
+    def _blocks_that_fit(self) -> int:
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BLOCKS
+        torch.cuda.synchronize(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        activations = self._profile_activation_bytes()
+        budget = total * self.config.gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
+        blocks = int(budget // self.block_bytes)
+        if blocks < 1:
+            raise RuntimeError(
+                f"no room for a KV cache: weights and activations fill the GPU share "
+                f"(fix: raise gpu_memory_fraction above {self.config.gpu_memory_fraction} or lower max_batch_tokens)"
+            )
+        return blocks
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of the largest prefill pass, measured with a throwaway cache just big enough for it."""
+        tokens = min(self.config.max_batch_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        scratch = torch.empty(
+            self.spec.num_layers, 2, blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
+            device=self.device, dtype=self.dtype,
+        )
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(tokens, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=pos, block_size=self.block_size, prefill_query_lens=[tokens], prefill_context_lens=[tokens],
+            prefill_block_tables=None, decode_block_tables=None, decode_context_lens=None,
+        )
+        hidden = self.model(ids, pos, self.rope, list(scratch.unbind(0)), meta)
+        self.model.logits(hidden[-1:])
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        return int(peak * 1.1)
+
+    def _block_table_tensor(self, seqs: list[Sequence], min_len: int) -> torch.Tensor:
+        width = max(max(len(s.block_table) for s in seqs), min_len)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        prefill_chunks: list[tuple[Sequence, int]],
+        decode_seqs: list[Sequence],
+        layer_hook: LayerHook | None = None,
+    ) -> BatchOutput:
+        """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        logit_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n in prefill_chunks:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            assert 0 < n and end <= seq.num_tokens and len(seq.block_table) * self.block_size >= end
+            input_ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slot(seq, p) for p in range(start, end))
+            q_lens.append(n)
+            ctx_lens.append(end)
+            if end == seq.num_tokens:
+                logit_rows.append(len(input_ids) - 1)
+                sampled.append(seq)
+        for seq in decode_seqs:
+            pos = seq.num_tokens - 1
+            assert seq.num_computed_tokens == pos
+            input_ids.append(seq.last_token_id)
+            positions.append(pos)
+            slots.append(self._slot(seq, pos))
+            logit_rows.append(len(input_ids) - 1)
+            sampled.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_size=self.block_size,
+            prefill_query_lens=q_lens,
+            prefill_context_lens=ctx_lens,
+            prefill_block_tables=(
+                self._block_table_tensor([s for s, _ in prefill_chunks], 1)
+                if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True)) else None
+            ),
+            decode_block_tables=self._block_table_tensor(decode_seqs, 1) if decode_seqs else None,
+            decode_context_lens=(
+                torch.tensor([s.num_tokens for s in decode_seqs], dtype=torch.long, device=dev) if decode_seqs else None
+            ),
+            decode_max_context=max((s.num_tokens for s in decode_seqs), default=0),
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.rope, self.kv_layers, meta, layer_hook,
+        )
+        for seq, n in prefill_chunks:
+            seq.num_computed_tokens += n
+        for seq in decode_seqs:
+            seq.num_computed_tokens += 1
+        if not sampled:
+            return BatchOutput([], [], None)
+        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=dev)])
+        tokens, logprobs = sample(logits, sampled)
+        return BatchOutput(sampled, tokens, logprobs)
+
+    # --- KV pages in and out, for the transfer layer ---
+
+    def gather_pages(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_layers[layer].index_select(1, index)
+
+    def scatter_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype))
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's slice of one block: (2, block_size, kv_heads, head_dim)."""
+        return (2, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
