@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Dtype(StrEnum):
@@ -68,9 +68,7 @@ class ClusterSection(_Section):
 
 class _PoolConfig(_Section):
     replicas: int = Field(1, ge=1, description="Number of worker actors in this pool.")
-    gpus_per_replica: float = Field(
-        1.0, ge=0, description="GPUs per worker (fractions share a GPU); ignored on CPU."
-    )
+    gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per worker (fractions share a GPU); ignored on CPU.")
     gpu_type: str | None = Field(
         None, description="Ray accelerator type the pool is placed on (e.g. H100, H200); none = any node."
     )
@@ -182,10 +180,12 @@ class SplitserveConfig(_Section):
             return self
         needed = self.gpus_needed
         if needed > gpus:
+            pools = ", ".join(
+                f"{name} {pool.replicas}×{pool.gpus_per_replica:g}"
+                for name, pool in (("prefill", self.prefill), ("decode", self.decode), ("mixed", self.mixed))
+            )
             raise ValueError(
-                f"cluster.total_gpus: the pools need {needed:g} GPUs (prefill {self.prefill.replicas}×{self.prefill.gpus_per_replica:g}"
-                f" + decode {self.decode.replicas}×{self.decode.gpus_per_replica:g}"
-                f" + mixed {self.mixed.replicas}×{self.mixed.gpus_per_replica:g}) but cluster.total_gpus is {gpus}"
+                f"cluster.total_gpus: the pools need {needed:g} GPUs ({pools}) but cluster.total_gpus is {gpus}"
                 " (fix: lower the replicas or gpus_per_replica, or raise cluster.total_gpus)"
             )
         return self
@@ -267,4 +267,3 @@ def load_config(path: str | Path) -> SplitserveConfig:
 def dump_config(config: SplitserveConfig) -> str:
     """The resolved config with every default filled in, as YAML."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-

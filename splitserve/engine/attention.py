@@ -71,8 +71,12 @@ def paged_attention(
             q_pos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
             oi = F.scaled_dot_product_attention(
-                qi, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scale, enable_gqa=True,
+                qi,
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=True,
             )
         out[start : start + qlen] = oi.squeeze(0).transpose(0, 1)
         start += qlen

@@ -74,8 +74,9 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def stats(self) -> BlockStats:
-        return BlockStats(self.num_blocks, self.num_free, self.num_blocks - self.num_free, self.prefix_hits,
-                          self.prefix_queries)
+        return BlockStats(
+            self.num_blocks, self.num_free, self.num_blocks - self.num_free, self.prefix_hits, self.prefix_queries
+        )
 
     def _take_free(self) -> int:
         block_id, _ = self._free.popitem(last=False)

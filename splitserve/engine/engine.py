@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from splitserve.engine.block_manager import BlockManager, OutOfBlocks
 from splitserve.engine.model import LayerHook
 from splitserve.engine.runner import ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.sequence import FinishReason, Sequence, SeqStatus
+from splitserve.engine.sequence import FinishReason, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,7 @@ class Engine:
         if logprob is not None and seq.params.logprobs:
             seq.output_logprobs.append(logprob)
         params = seq.params
-        is_stop_token = token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.spec.eos_token_ids
-        )
+        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids)
         text = ""
         state = self._detok.get(seq.request_id)
         if self.tokenizer is not None and state is not None and not is_stop_token:
@@ -225,8 +224,14 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
-        return TokenOutput(seq.request_id, token, text, reason is not None, reason.value if reason else None,
-                           logprob if params.logprobs else None)
+        return TokenOutput(
+            seq.request_id,
+            token,
+            text,
+            reason is not None,
+            reason.value if reason else None,
+            logprob if params.logprobs else None,
+        )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status == SeqStatus.FINISHED:
@@ -238,21 +243,27 @@ class Engine:
         self._detok.pop(seq.request_id, None)
 
     def generate(
-        self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams]
+        self, prompts: Sequence_[list[int] | str], params: SamplingParams | list[SamplingParams]
     ) -> list[GenerationResult]:
         """Run prompts to completion offline (tests, the ``generate`` CLI)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids: list[int] = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             seqs.append(self.add_request(f"offline-{i}-{id(prompt)}", ids, p))
         texts: dict[str, list[str]] = {s.request_id: [] for s in seqs}
         while self.has_work():
             for out in self.step():
                 texts[out.request_id].append(out.text)
         return [
-            GenerationResult(s.request_id, s.prompt_token_ids, s.output_token_ids, "".join(texts[s.request_id]),
-                             s.finish_reason.value if s.finish_reason else "abort", s.output_logprobs)
+            GenerationResult(
+                s.request_id,
+                s.prompt_token_ids,
+                s.output_token_ids,
+                "".join(texts[s.request_id]),
+                s.finish_reason.value if s.finish_reason else "abort",
+                s.output_logprobs,
+            )
             for s in seqs
         ]
 
@@ -299,9 +310,8 @@ class Engine:
                 hook = hook_for(completing) if hook_for else None
                 out = self.runner.execute(chunks, [], hook)
                 self._commit_prompt_blocks(s for s, _ in chunks)
-                for seq, token, lp in zip(out.seqs, out.token_ids, out.logprobs or [None] * len(out.seqs),
-                                          strict=True):
-                    outputs.append(self._append_token(seq, token, lp))
+                for i, (seq, token) in enumerate(zip(out.seqs, out.token_ids, strict=True)):
+                    outputs.append(self._append_token(seq, token, out.logprobs[i] if out.logprobs else None))
                 pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
         except BaseException:
             for seq in seqs:

@@ -45,7 +45,11 @@ class Attention(nn.Module):
         self.scale = spec.head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         s = self.spec

@@ -75,20 +75,33 @@ class ModelRunner:
             hf_config = load_hf_config(config.model_dir)
         self.hf_config = hf_config
         self.spec: ModelSpec = spec_from_hf_config(hf_config)
-        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
-                                 self.spec.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings
+        )
         self.block_size = config.block_size
         self.model = build_model(self.spec, self.device, self.dtype, config.model_dir, config.seed)
         self.rope = RotaryEmbedding(hf_config, self.spec.head_dim, self.max_model_len, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         # One tensor for every layer: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]
         self.kv_cache = torch.zeros(
-            self.spec.num_layers, 2, self.num_kv_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
-            device=self.device, dtype=self.dtype,
+            self.spec.num_layers,
+            2,
+            self.num_kv_blocks,
+            self.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            device=self.device,
+            dtype=self.dtype,
         )
         self.kv_layers = list(self.kv_cache.unbind(0))
-        log.info("model %s on %s (%s): %d KV blocks of %d tokens", self.spec.model_type, self.device, self.dtype,
-                 self.num_kv_blocks, self.block_size)
+        log.info(
+            "model %s on %s (%s): %d KV blocks of %d tokens",
+            self.spec.model_type,
+            self.device,
+            self.dtype,
+            self.num_kv_blocks,
+            self.block_size,
+        )
 
     @property
     def block_bytes(self) -> int:
@@ -116,16 +129,27 @@ class ModelRunner:
         tokens = min(self.config.max_batch_tokens, self.max_model_len)
         blocks = -(-tokens // self.block_size)
         scratch = torch.empty(
-            self.spec.num_layers, 2, blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
-            device=self.device, dtype=self.dtype,
+            self.spec.num_layers,
+            2,
+            blocks,
+            self.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            device=self.device,
+            dtype=self.dtype,
         )
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(tokens, device=self.device)
         meta = AttentionMetadata(
-            slot_mapping=pos, block_size=self.block_size, prefill_query_lens=[tokens], prefill_context_lens=[tokens],
-            prefill_block_tables=None, decode_block_tables=None, decode_context_lens=None,
+            slot_mapping=pos,
+            block_size=self.block_size,
+            prefill_query_lens=[tokens],
+            prefill_context_lens=[tokens],
+            prefill_block_tables=None,
+            decode_block_tables=None,
+            decode_context_lens=None,
         )
         hidden = self.model(ids, pos, self.rope, list(scratch.unbind(0)), meta)
         self.model.logits(hidden[-1:])
@@ -159,7 +183,7 @@ class ModelRunner:
         sampled: list[Sequence] = []
         for seq, n in prefill_chunks:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            assert 0 < n and end <= seq.num_tokens and len(seq.block_table) * self.block_size >= end
+            assert n > 0 and end <= seq.num_tokens and len(seq.block_table) * self.block_size >= end
             input_ids.extend(seq.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slot(seq, p) for p in range(start, end))
@@ -184,7 +208,8 @@ class ModelRunner:
             prefill_context_lens=ctx_lens,
             prefill_block_tables=(
                 self._block_table_tensor([s for s, _ in prefill_chunks], 1)
-                if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True)) else None
+                if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True))
+                else None
             ),
             decode_block_tables=self._block_table_tensor(decode_seqs, 1) if decode_seqs else None,
             decode_context_lens=(
@@ -195,7 +220,10 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
-            self.rope, self.kv_layers, meta, layer_hook,
+            self.rope,
+            self.kv_layers,
+            meta,
+            layer_hook,
         )
         for seq, n in prefill_chunks:
             seq.num_computed_tokens += n

@@ -69,7 +69,7 @@ def tiny_config_dict(arch: str = "llama", **overrides: Any) -> dict[str, Any]:
         "bos_token_id": BYTE_VOCAB,
         "eos_token_id": BYTE_VOCAB + 1,
         "pad_token_id": BYTE_VOCAB + 2,
-        "torch_dtype": "float32",
+        "dtype": "float32",
     }
     cfg.update(_ARCHES[arch])
     cfg.update(overrides)
@@ -90,7 +90,7 @@ def make_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: int
     config = AutoConfig.for_model(**cfg_dict)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         # HF's init is small (std 0.02); widen it so logits are well separated and greedy ties are unlikely.
         for param in model.parameters():
             if param.dim() > 1:

@@ -1,0 +1,45 @@
+# One venv at .venv; every target that needs it depends on the stamp, so `make run` / `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned to the CPU wheel on disk here: an open range would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test test-gpu bench lint format clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded default: the tiny model on CPU, offline through the engine.
+run: $(STAMP)
+	$(BIN)/splitserve config validate configs/tiny-cpu.yaml
+	$(BIN)/splitserve generate --model tiny --prompt "Disaggregated serving splits prefill from decode." --max-tokens 24 --output json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+# On the GPU machine (see shared/gpu): source .gpu/setup.sh && make test-gpu
+test-gpu:
+	python3 -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/engine.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check splitserve tests benchmarks
+	$(BIN)/ruff format --check splitserve tests benchmarks
+	$(BIN)/mypy splitserve
+
+format: $(STAMP)
+	$(BIN)/ruff format splitserve tests benchmarks
+	$(BIN)/ruff check --fix splitserve tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
