@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch first, pinned to the CPU wheel on disk here: an open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+LINT_PATHS := splitserve tests $(wildcard benchmarks)
 
 .PHONY: setup run test test-gpu bench lint format clean
 
@@ -33,13 +34,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check splitserve tests benchmarks
-	$(BIN)/ruff format --check splitserve tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy splitserve
 
 format: $(STAMP)
-	$(BIN)/ruff format splitserve tests benchmarks
-	$(BIN)/ruff check --fix splitserve tests benchmarks
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
