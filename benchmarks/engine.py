@@ -1,0 +1,303 @@
+"""Engine speed on one GPU: decode step time vs the memory roofline, prefill throughput and MFU, and end-to-end
+output throughput next to HF transformers ``generate`` on the same random weights, all in one run.
+
+    python benchmarks/engine.py --model-shape llama3-8b --out results/engine.json
+
+Prints a table and writes JSON. Figures are ratios against ceilings measured in the same run (device-to-device
+copy bandwidth, bf16 matmul rate), so they transfer across cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
+from splitserve.engine.sequence import SeqStatus, Sequence
+
+SHAPES = {
+    # Llama-3-8B: 32 layers, GQA 32/8 heads, 128k vocab.
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    # A small shape for a quick check of the script itself (CPU or GPU).
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def hf_config(shape: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[shape])
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of ``fn`` (synchronised around each call)."""
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return 2 * n / timed(lambda: b.copy_(a), device, 10)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    return 2 * n**3 / timed(lambda: a @ b, device, 10)
+
+
+def decode_ready(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
+    """Sequences whose ``context`` prompt tokens are (notionally) in the cache, ready for decode steps."""
+    seqs = []
+    for i in range(batch):
+        seq = engine.make_sequence(
+            f"{tag}-{i}",
+            [(i * 7 + j) % 1000 for j in range(context)],
+            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
+        )
+        seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(context + 64))
+        seq.num_computed_tokens = context
+        seq.output_token_ids.append(1)
+        seq.status = SeqStatus.RUNNING
+        seqs.append(seq)
+    return seqs
+
+
+def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, steps: int) -> list[dict]:
+    runner = engine.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_per_token = runner.spec.kv_bytes_per_token(runner.dtype.itemsize)
+    rows = []
+    for b in batches:
+        if engine.blocks.blocks_for(context + 64) * b > engine.blocks.num_free:
+            continue
+        seqs = decode_ready(engine, b, context, f"d{b}")
+
+        def step(seqs=seqs):
+            runner.execute([], seqs)
+            for s in seqs:  # stay at the same context length: every step reads the same bytes
+                s.num_computed_tokens -= 1
+
+        step()
+        t = timed(step, runner.device, steps)
+        moved = weight_bytes + b * (context + 1) * kv_per_token
+        rows.append(
+            {
+                "batch": b,
+                "context": context,
+                "step_ms": t * 1e3,
+                "tokens_per_s": b / t,
+                "bandwidth_util": moved / t / bw,
+            }
+        )
+        for s in seqs:
+            engine.blocks.free(s.block_table)
+    return rows
+
+
+def bench_prefill(engine: Engine, cases: dict[str, list[int]], peak_flops: float) -> list[dict]:
+    runner = engine.runner
+    params = runner.spec.num_params()
+    rows = []
+    for name, lengths in cases.items():
+
+        def run(name=name, lengths=lengths):
+            seqs = [
+                engine.make_sequence(f"p{name}-{i}", [(i + j) % 1000 for j in range(n)], SamplingParams(max_tokens=1))
+                for i, n in enumerate(lengths)
+            ]
+            engine.prefill(seqs)
+            for s in seqs:
+                engine.release(s.request_id)
+
+        run()
+        t = timed(run, runner.device, 5)
+        tokens = sum(lengths)
+        attn = sum(2 * 2 * n * n * runner.spec.q_size * runner.spec.num_layers // 2 for n in lengths)
+        rows.append(
+            {
+                "case": name,
+                "tokens": tokens,
+                "ms": t * 1e3,
+                "tokens_per_s": tokens / t,
+                "mfu": (2 * params * tokens + attn) / t / peak_flops,
+            }
+        )
+    return rows
+
+
+def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Output tokens/s of HF ``generate`` and of our engine on the same weights and prompts."""
+    from transformers import AutoModelForCausalLM
+
+    runner = engine.runner
+    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=runner.dtype).to(runner.device).eval()
+    copy_weights_into_hf(engine, hf)
+    prompts = torch.randint(0, 1000, (batch, prompt_len), device=runner.device)
+    hf_time, hf_prefill = _time_hf(hf, prompts, new_tokens, runner.device)
+    del hf
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    ours_time = timed(lambda: engine.generate([p.tolist() for p in prompts], params), runner.device, 1)
+    one = [prompts[0].repeat(4)[:2048].tolist()]
+
+    def our_prefill():
+        seqs = [engine.make_sequence("hfcmp", one[0], SamplingParams(max_tokens=1))]
+        engine.prefill(seqs)
+        engine.release("hfcmp")
+
+    ours_prefill = timed(our_prefill, runner.device, 3)
+    out_tokens = batch * new_tokens
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "hf_tokens_per_s": out_tokens / hf_time,
+        "ours_tokens_per_s": out_tokens / ours_time,
+        "speedup": hf_time / ours_time,
+        "hf_prefill_ms": hf_prefill * 1e3,
+        "ours_prefill_ms": ours_prefill * 1e3,
+        "prefill_vs_hf": hf_prefill / ours_prefill,
+    }
+
+
+def _time_hf(hf, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """Seconds for HF ``generate`` on the batch, and for HF's forward over one long prompt."""
+    mask = torch.ones_like(prompts)
+    gen = timed(
+        lambda: hf.generate(
+            prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        ),
+        device,
+        1,
+    )
+    long_prompt = prompts[:1].repeat(1, 4)[:, :2048]
+    return gen, timed(lambda: hf(long_prompt), device, 3)
+
+
+@torch.no_grad()
+def copy_weights_into_hf(engine: Engine, hf) -> None:
+    spec, ours = engine.spec, engine.runner.model
+    hf.model.embed_tokens.weight.copy_(ours.embed_tokens.weight)
+    hf.model.norm.weight.copy_(ours.norm.weight)
+    hf.lm_head.weight.copy_(ours.lm_head.weight)
+    for mine, theirs in zip(ours.layers, hf.model.layers, strict=True):
+        q, k, v = mine.self_attn.qkv_proj.weight.split([spec.q_size, spec.kv_size, spec.kv_size])
+        theirs.self_attn.q_proj.weight.copy_(q)
+        theirs.self_attn.k_proj.weight.copy_(k)
+        theirs.self_attn.v_proj.weight.copy_(v)
+        theirs.self_attn.o_proj.weight.copy_(mine.self_attn.o_proj.weight)
+        gate, up = mine.mlp.gate_up_proj.weight.chunk(2)
+        theirs.mlp.gate_proj.weight.copy_(gate)
+        theirs.mlp.up_proj.weight.copy_(up)
+        theirs.mlp.down_proj.weight.copy_(mine.mlp.down_proj.weight)
+        theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
+        theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--hf-new-tokens", type=int, default=128)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default="results/engine.json")
+    args = ap.parse_args()
+
+    engine = Engine(
+        EngineConfig(
+            RunnerConfig(model_dir=None, device=args.device, max_batch_tokens=8192, gpu_memory_fraction=0.55),
+            max_batch_size=256,
+            enable_prefix_caching=False,
+        ),  # repeated prompts must be recomputed
+        hf_config=hf_config(args.model_shape),
+    )
+    device, dtype = engine.runner.device, engine.runner.dtype
+    bw, peak = copy_bandwidth(device), matmul_flops(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device {name}: copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s ({dtype}); "
+        f"{engine.runner.num_kv_blocks} KV blocks"
+    )
+    decode = bench_decode(engine, [int(b) for b in args.batches.split(",")], args.context, bw, args.steps)
+    print(f"\n{'batch':>6} {'ctx':>5} {'step ms':>9} {'tok/s':>9} {'BW util':>8}")
+    for r in decode:
+        print(
+            f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.0f} "
+            f"{r['bandwidth_util']:>7.0%}"
+        )
+    mixed = [64, 4096, 512, 1024, 128, 2048, 256, 96]
+    prefill = bench_prefill(engine, {"1x2048": [2048], "8x512": [512] * 8, "mixed": mixed}, peak)
+    print(f"\n{'prefill':>8} {'tokens':>7} {'ms':>9} {'tok/s':>9} {'MFU':>6}")
+    for r in prefill:
+        print(f"{r['case']:>8} {r['tokens']:>7} {r['ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['mfu']:>5.0%}")
+    versus = None
+    if not args.skip_hf:
+        versus = hf_vs_ours(engine, args.hf_batch, args.context, args.hf_new_tokens)
+        print(
+            f"\nHF generate {versus['hf_tokens_per_s']:.0f} tok/s, ours {versus['ours_tokens_per_s']:.0f} tok/s "
+            f"({versus['speedup']:.1f}x); single-prompt prefill ours/HF speed {versus['prefill_vs_hf']:.2f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "device": name,
+                "dtype": str(dtype),
+                "shape": args.model_shape,
+                "copy_bandwidth_Bps": bw,
+                "matmul_flops": peak,
+                "decode": decode,
+                "prefill": prefill,
+                "hf_comparison": versus,
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
