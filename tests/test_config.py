@@ -83,3 +83,10 @@ def test_cli_validate_and_show(tmp_path, capsys):
 def test_cli_unbuilt_subcommand_says_so(capsys):
     assert main(["serve", "configs/tiny-cpu.yaml"]) != 0
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_config_reference_is_current():
+    from splitserve.config_docs import render
+
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    assert doc.read_text() == render(), "docs/config.md is stale: python -m splitserve.config_docs > docs/config.md"
