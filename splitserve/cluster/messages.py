@@ -1,0 +1,106 @@
+"""Data that crosses actor boundaries on the request path (router ↔ prefill worker ↔ decode worker)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from splitserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Tokens already streamed to the client before a retry; they extend the prompt on the new workers.
+    resumed_token_ids: tuple[int, ...] = ()
+
+    @property
+    def engine_prompt(self) -> list[int]:
+        return list(self.prompt_token_ids) + list(self.resumed_token_ids)
+
+    @property
+    def engine_params(self) -> SamplingParams:
+        if not self.resumed_token_ids:
+            return self.params
+        return self.params.model_copy(update={"max_tokens": self.params.max_tokens - len(self.resumed_token_ids)})
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+    text: str
+    logprob: float | None = None
+
+
+@dataclass
+class TokenBatch:
+    """What a worker streams back: the tokens one request produced since its last batch."""
+
+    request_id: str
+    tokens: list[Token]
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """The prefill worker's word that a request's KV has fully landed in the decode worker's pages."""
+
+    seconds: float
+    bytes: int
+    backend: str
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_ARGUMENT = "invalid_argument"  # the request itself is bad: do not retry
+    RESOURCE_EXHAUSTED = "resource_exhausted"  # overloaded: the client may retry later
+    UNAVAILABLE = "unavailable"  # no healthy worker / draining: retry later
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class ServingError(Exception):
+    """A request that cannot complete, with a code the API maps to a gRPC status / HTTP code."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __reduce__(self):  # survive Ray's pickling with the code intact
+        return (ServingError, (self.code, self.message))
+
+
+@dataclass
+class RequestTiming:
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    kv_transfer_s: float | None = None
+    prefill_worker: str | None = None
+    decode_worker: str | None = None
+    retries: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+@dataclass
+class WorkerStats:
+    worker_id: str
+    role: str
+    queued_requests: int
+    active_requests: int
+    pending_prefill_tokens: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_hits: int = 0
+    batch_size: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kv_occupancy(self) -> float:
+        return 1.0 - self.kv_blocks_free / max(self.kv_blocks_total, 1)

@@ -1,0 +1,58 @@
+"""What a worker actor needs to build its engine, derived from the cluster config for one pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.config import KVTransferConfig, SplitserveConfig, _PoolConfig
+from splitserve.engine.engine import EngineConfig
+from splitserve.engine.runner import RunnerConfig
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model_dir: str
+    device: str
+    dtype: str
+    block_size: int
+    num_kv_blocks: int | None
+    gpu_memory_fraction: float
+    max_batch_tokens: int
+    max_batch_size: int
+    prefix_caching: bool
+    max_model_len: int | None
+    kv_transfer: KVTransferConfig
+    max_queue: int
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            RunnerConfig(
+                model_dir=self.model_dir,
+                device=self.device,
+                dtype=self.dtype,
+                block_size=self.block_size,
+                num_kv_blocks=self.num_kv_blocks,
+                gpu_memory_fraction=self.gpu_memory_fraction,
+                max_batch_tokens=self.max_batch_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            max_batch_size=self.max_batch_size,
+            enable_prefix_caching=self.prefix_caching,
+        )
+
+
+def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> WorkerOptions:
+    return WorkerOptions(
+        model_dir=model_dir,
+        device=config.cluster.device.value,
+        dtype=config.model.dtype.value,
+        block_size=config.kv_cache.block_size,
+        num_kv_blocks=pool.num_kv_blocks,
+        gpu_memory_fraction=pool.gpu_memory_fraction,
+        max_batch_tokens=getattr(pool, "max_batch_tokens", config.prefill.max_batch_tokens),
+        max_batch_size=getattr(pool, "max_batch_size", config.decode.max_batch_size),
+        prefix_caching=config.kv_cache.prefix_caching,
+        max_model_len=config.model.max_model_len,
+        kv_transfer=config.kv_transfer,
+        max_queue=pool.max_queue,
+    )

@@ -1,0 +1,71 @@
+"""The router's decisions, deterministically: no Ray, just its own load accounting."""
+
+import pytest
+
+from splitserve.cluster.messages import ErrorCode, ServingError
+from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS, Router
+from splitserve.config import RouterPolicy
+
+
+def _router(policy: RouterPolicy, prefill: int = 2, decode: int = 2, capacity: int = 100_000) -> Router:
+    r = Router(policy)
+    for i in range(prefill):
+        r.add_prefill_worker(f"p{i}", max_queue=1000)
+    for i in range(decode):
+        r.add_decode_worker(f"d{i}", capacity_tokens=capacity, max_queue=1000)
+    return r
+
+
+def _skewed_backlog(policy: RouterPolicy) -> int:
+    """Alternating long and short prompts, none finished yet: the worst prefill backlog the policy builds."""
+    r = _router(policy)
+    for i in range(40):
+        r.place(prompt_tokens=4000 if i % 2 == 0 else 50, max_tokens=16)
+    return max(load["pending_tokens"] for load in r.loads().values())
+
+
+def test_jsq_beats_round_robin_on_a_skewed_load():
+    rr, jsq = _skewed_backlog(RouterPolicy.round_robin), _skewed_backlog(RouterPolicy.jsq)
+    assert rr == 20 * 4000  # round-robin sends every long prompt to the same worker
+    assert jsq <= 11 * 4000  # join-shortest-queue splits them
+    assert jsq < 0.6 * rr
+
+
+def test_decode_placement_follows_kv_occupancy():
+    r = _router(RouterPolicy.jsq, prefill=1, decode=2, capacity=10_000)
+    first = r.place(prompt_tokens=3000, max_tokens=1000)
+    second = r.place(prompt_tokens=10, max_tokens=10)
+    assert first.decode_worker != second.decode_worker
+    r.decode_done(first.decode_worker, 4000)
+    assert r.place(prompt_tokens=10, max_tokens=10).decode_worker == first.decode_worker
+
+
+def test_unhealthy_and_excluded_workers_are_skipped():
+    r = _router(RouterPolicy.jsq)
+    r.set_healthy("d0", False)
+    assert all(r.place(10, 10).decode_worker == "d1" for _ in range(5))
+    with pytest.raises(ServingError) as info:
+        r.place(10, 10, exclude=frozenset({"d1"}))
+    assert info.value.code == ErrorCode.UNAVAILABLE
+
+
+def test_full_queues_mean_resource_exhausted():
+    r = Router(RouterPolicy.jsq)
+    r.add_prefill_worker("p0", max_queue=1)
+    r.add_decode_worker("d0", capacity_tokens=1000, max_queue=5)
+    r.place(10, 10)
+    with pytest.raises(ServingError) as info:
+        r.place(10, 10)
+    assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED
+    r.prefill_done("p0", 10)
+    assert r.place(10, 10).prefill_worker == "p0"
+
+
+def test_mixed_policy_lets_an_idle_decode_worker_prefill():
+    r = _router(RouterPolicy.mixed, prefill=1, decode=1)
+    assert r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16).prefill_worker == "p0"
+    # The prefill worker is now backed up and the decode worker nearly idle: the decode worker takes the prompt.
+    assert r.place(100, 16).prefill_worker is None
+    jsq = _router(RouterPolicy.jsq, prefill=1, decode=1)
+    jsq.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
+    assert jsq.place(100, 16).prefill_worker == "p0"
