@@ -166,7 +166,8 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> 
     from transformers import AutoModelForCausalLM
 
     runner = engine.runner
-    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=runner.dtype).to(runner.device).eval()
+    with runner.device:  # initialise on the GPU: a CPU init of 8B random weights takes minutes
+        hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=runner.dtype).eval()
     copy_weights_into_hf(engine, hf)
     prompts = torch.randint(0, 1000, (batch, prompt_len), device=runner.device)
     hf_time, hf_prefill = _time_hf(hf, prompts, new_tokens, runner.device)
