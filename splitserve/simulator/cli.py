@@ -1,0 +1,250 @@
+"""``splitserve simulate`` and ``splitserve plan``: argument parsing and printing only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.profile import Profile, load_profile
+from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
+
+EXIT_USAGE = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="profile YAML (configs/profiles/); repeat to give the decode pool (simulate) or more GPU "
+        "types to choose from (plan)",
+    )
+    w = p.add_argument_group("workload: a trace, or synthetic")
+    w.add_argument(
+        "--trace", metavar="CSV", help="Azure LLM inference trace (TIMESTAMP, ContextTokens, GeneratedTokens)"
+    )
+    w.add_argument("--rate", type=float, help="requests/s (synthetic; with --trace: time-stretch the trace to it)")
+    w.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma inter-arrivals")
+    w.add_argument("--prompt-len", default="lognormal:1000:0.6", help="N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
+    w.add_argument("--output-len", default="lognormal:200:0.6", help="N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
+    w.add_argument("--num-requests", type=int, default=5000, help="synthetic count, or the first N rows of --trace")
+    w.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("cluster")
+    c.add_argument("--router", choices=["jsq", "round_robin"], default="jsq")
+    c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
+    c.add_argument("--max-batch-tokens", type=int, default=8192, help="prefill batch (colocated: step) token budget")
+    c.add_argument("--max-batch-size", type=int, default=256, help="decode sequences per step")
+    s = p.add_argument_group("SLOs")
+    s.add_argument("--ttft-ms", type=float, default=1000.0)
+    s.add_argument("--tpot-ms", type=float, default=50.0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot-dir", metavar="DIR", help="write PNG plots here")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``simulate`` and ``plan`` to the main CLI's subparsers."""
+    sim = subparsers.add_parser("simulate", help="simulate one cluster configuration under a workload")
+    _add_common(sim)
+    sim.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
+    sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: mixed replicas)")
+    sim.add_argument("--decode", type=int, default=1, help="decode replicas")
+    sim.set_defaults(func=_guarded(_simulate))
+    pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")
+    _add_common(pl)
+    pl.add_argument("--max-gpus", type=int, default=8)
+    pl.add_argument("--target", type=float, default=0.9, help="SLO attainment to reach (fraction of requests)")
+    pl.add_argument("--modes", default="disaggregated,colocated", help="comma-separated modes to compare")
+    pl.add_argument("--sweep-rates", metavar="R1,R2,...", help="also sweep load on the best clusters (goodput vs load)")
+    pl.set_defaults(func=_guarded(_plan))
+
+
+def _guarded(fn):  # type: ignore[no-untyped-def]
+    """Bad input is a one-line message and exit 2, never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except SimInputError as err:
+            print(f"splitserve: {err}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.rate is not None and not args.rate > 0:
+        raise SimInputError(f"--rate: must be > 0, got {args.rate} (fix: pass requests per second, e.g. --rate 10)")
+    if args.trace:
+        wl = load_trace(args.trace, limit=args.num_requests)
+        return wl.at_rate(args.rate) if args.rate else wl
+    if args.rate is None:
+        raise SimInputError("--rate: required for a synthetic workload (fix: --rate 10, or give --trace CSV)")
+    return synthetic(
+        rate=args.rate,
+        num_requests=args.num_requests,
+        arrival=args.arrival,
+        cv=args.cv,
+        seed=args.seed,
+        prompt=LengthDist.parse(args.prompt_len, "--prompt-len"),
+        output=LengthDist.parse(args.output_len, "--output-len"),
+    )
+
+
+def _positive(args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if not value > 0:
+            raise SimInputError(f"{flag}: must be > 0, got {value}")
+
+
+def _cluster(
+    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int
+) -> ClusterSpec:
+    limits = {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size}
+    return ClusterSpec(
+        mode=mode,  # type: ignore[arg-type]
+        prefill=PoolSpec(n_prefill, profiles[0], **limits),
+        decode=PoolSpec(n_decode, profiles[-1], **limits),
+        policy=args.router,
+        kv_backend=args.kv_backend,
+    )
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[Profile], Workload, SLO]:
+    _positive(args, "--ttft-ms", "--tpot-ms", "--max-batch-tokens", "--max-batch-size", "--num-requests")
+    profiles = [load_profile(p) for p in args.profile]
+    return profiles, _workload(args), SLO(args.ttft_ms / 1e3, args.tpot_ms / 1e3)
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=float))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from splitserve.simulator.engine import simulate
+    from splitserve.simulator.metrics import summarize
+    from splitserve.simulator.planner import Evaluated, table
+
+    profiles, wl, slo = _inputs(args)
+    cluster = _cluster(args, profiles, args.mode, args.prefill, args.decode)
+    result = simulate(cluster, wl)
+    m = summarize(result, slo)
+    print(table([Evaluated(cluster, m, True)]))
+    print(
+        f"\n{m.requests} requests over {m.makespan_s:.1f} s: {m.output_tokens_per_s:.0f} output tok/s, "
+        f"{m.requests_per_s:.2f} req/s, goodput {m.goodput_rps:.2f} req/s, TTFT p50/p99 "
+        f"{m.ttft_s.p50 * 1e3:.1f}/{m.ttft_s.p99 * 1e3:.1f} ms, TPOT p50/p99 {m.tpot_s.p50 * 1e3:.1f}/"
+        f"{m.tpot_s.p99 * 1e3:.1f} ms, utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items())
+    )
+    _write_json(args.json, {"cluster": _cluster_dict(cluster), "metrics": m.to_dict()})
+    if args.plot_dir:
+        from splitserve.simulator.plots import latency_cdfs
+
+        print("wrote", latency_cdfs({args.mode: result}, Path(args.plot_dir) / "latency_cdf.png"))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from splitserve.simulator.engine import simulate
+    from splitserve.simulator.planner import describe, max_goodput_per_gpu, plan, sweep_load, table
+
+    _positive(args, "--max-gpus", "--target")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("disaggregated", "colocated") for m in modes):
+        raise SimInputError(f"--modes: {args.modes!r} (fix: disaggregated, colocated or both, comma-separated)")
+    if args.max_gpus < 2 and "disaggregated" in modes:
+        raise SimInputError("--max-gpus: disaggregated needs at least 2 GPUs (fix: --max-gpus 2 or more)")
+    rates = _rates(args.sweep_rates)
+    profiles, wl, slo = _inputs(args)
+    template = _cluster(args, profiles, modes[0], 1, 1)
+    result = plan(template, profiles, wl, slo, max_gpus=args.max_gpus, target=args.target, modes=modes)
+    best = result.recommended
+    print(
+        f"offered load {wl.rate:.2f} req/s, {len(wl)} requests, target SLO attainment {args.target:.0%} "
+        f"(TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms)\n"
+    )
+    print("cheapest per mode:")
+    print(table(list(result.best.values())) if result.best else "  none")
+    print(
+        f"\nrecommended: {describe(best.cluster)} ({best.cluster.mode}, ${best.cluster.cost_per_hour:.2f}/h)"
+        if best
+        else f"\nno configuration within --max-gpus {args.max_gpus} meets the target"
+    )
+    print(f"\nall {len(result.tried)} configurations tried (cheapest first):")
+    print(table(result.tried))
+    payload: dict[str, Any] = {
+        "recommended": _cluster_dict(best.cluster) if best else None,
+        "best": {
+            k: {"cluster": _cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for k, e in result.best.items()
+        },
+        "tried": [{"cluster": _cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for e in result.tried],
+    }
+    curves = {}
+    if rates and result.best:
+        for mode, ev in result.best.items():
+            curves[f"{mode}: {describe(ev.cluster)}"] = points = sweep_load(ev.cluster, wl, rates, slo)
+            top = max_goodput_per_gpu(points)
+            per_gpu = top.metrics.goodput_rps / top.metrics.gpus
+            print(f"\n{mode}: max goodput/GPU {per_gpu:.2f} req/s at {top.rate:g} req/s offered")
+        payload["sweep"] = {k: [{"rate": p.rate, "metrics": p.metrics.to_dict()} for p in v] for k, v in curves.items()}
+    _write_json(args.json, payload)
+    if args.plot_dir and result.best:
+        from splitserve.simulator.plots import goodput_vs_load, latency_cdfs
+
+        d = Path(args.plot_dir)
+        runs = {f"{m}: {describe(e.cluster)}": simulate(e.cluster, wl) for m, e in result.best.items()}
+        print("wrote", latency_cdfs(runs, d / "latency_cdf.png"))
+        if curves:
+            print("wrote", goodput_vs_load(curves, d / "goodput_vs_load.png"))
+    return 0
+
+
+def _rates(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        rates = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise SimInputError(
+            f"--sweep-rates: cannot read {text!r} (fix: comma-separated numbers, e.g. 5,10,20)"
+        ) from None
+    if any(r <= 0 for r in rates):
+        raise SimInputError(f"--sweep-rates: rates must be > 0, got {text!r}")
+    return rates
+
+
+def _cluster_dict(c: ClusterSpec) -> dict:
+    return {
+        "mode": c.mode,
+        "policy": c.policy,
+        "kv_backend": c.kv_backend,
+        "gpus": c.gpus,
+        "cost_per_hour": c.cost_per_hour,
+        "pools": {
+            name: {**{k: v for k, v in asdict(p).items() if k != "profile"}, "gpu": p.profile.gpu.name}
+            for name, p in c.pools.items()
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="splitserve", description="splitserve capacity-planning simulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

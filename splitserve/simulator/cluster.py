@@ -1,0 +1,69 @@
+"""What is simulated: the pools, their batching limits, the router policy and the SLOs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.profile import Profile
+
+Mode = Literal["disaggregated", "colocated"]
+Policy = Literal["round_robin", "jsq"]
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool of identical one-GPU replicas of one GPU type (cost and power come from its profile)."""
+
+    replicas: int
+    profile: Profile
+    max_batch_tokens: int = 8192  # prefill: prompt tokens per batch; colocated: tokens per step (Sarathi budget)
+    max_batch_requests: int = 1 << 30  # prefill: prompts per batch (1 turns a prefill worker into an M/G/1 server)
+    max_batch_size: int = 256  # decode: running sequences per step
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float = 1.0
+    tpot_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there."""
+
+    mode: Mode
+    prefill: PoolSpec
+    decode: PoolSpec | None = None
+    policy: Policy = "jsq"
+    kv_backend: str = "nccl"
+
+    def __post_init__(self) -> None:
+        pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
+        if any(p is None for p in pools):
+            raise SimInputError("--decode: disaggregated mode needs a decode pool (fix: pass --decode N)")
+        for name, pool in zip(("prefill", "decode"), pools, strict=False):
+            if pool.replicas < 1:  # type: ignore[union-attr]
+                raise SimInputError(f"--{name}: needs >= 1 replica, got {pool.replicas}")  # type: ignore[union-attr]
+        if self.mode == "disaggregated" and self.kv_backend not in self.prefill.profile.kv_transfer:
+            known = ", ".join(self.prefill.profile.kv_transfer)
+            raise SimInputError(f"--kv-backend: {self.kv_backend!r} is not in the profile (fix: one of {known})")
+
+    @property
+    def pools(self) -> dict[str, PoolSpec]:
+        if self.mode == "colocated":
+            return {"mixed": self.prefill}
+        return {"prefill": self.prefill, "decode": self.decode}  # type: ignore[dict-item]
+
+    @property
+    def gpus(self) -> int:
+        return sum(p.replicas for p in self.pools.values())
+
+    @property
+    def cost_per_hour(self) -> float:
+        return sum(p.replicas * p.profile.gpu.cost_per_hour for p in self.pools.values())
+
+    def with_replicas(self, prefill: int, decode: int | None = None) -> ClusterSpec:
+        dec = replace(self.decode, replicas=decode) if self.decode and decode is not None else self.decode
+        return replace(self, prefill=replace(self.prefill, replicas=prefill), decode=dec)

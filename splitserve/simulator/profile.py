@@ -1,0 +1,124 @@
+"""Performance profile of one model on one GPU type: the simulator's only source of timings, costs and power.
+
+A profile is a YAML file (see ``configs/profiles/`` and ``docs/simulator.md``); ``splitserve profile`` is meant
+to measure one on hardware, the shipped ones are roofline estimates.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from splitserve.simulator.errors import SimInputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUSpec(_Strict):
+    name: str = Field(description="GPU type, e.g. h100-sxm.")
+    cost_per_hour: float = Field(ge=0, description="Price of one GPU-hour, in dollars.")
+    power_w: float = Field(gt=0, description="Board power while running a batch, in watts.")
+    idle_power_w: float = Field(ge=0, description="Board power while idle, in watts.")
+
+
+class PrefillSpec(_Strict):
+    """Prefill batch time, piecewise-linear in the batch's total prompt tokens (linear extrapolation past the end)."""
+
+    tokens: list[int] = Field(min_length=2, description="Batch sizes in tokens, strictly increasing.")
+    seconds: list[float] = Field(min_length=2, description="Measured batch time at each entry of tokens.")
+
+    @field_validator("tokens")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in itertools.pairwise(v)) or v[0] < 1:
+            raise ValueError("must be positive and strictly increasing")
+        return v
+
+
+class DecodeSpec(_Strict):
+    """Decode step time = base_s + per_seq_s * batch + per_context_token_s * (context tokens summed over the batch)."""
+
+    base_s: float = Field(ge=0, description="Fixed cost of a step: reading the weights, launch overhead.")
+    per_seq_s: float = Field(ge=0, description="Cost per sequence in the batch: compute, sampling.")
+    per_context_token_s: float = Field(ge=0, description="Cost per cached token read by attention.")
+
+
+class TransferSpec(_Strict):
+    latency_s: float = Field(ge=0, description="Fixed cost of one request's KV transfer.")
+    bandwidth_bytes_per_s: float = Field(gt=0, description="Achieved bandwidth of the transfer.")
+
+
+class Profile(_Strict):
+    model: str
+    gpu: GPUSpec
+    kv_bytes_per_token: int = Field(gt=0, description="KV cache bytes of one token, all layers.")
+    kv_capacity_tokens: int = Field(gt=0, description="KV cache tokens one GPU holds after weights and activations.")
+    prefill: PrefillSpec
+    decode: DecodeSpec
+    kv_transfer: dict[str, TransferSpec] = Field(min_length=1, description="One entry per KV transfer backend.")
+
+    _pt: np.ndarray = PrivateAttr()
+    _ps: np.ndarray = PrivateAttr()
+    _slope: float = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Profile:
+        if len(self.prefill.tokens) != len(self.prefill.seconds):
+            raise ValueError("prefill.tokens and prefill.seconds must have the same length")
+        return self
+
+    def model_post_init(self, _ctx: object) -> None:
+        self._pt = np.asarray(self.prefill.tokens, dtype=float)
+        self._ps = np.asarray(self.prefill.seconds, dtype=float)
+        self._slope = float((self._ps[-1] - self._ps[-2]) / (self._pt[-1] - self._pt[-2]))
+
+    def prefill_time(self, tokens: float) -> float:
+        """Seconds for one prefill batch of ``tokens`` prompt tokens (pure Python: it runs once per batch)."""
+        t, s = self.prefill.tokens, self.prefill.seconds
+        i = bisect.bisect_left(t, tokens)
+        if i == 0:
+            return s[0]
+        if i == len(t):
+            return s[-1] + self._slope * (tokens - t[-1])
+        return s[i - 1] + (s[i] - s[i - 1]) * (tokens - t[i - 1]) / (t[i] - t[i - 1])
+
+    def prefill_times(self, tokens: np.ndarray) -> np.ndarray:
+        """Vectorised ``prefill_time`` (for precomputing per-request costs)."""
+        t, s = self._pt, self._ps
+        out = np.interp(tokens, t, s)
+        over = tokens > t[-1]
+        out[over] = s[-1] + self._slope * (tokens[over] - t[-1])
+        return out
+
+    def decode_step_time(self, batch: int, context_tokens: int) -> float:
+        d = self.decode
+        return d.base_s + d.per_seq_s * batch + d.per_context_token_s * context_tokens
+
+    def transfer_time(self, tokens: int, backend: str) -> float:
+        spec = self.kv_transfer[backend]
+        return spec.latency_s + tokens * self.kv_bytes_per_token / spec.bandwidth_bytes_per_s
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile YAML; every problem becomes one ``SimInputError`` line."""
+    p = Path(path)
+    if not p.is_file():
+        raise SimInputError(f"--profile: no file {p} (fix: pass a YAML from configs/profiles/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+        return Profile.model_validate(data)
+    except yaml.YAMLError as err:
+        raise SimInputError(
+            f"--profile {p}: not valid YAML ({err.__class__.__name__}) (fix: check the syntax)"
+        ) from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "<root>"
+        raise SimInputError(f"--profile {p}: {loc}: {first['msg']} (fix: see docs/simulator.md)") from err

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitserve.simulator.cli import main
+from tests.simulator.conftest import PROFILES
+
+H100 = str(PROFILES / "llama3-8b-h100.yaml")
+H200 = str(PROFILES / "llama3-8b-h200.yaml")
+SMALL = ["--rate", "10", "--num-requests", "300", "--seed", "1"]
+
+
+def test_simulate_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert main(["simulate", "--profile", H100, *SMALL, "--prefill", "1", "--decode", "2", "--json", str(out)]) == 0
+    assert "1xh100-sxm P + 2xh100-sxm D" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["cluster"]["gpus"] == 3
+    m = data["metrics"]
+    assert m["requests"] == 300
+    assert m["ttft_s"]["p50"] <= m["ttft_s"]["p90"] <= m["ttft_s"]["p99"]
+    assert 0 <= m["slo_attainment"] <= 1
+
+
+def test_plan_with_two_gpu_types_and_plots(tmp_path, capsys):
+    args = [
+        "plan",
+        "--profile",
+        H100,
+        "--profile",
+        H200,
+        *SMALL,
+        "--max-gpus",
+        "3",
+        "--sweep-rates",
+        "5,10",
+        "--plot-dir",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "plan.json"),
+    ]
+    assert main(args) == 0
+    assert "recommended:" in capsys.readouterr().out
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 0
+    assert (tmp_path / "goodput_vs_load.png").stat().st_size > 0
+    assert json.loads((tmp_path / "plan.json").read_text())["recommended"]["gpus"] <= 3
+
+
+def test_trace_input(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{i * 0.1},{100 + i},{10}\n" for i in range(50))
+    )
+    assert main(["simulate", "--profile", H100, "--trace", str(trace), "--mode", "colocated"]) == 0
+    assert "mixed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--profile", "/nonexistent.yaml", "--rate", "1"], "--profile"),
+        (["--profile", H100, "--rate", "0"], "--rate"),
+        (["--profile", H100, "--rate", "-3"], "--rate"),
+        (["--profile", H100], "--rate"),
+        (["--profile", H100, "--rate", "1", "--prompt-len", "lognormal:x"], "--prompt-len"),
+        (["--profile", H100, "--rate", "1", "--kv-backend", "carrier-pigeon"], "--kv-backend"),
+        (["--profile", H100, "--rate", "1", "--tpot-ms", "0"], "--tpot-ms"),
+        (["--profile", H100, "--trace", "BAD_COLUMNS"], "ContextTokens"),
+        (["--profile", H100, "--trace", "/nonexistent.csv"], "--trace"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, flag):
+    if "BAD_COLUMNS" in extra:
+        bad = tmp_path / "bad.csv"
+        bad.write_text("time,prompt,output\n1,2,3\n")
+        extra = [str(bad) if x == "BAD_COLUMNS" else x for x in extra]
+    assert main(["simulate", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err and "Traceback" not in err
+
+
+def test_plan_rejects_too_few_gpus(capsys):
+    assert main(["plan", "--profile", H100, "--rate", "1", "--max-gpus", "1", "--modes", "disaggregated"]) == 2
+    assert "--max-gpus" in capsys.readouterr().err
+
+
+def test_registers_into_the_main_cli(capsys):
+    from splitserve.cli import main as splitserve_main
+
+    assert splitserve_main(["simulate", "--profile", H100, *SMALL]) == 0
+    assert "h100-sxm" in capsys.readouterr().out

@@ -1,0 +1,124 @@
+"""Analytic checks of the event simulation: closed forms it must reproduce, invariants, determinism."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.engine import simulate
+from splitserve.simulator.metrics import summarize
+from splitserve.simulator.workload import LengthDist, Workload, synthetic
+from tests.simulator.conftest import make_profile
+
+
+def _wl(rate: float, n: int, prompt="lognormal:800:0.7", output="lognormal:150:0.7", seed=0, **kw) -> Workload:
+    return synthetic(
+        rate=rate,
+        num_requests=n,
+        prompt=LengthDist.parse(prompt, "p"),
+        output=LengthDist.parse(output, "o"),
+        seed=seed,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_same_seed_same_metrics_and_every_request_finishes(h100, mode):
+    cluster = ClusterSpec(mode, PoolSpec(2, h100), PoolSpec(2, h100))
+    runs = [summarize(simulate(cluster, _wl(30, 3000, seed=7, arrival="gamma", cv=2.0)), SLO()) for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = summarize(simulate(cluster, _wl(30, 3000, seed=8, arrival="gamma", cv=2.0)), SLO())
+    assert other != runs[0]
+    r = simulate(cluster, _wl(30, 3000, seed=7))
+    assert not np.isnan(r.finish_s).any()
+    assert (r.first_token_s > r.workload.arrival_s).all()
+    assert (r.finish_s >= r.first_token_s).all()
+
+
+def test_low_load_has_no_queueing(toy):
+    """Requests 10 s apart never meet: TTFT = prefill(L); the last token = + transfer + (out - 1) decode steps."""
+    L, out = 1000, 5
+    wl = Workload(np.arange(50) * 10.0, np.full(50, L), np.full(50, out))
+    r = simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy)), wl)
+    np.testing.assert_allclose(r.first_token_s - wl.arrival_s, toy.prefill_time(L))
+    decode = sum(toy.decode_step_time(1, L + k) for k in range(1, out))
+    np.testing.assert_allclose(r.finish_s - wl.arrival_s, toy.prefill_time(L) + toy.transfer_time(L, "nccl") + decode)
+
+
+def test_poisson_low_load_ttft_is_prefill_time(h100):
+    """Closed form for a lightly loaded M/D/1 prefill server: TTFT ~ prefill time (utilisation ~1%)."""
+    wl = _wl(0.5, 2000, prompt="512", output="16", seed=2)
+    r = simulate(ClusterSpec("disaggregated", PoolSpec(1, h100), PoolSpec(1, h100)), wl)
+    ttft = r.first_token_s - wl.arrival_s
+    assert np.median(ttft) == pytest.approx(h100.prefill_time(512), rel=1e-9)
+    assert ttft.mean() == pytest.approx(h100.prefill_time(512), rel=0.02)
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_prefill_queue_matches_pollaczek_khinchine(toy, rho):
+    """Batch size 1, fixed prompts, Poisson arrivals: an M/D/1 queue; mean wait = rho * D / (2 (1 - rho))."""
+    L = 2000
+    service = toy.prefill_time(L)
+    wl = _wl(rho / service, 60_000, prompt=str(L), output="1", seed=11)
+    cluster = ClusterSpec("disaggregated", PoolSpec(1, toy, max_batch_requests=1), PoolSpec(1, toy))
+    r = simulate(cluster, wl)
+    wait = (r.first_token_s - wl.arrival_s) - service
+    assert wait.mean() == pytest.approx(rho * service / (2 * (1 - rho)), rel=0.08)
+    assert summarize(r, SLO()).utilisation["prefill"] == pytest.approx(rho, rel=0.03)
+
+
+def test_prepacking_respects_the_token_budget(toy):
+    """A burst of 10 prompts of 300 tokens, 1000-token budget: the first starts alone on an idle worker, the
+    other nine queue behind it and run as three batches of 3."""
+    wl = Workload(np.zeros(10), np.full(10, 300), np.full(10, 1))
+    r = simulate(ClusterSpec("disaggregated", PoolSpec(1, toy, max_batch_tokens=1000), PoolSpec(1, toy)), wl)
+    ends = np.unique(r.first_token_s)
+    b3, b1 = toy.prefill_time(900), toy.prefill_time(300)
+    np.testing.assert_allclose(ends, [b1, b1 + b3, b1 + 2 * b3, b1 + 3 * b3])
+
+
+def test_more_decode_replicas_never_raise_tpot(h100):
+    wl = _wl(40, 4000, seed=5)
+    tpot, busy = [], []
+    for d in (1, 2, 3, 4):
+        m = summarize(simulate(ClusterSpec("disaggregated", PoolSpec(3, h100), PoolSpec(d, h100)), wl), SLO())
+        tpot.append(m.tpot_s.mean)
+        busy.append(m.utilisation["decode"])
+    assert all(b <= a * 1.001 for a, b in itertools.pairwise(tpot)), tpot
+    assert all(b < a for a, b in itertools.pairwise(busy)), busy
+
+
+def test_kv_capacity_limits_the_batch(toy):
+    """KV for two requests at a time: the third to finish cannot have started before the first finished."""
+    small = make_profile(kv_capacity=2 * (100 + 50))
+    wl = Workload(np.zeros(8), np.full(8, 100), np.full(8, 50))
+    roomy = simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy)), wl)
+    tight = simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, small)), wl)
+    f = np.sort(tight.finish_s)
+    assert (f[2:] - f[:-2] >= 49 * small.decode_step_time(1, 100)).all()
+    assert roomy.finish_s.max() < tight.finish_s.max() / 2
+
+
+def test_colocated_chunked_prefill_interleaves_decode(h100):
+    """A long prompt arriving mid-decode is chunked: the running request keeps producing tokens meanwhile."""
+    wl = Workload(np.array([0.0, 0.05]), np.array([100, 16_000]), np.array([200, 2]))
+    r = simulate(ClusterSpec("colocated", PoolSpec(1, h100, max_batch_tokens=2048)), wl)
+    # the 16k prompt needs 8 chunks; request 0's tokens keep flowing, so it cannot be stalled for the whole prefill
+    assert r.finish_s[0] < r.first_token_s[1] + 200 * h100.decode_step_time(1, 300)
+    assert r.first_token_s[1] - 0.05 > 7 * h100.prefill_time(2048)
+
+
+def test_summary_accounts_cost_and_energy(toy):
+    wl = _wl(5, 500, seed=1)
+    cluster = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(2, toy))
+    r = simulate(cluster, wl)
+    m = summarize(r, SLO(ttft_s=0.5, tpot_s=0.02))
+    hours = m.makespan_s / 3600
+    assert m.cost_per_m_output_tokens == pytest.approx(3 * hours / wl.output_tokens.sum() * 1e6)
+    idle_j = 3 * m.makespan_s * 50
+    busy_s = sum(r.busy_s.values())
+    assert m.joules_per_output_token * wl.output_tokens.sum() == pytest.approx(idle_j + busy_s * 450)
+    assert 0 < m.slo_attainment <= 1 and m.goodput_rps <= m.requests_per_s

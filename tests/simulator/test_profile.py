@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.profile import load_profile
+
+
+def test_shipped_profiles_follow_the_roofline(h100, h200):
+    # same compute, faster HBM: H200 is faster where memory-bound (small prefill, decode) and equal when compute-bound
+    assert h200.prefill_time(64) < h100.prefill_time(64)
+    assert h200.prefill_time(8192) == pytest.approx(h100.prefill_time(8192))
+    assert h200.decode_step_time(64, 64_000) < h100.decode_step_time(64, 64_000)
+    assert h200.kv_capacity_tokens > h100.kv_capacity_tokens
+    assert h100.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+
+
+def test_prefill_interpolates_between_points_and_extrapolates_past_the_last(h100):
+    t, s = h100.prefill.tokens, h100.prefill.seconds
+    mid = (t[3] + t[4]) / 2
+    assert h100.prefill_time(mid) == pytest.approx((s[3] + s[4]) / 2)
+    slope = (s[-1] - s[-2]) / (t[-1] - t[-2])
+    assert h100.prefill_time(t[-1] + 1000) == pytest.approx(s[-1] + 1000 * slope)
+    xs = np.array([1.0, mid, t[-1] + 1000.0])
+    np.testing.assert_allclose(h100.prefill_times(xs), [h100.prefill_time(x) for x in xs])
+
+
+def test_transfer_time_is_latency_plus_bytes_over_bandwidth(toy):
+    assert toy.transfer_time(1000, "nccl") == pytest.approx(0.001 + 1000 * 1000 / 1e9)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("model: x\n", "gpu"),
+        ("{}", "model"),
+    ],
+)
+def test_bad_profile_names_the_field(tmp_path, text, field):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(SimInputError, match=field):
+        load_profile(path)
+
+
+def test_unsorted_prefill_points_are_rejected(tmp_path, h100):
+    data = h100.model_dump()
+    data["prefill"]["tokens"] = list(reversed(data["prefill"]["tokens"]))
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SimInputError, match=r"prefill\.tokens"):
+        load_profile(path)
