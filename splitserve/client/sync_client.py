@@ -1,0 +1,130 @@
+"""The blocking SDK over a plain grpc channel."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar, Unpack, overload
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from splitserve.client.calls import Deadline, RetryPolicy, build_request, credentials, metadata
+from splitserve.client.errors import from_rpc_error
+from splitserve.client.types import GenerateOptions, GenerateResult, Health, TokenEvent
+from splitserve.server.gen import splitserve_pb2 as pb
+from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
+
+_T = TypeVar("_T")
+
+
+class Client:
+    """``for event in client.generate("Hi", max_tokens=8)``; ``break`` or ``it.close()`` cancels the request."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        secure: bool = False,
+        root_certificates: bytes | None = None,
+    ):
+        creds = credentials(secure, root_certificates)
+        self._channel = grpc.insecure_channel(address) if creds is None else grpc.secure_channel(address, creds)
+        self._stub = pb_grpc.SplitserveStub(self._channel)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+        self.retry = RetryPolicy(retries)
+
+    @overload
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        stream: Literal[True] = True,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Iterator[TokenEvent]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        stream: Literal[False],
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> GenerateResult: ...
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        stream: bool = True,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Iterator[TokenEvent] | GenerateResult:
+        request = build_request(prompt, options)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        if stream:
+            return self._stream(request, deadline)
+        message = self._unary(lambda: self._stub.GenerateUnary(request, **self._call_args(deadline)))
+        return GenerateResult.from_message(message)
+
+    def _stream(self, request: pb.GenerateRequest, deadline: Deadline) -> Iterator[TokenEvent]:
+        attempt = 0
+        while True:
+            call = self._stub.Generate(request, **self._call_args(deadline))
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield TokenEvent.from_message(message)
+                return
+            except grpc.RpcError as err:
+                if not self.retry.should_retry(err, attempt, received):
+                    raise from_rpc_error(err) from None
+            finally:
+                call.cancel()  # a no-op after the last message; otherwise the server aborts the request
+            time.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    def _unary(self, send: Callable[[], _T]) -> _T:
+        attempt = 0
+        while True:
+            try:
+                return send()
+            except grpc.RpcError as err:
+                if not self.retry.should_retry(err, attempt, received=False):
+                    raise from_rpc_error(err) from None
+            time.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    def cancel(self, request_id: str) -> bool:
+        """True when the request was running and is now aborted."""
+        deadline = Deadline(self.timeout)
+        request = pb.CancelRequest(request_id=request_id)
+        return self._unary(lambda: self._stub.Cancel(request, **self._call_args(deadline))).cancelled
+
+    def health(self) -> Health:
+        deadline = Deadline(self.timeout)
+        response = self._unary(lambda: self._stub.Health(pb.HealthRequest(), **self._call_args(deadline)))
+        return Health(response.serving, response.model, response.max_model_len)
+
+    def cluster_status(self) -> dict[str, Any]:
+        deadline = Deadline(self.timeout)
+        response = self._unary(lambda: self._stub.ClusterStatus(pb.ClusterStatusRequest(), **self._call_args(deadline)))
+        return MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+    def _call_args(self, deadline: Deadline) -> dict[str, Any]:
+        return {"timeout": deadline.remaining(), "metadata": self._metadata}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""What both APIs share: validation context, the per-client limit, metrics, and one request's trip to the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError, TokenBatch
+from splitserve.config import ServerConfig, SplitserveConfig
+from splitserve.server.limits import ClientLimiter
+from splitserve.server.metrics import ServerMetrics
+from splitserve.server.timing import TimingSummary
+from splitserve.server.validation import ValidationContext
+
+log = logging.getLogger(__name__)
+
+
+class ServingCluster(Protocol):
+    """The part of splitserve.cluster.controller.Cluster the APIs use."""
+
+    config: SplitserveConfig
+    tokenizer: Any
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(
+        self, request: GenerateRequest, timing: RequestTiming | None = None
+    ) -> AsyncGenerator[TokenBatch, None]: ...
+
+    async def cancel(self, request_id: str) -> bool: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Run:
+    """One request on its way through the cluster, with what its last response reports."""
+
+    request: GenerateRequest
+    timing: RequestTiming = field(default_factory=lambda: RequestTiming(arrival=time.monotonic()))
+    completion_tokens: int = 0
+
+    @property
+    def summary(self) -> TimingSummary:
+        return TimingSummary.of(self.timing, self.completion_tokens)
+
+
+class Frontend:
+    def __init__(self, cluster: ServingCluster, server: ServerConfig):
+        self.cluster = cluster
+        self.server = server
+        self.limiter = ClientLimiter(server.max_concurrent_per_client)
+        self.metrics = ServerMetrics()
+
+    @property
+    def model_name(self) -> str:
+        return self.cluster.config.model.served_name
+
+    def validation_context(self) -> ValidationContext:
+        return ValidationContext(
+            tokenizer=self.cluster.tokenizer,
+            max_model_len=self.cluster.max_model_len,
+            served_name=self.model_name,
+            max_request_bytes=self.server.max_request_bytes,
+        )
+
+    async def stream(self, run: Run, api: str, client: str) -> AsyncGenerator[TokenBatch, None]:
+        """The cluster's batches for ``run``; closing or cancelling this iterator aborts the request in the cluster."""
+        with self.limiter.slot(client):
+            self.metrics.inflight.inc()
+            status = "ok"
+            try:
+                # Closing the cluster's generator runs its cleanup (the abort) now, not at garbage collection.
+                async with aclosing(self.cluster.generate(run.request, run.timing)) as batches:
+                    async for batch in batches:
+                        run.completion_tokens += len(batch.tokens)
+                        yield batch
+            except ServingError as err:
+                status = err.code.value
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                status = "cancelled"
+                raise
+            except Exception:
+                status = "internal"
+                raise
+            finally:
+                self.metrics.inflight.dec()
+                self.metrics.record(api, status, run.summary, run.completion_tokens)
+                log.debug("%s %s %s: %d tokens", api, run.request.request_id, status, run.completion_tokens)
