@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default: the tiny model on CPU, offline through the engine.
+# The main job on the embedded default: the tiny model on CPU, a local Ray, 1 prefill + 1 decode worker, both APIs.
+# It sends one demo request through the SDK once ready, then serves until Ctrl-C (which drains and stops).
 run: $(STAMP)
-	$(BIN)/splitserve config validate configs/tiny-cpu.yaml
-	$(BIN)/splitserve generate --model tiny --prompt "Disaggregated serving splits prefill from decode." --max-tokens 24 --output json
+	$(BIN)/splitserve serve configs/tiny-cpu.yaml --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests

@@ -11,7 +11,6 @@ from splitserve.config import ConfigError, dump_config, load_config
 
 EXIT_USAGE = 2
 NOT_BUILT = {
-    "serve": "start the prefill/decode pools and the gRPC/HTTP APIs for CONFIG",
     "submit": "submit CONFIG to a Ray cluster as a Ray job",
     "bench": "run the serving benchmark against a cluster",
     "status": "print the pools, queues and KV use of a running cluster",
@@ -111,6 +110,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from splitserve.launcher import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(
+        run_server(
+            config,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            demo=args.demo,
+            drain_timeout_s=args.drain_timeout,
+        )
+    )
+
+
 def _not_built(name: str, purpose: str):
     def run(_: argparse.Namespace) -> int:
         print(f"splitserve {name}: not built yet in this version (it will {purpose})", file=sys.stderr)
@@ -149,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-batch-tokens", type=int, default=8192)
     gen.add_argument("--output", default="text", choices=["text", "token-ids", "json"])
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="start the prefill/decode pools and the gRPC/HTTP APIs for CONFIG")
+    srv.add_argument("config")
+    srv.add_argument("--grpc-port", type=int, help="override server.grpc_port")
+    srv.add_argument("--http-port", type=int, help="override server.http_port")
+    srv.add_argument("--demo", action="store_true", help="send one request through the SDK once ready")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on stop")
+    srv.set_defaults(func=_serve)
 
     unbuilt = dict(NOT_BUILT)
     try:

@@ -1,0 +1,194 @@
+"""KV transfer throughput per backend, each next to a baseline measured in the same run.
+
+Baselines: a plain TCP socket copy over loopback (for grpc and local), a device-to-device copy (cuda_ipc), plain
+NCCL send/recv (nccl, two GPUs). Compression accuracy (max abs / relative error) is reported for int8 and fp8.
+
+    python benchmarks/kv_transfer.py [--sizes-mb 1 16 256] [--with-1gb] [--out results/kv_transfer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from splitserve.config import KVTransferConfig
+from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
+
+LAYERS, BLOCK, HEADS, DIM = 8, 16, 8, 128  # one block-layer (K and V) is 64 KiB in bf16
+
+
+class PagedKV:
+    """A bare KV cache of the engine's layout, sized to hold ``mb`` MB for one request."""
+
+    def __init__(self, mb: float, dtype: torch.dtype, device: str):
+        block_layer = 2 * BLOCK * HEADS * DIM * dtype.itemsize
+        self.blocks = max(1, round(mb * 1e6 / (block_layer * LAYERS)))
+        self.kv_cache = torch.randn(LAYERS, 2, self.blocks, BLOCK, HEADS, DIM, device=device).to(dtype)
+        self.kv_layers = list(self.kv_cache.unbind(0))
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def scatter_pages(self, layer, block_ids, pages):
+        self.kv_layers[layer].index_copy_(1, torch.tensor(block_ids, device=self.device), pages.to(self.device))
+
+    def spec(self, request_id: str) -> TransferSpec:
+        return TransferSpec(
+            request_id,
+            LAYERS,
+            self.blocks * BLOCK,
+            list(range(self.blocks)),
+            (2, BLOCK, HEADS, DIM),
+            str(self.dtype).removeprefix("torch."),
+        )
+
+
+def time_backend(backend: str, src: PagedKV, dst: PagedKV, repeats: int, **cfg) -> float:
+    """Seconds per transfer (best of ``repeats``), including the layer-by-layer handoff."""
+    config = KVTransferConfig(backend=backend, **cfg)
+    receiver = make_receiver(config, dst)
+    sender = make_sender(config, receiver.endpoint, src.device)
+    best = float("inf")
+    try:
+        for i in range(repeats):
+            spec = src.spec(f"bench-{i}")
+            done = receiver.expect(spec)
+            t0 = time.perf_counter()
+            handle = sender.begin(spec)
+            for layer in range(LAYERS):
+                handle.send_layer(layer, src.kv_layers[layer])
+            handle.finish()
+            done.result(timeout=300)
+            if src.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        sender.close()
+        receiver.close()
+    return best
+
+
+def time_socket(nbytes: int, repeats: int) -> float:
+    """The loopback ceiling: one TCP connection, sendall of the whole buffer, recv_into a preallocated one."""
+    payload = memoryview(bytearray(nbytes))
+    sink = memoryview(bytearray(nbytes))
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            for _ in range(repeats):
+                got = 0
+                while got < nbytes:
+                    got += conn.recv_into(sink[got:], min(nbytes - got, 4 << 20))
+                conn.sendall(b"k")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    best = float("inf")
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            client.sendall(payload)
+            client.recv(1)
+            best = min(best, time.perf_counter() - t0)
+    thread.join()
+    server.close()
+    return best
+
+
+def time_device_copy(src: PagedKV, dst: PagedKV, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.kv_cache.copy_(src.kv_cache)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def compression_error(src: PagedKV, codec_name: str) -> dict:
+    from splitserve.kv_transfer import codec
+
+    pages = src.kv_layers[0]
+    shape = tuple(pages.shape)
+    back = codec.decode(codec.encode_tensor(pages, codec_name).cpu(), codec_name, pages.dtype, shape).float()
+    ref = pages.float().cpu()
+    err = (back - ref).abs()
+    return {
+        "codec": codec_name,
+        "max_abs_error": err.max().item(),
+        "max_rel_error_vs_block_absmax": (err / ref.abs().amax(dim=(2, 3, 4), keepdim=True)).max().item(),
+        "mean_abs_error": err.mean().item(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--with-1gb", action="store_true", help="also move 1 GB (slow on CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--out", default="results/kv_transfer.json")
+    args = ap.parse_args()
+    sizes = args.sizes_mb + ([1000] if args.with_1gb else [])
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for mb in sizes:
+        src, dst = PagedKV(mb, dtype, device), PagedKV(mb, dtype, device)
+        n = src.nbytes
+        base = time_socket(n, args.repeats)
+        runs = [
+            ("local", {}, base, "socket"),
+            ("grpc", {}, base, "socket"),
+            ("grpc", {"compression": "int8"}, base, "socket"),
+            ("grpc", {"checksum": True}, base, "socket"),
+        ]
+        if device == "cuda":
+            runs.append(("cuda_ipc", {}, time_device_copy(src, dst, args.repeats), "device copy"))
+        for backend, cfg, baseline_s, baseline in runs:
+            seconds = time_backend(backend, src, dst, args.repeats, **cfg)
+            rows.append(
+                {
+                    "size_mb": n / 1e6,
+                    "backend": backend,
+                    "options": cfg,
+                    "gb_per_s": n / seconds / 1e9,
+                    "baseline": baseline,
+                    "baseline_gb_per_s": n / baseline_s / 1e9,
+                    "ratio": baseline_s / seconds,
+                }
+            )
+            r = rows[-1]
+            opts = ",".join(f"{k}={v}" for k, v in cfg.items()) or "-"
+            print(
+                f"{r['size_mb']:8.1f} MB  {backend:9s} {opts:18s} {r['gb_per_s']:7.2f} GB/s   "
+                f"{baseline} {r['baseline_gb_per_s']:7.2f} GB/s   ratio {r['ratio']:.2f}",
+                flush=True,
+            )
+    accuracy = [compression_error(PagedKV(4, dtype, device), c) for c in ("int8", "fp8")]
+    for a in accuracy:
+        print(
+            f"{a['codec']}: max abs {a['max_abs_error']:.4g}, max rel (to block absmax) "
+            f"{a['max_rel_error_vs_block_absmax']:.4g}, mean abs {a['mean_abs_error']:.4g}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "dtype": args.dtype, "rows": rows, "compression": accuracy}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

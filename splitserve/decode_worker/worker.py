@@ -1,0 +1,190 @@
+"""The token-phase worker: receives prompts' KV pages, decodes them in one continuous batch, streams tokens back.
+
+It also runs whole requests itself (``generate_local``): the colocated baseline, and Splitwise's mixed pool where an
+idle decode worker takes a prompt when the prefill pool is backed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+
+from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError, Token, TokenBatch, WorkerStats
+from splitserve.cluster.worker_options import WorkerOptions
+from splitserve.engine.block_manager import OutOfBlocks
+from splitserve.engine.engine import Engine, RequestError, TokenOutput
+from splitserve.engine.engine_thread import EngineThread
+from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, make_receiver
+from splitserve.worker_common import configure_worker_process, describe_device, node_address
+
+log = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, options: WorkerOptions):
+        configure_worker_process()
+        self.worker_id = worker_id
+        self.options = options
+        self.engine = Engine(options.engine_config())
+        self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
+        self._streams: dict[str, asyncio.Queue[TokenBatch | BaseException]] = {}
+        self._expected: dict[str, Future[TransferResult]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
+
+    # --- engine thread ---
+
+    def _step(self) -> bool:
+        if not self.engine.has_work():
+            return False
+        self._deliver(self.engine.step())
+        return self.engine.has_work()
+
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        batches: dict[str, TokenBatch] = defaultdict(lambda: TokenBatch("", []))
+        for out in outputs:
+            batch = batches[out.request_id]
+            batch.request_id = out.request_id
+            batch.tokens.append(Token(out.token_id, out.text, out.logprob))
+            batch.finished, batch.finish_reason = out.finished, out.finish_reason
+        assert self._loop is not None
+        for request_id, batch in batches.items():
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                self._loop.call_soon_threadsafe(queue.put_nowait, batch)
+
+    async def _on_engine(self, fn):
+        return await asyncio.wrap_future(self._thread.submit(fn))
+
+    # --- actor API ---
+
+    async def ready(self) -> dict:
+        self._loop = asyncio.get_running_loop()
+        return {
+            "worker_id": self.worker_id,
+            "role": "decode",
+            "kv_blocks": self.engine.runner.num_kv_blocks,
+            "block_size": self.engine.runner.block_size,
+            "max_model_len": self.engine.max_model_len,
+            "vocab_size": self.engine.spec.vocab_size,
+            "endpoint": self.receiver.endpoint,
+            **describe_device(self.engine.runner.device),
+        }
+
+    async def reserve(self, request: GenerateRequest) -> list[int]:
+        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them."""
+
+        def reserve() -> list[int]:
+            seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
+            return self.engine.reserve(seq)
+
+        try:
+            blocks = await self._on_engine(reserve)
+        except OutOfBlocks as err:
+            raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: KV cache full ({err})") from None
+        except RequestError as err:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
+        runner = self.engine.runner
+        spec = TransferSpec(
+            request_id=request.request_id,
+            num_layers=runner.spec.num_layers,
+            num_tokens=len(request.engine_prompt),
+            dst_block_ids=blocks,
+            page_shape=runner.page_shape,
+            dtype=str(runner.dtype).removeprefix("torch."),
+        )
+        self._expected[request.request_id] = self.receiver.expect(spec)
+        return blocks
+
+    async def generate(self, request_id: str, first_token: Token) -> AsyncIterator[TokenBatch]:
+        """Wait for the prompt's KV to land, then decode; the first token came from the prefill worker."""
+        waiter = self._expected.pop(request_id, None)
+        if waiter is None:
+            raise ServingError(ErrorCode.INTERNAL, f"{self.worker_id}: no reservation for {request_id}")
+        queue = self._open_stream(request_id)
+        try:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(waiter), self.options.kv_transfer.timeout_s)
+            except TransferError as err:
+                raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}") from None
+            except TimeoutError:
+                raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
+            await self._on_engine(lambda: self.engine.admit(request_id, first_token.token_id))
+            self._thread.wake()
+            async for batch in self._drain(queue):
+                yield batch
+        finally:
+            await self._close_stream(request_id)
+
+    async def generate_local(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
+        """Prefill and decode here (colocated mode, or the mixed pool)."""
+        queue = self._open_stream(request.request_id)
+        try:
+            try:
+                await self._on_engine(
+                    lambda: self.engine.add_request(request.request_id, request.engine_prompt, request.engine_params)
+                )
+            except RequestError as err:
+                raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
+            self._thread.wake()
+            async for batch in self._drain(queue):
+                yield batch
+        finally:
+            await self._close_stream(request.request_id)
+
+    def _open_stream(self, request_id: str) -> asyncio.Queue:
+        self._loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        return queue
+
+    async def _drain(self, queue: asyncio.Queue) -> AsyncIterator[TokenBatch]:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            # Coalesce what else is ready into one message: fewer Ray objects per token under load.
+            while not item.finished and not queue.empty():
+                more = queue.get_nowait()
+                if isinstance(more, BaseException):
+                    raise more
+                item.tokens.extend(more.tokens)
+                item.finished, item.finish_reason = more.finished, more.finish_reason
+            yield item
+            if item.finished:
+                return
+
+    async def _close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        """Free everything this worker holds for the request, wherever it is (reserved, receiving, decoding)."""
+        self.receiver.abort(request_id)
+        self._expected.pop(request_id, None)
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(ServingError(ErrorCode.CANCELLED, f"{request_id} aborted"))
+        return await self._on_engine(lambda: self.engine.abort(request_id))
+
+    async def stats(self) -> WorkerStats:
+        def collect() -> WorkerStats:
+            e = self.engine
+            return WorkerStats(
+                worker_id=self.worker_id,
+                role="decode",
+                queued_requests=len(e.waiting) + len(e.held),
+                active_requests=len(e.running),
+                pending_prefill_tokens=e.pending_prefill_tokens(),
+                kv_blocks_total=e.blocks.num_blocks,
+                kv_blocks_free=e.blocks.num_free,
+                prefix_cache_hits=e.blocks.prefix_hits,
+                batch_size=len(e.running),
+                extra={"engine_failed": float(self._thread.error is not None), "time": time.time()},
+            )
+
+        return await self._on_engine(collect)

@@ -1,0 +1,75 @@
+"""Runs an engine on one dedicated thread, so async actor code never blocks on a forward pass.
+
+Every engine call goes through this thread (``submit``), which makes the engine single-threaded by construction:
+no locks inside it. Between calls the thread runs ``step`` while it reports work, and sleeps on a condition
+variable otherwise, so an idle worker burns no CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineThread:
+    def __init__(self, step: Callable[[], bool], name: str = "engine"):
+        self._step = step
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.error: BaseException | None = None  # a step that raised: the worker reports itself unhealthy
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._wake:
+            if self._stopped:
+                future.set_exception(RuntimeError("engine thread stopped"))
+                return future
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def wake(self) -> None:
+        """Tell the thread there may be work for ``step`` (e.g. a request was queued)."""
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        busy = False
+        while True:
+            with self._wake:
+                while not self._calls and not busy and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    for _, future in self._calls:
+                        future.set_exception(RuntimeError("engine thread stopped"))
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as err:  # the caller gets it
+                        future.set_exception(err)
+            try:
+                busy = self._step()
+            except Exception as err:
+                log.exception("engine step failed")
+                self.error = err
+                busy = False

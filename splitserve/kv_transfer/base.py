@@ -1,0 +1,140 @@
+"""The connector boundary between the engine and a transport: what a transfer is, and the two sides' APIs.
+
+Lifetimes (the contract every backend keeps):
+- the sender's source pages passed to ``send_layer`` must stay valid until ``finish()`` or ``abort()`` returns;
+- the receiver's destination pages stay reserved until the expectation's future is done: by then the sender has
+  stopped writing (success, abort or failure alike).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """One request's KV: both sides build it independently and the receiver checks the sender's copy."""
+
+    request_id: str
+    num_layers: int
+    num_tokens: int
+    dst_block_ids: list[int]
+    page_shape: tuple[int, ...]  # one block of one layer: (2, block_size, kv_heads, head_dim)
+    dtype: str  # torch dtype name without the "torch." prefix
+    checksum: bool = False
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's pages as sent: [2, n_blocks, block_size, kv_heads, head_dim]."""
+        return (self.page_shape[0], len(self.dst_block_ids), *self.page_shape[1:])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype: {self.dtype!r} is not a torch dtype")
+        return dtype
+
+    @property
+    def layer_bytes(self) -> int:
+        return torch.Size(self.layer_shape).numel() * self.torch_dtype.itemsize
+
+    def to_wire(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "num_layers": self.num_layers,
+            "num_tokens": self.num_tokens,
+            "dst_block_ids": list(self.dst_block_ids),
+            "page_shape": list(self.page_shape),
+            "dtype": self.dtype,
+            "checksum": self.checksum,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict) -> TransferSpec:
+        return cls(
+            request_id=d["request_id"],
+            num_layers=d["num_layers"],
+            num_tokens=d["num_tokens"],
+            dst_block_ids=list(d["dst_block_ids"]),
+            page_shape=tuple(d["page_shape"]),
+            dtype=d["dtype"],
+            checksum=d["checksum"],
+        )
+
+    def same_layout(self, other: TransferSpec) -> bool:
+        """Whether a sender's spec writes exactly the pages this receiver reserved."""
+        return (
+            self.num_layers == other.num_layers
+            and list(self.dst_block_ids) == list(other.dst_block_ids)
+            and tuple(self.page_shape) == tuple(other.page_shape)
+            and self.dtype == other.dtype
+        )
+
+
+@dataclass(frozen=True)
+class ReceiverEndpoint:
+    """How a prefill worker reaches one decode worker's receiver: plain data, picklable and hashable."""
+
+    receiver_id: str  # key of the receiver in its process (the local backend)
+    hostname: str
+    pid: int
+    device: str  # "cpu" or "cuda"
+    address: str | None = None  # "host:port" of the receiver's gRPC server (data for grpc, control for the rest)
+    gpu_uuid: str | None = None  # physical GPU of the KV cache: indices differ per process under Ray
+    ipc_handle: bytes | None = None  # msgpack of the exported KV cache tensor (cuda_ipc)
+    nccl_store: str | None = None  # "host:port" of the TCPStore for per-pair NCCL groups
+    backends: tuple[str, ...] = field(default_factory=tuple)  # what this receiver accepts
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a completed transfer reports on either side."""
+
+    request_id: str
+    bytes: int  # payload bytes moved (after compression, if any)
+    seconds: float
+    backend: str
+
+
+class PageSink(Protocol):
+    """Where received pages go: ``ModelRunner`` is one."""
+
+    def scatter_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None: ...
+
+
+class SendHandle(Protocol):
+    """One in-flight transfer on the sending side."""
+
+    def send_layer(self, layer: int, pages: torch.Tensor) -> None:
+        """Queue one layer's pages ([2, n, block_size, H, D]); never raises for transport failures: finish() does."""
+
+    def finish(self) -> int:
+        """Wait for delivery; return the payload bytes sent, or raise a TransferError subclass."""
+
+    def abort(self, reason: str) -> None:
+        """Tell the receiver to drop the transfer; returns once the sender has stopped sending. Never raises."""
+
+
+class Sender(Protocol):
+    backend: str  # the backend this sender moves pages with (what ``auto`` chose)
+
+    def begin(self, spec: TransferSpec) -> SendHandle: ...
+
+    def close(self) -> None: ...
+
+
+class Receiver(Protocol):
+    endpoint: ReceiverEndpoint
+
+    def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Future[TransferResult]:
+        """Register a transfer before its sender starts; the future fails with a TransferError subclass."""
+
+    def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
+        """Drop an expectation: its later data is discarded and its sender is told it was aborted."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,148 @@
+"""The receiver's table of reserved transfers, shared by every backend that lands pages in this process.
+
+A transfer goes: expected -> claimed (a sender started) -> done. ``abort`` can strike in any state; aborted ids are
+remembered for a while so a sender that shows up later is told "aborted", not "unknown".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from splitserve.kv_transfer.base import PageSink, TransferResult, TransferSpec
+from splitserve.kv_transfer.errors import IntegrityError, TransferAborted, TransferError
+
+_TOMBSTONES = 4096
+
+
+class Expectation:
+    """One reserved transfer: where its pages go, which layers landed, and the future the decode worker waits on."""
+
+    def __init__(self, spec: TransferSpec, sink: PageSink):
+        self.spec = spec
+        self.sink = sink
+        self.future: Future[TransferResult] = Future()
+        self.started = time.perf_counter()
+        self.landed: set[int] = set()
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._on_abort: list[Callable[[str], None]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def on_abort(self, callback: Callable[[str], None]) -> None:
+        """Called (from the aborting thread) when the receiver aborts: lets a transport tell its sender at once."""
+        with self._lock:
+            self._on_abort.append(callback)
+
+    def land_layer(self, layer: int, pages: torch.Tensor, wire_bytes: int) -> None:
+        """Scatter one layer into the reserved pages (dropped silently once the transfer is over)."""
+        if not 0 <= layer < self.spec.num_layers:
+            raise IntegrityError(f"{self.spec.request_id}: layer {layer} out of range")
+        if tuple(pages.shape) != self.spec.layer_shape:
+            raise IntegrityError(
+                f"{self.spec.request_id}: layer {layer} pages {tuple(pages.shape)}, expected {self.spec.layer_shape}"
+            )
+        with self._lock:  # abort waits for an in-progress write: after abort() no page is written
+            if self.future.done():
+                return
+            self.sink.scatter_pages(layer, self.spec.dst_block_ids, pages)
+            self.landed.add(layer)
+            self.bytes += wire_bytes
+
+    def mark_written(self, layer: int, wire_bytes: int) -> None:
+        """A layer the sender wrote into our pages itself (cuda_ipc)."""
+        with self._lock:
+            self.landed.add(layer)
+            self.bytes += wire_bytes
+
+    def complete(self, backend: str) -> TransferResult:
+        missing = sorted(set(range(self.spec.num_layers)) - self.landed)
+        if missing:
+            err = IntegrityError(f"{self.spec.request_id}: transfer ended without layers {missing[:8]}")
+            self.fail(err)
+            raise err
+        result = TransferResult(self.spec.request_id, self.bytes, time.perf_counter() - self.started, backend)
+        with self._lock:
+            if not self.future.done():
+                self.future.set_result(result)
+        return result
+
+    def fail(self, err: TransferError) -> bool:
+        with self._lock:
+            if self.future.done():
+                return False
+            self.future.set_exception(err)
+        return True
+
+    def abort(self, reason: str) -> bool:
+        """The receiver's own abort: fail the future, then let the transport tell the sender."""
+        if not self.fail(TransferAborted(f"{self.spec.request_id}: {reason}")):
+            return False
+        with self._lock:
+            callbacks = list(self._on_abort)
+        for callback in callbacks:
+            callback(reason)
+        return True
+
+
+class ExpectationTable:
+    def __init__(self, default_sink: PageSink | None):
+        self._default_sink = default_sink
+        self._pending: dict[str, Expectation] = {}
+        self._aborted: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Expectation:
+        sink = sink or self._default_sink
+        if sink is None:
+            raise ValueError("expect: no sink given and the receiver has no default sink")
+        exp = Expectation(spec, sink)
+        with self._lock:
+            if spec.request_id in self._pending:
+                raise ValueError(f"request_id: {spec.request_id!r} is already expected")
+            self._aborted.pop(spec.request_id, None)
+            self._pending[spec.request_id] = exp
+        exp.future.add_done_callback(lambda _: self._forget(spec.request_id, exp))
+        return exp
+
+    def claim(self, sent: TransferSpec) -> Expectation:
+        """The expectation a starting sender fills; raises TransferAborted/TransferError when there is none."""
+        with self._lock:
+            reason = self._aborted.get(sent.request_id)
+            exp = self._pending.get(sent.request_id)
+        if reason is not None:
+            raise TransferAborted(f"{sent.request_id}: {reason}")
+        if exp is None:
+            raise TransferError(f"{sent.request_id}: no transfer expected (reserve pages first)")
+        if not exp.spec.same_layout(sent):
+            err = IntegrityError(f"{sent.request_id}: sender's layout does not match the reserved pages")
+            exp.fail(err)
+            raise err
+        return exp
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        with self._lock:
+            exp = self._pending.get(request_id)
+            self._aborted[request_id] = reason
+            while len(self._aborted) > _TOMBSTONES:
+                self._aborted.popitem(last=False)
+        return exp is not None and exp.abort(reason)
+
+    def fail_all(self, err: TransferError) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+        for exp in pending:
+            exp.fail(err)
+
+    def _forget(self, request_id: str, exp: Expectation) -> None:
+        with self._lock:
+            if self._pending.get(request_id) is exp:
+                del self._pending[request_id]

@@ -1,0 +1,205 @@
+"""The receiver's gRPC server: lands grpc payloads, and is the control channel of the out-of-band backends.
+
+It runs grpc.aio on its own event-loop thread so that one handler can wait for "next message", "the receiver
+aborted" and "the sender went silent" at once, and answer the sender with a status in each case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from splitserve.kv_transfer import codec, wire
+from splitserve.kv_transfer.base import TransferSpec
+from splitserve.kv_transfer.errors import (
+    IntegrityError,
+    PeerUnavailable,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
+from splitserve.kv_transfer.expectations import Expectation, ExpectationTable
+from splitserve.kv_transfer.status import code_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutOfBand:
+    """How a backend that moves bytes outside gRPC lands a LAYER message (run in a worker thread)."""
+
+    land: Callable[[Expectation, dict, dict], None]  # (expectation, LAYER header, BEGIN header)
+    # True when every announced layer must be consumed even after an abort (NCCL: an unmatched send hangs the
+    # pair), so a receiver abort is answered at the sender's END instead of at once.
+    drains: bool
+
+
+def channel_options(max_message: int) -> list[tuple[str, int]]:
+    """Both ends: messages up to a chunk plus headers, and keepalives so a dead peer is noticed on a quiet link."""
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class _LayerAssembler:
+    """Collects one layer's chunks (in order, on one stream) into a buffer and decodes it when complete."""
+
+    def __init__(self, spec: TransferSpec, codec_name: str, pin: bool):
+        self.spec = spec
+        self.codec = codec_name
+        self.pin = pin
+        self.layer_size = codec.encoded_size(codec_name, spec.torch_dtype, spec.layer_shape)
+        self.layer = -1
+        self.filled = 0
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def add(self, header: dict, payload: memoryview) -> torch.Tensor | None:
+        """Returns the layer's pages once its last chunk is in."""
+        layer, offset, total = header["layer"], header["offset"], header["total"]
+        if total != self.layer_size:
+            raise IntegrityError(f"layer {layer}: {total} bytes announced, {self.layer_size} expected")
+        if offset == 0:
+            self.layer, self.filled = layer, 0
+            self.buf = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin)
+        if layer != self.layer or offset != self.filled or offset + len(payload) > total:
+            raise IntegrityError(f"layer {layer}: chunk at {offset} out of order")
+        self.buf.numpy()[offset : offset + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+        self.filled += len(payload)
+        if self.filled < total:
+            return None
+        return codec.decode(self.buf, self.codec, self.spec.torch_dtype, self.spec.layer_shape)
+
+
+class TransferServer:
+    def __init__(
+        self,
+        table: ExpectationTable,
+        *,
+        host: str,
+        port: int,
+        max_message: int,
+        timeout_s: float,
+        out_of_band: dict[str, OutOfBand],
+        pin_memory: bool,
+    ):
+        self._table = table
+        self._timeout_s = timeout_s
+        self._out_of_band = out_of_band
+        self._pin = pin_memory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-transfer-server", daemon=True)
+        self._thread.start()
+        self._server: grpc.aio.Server | None = None
+        self.port = asyncio.run_coroutine_threadsafe(self._start(host, port, max_message), self._loop).result()
+        self.address = f"{host}:{self.port}"
+
+    async def _start(self, host: str, port: int, max_message: int) -> int:
+        self._server = grpc.aio.server(options=channel_options(max_message))
+        handler = grpc.stream_unary_rpc_method_handler(
+            self._transfer, request_deserializer=wire.identity, response_serializer=wire.identity
+        )
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(wire.SERVICE, {"Transfer": handler})]
+        )
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"kv_transfer: cannot listen on {host}:{port}")
+        await self._server.start()
+        return bound
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving: in-flight senders see UNAVAILABLE/CANCELLED at once (PeerUnavailable)."""
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    async def _transfer(self, requests, context: grpc.aio.ServicerContext) -> bytes:
+        aborted = asyncio.Event()
+        abort_wait = asyncio.ensure_future(aborted.wait())
+        messages = requests.__aiter__()
+        exp: Expectation | None = None
+        try:
+            begin = await self._next(messages, abort_wait)
+            if begin.kind != wire.BEGIN:
+                raise IntegrityError(f"first message is {begin.kind!r}, not begin")
+            exp = self._table.claim(TransferSpec.from_wire(begin.header["spec"]))
+            path = self._out_of_band.get(begin.header["transport"])
+            if path is None or not path.drains:
+                loop = asyncio.get_running_loop()
+
+                def wake(_reason: str) -> None:
+                    loop.call_soon_threadsafe(aborted.set)
+
+                exp.on_abort(wake)
+                if exp.done:  # aborted between claim and on_abort
+                    aborted.set()
+            result = await self._receive(exp, begin.header, messages, abort_wait)
+            return wire.pack(result)
+        except TransferError as err:
+            if exp is not None and not isinstance(err, TransferAborted):
+                exp.fail(err)
+            await context.abort(code_for(err), str(err))
+            raise AssertionError("context.abort raises") from err
+        finally:
+            abort_wait.cancel()
+            if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
+                exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
+
+    async def _receive(self, exp: Expectation, begin: dict, messages, abort_wait: asyncio.Future) -> dict:
+        transport = begin["transport"]
+        checksum = 0
+        assembler = _LayerAssembler(exp.spec, begin.get("codec", "none"), self._pin)
+        while True:
+            msg = await self._next(messages, abort_wait)
+            if msg.kind == wire.CHUNK:
+                if begin["checksum"]:
+                    checksum = codec.crc32(msg.payload, checksum)
+                pages = assembler.add(msg.header, msg.payload)
+                if pages is not None:
+                    exp.land_layer(msg.header["layer"], pages, assembler.layer_size)
+            elif msg.kind == wire.LAYER:
+                path = self._out_of_band.get(transport)
+                if path is None:
+                    raise TransferError(f"this receiver does not accept {transport!r} transfers")
+                await asyncio.to_thread(path.land, exp, msg.header, begin)
+            elif msg.kind == wire.END:
+                if exp.done:  # aborted while draining: report that abort
+                    exp.future.result()
+                if begin["checksum"] and transport == "grpc" and msg.header["checksum"] != checksum:
+                    raise IntegrityError(f"{exp.spec.request_id}: checksum mismatch")
+                result = exp.complete(transport)
+                return {"ok": True, "bytes": result.bytes}
+            elif msg.kind == wire.ABORT:
+                reason = msg.header.get("reason", "aborted by the sender")
+                exp.fail(TransferAborted(f"{exp.spec.request_id}: {reason}"))
+                return {"ok": False, "aborted": reason}
+            else:
+                raise IntegrityError(f"unknown message {msg.kind!r}")
+
+    async def _next(self, messages, abort_wait: asyncio.Future) -> wire.Message:
+        """The next message; TransferAborted if the receiver aborts first, TransferTimeout if the sender is silent."""
+        read = asyncio.ensure_future(messages.__anext__())
+        done, _ = await asyncio.wait({read, abort_wait}, timeout=self._timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if read in done:
+            try:
+                return wire.unpack(read.result())
+            except StopAsyncIteration:
+                raise PeerUnavailable("the sender closed the stream without end or abort") from None
+        read.cancel()
+        if abort_wait in done:
+            raise TransferAborted("aborted by the receiver")
+        raise TransferTimeout(f"the sender sent nothing for {self._timeout_s:g} s")

@@ -1,0 +1,164 @@
+"""The sending side of every remote backend: one client-streaming RPC per transfer, fed from a queue.
+
+``send_layer`` only queues; gRPC's own thread pulls messages from a generator that encodes (or moves out of band)
+one layer at a time, so the engine's layer hook never waits for the network and HTTP/2 flow control paces the rest.
+What moves a layer is a ``LayerWriter``: inline chunks (grpc), a copy into the peer's memory (cuda_ipc), or an
+NCCL send (nccl).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import grpc
+import torch
+
+from splitserve.kv_transfer import wire
+from splitserve.kv_transfer.base import TransferSpec
+from splitserve.kv_transfer.errors import PeerUnavailable, TransferAborted, TransferError, TransferTimeout
+from splitserve.kv_transfer.grpc_server import channel_options
+from splitserve.kv_transfer.status import error_from_rpc
+
+
+class LayerWriter(Protocol):
+    """Moves one transfer's layers; a new one per transfer."""
+
+    transport: str
+
+    def begin_fields(self) -> dict:
+        """Extra BEGIN header fields (e.g. the codec)."""
+
+    def prepare(self, pages: torch.Tensor) -> object:
+        """Runs in send_layer, on the caller's thread: start device work early (e.g. an async copy to host)."""
+
+    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
+        """Runs on gRPC's thread: move the layer, yield the messages that announce or carry it."""
+
+    def end_fields(self) -> dict:
+        """Runs before END: wait for out-of-band work, return e.g. the checksum."""
+
+
+class _Outbox:
+    """The messages (or thunks producing them) waiting for gRPC to pull them; abort drops what is queued."""
+
+    def __init__(self):
+        self._items: deque[Callable[[], Iterator[bytes]]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.last_progress = time.monotonic()
+
+    def put(self, item: Callable[[], Iterator[bytes]], *, drop_queued: bool = False) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            if drop_queued:
+                self._items.clear()
+            self._items.append(item)
+            self._cond.notify()
+            return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def stream(self) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                item = self._items.popleft()
+            for message in item():
+                yield message
+                self.last_progress = time.monotonic()
+
+
+class StreamHandle:
+    def __init__(
+        self, call: grpc.StreamUnaryMultiCallable, spec: TransferSpec, writer: LayerWriter, peer: str, timeout_s: float
+    ):
+        self.spec = spec
+        self._writer = writer
+        self._peer = peer
+        self._timeout_s = timeout_s
+        self._aborted: str | None = None
+        self._sent = 0
+        self._outbox = _Outbox()
+        header = {"kind": wire.BEGIN, "spec": spec.to_wire(), "transport": writer.transport, **writer.begin_fields()}
+        self._outbox.put(lambda: iter([wire.pack(header)]))
+        self._future = call.future(self._outbox.stream())
+        self._future.add_done_callback(lambda _: self._outbox.close())  # a failed call stops the generator
+
+    def send_layer(self, layer: int, pages: torch.Tensor) -> None:
+        if tuple(pages.shape) != self.spec.layer_shape:
+            raise ValueError(f"layer {layer}: pages {tuple(pages.shape)}, expected {self.spec.layer_shape}")
+        prepared = self._writer.prepare(pages)
+        self._outbox.put(lambda: self._writer.messages(layer, prepared))
+
+    def finish(self) -> int:
+        if self._aborted is None:
+            self._outbox.put(lambda: iter([wire.pack({"kind": wire.END, **self._writer.end_fields()})]))
+            self._outbox.close()
+        reply = self._wait()
+        if self._aborted is not None:
+            raise TransferAborted(f"{self.spec.request_id}: aborted by the sender ({self._aborted})")
+        return int(reply["bytes"])
+
+    def abort(self, reason: str) -> None:
+        if self._aborted is not None:
+            return
+        self._aborted = reason
+        self._outbox.put(lambda: iter([wire.pack({"kind": wire.ABORT, "reason": reason})]), drop_queued=True)
+        self._outbox.close()
+        try:
+            self._wait()
+        except TransferError:
+            pass  # the receiver is gone or gave up already: either way nothing is written any more
+
+    def _wait(self) -> dict:
+        """The reply; TransferTimeout only when gRPC pulled nothing for timeout_s and no reply came."""
+        while True:
+            try:
+                return wire.unpack(self._future.result(timeout=0.2)).header
+            except grpc.FutureTimeoutError:
+                if time.monotonic() - self._outbox.last_progress > self._timeout_s:
+                    self._future.cancel()
+                    raise TransferTimeout(f"{self._peer}: no progress for {self._timeout_s:g} s") from None
+            except grpc.FutureCancelledError:
+                raise PeerUnavailable(f"{self._peer}: transfer cancelled") from None
+            except grpc.RpcError as err:
+                raise error_from_rpc(err, self._peer) from None
+
+
+class StreamSender:
+    """Opens one RPC per transfer on a shared channel to one receiver."""
+
+    def __init__(
+        self,
+        address: str,
+        writer_factory: Callable[[TransferSpec], LayerWriter],
+        *,
+        max_message: int,
+        timeout_s: float,
+        backend: str,
+    ):
+        self.address = address
+        self.backend = backend
+        self._writer_factory = writer_factory
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message))
+        self._call = self._channel.stream_unary(
+            wire.METHOD, request_serializer=wire.identity, response_deserializer=wire.identity
+        )
+
+    def begin(self, spec: TransferSpec) -> StreamHandle:
+        return StreamHandle(self._call, spec, self._writer_factory(spec), self.address, self._timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,173 @@
+"""A real cluster: Ray actors in split pools on CPU, the tiny model, KV moved between processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from splitserve.cluster.controller import Cluster
+from splitserve.cluster.messages import ErrorCode, GenerateRequest, RequestTiming, ServingError
+from splitserve.config import parse_config
+from splitserve.engine import SamplingParams
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"SPLITSERVE_CPU_THREADS": "1"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def _config(model_dir, **overrides):
+    data = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "cluster": {"device": "cpu"},
+        "kv_cache": {"block_size": 8},
+        "prefill": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128, "max_batch_tokens": 256},
+        "decode": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128, "max_batch_size": 16},
+        "kv_transfer": {"backend": "grpc", "timeout_s": 20},
+    }
+    for key, value in overrides.items():
+        data.setdefault(key, {})
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return parse_config(data)
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        torch.randint(0, 256, (int(length),), generator=g).tolist()
+        for length in torch.randint(3, 60, (n,), generator=g)
+    ]
+
+
+def _hf_greedy(model_dir, prompts):
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return [
+        hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)[
+            0, len(p) :
+        ].tolist()
+        for p in prompts
+    ]
+
+
+async def _collect(cluster: Cluster, rid: str, prompt: list[int], timing: RequestTiming | None = None):
+    request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True))
+    tokens: list[int] = []
+    async for batch in cluster.generate(request, timing):
+        tokens.extend(t.token_id for t in batch.tokens)
+    return tokens
+
+
+async def _free_blocks(cluster: Cluster) -> dict[str, int]:
+    return {s.worker_id: s.kv_blocks_free for s in await cluster.refresh_stats()}
+
+
+def _run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+@pytest.mark.parametrize(
+    ("mode", "pools"), [("disaggregated", (1, 1)), ("disaggregated", (2, 2)), ("colocated", (0, 1))]
+)
+def test_concurrent_requests_equal_hf_greedy(ray_local, tiny_model_dir, mode, pools):
+    prompts = _prompts(8)
+    config = _config(tiny_model_dir, mode=mode, prefill={"replicas": max(pools[0], 1)}, decode={"replicas": pools[1]})
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            before = await _free_blocks(cluster)
+            timings = [RequestTiming(arrival=0.0) for _ in prompts]
+            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p, timings[i]) for i, p in enumerate(prompts)))
+            await asyncio.sleep(0.2)
+            after = await _free_blocks(cluster)
+            return got, timings, before, after
+        finally:
+            await cluster.shutdown()
+
+    got, timings, before, after = _run(scenario())
+    assert got == _hf_greedy(tiny_model_dir, prompts)
+    assert after == before  # every page came back, on both sides
+    if mode == "disaggregated":
+        assert all(t.kv_transfer_s is not None and t.kv_transfer_s > 0 for t in timings)
+        assert len({t.prefill_worker for t in timings}) == pools[0]
+
+
+def test_cancel_frees_pages_everywhere(ray_local, tiny_model_dir):
+    config = _config(tiny_model_dir)
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            before = await _free_blocks(cluster)
+            request = GenerateRequest("long", list(range(50)), SamplingParams(max_tokens=500, ignore_eos=True))
+            stream = cluster.generate(request)
+            await stream.__anext__()  # the first token: prefill done, decoding under way
+            await stream.aclose()  # the client goes away
+            await asyncio.sleep(0.3)
+            return before, await _free_blocks(cluster), cluster._inflight
+        finally:
+            await cluster.shutdown()
+
+    before, after, inflight = _run(scenario())
+    assert after == before and not inflight
+
+
+def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_model_dir):
+    prompts = _prompts(3)
+    config = _config(tiny_model_dir, decode={"replicas": 2})
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            victim = cluster.workers["decode-0"]
+            pid = victim.info["pid"]
+            timings = [RequestTiming(arrival=0.0) for _ in prompts]
+            tasks = [asyncio.ensure_future(_collect(cluster, f"k{i}", p, timings[i])) for i, p in enumerate(prompts)]
+            await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            got = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            return got, timings
+        finally:
+            await cluster.shutdown()
+
+    got, timings = _run(scenario())
+    assert got == _hf_greedy(tiny_model_dir, prompts)  # no token lost or duplicated across the retry
+    assert sum(t.retries for t in timings) >= 1
+
+
+def test_overload_is_resource_exhausted(ray_local, tiny_model_dir):
+    config = _config(tiny_model_dir, router={"max_queue": 1})
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            first = cluster.generate(GenerateRequest("a", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)))
+            await first.__anext__()
+            with pytest.raises(ServingError) as info:
+                await cluster.generate(GenerateRequest("b", [1, 2], SamplingParams())).__anext__()
+            await first.aclose()
+            return info.value.code
+        finally:
+            await cluster.shutdown()
+
+    assert _run(scenario()) == ErrorCode.RESOURCE_EXHAUSTED

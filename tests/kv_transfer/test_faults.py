@@ -1,0 +1,135 @@
+"""Failures end transfers with typed errors on both sides, by protocol message, well before the timeout."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from splitserve.config import KVTransferConfig
+from splitserve.kv_transfer import (
+    PeerUnavailable,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+    make_receiver,
+    make_sender,
+)
+from tests.kv_transfer.helpers import FakeRunner, send_all
+
+BLOCKS = [5, 1, 8]
+SLOW = 30.0  # a timeout no test should ever reach
+
+
+@pytest.fixture
+def pair():
+    src, dst = FakeRunner(layers=4), FakeRunner(layers=4, seed=9)
+    receivers = []
+
+    def open_(backend="grpc", timeout_s=SLOW):
+        cfg = KVTransferConfig(backend=backend, timeout_s=timeout_s)
+        receiver = make_receiver(cfg, dst)
+        receivers.append(receiver)
+        return receiver, make_sender(cfg, receiver.endpoint)
+
+    yield src, dst, open_
+    for r in receivers:
+        r.close()
+
+
+@pytest.mark.parametrize("backend", ["local", "grpc"])
+def test_sender_abort_frees_the_expectation(pair, backend):
+    src, dst, open_ = pair
+    receiver, sender = open_(backend)
+    done = receiver.expect(dst.spec("a", BLOCKS))
+    handle = sender.begin(src.spec("a", BLOCKS))
+    send_all(handle, src, BLOCKS, layers=[0, 1])
+    t0 = time.monotonic()
+    handle.abort("prefill failed")
+    with pytest.raises(TransferAborted, match="prefill failed"):
+        done.result(timeout=5)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(TransferAborted):
+        handle.finish()
+
+
+@pytest.mark.parametrize("backend", ["local", "grpc"])
+def test_receiver_abort_reaches_the_sender(pair, backend):
+    src, dst, open_ = pair
+    receiver, sender = open_(backend)
+    done = receiver.expect(dst.spec("b", BLOCKS))
+    handle = sender.begin(src.spec("b", BLOCKS))
+    send_all(handle, src, BLOCKS, layers=[0])
+    time.sleep(0.1)
+    before = dst.kv_cache.clone()
+    assert receiver.abort("b", "client went away")
+    t0 = time.monotonic()
+    send_all(handle, src, BLOCKS, layers=[1, 2, 3])  # later data is discarded, never raises here
+    with pytest.raises(TransferAborted):
+        handle.finish()
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(TransferAborted):
+        done.result(timeout=1)
+    assert dst.kv_cache.equal(before)  # nothing written after abort()
+
+
+def test_abort_before_the_sender_starts(pair):
+    src, dst, open_ = pair
+    receiver, sender = open_()
+    receiver.expect(dst.spec("c", BLOCKS))
+    receiver.abort("c")
+    handle = sender.begin(src.spec("c", BLOCKS))
+    send_all(handle, src, BLOCKS)
+    with pytest.raises(TransferAborted):
+        handle.finish()
+
+
+def test_unknown_transfer_is_refused(pair):
+    src, _, open_ = pair
+    _, sender = open_()
+    handle = sender.begin(src.spec("nobody-expects-me", BLOCKS))
+    send_all(handle, src, BLOCKS)
+    with pytest.raises(TransferError, match="no transfer expected"):
+        handle.finish()
+
+
+def test_receiver_killed_mid_transfer(pair):
+    src, dst, open_ = pair
+    receiver, sender = open_()
+    receiver.expect(dst.spec("d", BLOCKS))
+    handle = sender.begin(src.spec("d", BLOCKS))
+    send_all(handle, src, BLOCKS, layers=[0])
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    receiver.close()
+    send_all(handle, src, BLOCKS, layers=[1, 2, 3])
+    with pytest.raises(PeerUnavailable):
+        handle.finish()
+    assert time.monotonic() - t0 < 3
+
+
+def test_no_receiver_at_all():
+    src = FakeRunner()
+    receiver = make_receiver(KVTransferConfig(backend="grpc"), FakeRunner())
+    endpoint = receiver.endpoint
+    receiver.close()
+    handle = make_sender(KVTransferConfig(backend="grpc"), endpoint).begin(src.spec("e", BLOCKS))
+    send_all(handle, src, BLOCKS)
+    t0 = time.monotonic()
+    with pytest.raises(PeerUnavailable):
+        handle.finish()
+    assert time.monotonic() - t0 < 3
+
+
+def test_silent_sender_times_out(pair):
+    src, dst, open_ = pair
+    receiver, sender = open_(timeout_s=0.5)
+    done = receiver.expect(dst.spec("f", BLOCKS))
+    handle = sender.begin(src.spec("f", BLOCKS))
+    send_all(handle, src, BLOCKS, layers=[0])
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        done.result(timeout=5)
+    assert 0.4 < time.monotonic() - t0 < 2
+    with pytest.raises(TransferTimeout):
+        handle.finish()
