@@ -116,3 +116,27 @@ def tiny_model_dir(arch: str = "llama", seed: int = 0) -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def hf_greedy_reference(
+    model_dir: str | os.PathLike[str], prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32
+) -> list[list[int]]:
+    """HF transformers' greedy continuation of each prompt, never stopping at EOS (the engine's ``ignore_eos``).
+
+    EOS stays a candidate: ``min_new_tokens`` would instead mask it out of the argmax, which is a different
+    continuation whenever EOS is the most likely token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    outputs = []
+    for prompt in prompts:
+        ids = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
+        outputs.append(ids[0, len(prompt) :].tolist())
+    return outputs

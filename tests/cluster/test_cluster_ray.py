@@ -9,12 +9,12 @@ import signal
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
 
 from splitserve.cluster.controller import Cluster
 from splitserve.cluster.messages import ErrorCode, GenerateRequest, RequestTiming, ServingError
 from splitserve.config import parse_config
 from splitserve.engine import SamplingParams
+from splitserve.engine.testing import hf_greedy_reference
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 10
@@ -56,13 +56,7 @@ def _prompts(n: int) -> list[list[int]]:
 
 
 def _hf_greedy(model_dir, prompts):
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return [
-        hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)[
-            0, len(p) :
-        ].tolist()
-        for p in prompts
-    ]
+    return hf_greedy_reference(model_dir, prompts, MAX_NEW)
 
 
 async def _collect(cluster: Cluster, rid: str, prompt: list[int], timing: RequestTiming | None = None):
@@ -171,3 +165,33 @@ def test_overload_is_resource_exhausted(ray_local, tiny_model_dir):
             await cluster.shutdown()
 
     assert _run(scenario()) == ErrorCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "cuda_ipc", "grpc"])
+def test_split_pools_sharing_one_gpu(ray_local, tiny_model_dir, backend):
+    """1 prefill + 1 decode actor on one GPU (half each): KV over CUDA IPC (what auto picks) or gRPC."""
+    prompts = _prompts(6)
+    config = _config(
+        tiny_model_dir,
+        cluster={"device": "cuda"},
+        prefill={"gpus_per_replica": 0.5},
+        decode={"gpus_per_replica": 0.5},
+        kv_transfer={"backend": backend},
+    )
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            before = await _free_blocks(cluster)
+            got = await asyncio.gather(*(_collect(cluster, f"g{i}", p) for i, p in enumerate(prompts)))
+            await asyncio.sleep(0.2)
+            return got, before, await _free_blocks(cluster), [w.info for w in cluster.workers.values()]
+        finally:
+            await cluster.shutdown()
+
+    got, before, after, infos = _run(scenario())
+    assert all(info["device"].startswith("cuda") for info in infos)
+    assert got == _hf_greedy(tiny_model_dir, prompts)
+    assert after == before
