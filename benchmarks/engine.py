@@ -5,6 +5,10 @@ output throughput next to HF transformers ``generate`` on the same random weight
 
 Prints a table and writes JSON. Figures are ratios against ceilings measured in the same run (device-to-device
 copy bandwidth, bf16 matmul rate), so they transfer across cards.
+
+Decode is timed twice per batch on CUDA: through the CUDA graphs and eagerly (the same engine with its graphs set
+aside), next to the host time of a step, the Python work of building its inputs. ``--no-graphs`` builds the
+engine without graphs (eager only).
 """
 
 from __future__ import annotations
@@ -98,8 +102,22 @@ def decode_ready(engine: Engine, batch: int, context: int, tag: str) -> list[Seq
     return seqs
 
 
+def host_seconds(engine: Engine, seqs: list[Sequence], repeat: int = 50) -> float:
+    """Median seconds of a decode step's host work: the input lists, plus staging them for the graph if any."""
+    runner = engine.runner
+
+    def prepare():
+        ids, positions, slots = runner._decode_inputs(seqs)
+        if runner.graphs is not None:
+            tables = [s.block_table for s in seqs]
+            runner.graphs._stage(ids, positions, slots, tables, [p + 1 for p in positions], len(seqs))
+
+    return timed(prepare, torch.device("cpu"), repeat)  # host only: no device sync around it
+
+
 def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, steps: int) -> list[dict]:
     runner = engine.runner
+    graphs = runner.graphs
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = runner.spec.kv_bytes_per_token(runner.dtype.itemsize)
     rows = []
@@ -113,14 +131,27 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
             for s in seqs:  # stay at the same context length: every step reads the same bytes
                 s.num_computed_tokens -= 1
 
-        step()
+        captured_before = graphs.capture_seconds if graphs else 0.0
+        step()  # first use of a graph size captures it
+        capture = (graphs.capture_seconds - captured_before) if graphs else 0.0
         t = timed(step, runner.device, steps)
+        eager = t
+        if graphs is not None:
+            runner.graphs = None
+            step()
+            eager = timed(step, runner.device, steps)
+            runner.graphs = graphs
+        host = host_seconds(engine, seqs)
         moved = weight_bytes + b * (context + 1) * kv_per_token
         rows.append(
             {
                 "batch": b,
                 "context": context,
+                "graphs": graphs is not None,
                 "step_ms": t * 1e3,
+                "eager_step_ms": eager * 1e3,
+                "host_ms": host * 1e3,
+                "capture_ms": capture * 1e3,
                 "tokens_per_s": b / t,
                 "bandwidth_util": moved / t / bw,
             }
@@ -242,12 +273,19 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode only (no CUDA graphs)")
     ap.add_argument("--out", default="results/engine.json")
     args = ap.parse_args()
 
     engine = Engine(
         EngineConfig(
-            RunnerConfig(model_dir=None, device=args.device, max_batch_tokens=8192, gpu_memory_fraction=0.55),
+            RunnerConfig(
+                model_dir=None,
+                device=args.device,
+                max_batch_tokens=8192,
+                gpu_memory_fraction=0.55,
+                use_cuda_graphs=not args.no_graphs,
+            ),
             max_batch_size=256,
             enable_prefix_caching=False,
         ),  # repeated prompts must be recomputed
@@ -261,11 +299,14 @@ def main() -> None:
         f"{engine.runner.num_kv_blocks} KV blocks"
     )
     decode = bench_decode(engine, [int(b) for b in args.batches.split(",")], args.context, bw, args.steps)
-    print(f"\n{'batch':>6} {'ctx':>5} {'step ms':>9} {'tok/s':>9} {'BW util':>8}")
+    print(
+        f"\n{'batch':>6} {'ctx':>5} {'step ms':>9} {'eager ms':>9} {'host ms':>8} {'capture ms':>10} "
+        f"{'tok/s':>9} {'BW util':>8}"
+    )
     for r in decode:
         print(
-            f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.0f} "
-            f"{r['bandwidth_util']:>7.0%}"
+            f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>9.2f} {r['eager_step_ms']:>9.2f} {r['host_ms']:>8.3f} "
+            f"{r['capture_ms']:>10.0f} {r['tokens_per_s']:>9.0f} {r['bandwidth_util']:>7.0%}"
         )
     mixed = [64, 4096, 512, 1024, 128, 2048, 256, 96]
     prefill = bench_prefill(engine, {"1x2048": [2048], "8x512": [512] * 8, "mixed": mixed}, peak)
@@ -289,6 +330,7 @@ def main() -> None:
                 "shape": args.model_shape,
                 "copy_bandwidth_Bps": bw,
                 "matmul_flops": peak,
+                "cuda_graphs": engine.runner.graphs is not None,
                 "decode": decode,
                 "prefill": prefill,
                 "hf_comparison": versus,

@@ -3,15 +3,20 @@
 The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V), so a
 sequence's pages of one layer are ``cache[:, block_ids]``: what the KV transfer layer sends as soon as the layer is
 done. This module is the plain-torch path (CPU, and the GPU fallback); it uses SDPA with native GQA, so KV heads are
-never repeated.
+never repeated. On CUDA the runner plugs a paged decode kernel into the metadata (``decode_kernel``), which reads
+the pages in place and has shapes that do not depend on the context lengths, as CUDA graphs need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""(q [D, Hq, dim], layer cache, block tables [D, max_blocks], context lens [D], scale) -> [D, Hq, dim]."""
 
 
 @dataclass
@@ -28,6 +33,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [D, max_blocks]
     decode_context_lens: torch.Tensor | None  # [D] KV length including the new token
     decode_max_context: int = 0
+    decode_kernel: DecodeKernel | None = None  # None: the torch decode_attention below
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -57,6 +63,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Writes k/v to the cache and returns [T, Hq, D]."""
     write_kv(cache, k, v, meta.slot_mapping)
+    if not meta.prefill_query_lens:  # decode only: no packing, the decode output is the output
+        return _decode(q, cache, meta, scale)
     out = torch.empty_like(q)
     start = 0
     for i, (qlen, ctx) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens, strict=True)):
@@ -81,8 +89,15 @@ def paged_attention(
         out[start : start + qlen] = oi.squeeze(0).transpose(0, 1)
         start += qlen
     if meta.decode_block_tables is not None and start < q.shape[0]:
-        out[start:] = decode_attention(q[start:], cache, meta, scale)
+        out[start:] = _decode(q[start:], cache, meta, scale)
     return out
+
+
+def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if meta.decode_kernel is None:
+        return decode_attention(q, cache, meta, scale)
+    assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+    return meta.decode_kernel(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 A batch is a list of prefill chunks (a sequence and how many of its next tokens to compute) followed by decode
 sequences (one token each). Packing everything into one token stream means no padding is ever computed.
+
+On CUDA, decode attention runs as a Triton kernel over the pages, and decode-only steps replay a CUDA graph (padded
+to the next graph size) instead of launching every kernel from Python; mixed steps stay eager.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.attention import AttentionMetadata, DecodeKernel
+from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
@@ -53,6 +57,7 @@ class RunnerConfig:
     max_batch_tokens: int = 8192
     max_model_len: int | None = None
     seed: int = 0
+    use_cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; CUDA only, False keeps them eager
 
 
 @dataclass
@@ -82,11 +87,13 @@ class ModelRunner:
         self.model = build_model(self.spec, self.device, self.dtype, config.model_dir, config.seed)
         self.rope = RotaryEmbedding(hf_config, self.spec.head_dim, self.max_model_len, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
-        # One tensor for every layer: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]
+        use_graphs = self.device.type == "cuda" and config.use_cuda_graphs
+        # One tensor for every layer: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]. With graphs, one
+        # more block than the block manager knows of: padded rows of a graph write their KV there.
         self.kv_cache = torch.zeros(
             self.spec.num_layers,
             2,
-            self.num_kv_blocks,
+            self.num_kv_blocks + int(use_graphs),
             self.block_size,
             self.spec.num_kv_heads,
             self.spec.head_dim,
@@ -94,6 +101,22 @@ class ModelRunner:
             dtype=self.dtype,
         )
         self.kv_layers = list(self.kv_cache.unbind(0))
+        self.decode_kernel: DecodeKernel | None = None
+        if self.device.type == "cuda":
+            from splitserve.engine.triton_attention import paged_decode_attention
+
+            self.decode_kernel = paged_decode_attention
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            assert self.decode_kernel is not None
+            self.graphs = DecodeGraphs(
+                self._decode_logits,
+                self.decode_kernel,
+                max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                block_size=self.block_size,
+                scratch_slot=self.num_kv_blocks * self.block_size,
+                device=self.device,
+            )
         log.info(
             "model %s on %s (%s): %d KV blocks of %d tokens",
             self.spec.model_type,
@@ -166,6 +189,21 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _decode_inputs(self, decode_seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, positions and KV slots of one new token per decoding sequence."""
+        input_ids, positions, slots = [], [], []
+        for seq in decode_seqs:
+            pos = seq.num_tokens - 1
+            assert seq.num_computed_tokens == pos
+            input_ids.append(seq.last_token_id)
+            positions.append(pos)
+            slots.append(self._slot(seq, pos))
+        return input_ids, positions, slots
+
+    def _decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """What a decode graph records: the model, final norm and LM head over every row."""
+        return self.model.logits(self.model(input_ids, positions, self.rope, self.kv_layers, meta))
+
     @torch.inference_mode()
     def execute(
         self,
@@ -174,6 +212,13 @@ class ModelRunner:
         layer_hook: LayerHook | None = None,
     ) -> BatchOutput:
         """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end."""
+        if (
+            not prefill_chunks
+            and layer_hook is None
+            and self.graphs is not None
+            and self.graphs.rung_for(len(decode_seqs)) is not None
+        ):
+            return self._execute_graph(decode_seqs)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -192,14 +237,12 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logit_rows.append(len(input_ids) - 1)
                 sampled.append(seq)
-        for seq in decode_seqs:
-            pos = seq.num_tokens - 1
-            assert seq.num_computed_tokens == pos
-            input_ids.append(seq.last_token_id)
-            positions.append(pos)
-            slots.append(self._slot(seq, pos))
-            logit_rows.append(len(input_ids) - 1)
-            sampled.append(seq)
+        decode_ids, decode_positions, decode_slots = self._decode_inputs(decode_seqs)
+        logit_rows.extend(range(len(input_ids), len(input_ids) + len(decode_seqs)))
+        sampled.extend(decode_seqs)
+        input_ids.extend(decode_ids)
+        positions.extend(decode_positions)
+        slots.extend(decode_slots)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -216,7 +259,10 @@ class ModelRunner:
                 torch.tensor([s.num_tokens for s in decode_seqs], dtype=torch.long, device=dev) if decode_seqs else None
             ),
             decode_max_context=max((s.num_tokens for s in decode_seqs), default=0),
+            decode_kernel=self.decode_kernel,
         )
+        # Built before the forward: a blocking host-to-device copy after it would wait for the whole pass.
+        rows = torch.tensor(logit_rows, device=dev) if prefill_chunks and sampled else None
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -231,9 +277,20 @@ class ModelRunner:
             seq.num_computed_tokens += 1
         if not sampled:
             return BatchOutput([], [], None)
-        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=dev)])
+        logits = self.model.logits(hidden if rows is None else hidden[rows])
         tokens, logprobs = sample(logits, sampled)
         return BatchOutput(sampled, tokens, logprobs)
+
+    def _execute_graph(self, decode_seqs: list[Sequence]) -> BatchOutput:
+        """A decode-only step through a CUDA graph; ``sample``'s ``.tolist()`` is the step's one host sync."""
+        assert self.graphs is not None
+        input_ids, positions, slots = self._decode_inputs(decode_seqs)
+        context_lens = [p + 1 for p in positions]
+        logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens)
+        for seq in decode_seqs:
+            seq.num_computed_tokens += 1
+        tokens, logprobs = sample(logits, decode_seqs)
+        return BatchOutput(list(decode_seqs), tokens, logprobs)
 
     # --- KV pages in and out, for the transfer layer ---
 

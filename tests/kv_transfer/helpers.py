@@ -23,10 +23,11 @@ class FakeRunner:
         return (2, *self.kv_cache.shape[3:])
 
     def gather_pages(self, layer, block_ids):
-        return self.kv_layers[layer].index_select(1, torch.tensor(block_ids))
+        return self.kv_layers[layer].index_select(1, torch.tensor(block_ids, device=self.kv_layers[layer].device))
 
     def scatter_pages(self, layer, block_ids, pages):
-        self.kv_layers[layer].index_copy_(1, torch.tensor(block_ids), pages.to(self.dtype))
+        index = torch.tensor(block_ids, device=self.kv_layers[layer].device)
+        self.kv_layers[layer].index_copy_(1, index, pages.to(self.kv_layers[layer].device, self.dtype))
 
     def spec(self, request_id, block_ids, checksum=False):
         return TransferSpec(

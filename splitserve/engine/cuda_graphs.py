@@ -1,0 +1,142 @@
+"""CUDA graphs for decode-only steps: one graph replay instead of ~1300 kernel launches from Python.
+
+A decode step's shapes depend only on the batch size (the paged decode kernel loops up to each sequence's own
+length), so one graph per batch size covers every step of that size. Batches are padded up to the next rung of a
+ladder of sizes; a graph is captured the first time its rung is used. All graphs read the same static input buffers
+(views of the first ``rung`` rows) and share one memory pool, so the rungs together cost about as much memory as
+the largest one.
+
+Padding rows are harmless by construction: token 0 at position 0, context length 0 (the kernel reads nothing and
+writes zeros) and a KV slot in a scratch block that the block manager never hands out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata, DecodeKernel
+
+LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+"""(input_ids [B], positions [B], metadata) -> float32 logits [B, vocab]: the model, final norm and LM head."""
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        forward: DecodeForward,
+        kernel: DecodeKernel,
+        max_blocks_per_seq: int,
+        block_size: int,
+        scratch_slot: int,
+        device: torch.device,
+        max_batch: int = LADDER[-1],
+    ):
+        self.forward = forward
+        self.kernel = kernel
+        self.block_size = block_size
+        self.scratch_slot = scratch_slot
+        self.device = device
+        self.rungs = [r for r in LADDER if r <= max_batch]
+        top = self.rungs[-1]
+        # Host side is pinned so the copies are asynchronous; rows: input ids, positions, KV slots.
+        self._host_tokens = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
+        self._host_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        self._host_lens = torch.zeros(top, dtype=torch.int32, pin_memory=True)
+        self._tokens_np = self._host_tokens.numpy()
+        self._tables_np = self._host_tables.numpy()
+        self._lens_np = self._host_lens.numpy()
+        self._tokens = torch.zeros_like(self._host_tokens, device=device)
+        self._tables = torch.zeros_like(self._host_tables, device=device)
+        self._lens = torch.zeros_like(self._host_lens, device=device)
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def rung_for(self, batch: int) -> int | None:
+        """The smallest graph size that holds ``batch`` rows; None when the batch is larger than the ladder."""
+        return next((r for r in self.rungs if r >= batch), None)
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        block_tables: Sequence[list[int]],
+        context_lens: list[int],
+    ) -> torch.Tensor:
+        """Logits [len(input_ids), vocab] for one decode step; the returned tensor is overwritten by the next call."""
+        n = len(input_ids)
+        rung = self.rung_for(n)
+        assert rung is not None, f"decode batch {n} is larger than the largest graph ({self.rungs[-1]})"
+        self._stage(input_ids, positions, slots, block_tables, context_lens, rung)
+        if rung not in self._graphs:
+            self._capture(rung)
+        graph, logits = self._graphs[rung]
+        graph.replay()
+        return logits[:n]
+
+    def _stage(self, input_ids, positions, slots, block_tables, context_lens, rung: int) -> None:
+        """Fill the pinned host buffers (no tensor is allocated) and start their copies to the device.
+
+        The host buffers are reused next step without a wait: the step's ``.tolist()`` of the sampled tokens has
+        synchronised the stream by then, so these copies are done.
+        """
+        n = len(input_ids)
+        tokens, tables, lens = self._tokens_np, self._tables_np, self._lens_np
+        tokens[0, :n] = input_ids
+        tokens[1, :n] = positions
+        tokens[2, :n] = slots
+        tokens[:2, n:rung] = 0
+        tokens[2, n:rung] = self.scratch_slot
+        lens[:n] = context_lens
+        lens[n:rung] = 0
+        width = tables.shape[1]
+        for i, table in enumerate(block_tables):
+            # Entries past the context are never read; a table is never longer than the model's context needs.
+            used = min(len(table), width)
+            tables[i, :used] = table[:used]
+        self._tokens.copy_(self._host_tokens, non_blocking=True)
+        self._tables[:rung].copy_(self._host_tables[:rung], non_blocking=True)
+        self._lens[:rung].copy_(self._host_lens[:rung], non_blocking=True)
+
+    def _metadata(self, rung: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._tokens[2, :rung],
+            block_size=self.block_size,
+            prefill_query_lens=[],
+            prefill_context_lens=[],
+            prefill_block_tables=None,
+            decode_block_tables=self._tables[:rung],
+            decode_context_lens=self._lens[:rung],
+            decode_kernel=self.kernel,
+        )
+
+    def _capture(self, rung: int) -> None:
+        """Record the forward for ``rung`` rows on the inputs just staged.
+
+        The warm-up run first compiles the Triton kernels and creates cuBLAS handles, which must not happen
+        during capture. It computes exactly what the replay then computes (the same KV written to the same
+        slots), so running it on the live inputs is harmless.
+        """
+        began = time.perf_counter()
+        ids, pos, meta = self._tokens[0, :rung], self._tokens[1, :rung], self._metadata(rung)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.forward(ids, pos, meta)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a worker's other threads (KV transfer, server) may touch CUDA while this one captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self.forward(ids, pos, meta)
+        self._graphs[rung] = (graph, logits)
+        self.capture_seconds += time.perf_counter() - began

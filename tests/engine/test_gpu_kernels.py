@@ -1,0 +1,141 @@
+"""The GPU decode path against the reference ones: the Triton kernel against the torch decode attention, and the
+CUDA-graph engine against the CPU engine and HF transformers.
+
+Marked ``gpu``: the CPU suite skips them. The kernel checks also run on CPU in Triton's interpreter:
+``TRITON_INTERPRET=1 python -m pytest --noconftest -m gpu tests/engine/test_gpu_kernels.py -k kernel``
+(``--noconftest`` because the shared conftest skips every ``gpu`` test where there is no CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
+from splitserve.engine.attention import AttentionMetadata, decode_attention
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+PAGE = 16
+
+
+def _case(batch, q_heads, kv_heads, head_dim, dtype, lens, seed=0):
+    """Random q and cache, and block tables that scatter each sequence over random distinct pages."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // PAGE) for n in lens) + 2  # wider than needed: the kernel must stop at the context length
+    num_blocks = batch * width + 3
+    cache = torch.randn(2, num_blocks, PAGE, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    q = torch.randn(batch, q_heads, head_dim, generator=g).to(DEVICE, dtype)
+    tables = torch.randperm(num_blocks, generator=g)[: batch * width].view(batch, width).to(DEVICE, torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return q, cache, tables, ctx
+
+
+def _reference(q, cache, tables, ctx, scale):
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=DEVICE),
+        block_size=PAGE,
+        prefill_query_lens=[],
+        prefill_context_lens=[],
+        prefill_block_tables=None,
+        decode_block_tables=tables.long(),
+        decode_context_lens=ctx.long(),
+        decode_max_context=int(ctx.max()),
+    )
+    return decode_attention(q.float(), cache.float(), meta, scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_matches_torch_decode_attention(dtype, q_heads, kv_heads, head_dim):
+    from splitserve.engine.triton_attention import paged_decode_attention
+
+    lens = [1, 17, 300, 64, 129, 5]
+    q, cache, tables, ctx = _case(len(lens), q_heads, kv_heads, head_dim, dtype, lens, seed=head_dim + q_heads)
+    scale = head_dim**-0.5
+    got = paged_decode_attention(q, cache, tables, ctx, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), _reference(q, cache, tables, ctx, scale), atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize(("batch", "per_sm", "splits"), [(5, 0, 1), (5, 1, 16), (40, 1, 2)])
+def test_kernel_split_counts_agree_and_pads_are_zero(monkeypatch, batch, per_sm, splits):
+    """Rows with context 0 (CUDA-graph padding) give zeros; real rows match the reference at any split count."""
+    from splitserve.engine import triton_attention
+
+    monkeypatch.setattr(triton_attention, "PROGRAMS_PER_SM", per_sm)
+    assert triton_attention.num_splits(batch, 2, DEVICE) == splits
+    g = torch.Generator().manual_seed(batch)
+    lens = [int(n) for n in torch.randint(1, 301, (batch,), generator=g)]
+    lens[-1] = 0
+    q, cache, tables, ctx = _case(batch, 8, 2, 64, torch.float32, lens, seed=batch)
+    got = triton_attention.paged_decode_attention(q, cache, tables, ctx, 0.125)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+    ref = _reference(q[:-1], cache, tables[:-1], ctx[:-1], 0.125)
+    torch.testing.assert_close(got[:-1], ref, atol=2e-5, rtol=2e-5)
+
+
+PROMPT_LENS = (1, 5, 17, 33, 70, 130, 9, 2)
+MAX_NEW = 12
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@needs_cuda
+def test_graph_engine_float32_equals_cpu_engine(tiny_model_dir):
+    """CUDA graphs + Triton decode in float32 give the CPU engine's greedy tokens exactly, batch padded to rungs."""
+    p = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    prompts = _prompts()
+    cpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cpu", num_kv_blocks=128)))
+    gpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=128)))
+    want = [r.token_ids for r in cpu.generate(prompts, p)]
+    assert [r.token_ids for r in gpu.generate(prompts, p)] == want
+    assert gpu.runner.graphs is not None and gpu.runner.graphs.captured  # decode really went through graphs
+    eager = Engine(
+        EngineConfig(
+            RunnerConfig(str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=128, use_cuda_graphs=False)
+        )
+    )
+    assert eager.runner.graphs is None
+    assert [r.token_ids for r in eager.generate(prompts, p)] == want
+
+
+@needs_cuda
+def test_graph_engine_bf16_mostly_matches_hf_bf16(tiny_model_dir):
+    """bf16 greedy against HF transformers in bf16, first few tokens, most prompts.
+
+    Not exact by design: our fused qkv/gate-up matmuls, the Triton kernel's tiled online softmax and cuBLAS's
+    choice of kernels per shape all accumulate in a different order than HF's eager path. In bf16 (8 mantissa
+    bits) that moves logits by ~1e-2, enough to flip a near-tie between the top two tokens; after one flip the
+    continuations differ entirely. So compare only the first few tokens and ask for most prompts, not all.
+    """
+    from transformers import AutoModelForCausalLM
+
+    new = 4
+    prompts = _prompts(seed=1)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).to("cuda")
+    want = []
+    for prompt in prompts:
+        ids = hf.generate(
+            torch.tensor([prompt], device="cuda"), max_new_tokens=new, min_new_tokens=new, do_sample=False
+        )
+        want.append(ids[0, len(prompt) :].tolist())
+    engine = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cuda", dtype="bfloat16", num_kv_blocks=128)))
+    got = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))]
+    assert sum(g == w for g, w in zip(got, want, strict=True)) >= 0.75 * len(prompts), (got, want)
+    assert sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) >= 0.75 * len(prompts)
