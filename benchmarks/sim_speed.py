@@ -14,11 +14,12 @@ import platform
 import time
 from pathlib import Path
 
-from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import simulate
 from splitserve.simulator.metrics import summarize
 from splitserve.simulator.profile import load_profile
 from splitserve.simulator.workload import LengthDist, synthetic
+from splitserve.slo import SLO
 
 PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "llama3-8b-h100.yaml"
 TARGET_S_PER_MILLION = 60.0

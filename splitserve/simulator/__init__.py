@@ -1,11 +1,12 @@
 """Capacity-planning simulator: replays splitserve's prefill/decode scheduling on a measured (or estimated) profile."""
 
-from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import RunResult, simulate
 from splitserve.simulator.metrics import Metrics, summarize
 from splitserve.simulator.planner import Plan, plan, sweep_load
 from splitserve.simulator.profile import Profile, load_profile
 from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
+from splitserve.slo import SLO
 
 __all__ = [
     "SLO",

@@ -10,10 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile, load_profile
 from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
+from splitserve.slo import SLO
 
 EXIT_USAGE = 2
 
@@ -122,7 +123,7 @@ def _cluster(
 def _inputs(args: argparse.Namespace) -> tuple[list[Profile], Workload, SLO]:
     _positive(args, "--ttft-ms", "--tpot-ms", "--max-batch-tokens", "--max-batch-size", "--num-requests")
     profiles = [load_profile(p) for p in args.profile]
-    return profiles, _workload(args), SLO(args.ttft_ms / 1e3, args.tpot_ms / 1e3)
+    return profiles, _workload(args), SLO(args.ttft_ms, args.tpot_ms)
 
 
 def _write_json(path: str | None, payload: dict) -> None:

@@ -24,12 +24,6 @@ class PoolSpec:
 
 
 @dataclass(frozen=True)
-class SLO:
-    ttft_s: float = 1.0
-    tpot_s: float = 0.05
-
-
-@dataclass(frozen=True)
 class ClusterSpec:
     """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there."""
 

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from splitserve.simulator.cluster import SLO
 from splitserve.simulator.engine import RunResult
+from splitserve.slo import SLO
 
 
 @dataclass(frozen=True)

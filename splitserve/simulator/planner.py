@@ -6,11 +6,12 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from splitserve.simulator.cluster import SLO, ClusterSpec
+from splitserve.simulator.cluster import ClusterSpec
 from splitserve.simulator.engine import simulate
 from splitserve.simulator.metrics import Metrics, summarize
 from splitserve.simulator.profile import Profile
 from splitserve.simulator.workload import Workload
+from splitserve.slo import SLO
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from splitserve.simulator.cluster import SLO, ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import simulate
 from splitserve.simulator.metrics import summarize
 from splitserve.simulator.workload import LengthDist, Workload, synthetic
+from splitserve.slo import SLO
 from tests.simulator.conftest import make_profile
 
 
@@ -115,7 +116,7 @@ def test_summary_accounts_cost_and_energy(toy):
     wl = _wl(5, 500, seed=1)
     cluster = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(2, toy))
     r = simulate(cluster, wl)
-    m = summarize(r, SLO(ttft_s=0.5, tpot_s=0.02))
+    m = summarize(r, SLO(ttft_ms=500, tpot_ms=20))
     hours = m.makespan_s / 3600
     assert m.cost_per_m_output_tokens == pytest.approx(3 * hours / wl.output_tokens.sum() * 1e6)
     idle_j = 3 * m.makespan_s * 50
