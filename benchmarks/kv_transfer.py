@@ -4,6 +4,7 @@ Baselines: a plain TCP socket copy over loopback (for grpc and local), a device-
 NCCL send/recv (nccl, two GPUs). Compression accuracy (max abs / relative error) is reported for int8 and fp8.
 
     python benchmarks/kv_transfer.py [--sizes-mb 1 16 256] [--with-1gb] [--out results/kv_transfer.json]
+    python benchmarks/kv_transfer.py --nccl [--overlap-prompt 2048]    # two GPUs: see kv_transfer_nccl.py
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ LAYERS, BLOCK, HEADS, DIM = 8, 16, 8, 128  # one block-layer (K and V) is 64 KiB
 
 
 class PagedKV:
-    """A bare KV cache of the engine's layout, sized to hold ``mb`` MB for one request."""
+    """A bare KV cache of the engine's layout: ``layers`` x (K, V) x ``blocks`` pages of ``page`` (block, heads,
+    head dim). ``sized`` picks the block count that holds ``mb`` MB for one request."""
 
-    def __init__(self, mb: float, dtype: torch.dtype, device: str):
-        block_layer = 2 * BLOCK * HEADS * DIM * dtype.itemsize
-        self.blocks = max(1, round(mb * 1e6 / (block_layer * LAYERS)))
-        self.kv_cache = torch.randn(LAYERS, 2, self.blocks, BLOCK, HEADS, DIM, device=device).to(dtype)
+    def __init__(self, layers: int, blocks: int, page: tuple[int, int, int], dtype: torch.dtype, device: str):
+        self.layers, self.blocks, self.page = layers, blocks, page
+        self.kv_cache = torch.randn(layers, 2, blocks, *page, device=device).to(dtype)
         self.kv_layers = list(self.kv_cache.unbind(0))
         self.device = torch.device(device)
         self.dtype = dtype
+
+    @classmethod
+    def sized(cls, mb: float, dtype: torch.dtype, device: str) -> PagedKV:
+        block_layer = 2 * BLOCK * HEADS * DIM * dtype.itemsize
+        return cls(LAYERS, max(1, round(mb * 1e6 / (block_layer * LAYERS))), (BLOCK, HEADS, DIM), dtype, device)
 
     @property
     def nbytes(self) -> int:
@@ -44,10 +50,10 @@ class PagedKV:
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(
             request_id,
-            LAYERS,
-            self.blocks * BLOCK,
+            self.layers,
+            self.blocks * self.page[0],
             list(range(self.blocks)),
-            (2, BLOCK, HEADS, DIM),
+            (2, *self.page),
             str(self.dtype).removeprefix("torch."),
         )
 
@@ -64,7 +70,7 @@ def time_backend(backend: str, src: PagedKV, dst: PagedKV, repeats: int, **cfg) 
             done = receiver.expect(spec)
             t0 = time.perf_counter()
             handle = sender.begin(spec)
-            for layer in range(LAYERS):
+            for layer in range(src.layers):
                 handle.send_layer(layer, src.kv_layers[layer])
             handle.finish()
             done.result(timeout=300)
@@ -140,14 +146,21 @@ def main() -> None:
     ap.add_argument("--with-1gb", action="store_true", help="also move 1 GB (slow on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--nccl", action="store_true", help="the nccl backend between two GPUs vs plain NCCL p2p")
+    ap.add_argument("--overlap-prompt", type=int, help="with --nccl: prefill+stream overlap for this prompt (8B)")
     ap.add_argument("--out", default="results/kv_transfer.json")
     args = ap.parse_args()
     sizes = args.sizes_mb + ([1000] if args.with_1gb else [])
     dtype = getattr(torch, args.dtype)
+    if args.nccl:
+        import kv_transfer_nccl
+
+        _write(args.out, kv_transfer_nccl.run(sizes, dtype, args.repeats, args.overlap_prompt))
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for mb in sizes:
-        src, dst = PagedKV(mb, dtype, device), PagedKV(mb, dtype, device)
+        src, dst = PagedKV.sized(mb, dtype, device), PagedKV.sized(mb, dtype, device)
         n = src.nbytes
         base = time_socket(n, args.repeats)
         runs = [
@@ -178,15 +191,19 @@ def main() -> None:
                 f"{baseline} {r['baseline_gb_per_s']:7.2f} GB/s   ratio {r['ratio']:.2f}",
                 flush=True,
             )
-    accuracy = [compression_error(PagedKV(4, dtype, device), c) for c in ("int8", "fp8")]
+    accuracy = [compression_error(PagedKV.sized(4, dtype, device), c) for c in ("int8", "fp8")]
     for a in accuracy:
         print(
             f"{a['codec']}: max abs {a['max_abs_error']:.4g}, max rel (to block absmax) "
             f"{a['max_rel_error_vs_block_absmax']:.4g}, mean abs {a['mean_abs_error']:.4g}"
         )
-    out = Path(args.out)
+    _write(args.out, {"device": device, "dtype": args.dtype, "rows": rows, "compression": accuracy})
+
+
+def _write(path: str, result: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "dtype": args.dtype, "rows": rows, "compression": accuracy}, indent=2))
+    out.write_text(json.dumps({**result, "date": time.strftime("%Y-%m-%d")}, indent=2))
     print(f"wrote {out}")
 
 

@@ -1,0 +1,246 @@
+"""The nccl backend across two GPUs, next to plain NCCL send/recv between the same two processes in the same run,
+and (``--overlap-prompt``) how much of the layer-wise stream prefill compute hides on an 8B model.
+
+This process sends from cuda:0; a spawned one receives on cuda:1. Run through ``kv_transfer.py --nccl``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from kv_transfer import PagedKV
+
+from splitserve.config import KVTransferConfig
+from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
+
+NCCL = KVTransferConfig(backend="nccl")
+SENDER, RECEIVER = "cuda:0", "cuda:1"
+REPLY_TIMEOUT_S = 300
+
+
+def _plain_pair(store: dist.Store, rank: int) -> dist.ProcessGroupNCCL:
+    return dist.ProcessGroupNCCL(dist.PrefixStore("plain/", store), rank, 2, dist.ProcessGroupNCCL.Options())
+
+
+def _receiver_main(commands: Any, replies: Any) -> None:
+    """The receiving process: builds KV caches and receivers on request, and runs the plain p2p baseline."""
+    torch.cuda.set_device(RECEIVER)
+    receiver = None
+    while True:
+        command, *args = commands.get()
+        if command == "stop":
+            break
+        if command == "open":
+            layers, blocks, page, dtype_name = args
+            if receiver is not None:
+                receiver.close()
+            sink = PagedKV(layers, blocks, page, getattr(torch, dtype_name), RECEIVER)
+            receiver = make_receiver(NCCL, sink)
+            replies.put(receiver.endpoint)
+        elif command == "expect":
+            assert receiver is not None
+            receiver.expect(args[0])  # the sender's finish() returns once the receiver has landed every layer
+            replies.put("ready")
+        elif command == "plain":
+            host, port, nbytes, rounds = args
+            store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
+            group = _plain_pair(store, 1)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=RECEIVER)
+            ack = torch.zeros(1, device=RECEIVER)
+            for _ in range(rounds):
+                group.recv([buf], 0, 0).wait()  # type: ignore[attr-defined]
+                group.send([ack], 0, 0).wait()  # type: ignore[attr-defined]
+            torch.cuda.synchronize()
+            replies.put("done")
+
+
+class Pair:
+    """The two processes; commands go to the receiver over a queue."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.commands, self.replies = ctx.Queue(), ctx.Queue()
+        self.child = ctx.Process(target=_receiver_main, args=(self.commands, self.replies), daemon=True)
+        self.child.start()
+        torch.cuda.set_device(SENDER)
+
+    def ask(self, *command: Any) -> Any:
+        self.commands.put(command)
+        return self.replies.get(timeout=REPLY_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.commands.put(("stop",))
+        self.child.join(timeout=60)
+
+
+def plain_p2p_seconds(pair: Pair, nbytes: int, repeats: int) -> float:
+    """Best round of: send ``nbytes`` as one tensor, receive a 1-element ack (the ack makes it a delivery time)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    pair.commands.put(("plain", "127.0.0.1", store.port, nbytes, repeats + 1))
+    group = _plain_pair(store, 0)
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=SENDER)
+    ack = torch.empty(1, device=SENDER)
+    times = []
+    for _ in range(repeats + 1):  # the first round sets the communicator up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        group.send([buf], 1, 0).wait()  # type: ignore[attr-defined]
+        group.recv([ack], 1, 0).wait()  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    assert pair.replies.get(timeout=REPLY_TIMEOUT_S) == "done"
+    return min(times[1:])
+
+
+def backend_seconds(pair: Pair, src: PagedKV, repeats: int) -> float:
+    """Best time of a whole transfer through the nccl backend, layer by layer, until the receiver has it all."""
+    endpoint = pair.ask("open", src.layers, src.blocks, src.page, str(src.dtype).removeprefix("torch."))
+    sender = make_sender(NCCL, endpoint, SENDER)
+    times = []
+    try:
+        for i in range(repeats + 1):  # the first transfer sets the pair's communicator up
+            spec = src.spec(f"nccl-{i}")
+            assert pair.ask("expect", spec) == "ready"
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            handle = sender.begin(spec)
+            for layer in range(src.layers):
+                handle.send_layer(layer, src.kv_layers[layer])
+            handle.finish()
+            times.append(time.perf_counter() - t0)
+    finally:
+        sender.close()
+    return min(times[1:])
+
+
+def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats: int) -> list[dict]:
+    rows = []
+    for mb in sizes_mb:
+        src = PagedKV.sized(mb, dtype, SENDER)
+        nbytes = src.kv_cache.numel() * src.kv_cache.element_size()
+        ours = backend_seconds(pair, src, repeats)
+        plain = plain_p2p_seconds(pair, nbytes, repeats)
+        rows.append(
+            {
+                "size_mb": nbytes / 1e6,
+                "backend": "nccl",
+                "layers": src.layers,
+                "gb_per_s": nbytes / ours / 1e9,
+                "baseline": "plain NCCL send/recv",
+                "baseline_gb_per_s": nbytes / plain / 1e9,
+                "ratio": plain / ours,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{r['size_mb']:8.1f} MB  nccl {r['gb_per_s']:7.1f} GB/s   "
+            f"plain p2p {r['baseline_gb_per_s']:7.1f} GB/s   ratio {r['ratio']:.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
+    """Prefill of one ``prompt_len`` prompt on an 8B Llama-3 shape, alone and with its KV streamed layer by layer to
+    the other GPU: the share of the transfer that stays hidden behind compute."""
+    from transformers import LlamaConfig
+
+    from splitserve.bench.make_random_checkpoint import hf_config_dict
+    from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
+
+    engine = Engine(
+        EngineConfig(
+            RunnerConfig(
+                model_dir=None,
+                device=SENDER,
+                max_batch_tokens=max(prompt_len, 2048),
+                num_kv_blocks=2 * -(-prompt_len // 16),
+                use_cuda_graphs=False,
+            ),
+            enable_prefix_caching=False,
+        ),
+        hf_config=LlamaConfig.from_dict(hf_config_dict("llama3-8b")),
+    )
+    runner = engine.runner
+    blocks = engine.blocks.blocks_for(prompt_len)
+    block, heads, dim = runner.page_shape[1:]
+    endpoint = pair.ask("open", runner.spec.num_layers, blocks, (block, heads, dim), "bfloat16")
+    sender = make_sender(NCCL, endpoint, SENDER)
+    prompt = [(7 * j) % 1000 for j in range(prompt_len)]
+
+    def spec_of(request_id: str) -> TransferSpec:
+        layers = runner.spec.num_layers
+        return TransferSpec(request_id, layers, prompt_len, list(range(blocks)), runner.page_shape, "bfloat16")
+
+    def prefill(stream: bool, only_transfer: bool = False) -> float:
+        seq = engine.make_sequence("p", prompt, SamplingParams(max_tokens=1))
+        handle = None
+        if stream or only_transfer:
+            spec = spec_of(f"o-{time.perf_counter_ns()}")
+            assert pair.ask("expect", spec) == "ready"
+        if only_transfer:
+            engine.prefill([seq])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if only_transfer:
+            handle = sender.begin(spec)
+            for layer in range(runner.spec.num_layers):
+                handle.send_layer(layer, runner.gather_pages(layer, seq.block_table))
+        else:
+
+            def hook_for(completing):
+                nonlocal handle
+                if not stream:
+                    return None
+                handle = sender.begin(spec)
+                return lambda layer: handle.send_layer(layer, runner.gather_pages(layer, seq.block_table))
+
+            engine.prefill([seq], hook_for=hook_for)
+        if handle is not None:
+            handle.finish()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        engine.release(seq.request_id)
+        return seconds
+
+    try:
+        for warm in (False, True):
+            prefill(warm)
+        alone = min(prefill(False) for _ in range(repeats))
+        transfer = min(prefill(False, only_transfer=True) for _ in range(repeats))
+        streamed = min(prefill(True) for _ in range(repeats))
+    finally:
+        sender.close()
+    exposed = max(streamed - alone, 0.0)
+    result = {
+        "prompt_tokens": prompt_len,
+        "kv_mb": blocks * runner.spec.num_layers * 2 * block * heads * dim * 2 / 1e6,
+        "prefill_ms": alone * 1e3,
+        "transfer_alone_ms": transfer * 1e3,
+        "prefill_plus_stream_ms": streamed * 1e3,
+        "exposed_ms": exposed * 1e3,
+        "hidden_fraction": 1 - exposed / transfer,
+    }
+    print(
+        f"\noverlap, {prompt_len}-token prompt on llama3-8b ({result['kv_mb']:.0f} MB of KV): prefill "
+        f"{result['prefill_ms']:.1f} ms, transfer alone {result['transfer_alone_ms']:.1f} ms, prefill+stream "
+        f"{result['prefill_plus_stream_ms']:.1f} ms -> {result['hidden_fraction']:.0%} of the transfer hidden"
+    )
+    return result
+
+
+def run(sizes_mb: list[float], dtype: torch.dtype, repeats: int, overlap_prompt: int | None) -> dict:
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("--nccl needs two GPUs")
+    pair = Pair()
+    try:
+        rows = transfer_rows(pair, sizes_mb, dtype, repeats)
+        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt else None
+    finally:
+        pair.close()
+    return {"device": torch.cuda.get_device_name(0), "rows": rows, "overlap": hidden}
