@@ -1,24 +1,25 @@
-"""The ``splitserve`` command line: config checks, offline generation, serving, planning."""
+"""The ``splitserve`` command line: config checks, offline generation, serving, operating a cluster, planning."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from splitserve.config import ConfigError, dump_config, load_config
 
+if TYPE_CHECKING:
+    from splitserve.client import Client
+
+_T = TypeVar("_T")
+
 EXIT_USAGE = 2
 NOT_BUILT = {
-    "submit": "submit CONFIG to a Ray cluster as a Ray job",
-    "bench": "run the serving benchmark against a cluster",
-    "status": "print the pools, queues and KV use of a running cluster",
     "profile": "measure a performance profile of this GPU for the simulator",
-}
-PLANNER = {
-    "plan": "find the cheapest prefill/decode pool sizes that meet the SLOs",
-    "simulate": "simulate one cluster configuration under a workload",
 }
 
 
@@ -112,11 +113,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from splitserve.launcher import run_server
+    from splitserve.ops.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     try:
         config = load_config(args.config)
     except ConfigError as err:
@@ -131,6 +132,80 @@ def _serve(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
         )
     )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from splitserve.ops.submit import SubmitError, build_submission, next_steps, submit
+
+    try:
+        submission = build_submission(args.config, args.working_dir, args.drain_timeout)
+    except (ConfigError, SubmitError) as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        job_id = submit(args.address, submission)
+    except (ConnectionError, RuntimeError) as err:
+        print(f"submit: the Ray dashboard at --address {args.address} refused the job: {err}", file=sys.stderr)
+        return 1
+    print(next_steps(args.address, job_id, submission))
+    return 0
+
+
+def _admin_call(name: str, args: argparse.Namespace, call: Callable[[Client], _T]) -> _T | None:
+    """Run ``call(client)`` against --address; print what went wrong, naming the flag to fix, and return None."""
+    from splitserve.client import Client, SplitserveError, Unauthenticated, Unavailable
+
+    root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    try:
+        with Client(args.address, token=args.token, root_certificates=root, retries=1) as client:
+            return call(client)
+    except Unauthenticated:
+        print(f"{name}: {args.address} wants a token (fix: --token T, or SPLITSERVE_AUTH_TOKEN)", file=sys.stderr)
+    except Unavailable as err:
+        print(
+            f"{name}: cannot reach a splitserve server at --address {args.address} ({err.message}); "
+            "is it running, and is that its gRPC port?",
+            file=sys.stderr,
+        )
+    except SplitserveError as err:
+        print(f"{name}: {err.message}", file=sys.stderr)
+    return None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from splitserve.ops.status_table import format_status
+
+    status = _admin_call("status", args, lambda client: client.cluster_status())
+    if status is None:
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    if args.rebalance == (args.role is not None):
+        print("scale: give ROLE REPLICAS (e.g. `scale prefill 3`) or --rebalance, not both", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.rebalance and (args.replicas is None or args.replicas < 1):
+        print("scale: REPLICAS must be a whole number ≥ 1, e.g. `splitserve scale decode 2`", file=sys.stderr)
+        return EXIT_USAGE
+    result = _admin_call(
+        "scale",
+        args,
+        lambda client: client.scale(args.role or "", args.replicas or 0, rebalance=args.rebalance),
+    )
+    if result is None:
+        return 1
+    print(result.message)
+    return 0
+
+
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC HOST:PORT")
+    parser.add_argument(
+        "--token", default=os.environ.get("SPLITSERVE_AUTH_TOKEN"), help="bearer token (default $SPLITSERVE_AUTH_TOKEN)"
+    )
+    parser.add_argument("--ca-cert", help="PEM file of the CA that signed the server's TLS certificate (enables TLS)")
 
 
 def _not_built(name: str, purpose: str):
@@ -178,16 +253,34 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, help="override server.http_port")
     srv.add_argument("--demo", action="store_true", help="send one request through the SDK once ready")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on stop")
+    srv.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one JSON object a line")
     srv.set_defaults(func=_serve)
 
-    unbuilt = dict(NOT_BUILT)
-    try:
-        from splitserve.simulator.cli import register
-    except ImportError:
-        unbuilt.update(PLANNER)
-    else:
-        register(sub)
-    for name, purpose in unbuilt.items():
+    sbm = sub.add_parser("submit", help="run `serve CONFIG` as a Ray job on a running Ray cluster")
+    sbm.add_argument("config")
+    sbm.add_argument("--address", default="http://127.0.0.1:8265", help="the Ray dashboard (job server) URL")
+    sbm.add_argument("--working-dir", default=".", help="uploaded as the job's working dir; must hold CONFIG")
+    sbm.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on stop")
+    sbm.set_defaults(func=_submit)
+
+    st = sub.add_parser("status", help="print the pools, workers, queues, KV use and request rates of a cluster")
+    _admin_arguments(st)
+    st.add_argument("--json", action="store_true", help="the raw ClusterStatus answer as JSON")
+    st.set_defaults(func=_status)
+
+    sc = sub.add_parser("scale", help="resize a pool at run time (scale prefill 3), or --rebalance the phases")
+    sc.add_argument("role", nargs="?", choices=["prefill", "decode"])
+    sc.add_argument("replicas", nargs="?", type=int)
+    sc.add_argument("--rebalance", action="store_true", help="move one worker to the phase with sustained overload")
+    _admin_arguments(sc)
+    sc.set_defaults(func=_scale)
+
+    from splitserve.bench.cli import register as register_bench
+    from splitserve.simulator.cli import register as register_planner
+
+    register_planner(sub)
+    register_bench(sub)
+    for name, purpose in NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{purpose} (not built yet)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_built(name, purpose))

@@ -1,8 +1,9 @@
 """The main job: start the pools and both APIs for a config, serve until told to stop, then drain.
 
 Runs the same way in the foreground (``splitserve serve``, a local Ray when no address is configured) and as a
-Ray job (``ray job submit -- python -m splitserve serve CONFIG``): the job logs carry the listening addresses, and
-``ray job stop`` sends SIGTERM, which drains and stops every actor.
+Ray job (``ray job submit -- python -m splitserve serve CONFIG``, or ``splitserve submit``): it joins the job's
+cluster, the job logs carry the listening addresses, and ``ray job stop`` sends SIGTERM, which drains (in-flight
+requests finish, new ones get UNAVAILABLE), stops every actor and closes both ports.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import asyncio
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from splitserve.config import SplitserveConfig
 
+if TYPE_CHECKING:
+    from splitserve.cluster.controller import Cluster
+    from splitserve.server.app import Servers
+
 log = logging.getLogger("splitserve")
 DEMO_PROMPT = "Disaggregated serving splits prefill from decode."
+# In-flight gRPC calls left when the drain ends get this long before the server closes them.
+STOP_GRACE_S = 1.0
 
 
 async def run_server(
@@ -30,23 +38,39 @@ async def run_server(
 
     started = time.monotonic()
     cluster = Cluster(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await cluster.start()
-    servers = await serve(cluster, config, grpc_port=grpc_port, http_port=http_port)
-    log.info("splitserve ready in %.1f s: %s", time.monotonic() - started, _pool_summary(config))
+    servers: Servers | None = None
     try:
+        await cluster.start()
+        # After ray.init, which installs its own SIGTERM handler (an abrupt sys.exit): ours replaces it.
+        stop = _stop_on_signals()
+        servers = await serve(cluster, config, grpc_port=grpc_port, http_port=http_port)
+        log.info("splitserve ready in %.1f s: %s", time.monotonic() - started, _pool_summary(config))
         if demo:
             await _demo(f"{servers.host}:{servers.grpc_port}", config.server.effective_auth_token)
         await stop.wait()
         log.info("stopping: draining in-flight requests (up to %.0f s); new requests get UNAVAILABLE", drain_timeout_s)
     finally:
-        await cluster.shutdown(drain_timeout_s=drain_timeout_s)
-        await servers.stop(grace=1.0)
-        log.info("stopped")
+        await drain_and_stop(cluster, servers, drain_timeout_s)
     return 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def drain_and_stop(cluster: Cluster, servers: Servers | None, drain_timeout_s: float) -> None:
+    """The stop sequence: health probes see NOT_SERVING and the cluster rejects new requests (UNAVAILABLE) while
+    in-flight ones keep streaming, for up to ``drain_timeout_s``; then every actor is killed and both ports close."""
+    if servers is not None:
+        await servers.begin_drain()
+    await cluster.shutdown(drain_timeout_s=drain_timeout_s)
+    if servers is not None:
+        await servers.stop(grace=STOP_GRACE_S)
+    log.info("stopped")
 
 
 def _pool_summary(config: SplitserveConfig) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import OrderedDict
 
 import torch
 
@@ -37,3 +38,25 @@ def node_address() -> str:
     except Exception:  # not inside a Ray worker
         pass
     return "127.0.0.1"
+
+
+class AbortedAttempts:
+    """Attempts aborted before this worker saw them: Ray may deliver an abort before the call it cancels, and that
+    call must then be refused rather than run for nobody. Bounded; the oldest are forgotten first."""
+
+    def __init__(self, capacity: int = 4096):
+        self._capacity = capacity
+        self._aborted: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def add(self, request_id: str, attempt: int) -> None:
+        self._aborted[(request_id, attempt)] = None
+        while len(self._aborted) > self._capacity:
+            self._aborted.popitem(last=False)
+
+    def claim(self, request_id: str, attempt: int) -> bool:
+        """True (once) when this attempt was aborted before it arrived."""
+        key = (request_id, attempt)
+        if key not in self._aborted:
+            return False
+        del self._aborted[key]
+        return True

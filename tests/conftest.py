@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from splitserve.engine.testing import make_tiny_model
+from tests.support import RAY_TEST_ENV
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,16 @@ def tiny_checkpoints(tmp_path_factory):
     return {
         name: make_tiny_model(tmp_path_factory.mktemp(name), arch=arch, **kw) for name, (arch, kw) in variants.items()
     }
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray per test module (2 CPUs; workers use one torch thread each), shut down after the module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=RAY_TEST_ENV)
+    yield
+    ray.shutdown()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -81,7 +81,7 @@ def test_cli_validate_and_show(tmp_path, capsys):
 
 
 def test_cli_unbuilt_subcommand_says_so(capsys):
-    assert main(["status"]) != 0
+    assert main(["profile"]) != 0
     assert "not built yet" in capsys.readouterr().err
 
 

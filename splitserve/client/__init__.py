@@ -12,7 +12,7 @@ from splitserve.client.errors import (
     Unavailable,
 )
 from splitserve.client.sync_client import Client
-from splitserve.client.types import GenerateResult, Health, Timing, TokenEvent, Usage
+from splitserve.client.types import GenerateResult, Health, ScaleResult, Timing, TokenEvent, Usage
 
 __all__ = [
     "AsyncClient",
@@ -23,6 +23,7 @@ __all__ = [
     "Health",
     "InvalidArgument",
     "ResourceExhausted",
+    "ScaleResult",
     "ServerError",
     "SplitserveError",
     "Timing",

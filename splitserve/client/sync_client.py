@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from splitserve.client.calls import Deadline, RetryPolicy, build_request, credentials, metadata
 from splitserve.client.errors import from_rpc_error
-from splitserve.client.types import GenerateOptions, GenerateResult, Health, TokenEvent
+from splitserve.client.types import GenerateOptions, GenerateResult, Health, ScaleResult, TokenEvent
 from splitserve.server.gen import splitserve_pb2 as pb
 from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
 
@@ -116,6 +116,13 @@ class Client:
         deadline = Deadline(self.timeout)
         response = self._unary(lambda: self._stub.ClusterStatus(pb.ClusterStatusRequest(), **self._call_args(deadline)))
         return MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+    def scale(self, role: str = "", replicas: int = 0, rebalance: bool = False) -> ScaleResult:
+        """Resize the ``role`` pool to ``replicas`` workers, or (``rebalance=True``) move one worker to the busier
+        phase if the router saw a sustained imbalance. Returns once new workers are ready / removed ones drained."""
+        deadline = Deadline(self.timeout)
+        request = pb.ScaleRequest(role=role, replicas=replicas, rebalance=rebalance)
+        return ScaleResult.from_message(self._unary(lambda: self._stub.Scale(request, **self._call_args(deadline))))
 
     def _call_args(self, deadline: Deadline) -> dict[str, Any]:
         return {"timeout": deadline.remaining(), "metadata": self._metadata}

@@ -87,3 +87,16 @@ class Health:
     serving: bool
     model: str
     max_model_len: int
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """What a Scale call did: the workers started and removed, and a line for a person."""
+
+    added: list[str]
+    removed: list[str]
+    message: str
+
+    @classmethod
+    def from_message(cls, message: pb.ScaleResponse) -> Self:
+        return cls(list(message.added), list(message.removed), message.message)

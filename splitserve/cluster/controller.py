@@ -6,14 +6,20 @@ token; D admits the request and streams the rest. Any failure or cancel on the w
 explicit abort, so each frees its pages at once. A worker that dies is detected by the failed call itself (Ray
 raises at once) and by the health loop, restarted, and the request is re-run on other workers with the tokens
 already streamed appended to its prompt, so the client sees no duplicate and no gap.
+
+Pools can be resized while serving (``scale``): new workers join the router once ready; removed ones are drained
+first (no new requests, running ones finish), so no request is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +34,9 @@ from splitserve.cluster.messages import (
     TokenBatch,
     WorkerStats,
 )
-from splitserve.cluster.router import Router
-from splitserve.cluster.worker_options import WorkerOptions, options_for
-from splitserve.config import Device, ServingMode, SplitserveConfig, _PoolConfig
+from splitserve.cluster.router import Move, Router
+from splitserve.cluster.worker_options import options_for
+from splitserve.config import ClusterSection, Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.resolve import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,10 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 10.0
 ABORT_TIMEOUT_S = 5.0
+# A worker Ray cannot place (no free GPU of its type) fails startup or `scale` after this long.
+READY_TIMEOUT_S = 600.0
+SCALE_DRAIN_TIMEOUT_S = 120.0
+RETIRE_POLL_S = 0.1
 WorkerGone = (RayActorError, asyncio.TimeoutError)
 
 
@@ -46,6 +56,31 @@ def _cause(err: BaseException) -> BaseException:
     if isinstance(err, RayTaskError) and err.cause is not None:
         return err.cause
     return err
+
+
+def ray_init_args(cluster: ClusterSection, environ: Mapping[str, str]) -> dict[str, Any]:
+    """How the driver finds Ray: ``cluster.address`` when set; inside a Ray job (Ray sets RAY_ADDRESS for the job's
+    entrypoint) the job's cluster; otherwise a fresh local Ray."""
+    if cluster.address:
+        return {"address": cluster.address, "namespace": cluster.namespace}
+    if environ.get("RAY_ADDRESS"):
+        return {"address": "auto", "namespace": cluster.namespace}
+    return {"namespace": cluster.namespace, "include_dashboard": False, "log_to_driver": True}
+
+
+@dataclass
+class ScaleResult:
+    role: str
+    before: int
+    after: int
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        changes = [f"started {', '.join(self.added)}"] if self.added else []
+        if self.removed:
+            changes.append(f"drained and stopped {', '.join(self.removed)}")
+        return f"{self.role}: {self.before} → {self.after} replicas ({'; '.join(changes) or 'no change'})"
 
 
 @dataclass
@@ -69,10 +104,15 @@ class Cluster:
         self._health_task: asyncio.Task | None = None
         self._draining = False
         self.tokenizer: Any = None
+        self._using: Counter[str] = Counter()  # attempts in flight per worker: what a retiring worker waits for
+        self._spawned: Counter[str] = Counter()  # per role, so a worker id is never reused by a scale-up
+        self._restarting: set[str] = set()
+        self._retiring: set[str] = set()
+        self._scale_lock = asyncio.Lock()
 
     # --- lifecycle ---
 
-    def _actor_options(self, pool) -> dict[str, Any]:
+    def _actor_options(self, pool: _PoolConfig) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "num_cpus": 0,
             "max_restarts": 0,
@@ -85,63 +125,93 @@ class Cluster:
                 opts["accelerator_type"] = pool.gpu_type
         return opts
 
-    def _pools(self) -> list[tuple[str, _PoolConfig, WorkerOptions]]:
-        cfg = self.config
-        pools: list[tuple[str, _PoolConfig, WorkerOptions]] = [
-            ("decode", cfg.decode, options_for(cfg, cfg.decode, self.model_dir))
-        ]
-        if cfg.mode == ServingMode.disaggregated:
-            pools.insert(0, ("prefill", cfg.prefill, options_for(cfg, cfg.prefill, self.model_dir)))
-        return pools
+    def _roles(self) -> list[str]:
+        return ["prefill", "decode"] if self.config.mode == ServingMode.disaggregated else ["decode"]
 
-    def _spawn(self, role: str, worker_id: str, pool, options: WorkerOptions) -> _Worker:
+    def _pool(self, role: str) -> _PoolConfig:
+        return self.config.prefill if role == "prefill" else self.config.decode
+
+    def _spawn(self, role: str, worker_id: str) -> _Worker:
         from splitserve.decode_worker.worker import DecodeWorker
         from splitserve.prefill_worker.worker import PrefillWorker
 
+        pool = self._pool(role)
         cls = PrefillWorker if role == "prefill" else DecodeWorker
+        options = options_for(self.config, pool, self.model_dir)
         actor = ray.remote(cls).options(**self._actor_options(pool)).remote(worker_id, options)
-        return _Worker(worker_id, role, actor)
+        worker = _Worker(worker_id, role, actor)
+        self.workers[worker_id] = worker
+        return worker
 
     async def start(self) -> None:
         if not ray.is_initialized():
-            ray.init(
-                address=self.config.cluster.address,
-                namespace=self.config.cluster.namespace,
-                include_dashboard=False,
-                log_to_driver=True,
-            )
+            ray.init(**ray_init_args(self.config.cluster, os.environ))
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        pending = []
-        for role, pool, options in self._pools():
-            for i in range(pool.replicas):
-                worker = self._spawn(role, f"{role}-{i}", pool, options)
-                self.workers[worker.worker_id] = worker
-                pending.append(worker)
-        for worker in pending:
+        workers = [
+            self._spawn(role, self._next_id(role)) for role in self._roles() for _ in range(self._pool(role).replicas)
+        ]
+        await self._bring_up(workers)
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    def _next_id(self, role: str) -> str:
+        index = self._spawned[role]
+        self._spawned[role] += 1
+        return f"{role}-{index}"
+
+    async def _bring_up(self, workers: list[_Worker]) -> None:
+        """Register each worker as soon as it is ready (one log line each); if any fails, stop them all."""
+        started = time.monotonic()
+        total = Counter(w.role for w in workers)
+        ready: Counter[str] = Counter()
+
+        async def one(worker: _Worker) -> None:
             await self._register(worker)
+            ready[worker.role] += 1
             log.info(
-                "%s ready on %s (%d KV blocks)",
+                "%s ready (%d/%d %s) on %s in %.1f s (%d KV blocks)",
                 worker.worker_id,
+                ready[worker.role],
+                total[worker.role],
+                worker.role,
                 worker.info.get("device"),
+                time.monotonic() - started,
                 worker.info.get("kv_blocks", 0),
             )
-        self._health_task = asyncio.create_task(self._health_loop())
+
+        results = await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
+        failures = [err for err in results if isinstance(err, BaseException)]
+        if failures:
+            for worker in workers:
+                self._forget(worker)
+                ray.kill(worker.actor, no_restart=True)
+            raise failures[0]
 
     @property
     def max_model_len(self) -> int:
         """The longest prompt + output any request may have (the smallest over the workers)."""
         return min(w.info["max_model_len"] for w in self.workers.values() if w.info)
 
-    async def _register(self, worker: _Worker) -> None:
-        worker.info = await worker.actor.ready.remote()
-        pool = self.config.prefill if worker.role == "prefill" else self.config.decode
+    async def _register(self, worker: _Worker) -> _Worker:
+        pool = self._pool(worker.role)
+        try:
+            worker.info = await asyncio.wait_for(worker.actor.ready.remote(), READY_TIMEOUT_S)
+        except TimeoutError:
+            raise ServingError(
+                ErrorCode.UNAVAILABLE,
+                f"{worker.worker_id} was not placed in {READY_TIMEOUT_S:.0f} s: no free GPU fits "
+                f"{worker.role}.gpus_per_replica={pool.gpus_per_replica} gpu_type={pool.gpu_type!r} "
+                "(see `ray status`; lower them or add nodes)",
+            ) from None
+        except RayActorError as err:
+            raise ServingError(ErrorCode.UNAVAILABLE, f"{worker.worker_id} failed to start: {err}") from None
         if worker.role == "prefill":
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
             self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue)
+        return worker
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop taking requests, let in-flight ones finish (bounded), then stop every actor."""
@@ -151,43 +221,138 @@ class Cluster:
             await asyncio.wait(tasks, timeout=drain_timeout_s)
         if self._health_task:
             self._health_task.cancel()
+        left = len([t for t in tasks if not t.done()])
         for worker in self.workers.values():
             ray.kill(worker.actor, no_restart=True)
+        log.info("every worker stopped (%d requests were still in flight)", left)
         self.workers.clear()
+
+    # --- scaling ---
+
+    async def scale(self, role: str, replicas: int, drain_timeout_s: float = SCALE_DRAIN_TIMEOUT_S) -> ScaleResult:
+        """Grow or shrink one pool while serving. Removed workers are the least busy; they drain before they stop."""
+        if role not in self._roles():
+            raise ServingError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"role: {role!r} is not a pool of this {self.config.mode.value} cluster; use one of {self._roles()}",
+            )
+        if replicas < 1:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, "replicas: must be at least 1 (a pool cannot be empty)")
+        if self._draining:
+            raise ServingError(ErrorCode.UNAVAILABLE, "the cluster is shutting down")
+        async with self._scale_lock:
+            members = [w for w in self.workers.values() if w.role == role and w.worker_id not in self._retiring]
+            result = ScaleResult(role, before=len(members), after=replicas)
+            if replicas > len(members):
+                fresh = [self._spawn(role, self._next_id(role)) for _ in range(replicas - len(members))]
+                await self._bring_up(fresh)
+                result.added = [w.worker_id for w in fresh]
+            elif replicas < len(members):
+                loads = self.router.loads()
+                # Least busy first; on a tie, the newest goes.
+                members.sort(key=lambda w: (loads.get(w.worker_id, {}).get("requests", 0.0), -self._index(w)))
+                victims = members[: len(members) - replicas]
+                result.removed = [w.worker_id for w in victims]
+                await asyncio.gather(*(self._retire(w, drain_timeout_s) for w in victims))
+            log.info("scaled %s", result)
+            return result
+
+    async def rebalance(self) -> tuple[Move | None, list[ScaleResult]]:
+        """Move one worker to the phase under sustained pressure (see Router.rebalance_move): start one there, then
+        drain one from the other pool."""
+        move = self.router.rebalance_move()
+        if move is None:
+            return None, []
+
+        def active(role: str) -> int:
+            return sum(w.role == role and w.worker_id not in self._retiring for w in self.workers.values())
+
+        grown = await self.scale(move.target, active(move.target) + 1)
+        shrunk = await self.scale(move.source, active(move.source) - 1)
+        self.router.balance.gaps.clear()  # the next move needs a fresh window of evidence
+        return move, [grown, shrunk]
+
+    @staticmethod
+    def _index(worker: _Worker) -> int:
+        return int(worker.worker_id.rsplit("-", 1)[1])
+
+    async def _retire(self, worker: _Worker, drain_timeout_s: float) -> None:
+        """Drain, then stop: requests still running at the deadline fail over to other workers (retried, no gap)."""
+        self._retiring.add(worker.worker_id)
+        self.router.set_draining(worker.worker_id)
+        try:
+            deadline = time.monotonic() + drain_timeout_s
+            while self._using[worker.worker_id] > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(RETIRE_POLL_S)
+            if self._using[worker.worker_id] > 0:
+                log.warning(
+                    "%s: %d requests still running after %.0f s of draining; they are retried elsewhere",
+                    worker.worker_id,
+                    self._using[worker.worker_id],
+                    drain_timeout_s,
+                )
+            self._forget(worker)
+            ray.kill(worker.actor, no_restart=True)
+        finally:
+            self._retiring.discard(worker.worker_id)
+
+    def _forget(self, worker: _Worker) -> None:
+        if self.workers.get(worker.worker_id) is worker:
+            del self.workers[worker.worker_id]
+            self.router.remove_worker(worker.worker_id)
 
     # --- health ---
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
-            await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
+            await asyncio.gather(*(self._check(w) for w in self._ready_workers()))
+            self.router.sample_balance()
+
+    def _ready_workers(self) -> list[_Worker]:
+        busy = self._restarting | self._retiring
+        return [w for w in self.workers.values() if w.info and w.worker_id not in busy]
 
     async def _check(self, worker: _Worker) -> None:
+        dead = False
         try:
-            worker.stats = await asyncio.wait_for(worker.actor.stats.remote(), HEALTH_TIMEOUT_S)
-            ok = worker.stats is not None and worker.stats.extra.get("engine_failed", 0.0) == 0.0
-        except WorkerGone:
-            ok = False
+            stats: WorkerStats = await asyncio.wait_for(worker.actor.stats.remote(), HEALTH_TIMEOUT_S)
+            worker.stats = stats
+            ok = stats.extra.get("engine_failed", 0.0) == 0.0
+            dead = not ok  # an engine whose step raised does not recover: replace the worker
+        except RayActorError:
+            ok, dead = False, True
+        except TimeoutError:
+            ok = False  # stalled (paused, swamped): route around it until it answers again; a stall is no death
         except Exception:
             log.exception("health check of %s", worker.worker_id)
             ok = False
-        if not ok and worker.healthy:
-            log.warning("%s is unhealthy; restarting it", worker.worker_id)
+        if ok != worker.healthy:
+            log.warning("%s is %s", worker.worker_id, "healthy again" if ok else "unhealthy")
         worker.healthy = ok
         self.router.set_healthy(worker.worker_id, ok)
-        if not ok:
+        if dead:
             await self._restart(worker)
 
     async def _restart(self, worker: _Worker) -> None:
-        self.router.remove_worker(worker.worker_id)
-        ray.kill(worker.actor, no_restart=True)
-        role = worker.role
-        pool, options = next((p, o) for r, p, o in self._pools() if r == role)
-        fresh = self._spawn(role, worker.worker_id, pool, options)
-        fresh.restarts = worker.restarts + 1
-        self.workers[worker.worker_id] = fresh
-        await self._register(fresh)
-        log.info("%s restarted (restart %d)", fresh.worker_id, fresh.restarts)
+        busy = self._restarting | self._retiring
+        if self._draining or worker.worker_id in busy or self.workers.get(worker.worker_id) is not worker:
+            return  # stopping, already being replaced (by the health loop or a concurrent check), or retired
+        self._restarting.add(worker.worker_id)
+        try:
+            self.router.remove_worker(worker.worker_id)
+            ray.kill(worker.actor, no_restart=True)
+            fresh = self._spawn(worker.role, worker.worker_id)
+            fresh.restarts = worker.restarts + 1
+            try:
+                await self._register(fresh)
+            except Exception:  # it stays listed, unhealthy and unrouted, for the operator to see (status)
+                fresh.healthy = False
+                log.exception("%s failed to restart", fresh.worker_id)
+                return
+            log.info("%s restarted (restart %d)", fresh.worker_id, fresh.restarts)
+        finally:
+            self._restarting.discard(worker.worker_id)
 
     # --- requests ---
 
@@ -213,15 +378,19 @@ class Cluster:
         excluded: set[str] = set()
         try:
             while True:
-                attempt = GenerateRequest(request.request_id, request.prompt_token_ids, request.params, tuple(produced))
+                attempt = GenerateRequest(
+                    request.request_id, request.prompt_token_ids, request.params, tuple(produced), timing.retries
+                )
                 try:
-                    async for batch in self._attempt(attempt, timing, frozenset(excluded)):
-                        produced.extend(t.token_id for t in batch.tokens)
-                        if timing.first_token is None and batch.tokens:
-                            timing.first_token = time.monotonic()
-                        if batch.finished:
-                            timing.finished = time.monotonic()
-                        yield batch
+                    # aclosing: a client that goes away runs the attempt's cleanup (the aborts) now, not at GC.
+                    async with aclosing(self._attempt(attempt, timing, frozenset(excluded))) as batches:
+                        async for batch in batches:
+                            produced.extend(t.token_id for t in batch.tokens)
+                            if timing.first_token is None and batch.tokens:
+                                timing.first_token = time.monotonic()
+                            if batch.finished:
+                                timing.finished = time.monotonic()
+                            yield batch
                     return
                 except _WorkerDied as died:
                     excluded.add(died.worker_id)
@@ -243,7 +412,7 @@ class Cluster:
 
     async def _attempt(
         self, request: GenerateRequest, timing: RequestTiming, exclude: frozenset[str]
-    ) -> AsyncIterator[TokenBatch]:
+    ) -> AsyncGenerator[TokenBatch, None]:
         params = request.engine_params
         prompt_len = len(request.engine_prompt)
         placement = self.router.place(prompt_len, params.max_tokens, exclude)
@@ -253,6 +422,8 @@ class Cluster:
         timing.prefill_worker = (prefill or decode).worker_id
         prefill_booked = prefill is not None
         finished = False
+        using = [w.worker_id for w in (prefill, decode) if w is not None]
+        self._using.update(using)
         try:
             if prefill is None:
                 flow = self._stream(
@@ -277,8 +448,11 @@ class Cluster:
             if prefill_booked and prefill is not None:
                 self.router.prefill_done(prefill.worker_id, prompt_len)
             self.router.decode_done(decode.worker_id, prompt_len + params.max_tokens)
-            if not finished:
-                await self._abort_everywhere(request.request_id, [w for w in (prefill, decode) if w is not None])
+            try:
+                if not finished:
+                    await self._abort_everywhere(request, [w for w in (prefill, decode) if w is not None])
+            finally:
+                self._using.subtract(using)
 
     async def _split_flow(
         self, request: GenerateRequest, timing: RequestTiming, prefill: _Worker, decode: _Worker
@@ -290,7 +464,8 @@ class Cluster:
         )
         first = await self._next(prefill_stream, prefill)
         yield first
-        if first.finished:
+        if first.finished:  # done at its first token: D's reservation is not needed, free it now
+            await self._abort_everywhere(request, [decode])
             return
         transfer = asyncio.ensure_future(self._next(prefill_stream, prefill))
         try:
@@ -311,9 +486,16 @@ class Cluster:
         except WorkerGone:
             return False
 
-    async def _abort_everywhere(self, request_id: str, workers: list[_Worker]) -> None:
-        """Tell every holder of the request's state to free it now; shielded so a cancel cannot skip it."""
-        calls = [asyncio.wait_for(w.actor.abort.remote(request_id), ABORT_TIMEOUT_S) for w in workers]
+    async def _abort_everywhere(self, request: GenerateRequest, workers: list[_Worker]) -> None:
+        """Tell every holder of the attempt's state to free it now; shielded so a cancel cannot skip it.
+
+        The abort names the attempt: Ray does not run an async actor's calls in the order they were sent, so it may
+        reach a worker before that attempt's own call does, which the worker then refuses.
+        """
+        calls = [
+            asyncio.wait_for(w.actor.abort.remote(request.request_id, request.attempt), ABORT_TIMEOUT_S)
+            for w in workers
+        ]
         await asyncio.shield(asyncio.gather(*calls, return_exceptions=True))
 
     async def _call(self, worker: _Worker, ref):
@@ -360,6 +542,7 @@ class Cluster:
                     "role": w.role,
                     "healthy": w.healthy,
                     "restarts": w.restarts,
+                    "draining": w.worker_id in self._retiring,
                     "device": w.info.get("device"),
                     **(w.stats.__dict__ if w.stats else {}),
                 }
@@ -369,7 +552,7 @@ class Cluster:
         }
 
     async def refresh_stats(self) -> list[WorkerStats]:
-        await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
+        await asyncio.gather(*(self._check(w) for w in self._ready_workers()))
         return [w.stats for w in self.workers.values() if w.stats]
 
 

@@ -15,6 +15,9 @@ class GenerateRequest:
     params: SamplingParams
     # Tokens already streamed to the client before a retry; they extend the prompt on the new workers.
     resumed_token_ids: tuple[int, ...] = ()
+    # Which try of the request this is (0, then 1 per retry). An abort names the attempt it ends, so a worker can
+    # refuse a call of that attempt which Ray delivers after the abort (async actors do not keep call order).
+    attempt: int = 0
 
     @property
     def engine_prompt(self) -> list[int]:

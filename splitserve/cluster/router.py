@@ -8,11 +8,16 @@ Policies:
   (Splitwise's scheduler);
 - ``mixed``: jsq, and when every prefill worker is backed up while a decode worker is lightly loaded, that decode
   worker runs the prompt itself (Splitwise's mixed pool).
+
+A worker being removed (scale down, role switch) is marked draining: it keeps its running requests and gets no new
+ones. The router also samples each phase's pressure, so ``rebalance_move`` can suggest moving one worker from the
+lighter pool to the busier one once the imbalance has lasted a whole window.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.cluster.messages import ErrorCode, ServingError
@@ -21,6 +26,9 @@ from splitserve.config import RouterPolicy
 # Mixed policy thresholds: prefill backlog that counts as overloaded, and decode occupancy that counts as idle.
 MIXED_PREFILL_BACKLOG_TOKENS = 8192
 MIXED_DECODE_IDLE_OCCUPANCY = 0.25
+# Rebalance policy: samples (one per health check) an imbalance must last, and the pressure gap that counts.
+REBALANCE_WINDOW = 10
+REBALANCE_MARGIN = 0.5
 
 
 @dataclass
@@ -32,6 +40,7 @@ class _WorkerLoad:
     requests: int = 0
     max_queue: int = 1 << 30
     healthy: bool = True
+    draining: bool = False
 
     @property
     def occupancy(self) -> float:
@@ -44,6 +53,42 @@ class Placement:
     decode_worker: str
 
 
+@dataclass(frozen=True)
+class Move:
+    """Move one worker from ``source`` (a role) to ``target``: start one there, then drain one here."""
+
+    source: str
+    target: str
+
+
+@dataclass
+class PhaseBalance:
+    """Remembers the last ``window`` pressure gaps (prefill minus decode, each in [0, 1]).
+
+    Prefill pressure is the mean backlog per prefill worker over MIXED_PREFILL_BACKLOG_TOKENS (a backed-up
+    worker), capped at 1; decode pressure is the mean KV occupancy. Only a gap that kept its sign and exceeded
+    ``margin`` in every sample of a full window suggests a move, so a burst never flips a worker.
+    """
+
+    window: int = REBALANCE_WINDOW
+    margin: float = REBALANCE_MARGIN
+    gaps: deque[float] = field(default_factory=deque)
+
+    def observe(self, prefill_pressure: float, decode_pressure: float) -> None:
+        self.gaps.append(prefill_pressure - decode_pressure)
+        while len(self.gaps) > self.window:
+            self.gaps.popleft()
+
+    def move(self, prefill_workers: int, decode_workers: int) -> Move | None:
+        if len(self.gaps) < self.window:
+            return None
+        if all(g > self.margin for g in self.gaps) and decode_workers > 1:
+            return Move(source="decode", target="prefill")
+        if all(g < -self.margin for g in self.gaps) and prefill_workers > 1:
+            return Move(source="prefill", target="decode")
+        return None
+
+
 @dataclass
 class Router:
     policy: RouterPolicy
@@ -51,6 +96,7 @@ class Router:
     _decode: dict[str, _WorkerLoad] = field(default_factory=dict)
     _rr_prefill: itertools.count = field(default_factory=itertools.count)
     _rr_decode: itertools.count = field(default_factory=itertools.count)
+    balance: PhaseBalance = field(default_factory=PhaseBalance)
 
     # --- membership ---
 
@@ -69,6 +115,12 @@ class Router:
             if worker_id in pool:
                 pool[worker_id].healthy = healthy
 
+    def set_draining(self, worker_id: str) -> None:
+        """Send the worker no new requests; the ones it has keep running."""
+        for pool in (self._prefill, self._decode):
+            if worker_id in pool:
+                pool[worker_id].draining = True
+
     @property
     def prefill_workers(self) -> list[str]:
         return list(self._prefill)
@@ -80,7 +132,7 @@ class Router:
     # --- decisions ---
 
     def _choose(self, pool: dict[str, _WorkerLoad], key, rr: itertools.count, exclude: set[str]) -> _WorkerLoad:
-        usable = [w for w in pool.values() if w.healthy and w.worker_id not in exclude]
+        usable = [w for w in pool.values() if w.healthy and not w.draining and w.worker_id not in exclude]
         if not usable:
             raise ServingError(ErrorCode.UNAVAILABLE, "no healthy worker in the pool; retry later")
         candidates = [w for w in usable if w.requests < w.max_queue]
@@ -132,6 +184,26 @@ class Router:
             load.held_tokens = max(0, load.held_tokens - booked_tokens)
             load.requests = max(0, load.requests - 1)
 
+    # --- phase balance ---
+
+    def phase_pressure(self) -> tuple[float, float]:
+        """(prefill, decode) pressure in [0, 1], over the workers taking requests (see PhaseBalance)."""
+        prefill = [w for w in self._prefill.values() if not w.draining]
+        decode = [w for w in self._decode.values() if not w.draining]
+        backlog = sum(w.pending_tokens for w in prefill) / max(len(prefill), 1) / MIXED_PREFILL_BACKLOG_TOKENS
+        occupancy = sum(w.occupancy for w in decode) / max(len(decode), 1)
+        return min(backlog, 1.0), min(occupancy, 1.0)
+
+    def sample_balance(self) -> None:
+        self.balance.observe(*self.phase_pressure())
+
+    def rebalance_move(self) -> Move | None:
+        """The move the sampled imbalance calls for, if any (a disaggregated cluster only)."""
+        if not self._prefill:
+            return None
+        active = [sum(not w.draining for w in pool.values()) for pool in (self._prefill, self._decode)]
+        return self.balance.move(*active)
+
     def loads(self) -> dict[str, dict[str, float]]:
         return {
             w.worker_id: {
@@ -140,6 +212,7 @@ class Router:
                 "occupancy": w.occupancy,
                 "requests": w.requests,
                 "healthy": float(w.healthy),
+                "draining": float(w.draining),
             }
             for w in [*self._prefill.values(), *self._decode.values()]
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 
@@ -19,9 +19,10 @@ from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import Engine, RequestError, TokenOutput
 from splitserve.engine.engine_thread import EngineThread
 from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, make_receiver
-from splitserve.worker_common import configure_worker_process, describe_device, node_address
+from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device, node_address
 
 log = logging.getLogger(__name__)
+_FAILED_MEMORY = 4096
 
 
 class DecodeWorker:
@@ -33,6 +34,8 @@ class DecodeWorker:
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         self._streams: dict[str, asyncio.Queue[TokenBatch | BaseException]] = {}
         self._expected: dict[str, Future[TransferResult]] = {}
+        self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
+        self._aborted_early = AbortedAttempts()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
 
@@ -76,65 +79,109 @@ class DecodeWorker:
         }
 
     async def reserve(self, request: GenerateRequest) -> list[int]:
-        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them."""
+        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them.
+
+        Both happen in one engine-thread call, as does ``abort``'s cleanup: an abort that arrives while the
+        reservation is being made (the client went away meanwhile) always finds, and frees, both.
+        """
+        runner = self.engine.runner
 
         def reserve() -> list[int]:
+            self._refuse_if_aborted(request)
             seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
-            return self.engine.reserve(seq)
+            blocks = self.engine.reserve(seq)
+            spec = TransferSpec(
+                request_id=request.request_id,
+                num_layers=runner.spec.num_layers,
+                num_tokens=len(request.engine_prompt),
+                dst_block_ids=blocks,
+                page_shape=runner.page_shape,
+                dtype=str(runner.dtype).removeprefix("torch."),
+            )
+            try:
+                waiter = self.receiver.expect(spec)
+            except BaseException:
+                self.engine.abort(request.request_id)
+                raise
+            self._failed.pop(request.request_id, None)
+            self._expected[request.request_id] = waiter
+            waiter.add_done_callback(
+                lambda fut: self._thread.submit(lambda: self._drop_failed(request.request_id, fut))
+            )
+            return blocks
 
         try:
-            blocks = await self._on_engine(reserve)
+            return await self._on_engine(reserve)
         except OutOfBlocks as err:
             raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: KV cache full ({err})") from None
-        except RequestError as err:
+        except (RequestError, ValueError) as err:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
-        runner = self.engine.runner
-        spec = TransferSpec(
-            request_id=request.request_id,
-            num_layers=runner.spec.num_layers,
-            num_tokens=len(request.engine_prompt),
-            dst_block_ids=blocks,
-            page_shape=runner.page_shape,
-            dtype=str(runner.dtype).removeprefix("torch."),
-        )
-        self._expected[request.request_id] = self.receiver.expect(spec)
-        return blocks
+
+    def _refuse_if_aborted(self, request: GenerateRequest) -> None:
+        """On the engine thread, like abort's cleanup: an abort of this attempt that ran first has the last word."""
+        if self._aborted_early.claim(request.request_id, request.attempt):
+            raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
+
+    def _drop_failed(self, request_id: str, waiter: Future[TransferResult]) -> None:
+        """A transfer that failed before ``generate`` claimed it (the sender aborted: e.g. the prefill worker was
+        told to, or the request finished at its first token) can never land: free its pages now, not when (or if)
+        the router gets round to aborting it here."""
+        if self._expected.get(request_id) is not waiter or not (waiter.cancelled() or waiter.exception()):
+            return
+        del self._expected[request_id]
+        self.engine.abort(request_id)
+        self._failed[request_id] = "cancelled" if waiter.cancelled() else str(waiter.exception())
+        while len(self._failed) > _FAILED_MEMORY:
+            self._failed.popitem(last=False)
 
     async def generate(self, request_id: str, first_token: Token) -> AsyncIterator[TokenBatch]:
         """Wait for the prompt's KV to land, then decode; the first token came from the prefill worker."""
         waiter = self._expected.pop(request_id, None)
         if waiter is None:
+            failed = self._failed.pop(request_id, None)
+            if failed is not None:
+                raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {failed}")
             raise ServingError(ErrorCode.INTERNAL, f"{self.worker_id}: no reservation for {request_id}")
         queue = self._open_stream(request_id)
         try:
             try:
-                await asyncio.wait_for(asyncio.wrap_future(waiter), self.options.kv_transfer.timeout_s)
+                # Shielded: a cancel must not cancel the receiver's future behind its lock (a layer may be landing);
+                # the abort in ``finally`` fails it under that lock, so no page is written once it is freed.
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), self.options.kv_transfer.timeout_s)
             except TransferError as err:
                 raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}") from None
             except TimeoutError:
                 raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
-            await self._on_engine(lambda: self.engine.admit(request_id, first_token.token_id))
+            await self._on_engine(lambda: self._admit(request_id, first_token.token_id))
             self._thread.wake()
             async for batch in self._drain(queue):
                 yield batch
         finally:
-            await self._close_stream(request_id)
+            await self._close_stream(request_id, queue)
+
+    def _admit(self, request_id: str, first_token: int) -> None:
+        if request_id not in self.engine.held:  # aborted after its KV landed, before this call ran
+            raise ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
+        self.engine.admit(request_id, first_token)
 
     async def generate_local(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
         """Prefill and decode here (colocated mode, or the mixed pool)."""
         queue = self._open_stream(request.request_id)
         try:
             try:
-                await self._on_engine(
-                    lambda: self.engine.add_request(request.request_id, request.engine_prompt, request.engine_params)
-                )
+
+                def add() -> None:
+                    self._refuse_if_aborted(request)
+                    self.engine.add_request(request.request_id, request.engine_prompt, request.engine_params)
+
+                await self._on_engine(add)
             except RequestError as err:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
             self._thread.wake()
             async for batch in self._drain(queue):
                 yield batch
         finally:
-            await self._close_stream(request.request_id)
+            await self._close_stream(request.request_id, queue)
 
     def _open_stream(self, request_id: str) -> asyncio.Queue:
         self._loop = asyncio.get_running_loop()
@@ -158,18 +205,33 @@ class DecodeWorker:
             if item.finished:
                 return
 
-    async def _close_stream(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+    async def _close_stream(self, request_id: str, queue: asyncio.Queue) -> None:
+        if self._streams.get(request_id) is not queue:
+            return  # a newer attempt of this request (a retry) owns the id now; this one was aborted already
+        del self._streams[request_id]
         await self.abort(request_id)
 
-    async def abort(self, request_id: str) -> bool:
-        """Free everything this worker holds for the request, wherever it is (reserved, receiving, decoding)."""
-        self.receiver.abort(request_id)
-        self._expected.pop(request_id, None)
+    async def abort(self, request_id: str, attempt: int | None = None) -> bool:
+        """Free everything this worker holds for the request, wherever it is (reserved, receiving, decoding).
+
+        With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
+        """
+        self.receiver.abort(request_id)  # at once: the sender is told, and no page is written after this returns
         queue = self._streams.get(request_id)
         if queue is not None:
             queue.put_nowait(ServingError(ErrorCode.CANCELLED, f"{request_id} aborted"))
-        return await self._on_engine(lambda: self.engine.abort(request_id))
+
+        def drop() -> bool:
+            # Again on the engine thread, after any reservation submitted before this abort: that one is freed too.
+            self.receiver.abort(request_id)
+            waiter = self._expected.pop(request_id, None)
+            # The receiver's abort above may have had _drop_failed free the reservation already.
+            found = self.engine.abort(request_id) or waiter is not None or request_id in self._failed
+            if not found and attempt is not None:
+                self._aborted_early.add(request_id, attempt)
+            return found
+
+        return await self._on_engine(drop)
 
     async def stats(self) -> WorkerStats:
         def collect() -> WorkerStats:
@@ -184,7 +246,14 @@ class DecodeWorker:
                 kv_blocks_free=e.blocks.num_free,
                 prefix_cache_hits=e.blocks.prefix_hits,
                 batch_size=len(e.running),
-                extra={"engine_failed": float(self._thread.error is not None), "time": time.time()},
+                extra={
+                    "engine_failed": float(self._thread.error is not None),
+                    "time": time.time(),
+                    "held": float(len(e.held)),
+                    "pending_transfers": float(self.receiver.pending),
+                    "expected": float(len(self._expected)),
+                    "streams": float(len(self._streams)),
+                },
             )
 
         return await self._on_engine(collect)

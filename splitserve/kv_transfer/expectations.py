@@ -136,6 +136,11 @@ class ExpectationTable:
                 self._aborted.popitem(last=False)
         return exp is not None and exp.abort(reason)
 
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
     def fail_all(self, err: TransferError) -> None:
         with self._lock:
             pending = list(self._pending.values())

@@ -18,6 +18,7 @@ class _Staged:
 
 class InlineWriter:
     transport = "grpc"
+    interruptible = True  # a layer cut short by an abort is simply discarded by the receiver
 
     def __init__(self, chunk_bytes: int, compression: str, checksum: bool):
         if compression not in codec.CODECS:

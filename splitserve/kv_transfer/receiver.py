@@ -80,6 +80,11 @@ class KVReceiver:
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
         return self._table.abort(request_id, reason)
 
+    @property
+    def pending(self) -> int:
+        """Expectations not yet done (reserved pages a transfer may still write)."""
+        return self._table.pending
+
     def close(self) -> None:
         """Stop accepting: pending expectations fail with PeerUnavailable, in-flight senders see the peer go."""
         local.unregister(self.receiver_id)

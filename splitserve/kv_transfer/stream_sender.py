@@ -45,21 +45,33 @@ class LayerWriter(Protocol):
 class _Outbox:
     """The messages (or thunks producing them) waiting for gRPC to pull them; abort drops what is queued."""
 
-    def __init__(self):
+    def __init__(self, interruptible: bool = False):
         self._items: deque[Callable[[], Iterator[bytes]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._interrupt = False
+        self._started = False  # gRPC pulled the first item (BEGIN): an abort must never drop it
+        self._interruptible = interruptible  # the item being sent may be cut short (inline chunks: yes; nccl: no)
         self.last_progress = time.monotonic()
 
-    def put(self, item: Callable[[], Iterator[bytes]], *, drop_queued: bool = False) -> bool:
+    def put(self, item: Callable[[], Iterator[bytes]]) -> bool:
         with self._cond:
             if self._closed:
                 return False
-            if drop_queued:
-                self._items.clear()
             self._items.append(item)
             self._cond.notify()
             return True
+
+    def preempt(self, item: Callable[[], Iterator[bytes]]) -> None:
+        """Drop everything queued and send ``item`` next, even after ``close()`` (an abort after finish() started:
+        the layers still queued must not keep flowing). A no-op once the stream has ended."""
+        with self._cond:
+            keep = [self._items[0]] if self._items and not self._started else []  # BEGIN: the receiver needs it
+            self._items.clear()
+            self._items.extend([*keep, item])
+            self._interrupt = self._interruptible
+            self._closed = True
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -74,9 +86,13 @@ class _Outbox:
                 if not self._items:
                     return
                 item = self._items.popleft()
+                self._started = True
+                self._interrupt = False
             for message in item():
                 yield message
                 self.last_progress = time.monotonic()
+                if self._interrupt:  # an abort is waiting: stop this layer mid-way, the receiver discards it
+                    break
 
 
 class StreamHandle:
@@ -89,7 +105,7 @@ class StreamHandle:
         self._timeout_s = timeout_s
         self._aborted: str | None = None
         self._sent = 0
-        self._outbox = _Outbox()
+        self._outbox = _Outbox(interruptible=getattr(writer, "interruptible", False))
         header = {"kind": wire.BEGIN, "spec": spec.to_wire(), "transport": writer.transport, **writer.begin_fields()}
         self._outbox.put(lambda: iter([wire.pack(header)]))
         self._future = call.future(self._outbox.stream())
@@ -114,8 +130,9 @@ class StreamHandle:
         if self._aborted is not None:
             return
         self._aborted = reason
-        self._outbox.put(lambda: iter([wire.pack({"kind": wire.ABORT, "reason": reason})]), drop_queued=True)
-        self._outbox.close()
+        # Even when finish() already closed the outbox: the queued layers are dropped and the abort goes next, so
+        # the receiver fails the transfer now instead of after every remaining layer has crossed the wire.
+        self._outbox.preempt(lambda: iter([wire.pack({"kind": wire.ABORT, "reason": reason})]))
         try:
             self._wait()
         except TransferError:

@@ -9,6 +9,7 @@ never less, so no send can read a page that was reused.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -32,9 +33,12 @@ from splitserve.engine.engine import Engine, RequestError
 from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.sequence import Sequence
 from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
-from splitserve.worker_common import configure_worker_process, describe_device
+from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device
 
 log = logging.getLogger(__name__)
+
+
+_job_ids = itertools.count()
 
 
 @dataclass(eq=False)
@@ -42,6 +46,9 @@ class _Job:
     request: GenerateRequest
     endpoint: ReceiverEndpoint
     dst_blocks: list[int]
+    # The engine's id for this job: unique per attempt, so a retry of the same request arriving while the aborted
+    # attempt's transfer is still winding down never shares (and never frees) the other's pages.
+    key: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     first: Future = field(default_factory=Future)  # TokenBatch with the first token
     transferred: Future = field(default_factory=Future)  # TransferReport
     handle: SendHandle | None = None
@@ -59,6 +66,7 @@ class PrefillWorker:
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
+        self._aborted_early = AbortedAttempts()
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
 
     # --- engine thread ---
@@ -86,17 +94,13 @@ class PrefillWorker:
         runnable: list[_Job] = []
         for job in jobs:
             try:
-                seqs.append(
-                    self.engine.make_sequence(
-                        job.request.request_id, job.request.engine_prompt, job.request.engine_params
-                    )
-                )
+                seqs.append(self.engine.make_sequence(job.key, job.request.engine_prompt, job.request.engine_params))
                 runnable.append(job)
             except RequestError as err:
                 self._fail(job, ServingError(ErrorCode.INVALID_ARGUMENT, str(err)))
         if not runnable:
             return bool(self._queue)
-        by_id = {job.request.request_id: job for job in runnable}
+        by_id = {job.key: job for job in runnable}
         try:
             outputs = self.engine.prefill(seqs, hook_for=lambda done: self._layer_hook(done, by_id))
         except OutOfBlocks:
@@ -111,12 +115,11 @@ class PrefillWorker:
         for out in outputs:
             job = by_id[out.request_id]
             batch = TokenBatch(
-                out.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
+                job.request.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
             )
             job.first.set_result(batch)
-            if out.finished:  # nothing to decode: the KV never needs to leave
-                self._abort_transfer(job, "finished at the first token")
-                self._release(job)
+            if out.finished:  # nothing to decode: the KV never needs to leave (the receiver is told, by message)
+                self._await_transfer(job, abort="finished at the first token")
             else:
                 self._await_transfer(job)
         return bool(self._queue)
@@ -131,7 +134,7 @@ class PrefillWorker:
             job.backend = sender.backend
             job.handle = sender.begin(
                 TransferSpec(
-                    request_id=seq.request_id,
+                    request_id=job.request.request_id,
                     num_layers=runner.spec.num_layers,
                     num_tokens=seq.num_prompt_tokens,
                     dst_block_ids=job.dst_blocks,
@@ -155,14 +158,17 @@ class PrefillWorker:
             self._senders[endpoint] = sender
         return sender
 
-    def _await_transfer(self, job: _Job) -> None:
-        """Wait for delivery off the engine thread; release the source pages only after the last write."""
+    def _await_transfer(self, job: _Job, abort: str | None = None) -> None:
+        """Wait for delivery (or for an abort to be acknowledged) off the engine thread; release the source pages
+        only after the last write."""
 
         handle = job.handle
         assert handle is not None, "a transfer starts in the layer hook, before any first token"
 
         def wait() -> None:
             try:
+                if abort is not None:
+                    handle.abort(abort)
                 sent = handle.finish()
                 job.transferred.set_result(
                     TransferReport(
@@ -171,6 +177,9 @@ class PrefillWorker:
                 )
             except TransferError as err:
                 job.transferred.set_exception(ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}"))
+            except BaseException as err:  # never leave the router waiting, nor the pages held
+                job.transferred.set_exception(ServingError(ErrorCode.INTERNAL, f"KV transfer failed: {err!r}"))
+                raise
             finally:
                 self._thread.submit(lambda: self._release(job))
 
@@ -184,15 +193,19 @@ class PrefillWorker:
                 log.exception("abort of %s", job.request.request_id)
 
     def _release(self, job: _Job) -> None:
-        self.engine.release(job.request.request_id)
-        self._jobs.pop(job.request.request_id, None)
+        self.engine.release(job.key)
+        self._forget(job)
         self._thread.wake()
 
     def _fail(self, job: _Job, err: BaseException) -> None:
         for fut in (job.first, job.transferred):
             if not fut.done():
                 fut.set_exception(err)
-        self._jobs.pop(job.request.request_id, None)
+        self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        if self._jobs.get(job.request.request_id) is job:
+            del self._jobs[job.request.request_id]
 
     # --- actor API ---
 
@@ -211,8 +224,11 @@ class PrefillWorker:
         self, request: GenerateRequest, endpoint: ReceiverEndpoint, dst_blocks: list[int]
     ) -> AsyncIterator[TokenBatch | TransferReport]:
         """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker."""
+        if self._aborted_early.claim(request.request_id, request.attempt):
+            raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
         job = _Job(request, endpoint, list(dst_blocks))
-        if request.request_id in self._jobs:
+        previous = self._jobs.get(request.request_id)
+        if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
         if len(self._jobs) >= self.options.max_queue:
             raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
@@ -228,22 +244,41 @@ class PrefillWorker:
                 completed = True
         finally:
             if not completed:  # the router went away, or something failed: free everything now
-                await self.abort(request.request_id)
+                await self._abort_job(job)
 
-    async def abort(self, request_id: str) -> bool:
-        """Drop the request wherever it is: queued, computing, or transferring (the receiver is told)."""
+    async def abort(self, request_id: str, attempt: int | None = None) -> bool:
+        """Drop the request wherever it is: queued, computing, or transferring (the receiver is told).
+
+        With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
+        """
         job = self._jobs.get(request_id)
-        if job is None:
+        if job is not None and (attempt is None or job.request.attempt == attempt):
+            return await self._abort_job(job)
+        if attempt is not None:
+            self._aborted_early.add(request_id, attempt)
+        return False
+
+    async def _abort_job(self, job: _Job) -> bool:
+        if job.aborted:
             return False
         job.aborted = True
+        request_id = job.request.request_id
+        cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
 
         def drop() -> None:
-            self._abort_transfer(job, "aborted by the router")
+            # On the engine thread, so never inside engine.prefill: the job is queued (drop it), was skipped by
+            # _take_batch (fail it), or has a transfer, whose wait thread releases the pages once it has stopped.
             if job in self._queue:
                 self._queue.remove(job)
-                self._fail(job, ServingError(ErrorCode.CANCELLED, f"{request_id} aborted"))
+                self._fail(job, cancelled)
             elif job.handle is None:
-                self._fail(job, ServingError(ErrorCode.CANCELLED, f"{request_id} aborted"))
+                self._fail(job, cancelled)
+            else:
+                # Off the engine thread: abort() waits for the receiver's answer, and the engine must keep going.
+                handle = job.handle
+                threading.Thread(
+                    target=handle.abort, args=("aborted by the router",), name=f"abort-{request_id}", daemon=True
+                ).start()
 
         await asyncio.wrap_future(self._thread.submit(drop))
         return True
@@ -260,7 +295,12 @@ class PrefillWorker:
                 kv_blocks_total=e.blocks.num_blocks,
                 kv_blocks_free=e.blocks.num_free,
                 prefix_cache_hits=e.blocks.prefix_hits,
-                extra={"engine_failed": float(self._thread.error is not None), "time": time.time()},
+                extra={
+                    "engine_failed": float(self._thread.error is not None),
+                    "time": time.time(),
+                    "held": float(len(e.held)),
+                    "jobs": float(len(self._jobs)),
+                },
             )
 
         return await asyncio.wrap_future(self._thread.submit(collect))

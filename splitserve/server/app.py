@@ -37,8 +37,12 @@ class Servers:
     http_runner: web.AppRunner
     health: health.aio.HealthServicer
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING to health probes so load balancers move away; calls in flight keep streaming."""
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.begin_drain()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
 

@@ -8,14 +8,19 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError, TokenBatch
 from splitserve.config import ServerConfig, SplitserveConfig
+from splitserve.ops.logs import request_id_var
 from splitserve.server.limits import ClientLimiter
 from splitserve.server.metrics import ServerMetrics
 from splitserve.server.timing import TimingSummary
 from splitserve.server.validation import ValidationContext
+
+if TYPE_CHECKING:
+    from splitserve.cluster.controller import ScaleResult
+    from splitserve.cluster.router import Move
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ class ServingCluster(Protocol):
     async def cancel(self, request_id: str) -> bool: ...
 
     async def status(self) -> dict[str, Any]: ...
+
+    async def scale(self, role: str, replicas: int) -> ScaleResult: ...
+
+    async def rebalance(self) -> tuple[Move | None, list[ScaleResult]]: ...
 
 
 @dataclass
@@ -72,6 +81,8 @@ class Frontend:
 
     async def stream(self, run: Run, api: str, client: str) -> AsyncGenerator[TokenBatch, None]:
         """The cluster's batches for ``run``; closing or cancelling this iterator aborts the request in the cluster."""
+        # Each API call runs in its own task (grpc.aio and aiohttp both), so the id stays with this request's logs.
+        request_id_var.set(run.request.request_id)
         with self.limiter.slot(client):
             self.metrics.inflight.inc()
             status = "ok"
@@ -92,5 +103,13 @@ class Frontend:
                 raise
             finally:
                 self.metrics.inflight.dec()
-                self.metrics.record(api, status, run.summary, run.completion_tokens)
-                log.debug("%s %s %s: %d tokens", api, run.request.request_id, status, run.completion_tokens)
+                summary = run.summary
+                self.metrics.record(api, status, summary, run.completion_tokens)
+                log.info(
+                    "request %s (%s) %s: %d tokens in %.0f ms",
+                    run.request.request_id,
+                    api,
+                    status,
+                    run.completion_tokens,
+                    summary.e2e_ms,
+                )

@@ -62,7 +62,26 @@ class SplitserveService(pb_grpc.SplitserveServicer):
     async def ClusterStatus(
         self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatusResponse:
-        return cluster_status_message(await self.frontend.cluster.status())
+        message = cluster_status_message(await self.frontend.cluster.status())
+        rates = self.frontend.metrics.rates
+        message.requests_per_s, message.tokens_per_s = rates.rates()
+        message.rate_window_s = rates.window_s
+        return message
+
+    async def Scale(self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext) -> pb.ScaleResponse:
+        async with _StatusOnError(context):
+            cluster = self.frontend.cluster
+            if not request.rebalance:
+                result = await cluster.scale(request.role, request.replicas)
+                return pb.ScaleResponse(added=result.added, removed=result.removed, message=str(result))
+            move, steps = await cluster.rebalance()
+            if move is None:
+                return pb.ScaleResponse(message="no sustained imbalance between the phases: nothing moved")
+            return pb.ScaleResponse(
+                added=[w for s in steps for w in s.added],
+                removed=[w for s in steps for w in s.removed],
+                message=f"moved one worker {move.source} → {move.target}: " + "; ".join(map(str, steps)),
+            )
 
     def _run(self, request: pb.GenerateRequest) -> Run:
         ctx = self.frontend.validation_context()
@@ -89,11 +108,17 @@ def cluster_status_message(status: dict[str, Any]) -> pb.ClusterStatusResponse:
             kv_blocks_total=w.get("kv_blocks_total", 0),
             kv_blocks_free=w.get("kv_blocks_free", 0),
             batch_size=w.get("batch_size", 0),
+            draining=w.get("draining", False),
         )
         for w in status.get("workers", [])
     ]
     loads = [
-        pb.RouterLoad(worker_id=worker_id, healthy=bool(load.pop("healthy", 1.0)), **load)
+        pb.RouterLoad(
+            worker_id=worker_id,
+            healthy=bool(load.pop("healthy", 1.0)),
+            draining=bool(load.pop("draining", 0.0)),
+            **load,
+        )
         for worker_id, load in ((k, dict(v)) for k, v in status.get("router", {}).items())
     ]
     return pb.ClusterStatusResponse(

@@ -7,44 +7,22 @@ import os
 import signal
 
 import pytest
-import ray
 import torch
 
 from splitserve.cluster.controller import Cluster
 from splitserve.cluster.messages import ErrorCode, GenerateRequest, RequestTiming, ServingError
-from splitserve.config import parse_config
 from splitserve.engine import SamplingParams
 from splitserve.engine.testing import hf_greedy_reference
+from tests.support import tiny_cluster_config
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"SPLITSERVE_CPU_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
-
-
 def _config(model_dir, **overrides):
-    data = {
-        "model": {"path": str(model_dir), "dtype": "float32"},
-        "cluster": {"device": "cpu"},
-        "kv_cache": {"block_size": 8},
-        "prefill": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128, "max_batch_tokens": 256},
-        "decode": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128, "max_batch_size": 16},
-        "kv_transfer": {"backend": "grpc", "timeout_s": 20},
-    }
-    for key, value in overrides.items():
-        data.setdefault(key, {})
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
-    return parse_config(data)
+    return tiny_cluster_config(
+        model_dir, **{"prefill": {"num_kv_blocks": 128}, "decode": {"num_kv_blocks": 128}, **overrides}
+    )
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -167,16 +145,28 @@ def test_overload_is_resource_exhausted(ray_local, tiny_model_dir):
     assert _run(scenario()) == ErrorCode.RESOURCE_EXHAUSTED
 
 
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "cuda_ipc", "grpc"])
-def test_split_pools_sharing_one_gpu(ray_local, tiny_model_dir, backend):
-    """1 prefill + 1 decode actor on one GPU (half each): KV over CUDA IPC (what auto picks) or gRPC."""
+@pytest.mark.parametrize(
+    ("gpus_each", "backend"),
+    [
+        (0.5, "auto"),  # both actors on one GPU: auto picks CUDA IPC
+        (0.5, "cuda_ipc"),
+        (0.5, "grpc"),
+        pytest.param(1, "auto", marks=[pytest.mark.multigpu, two_gpus]),  # one GPU each: auto picks NCCL
+        pytest.param(1, "nccl", marks=[pytest.mark.multigpu, two_gpus]),
+    ],
+)
+def test_split_pools_on_gpus(ray_local, tiny_model_dir, gpus_each, backend):
+    """1 prefill + 1 decode actor sharing a GPU, or on one GPU each: same tokens as HF, every page back."""
     prompts = _prompts(6)
     config = _config(
         tiny_model_dir,
         cluster={"device": "cuda"},
-        prefill={"gpus_per_replica": 0.5},
-        decode={"gpus_per_replica": 0.5},
+        prefill={"gpus_per_replica": gpus_each},
+        decode={"gpus_per_replica": gpus_each},
         kv_transfer={"backend": backend},
     )
 
@@ -187,11 +177,12 @@ def test_split_pools_sharing_one_gpu(ray_local, tiny_model_dir, backend):
             before = await _free_blocks(cluster)
             got = await asyncio.gather(*(_collect(cluster, f"g{i}", p) for i, p in enumerate(prompts)))
             await asyncio.sleep(0.2)
-            return got, before, await _free_blocks(cluster), [w.info for w in cluster.workers.values()]
+            gpus = {w.info.get("gpu_uuid") for w in cluster.workers.values()}
+            return got, before, await _free_blocks(cluster), gpus
         finally:
             await cluster.shutdown()
 
-    got, before, after, infos = _run(scenario())
-    assert all(info["device"].startswith("cuda") for info in infos)
+    got, before, after, gpus = _run(scenario())
+    assert len(gpus) == (1 if gpus_each < 1 else 2)  # the workers really share a GPU, or really do not
     assert got == _hf_greedy(tiny_model_dir, prompts)
     assert after == before

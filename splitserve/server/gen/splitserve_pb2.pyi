@@ -111,7 +111,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size")
+    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class WorkerStatus(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     healthy: bool
@@ -134,26 +135,29 @@ class WorkerStatus(_message.Message):
     kv_blocks_total: int
     kv_blocks_free: int
     batch_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class RouterLoad(_message.Message):
-    __slots__ = ("worker_id", "pending_tokens", "held_tokens", "occupancy", "requests", "healthy")
+    __slots__ = ("worker_id", "pending_tokens", "held_tokens", "occupancy", "requests", "healthy", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pending_tokens: float
     held_tokens: float
     occupancy: float
     requests: float
     healthy: bool
-    def __init__(self, worker_id: _Optional[str] = ..., pending_tokens: _Optional[float] = ..., held_tokens: _Optional[float] = ..., occupancy: _Optional[float] = ..., requests: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., pending_tokens: _Optional[float] = ..., held_tokens: _Optional[float] = ..., occupancy: _Optional[float] = ..., requests: _Optional[float] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("mode", "model", "inflight", "draining", "workers", "router_loads", "kv_blocks_total", "kv_blocks_free")
+    __slots__ = ("mode", "model", "inflight", "draining", "workers", "router_loads", "kv_blocks_total", "kv_blocks_free", "requests_per_s", "tokens_per_s", "rate_window_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +166,9 @@ class ClusterStatusResponse(_message.Message):
     ROUTER_LOADS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RATE_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     model: str
     inflight: int
@@ -170,4 +177,27 @@ class ClusterStatusResponse(_message.Message):
     router_loads: _containers.RepeatedCompositeFieldContainer[RouterLoad]
     kv_blocks_total: int
     kv_blocks_free: int
-    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., inflight: _Optional[int] = ..., draining: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., router_loads: _Optional[_Iterable[_Union[RouterLoad, _Mapping]]] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ...) -> None: ...
+    requests_per_s: float
+    tokens_per_s: float
+    rate_window_s: float
+    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., inflight: _Optional[int] = ..., draining: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., router_loads: _Optional[_Iterable[_Union[RouterLoad, _Mapping]]] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rate_window_s: _Optional[float] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("role", "replicas", "rebalance")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REBALANCE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    replicas: int
+    rebalance: bool
+    def __init__(self, role: _Optional[str] = ..., replicas: _Optional[int] = ..., rebalance: _Optional[bool] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("added", "removed", "message")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class SplitserveStub:
                 request_serializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/splitserve.v1.Splitserve/Scale',
+                request_serializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleResponse.FromString,
+                _registered_method=True)
 
 
 class SplitserveServicer:
@@ -97,6 +102,14 @@ class SplitserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Admin: resizes a pool at run time (new workers join once ready; removed ones finish their requests first), or
+        with rebalance moves one worker to the busier phase when the router has seen a sustained imbalance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +137,11 @@ def add_SplitserveServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusRequest.FromString,
                     response_serializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleRequest.FromString,
+                    response_serializer=splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +279,33 @@ class Splitserve:
             '/splitserve.v1.Splitserve/ClusterStatus',
             splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusRequest.SerializeToString,
             splitserve_dot_server_dot_gen_dot_splitserve__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Splitserve/Scale',
+            splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleRequest.SerializeToString,
+            splitserve_dot_server_dot_gen_dot_splitserve__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,

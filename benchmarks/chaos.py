@@ -1,0 +1,210 @@
+"""Abort-storm benchmark: how fast a cancel frees pages everywhere, whether any page is stranded, and goodput
+(completed requests/s) before, during and after a storm of client cancels.
+
+    python benchmarks/chaos.py                       # tiny model on CPU, local Ray, 1 prefill + 1 decode
+    python benchmarks/chaos.py --config configs/x.yaml --requests 2000 --out chaos.json   # a GPU config
+
+Phases: ``before`` (a steady batch, nothing cancelled), ``storm`` (``--requests`` at once, ``--cancel-frac`` of
+them cancelled at random moments within ``--cancel-window-s``), ``after`` (the steady batch again).
+Abort-to-free: for each cancelled request, the time from its cancel until the router's abort calls returned (the
+workers freed its pages then); "pages freed" overall is the time from the last cancel until every worker's free
+page count is back at its total. Stranded pages: pages still in use once the cluster is idle (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray
+import torch
+
+from splitserve.cluster.controller import Cluster
+from splitserve.cluster.messages import GenerateRequest, ServingError
+from splitserve.config import load_config, parse_config
+from splitserve.engine import SamplingParams
+from splitserve.engine.testing import make_tiny_model
+
+
+def _tiny_config(model_dir: str):
+    return parse_config(
+        {
+            "model": {"path": model_dir, "dtype": "float32"},
+            "cluster": {"device": "cpu"},
+            "kv_cache": {"block_size": 8},
+            "prefill": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 1024, "max_batch_tokens": 512},
+            "decode": {"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 2048, "max_batch_size": 64},
+            "kv_transfer": {"backend": "grpc", "timeout_s": 30},
+        }
+    )
+
+
+def _prompts(n: int, lo: int, hi: int, seed: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi, (n,), generator=g)]
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def _one(cluster: Cluster, rid: str, prompt: list[int], max_tokens: int) -> str:
+    request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    n = 0
+    try:
+        async for batch in cluster.generate(request):
+            n += len(batch.tokens)
+    except ServingError as err:
+        return f"error:{err.code}"
+    return "completed" if n == max_tokens else "short"
+
+
+async def _steady(cluster: Cluster, tag: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(_one(cluster, f"{tag}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+    wall = time.monotonic() - t0
+    done = sum(r == "completed" for r in results)
+    return {"requests": len(prompts), "completed": done, "seconds": wall, "goodput_rps": done / wall}
+
+
+async def _used_pages(cluster: Cluster) -> int:
+    return sum(s.kv_blocks_total - s.kv_blocks_free for s in await cluster.refresh_stats())
+
+
+async def scenario(cluster: Cluster, args) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    vocab = min(w.info["vocab_size"] for w in cluster.workers.values())
+    steady = _prompts(args.steady, args.min_prompt, args.max_prompt, args.seed + 1, vocab)
+    report: dict[str, Any] = {"before": await _steady(cluster, "before", steady, args.max_tokens)}
+
+    storm = _prompts(args.requests, args.min_prompt, args.max_prompt, args.seed + 2, vocab)
+    aborted_at: dict[str, float] = {}
+    freed_after: list[float] = []
+
+    async def storm_one(i: int, prompt: list[int]) -> str:
+        rid = f"storm-{i}"
+        try:
+            return await _one(cluster, rid, prompt, rng.randint(args.max_tokens // 2, args.max_tokens))
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    t0 = time.monotonic()
+    tasks = [asyncio.ensure_future(storm_one(i, p)) for i, p in enumerate(storm)]
+    doomed = rng.sample(range(len(tasks)), int(args.cancel_frac * len(tasks)))
+
+    async def cancel_later(i: int) -> None:
+        await asyncio.sleep(rng.uniform(0, args.cancel_window_s))
+        if not tasks[i].done():
+            aborted_at[f"storm-{i}"] = time.monotonic()
+            tasks[i].cancel()
+            try:
+                await tasks[i]  # returns once the request's aborts have been sent to (and answered by) its workers
+            except asyncio.CancelledError:
+                pass
+            freed_after.append(time.monotonic() - aborted_at[f"storm-{i}"])
+
+    await asyncio.gather(*(cancel_later(i) for i in doomed))
+    last_cancel = max(aborted_at.values(), default=time.monotonic())
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    storm_wall = time.monotonic() - t0
+    # Everything else finished: the cluster is idle, so every page must come back.
+    deadline = time.monotonic() + args.settle_s
+    used = await _used_pages(cluster)
+    while used and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        used = await _used_pages(cluster)
+    completed = sum(r == "completed" for r in results)
+    report["storm"] = {
+        "requests": len(storm),
+        "cancelled": len(aborted_at),
+        "completed": completed,
+        "errors": sum(isinstance(r, str) and r.startswith("error") for r in results),
+        "seconds": storm_wall,
+        "goodput_rps": completed / storm_wall,
+        "abort_to_freed_p50_s": _pct(freed_after, 0.5),
+        "abort_to_freed_p99_s": _pct(freed_after, 0.99),
+        "last_cancel_to_idle_s": time.monotonic() - last_cancel if not used else None,
+        "stranded_pages": used,
+        "inflight_left": len(cluster._inflight),
+    }
+    report["after"] = await _steady(cluster, "after", steady, args.max_tokens)
+    return report
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = [("phase", "requests", "completed", "seconds", "goodput req/s")]
+    for phase in ("before", "storm", "after"):
+        r = report[phase]
+        rows.append((phase, str(r["requests"]), str(r["completed"]), f"{r['seconds']:.2f}", f"{r['goodput_rps']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    s = report["storm"]
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{1000 * x:.1f} ms"
+
+    lines += [
+        "",
+        f"cancelled: {s['cancelled']} of {s['requests']}; errors: {s['errors']}",
+        f"abort -> pages freed: p50 {ms(s['abort_to_freed_p50_s'])}, p99 {ms(s['abort_to_freed_p99_s'])}",
+        f"last cancel -> every page free: {ms(s['last_cancel_to_idle_s'])}",
+        f"stranded pages: {s['stranded_pages']} (must be 0); requests left in flight: {s['inflight_left']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a splitserve config (GPU); default: the tiny model on CPU")
+    p.add_argument("--requests", type=int, default=200, help="requests in the storm")
+    p.add_argument("--cancel-frac", type=float, default=0.7)
+    p.add_argument("--cancel-window-s", type=float, default=2.0)
+    p.add_argument("--steady", type=int, default=32, help="requests in the before/after batches")
+    p.add_argument("--min-prompt", type=int, default=8)
+    p.add_argument("--max-prompt", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--settle-s", type=float, default=10.0, help="how long pages may take to come back")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the report as JSON here")
+    args = p.parse_args(argv)
+
+    if args.config:
+        config = load_config(args.config)
+    else:
+        config = _tiny_config(str(make_tiny_model(tempfile.mkdtemp(prefix="chaos-tiny-"))))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"SPLITSERVE_CPU_THREADS": "1", "SPLITSERVE_LOG_LEVEL": "WARNING"}},
+        )
+
+    async def run() -> dict[str, Any]:
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            return await scenario(cluster, args)
+        finally:
+            await cluster.shutdown()
+
+    report = asyncio.run(run())
+    report["args"] = vars(args)
+    print(_table(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    ok = report["storm"]["stranded_pages"] == 0 and report["storm"]["inflight_left"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

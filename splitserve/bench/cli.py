@@ -1,0 +1,109 @@
+"""``splitserve bench``: sweep a running cluster's load through the gRPC SDK; also the workload flags that
+``benchmarks/serve.py`` shares, so both read a workload the same way."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench.requests import WorkloadSpec
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.workload import LengthDist
+from splitserve.slo import SLO
+
+EXIT_USAGE = 2
+DEFAULT_OUT_DIR = "results/serve"
+
+
+def parse_rates(text: str | None) -> list[float | None]:
+    """``1,2,4`` → [1.0, 2.0, 4.0]; none → [None]: one run at a trace's own timing."""
+    if not text:
+        return [None]
+    try:
+        rates: list[float | None] = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise SimInputError(f"--rates: cannot read {text!r} (fix: comma-separated requests/s, e.g. 1,2,4)") from None
+    if not rates or any(r is None or r <= 0 for r in rates):
+        raise SimInputError(f"--rates: {text!r} needs positive rates (fix: e.g. --rates 1,2,4)")
+    return rates
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload: Poisson arrivals at each rate, or an Azure trace stretched to it")
+    w.add_argument("--rates", metavar="R1,R2,...", help="offered loads in requests/s (a trace alone: its own timing)")
+    w.add_argument("--num-requests", type=int, default=64, help="requests per rate (with --trace: its first N rows)")
+    w.add_argument("--prompt-len", default="512", help="prompt tokens: N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
+    w.add_argument("--output-len", default="128", help="output tokens: N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
+    w.add_argument(
+        "--trace", metavar="CSV", help="Azure LLM inference trace (TIMESTAMP, ContextTokens, GeneratedTokens)"
+    )
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before the first rate")
+    w.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take before it counts failed")
+    s = p.add_argument_group("SLOs (goodput counts requests meeting both)")
+    s.add_argument("--slo-ttft-ms", type=float, help="time to first token target (default 1000, or the config's)")
+    s.add_argument("--slo-tpot-ms", type=float, help="time per output token target (default 50, or the config's)")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where the JSON and PNG go")
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    if args.num_requests < 1:
+        raise SimInputError(f"--num-requests: must be >= 1, got {args.num_requests}")
+    if args.trace is None and not args.rates:
+        raise SimInputError("--rates: a synthetic workload needs rates (fix: --rates 1,2,4, or --trace CSV)")
+    return WorkloadSpec(
+        num_requests=args.num_requests,
+        prompt=LengthDist.parse(args.prompt_len, "--prompt-len"),
+        output=LengthDist.parse(args.output_len, "--output-len"),
+        seed=args.seed,
+        trace=args.trace,
+    )
+
+
+def slo_from_args(args: argparse.Namespace, default: SLO) -> SLO:
+    return SLO(
+        ttft_ms=default.ttft_ms if args.slo_ttft_ms is None else args.slo_ttft_ms,
+        tpot_ms=default.tpot_ms if args.slo_tpot_ms is None else args.slo_tpot_ms,
+    )
+
+
+def run_meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """What the JSON records about the run besides its results."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": sys.argv, **extra}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from splitserve.bench import report
+    from splitserve.bench.sweep import run_sweep
+
+    try:
+        spec, rates = workload_spec(args), parse_rates(args.rates)
+    except SimInputError as err:
+        print(f"splitserve bench: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    slo = slo_from_args(args, SLO())
+    sweep = asyncio.run(
+        run_sweep(
+            args.address, spec, rates, slo, args.label, warmup=args.warmup, timeout_s=args.timeout, token=args.token
+        )
+    )
+    out = Path(args.out_dir)
+    report.write_json(out / f"{args.label}.json", run_meta(args, address=args.address), [sweep], None)
+    report.plot(out / f"{args.label}.png", [sweep], None)
+    print(report.format_table([sweep]))
+    print(f"wrote {out / args.label}.json and .png")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench`` to the main CLI's subparsers."""
+    p = subparsers.add_parser("bench", help="run the serving benchmark (a load sweep) against a running cluster")
+    p.add_argument("--address", required=True, help="the cluster's gRPC address, HOST:PORT")
+    p.add_argument("--token", help="bearer token, if the cluster requires one")
+    p.add_argument("--label", default="cluster", help="name of this system in the table and the output files")
+    add_workload_args(p)
+    p.set_defaults(func=_bench)

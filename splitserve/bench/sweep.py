@@ -1,0 +1,72 @@
+"""A load sweep against one cluster: the same requests at each offered rate, and the best rate that meets the SLOs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from splitserve.bench.loadgen import run_load
+from splitserve.bench.metrics import RequestRecord, Summary, max_goodput, summarize
+from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
+from splitserve.client import AsyncClient
+from splitserve.slo import SLO
+
+
+@dataclass(frozen=True)
+class RateRun:
+    summary: Summary
+    records: list[RequestRecord]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    label: str
+    max_model_len: int
+    runs: list[RateRun]
+
+    @property
+    def best(self) -> Summary | None:
+        return max_goodput([r.summary for r in self.runs])
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best
+        return {
+            "label": self.label,
+            "max_model_len": self.max_model_len,
+            "max_goodput": None if best is None else {"rate": best.rate, "goodput_req_s": best.goodput_req_s},
+            "runs": [
+                {"summary": r.summary.to_json(), "records": [asdict(rec) for rec in r.records]} for r in self.runs
+            ],
+        }
+
+
+def warmup_requests(requests: Sequence[BenchRequest], n: int) -> list[BenchRequest]:
+    """The first ``n`` requests, all sent at once: compiles kernels and fills allocators before anything counts."""
+    return [replace(r, arrival_s=0.0) for r in requests[:n]]
+
+
+async def run_sweep(
+    address: str,
+    spec: WorkloadSpec,
+    rates: Sequence[float | None],
+    slo: SLO,
+    label: str,
+    *,
+    warmup: int = 2,
+    timeout_s: float | None = None,
+    token: str | None = None,
+) -> SweepResult:
+    """Each rate runs to completion before the next starts, so every run begins on an idle cluster."""
+    async with AsyncClient(address, token=token, retries=0) as client:
+        max_model_len = (await client.health()).max_model_len
+        runs = []
+        for i, rate in enumerate(rates):
+            workload = spec.workload(rate)
+            requests = make_requests(workload, max_model_len, seed=spec.seed)
+            if i == 0 and warmup:
+                await run_load(client, warmup_requests(requests, warmup), timeout_s)
+            records, duration = await run_load(client, requests, timeout_s)
+            offered = rate if rate is not None else workload.rate
+            runs.append(RateRun(summarize(records, duration, slo, label, offered), records))
+    return SweepResult(label, max_model_len, runs)

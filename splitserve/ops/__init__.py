@@ -1,0 +1,1 @@
+"""Operating a running cluster: Ray job submission, the status table, structured logs."""

@@ -1,0 +1,76 @@
+"""An abort that overtakes the call it cancels (Ray does not keep an async actor's call order) must still win:
+the late call is refused and nothing is left held. The workers run in-process here, as plain objects, so the two
+orders can be forced exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError
+from splitserve.cluster.worker_options import options_for
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine import SamplingParams
+from splitserve.kv_transfer import ReceiverEndpoint
+from splitserve.prefill_worker.worker import PrefillWorker
+from splitserve.worker_common import AbortedAttempts
+from tests.support import tiny_cluster_config
+
+
+def _request(attempt: int) -> GenerateRequest:
+    return GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True), attempt=attempt)
+
+
+def test_aborted_attempts_are_claimed_once_and_bounded():
+    aborted = AbortedAttempts(capacity=2)
+    aborted.add("a", 0)
+    assert not aborted.claim("a", 1)  # another attempt of the same request is not refused
+    assert aborted.claim("a", 0) and not aborted.claim("a", 0)
+    for i in range(3):
+        aborted.add("b", i)
+    assert not aborted.claim("b", 0) and aborted.claim("b", 2)  # the oldest was forgotten
+
+
+def test_decode_worker_refuses_a_reservation_whose_abort_came_first(tiny_model_dir):
+    config = tiny_cluster_config(tiny_model_dir)
+
+    async def scenario():
+        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
+        try:
+            await worker.ready()
+            free = worker.engine.blocks.num_free
+            assert not await worker.abort("r1", 0)  # nothing here yet: remembered
+            with pytest.raises(ServingError) as refused:
+                await worker.reserve(_request(0))
+            assert refused.value.code == ErrorCode.CANCELLED
+            stats = await worker.stats()
+            assert stats.kv_blocks_free == free and stats.extra["expected"] == 0 and stats.extra["held"] == 0
+            # The retry (attempt 1) is served; an abort in the usual order frees it.
+            assert await worker.reserve(_request(1))
+            assert await worker.abort("r1", 1)
+            assert (await worker.stats()).kv_blocks_free == free
+        finally:
+            worker._thread.stop()
+            worker.receiver.close()
+
+    asyncio.run(scenario())
+
+
+def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
+    config = tiny_cluster_config(tiny_model_dir)
+
+    async def scenario():
+        worker = PrefillWorker("prefill-0", options_for(config, config.prefill, str(tiny_model_dir)))
+        try:
+            assert not await worker.abort("r1", 0)
+            endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
+            with pytest.raises(ServingError) as refused:
+                async for _ in worker.prefill(_request(0), endpoint, [0]):
+                    pass
+            assert refused.value.code == ErrorCode.CANCELLED
+            assert (await worker.stats()).extra["jobs"] == 0
+        finally:
+            worker._thread.stop()
+
+    asyncio.run(scenario())
