@@ -178,7 +178,7 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
         return TransferSpec(request_id, layers, prompt_len, list(range(blocks)), runner.page_shape, "bfloat16")
 
     def prefill(stream: bool, only_transfer: bool = False) -> float:
-        seq = engine.make_sequence("p", prompt, SamplingParams(max_tokens=1))
+        seq = engine.make_sequence("p", prompt, SamplingParams(max_tokens=2, ignore_eos=True))  # 1 frees at once
         handle = None
         if stream or only_transfer:
             spec = spec_of(f"o-{time.perf_counter_ns()}")

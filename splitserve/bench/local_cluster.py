@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from splitserve.config import ServingMode, SplitserveConfig
+from splitserve.netaddr import join_host_port
 
 
 def config_for(config: SplitserveConfig, mode: ServingMode) -> SplitserveConfig:
@@ -30,7 +31,7 @@ async def local_cluster(config: SplitserveConfig, mode: ServingMode) -> AsyncIte
         servers = await serve(cluster, config)
         try:
             host = "127.0.0.1" if servers.host in ("0.0.0.0", "::", "") else servers.host
-            yield f"[{host}]:{servers.grpc_port}" if ":" in host else f"{host}:{servers.grpc_port}"
+            yield join_host_port(host, servers.grpc_port)
         finally:
             await servers.stop(grace=1.0)
     finally:

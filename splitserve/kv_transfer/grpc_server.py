@@ -27,6 +27,7 @@ from splitserve.kv_transfer.errors import (
 )
 from splitserve.kv_transfer.expectations import Expectation, ExpectationTable
 from splitserve.kv_transfer.status import code_for
+from splitserve.netaddr import join_host_port
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class TransferServer:
         self._thread.start()
         self._server: grpc.aio.Server | None = None
         self.port = asyncio.run_coroutine_threadsafe(self._start(host, port, max_message), self._loop).result()
-        self.address = f"{host}:{self.port}"
+        self.address = join_host_port(host, self.port)
 
     async def _start(self, host: str, port: int, max_message: int) -> int:
         self._server = grpc.aio.server(options=channel_options(max_message))
@@ -113,7 +114,7 @@ class TransferServer:
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(wire.SERVICE, {"Transfer": handler})]
         )
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = self._server.add_insecure_port(join_host_port(host, port))
         if bound == 0:
             raise OSError(f"kv_transfer: cannot listen on {host}:{port}")
         await self._server.start()

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitserve.config import ServerConfig, SplitserveConfig
+from splitserve.netaddr import join_host_port
 from splitserve.server.auth import GrpcAuthInterceptor
 from splitserve.server.frontend import Frontend, ServingCluster
 from splitserve.server.gen import splitserve_pb2 as pb
@@ -50,10 +51,6 @@ class Servers:
         await self.grpc_server.wait_for_termination()
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _tls(server: ServerConfig) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
     if server.tls is None:
         return None, None
@@ -77,7 +74,7 @@ async def _start_grpc(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, grpc_server)
-    address = _address(server.host, port)
+    address = join_host_port(server.host, port)
     if credentials is None:
         bound = grpc_server.add_insecure_port(address)
     else:
@@ -123,9 +120,9 @@ async def serve(
     scheme = "https" if ssl_context else "http"
     log.info(
         "splitserve listening: grpc=%s http=%s://%s",
-        _address(server.host, bound_grpc),
+        join_host_port(server.host, bound_grpc),
         scheme,
-        _address(server.host, bound_http),
+        join_host_port(server.host, bound_http),
     )
     if ready is not None:
         ready.set()

@@ -48,5 +48,6 @@ def send_all(handle, src, src_blocks, layers=None):
 
 def pages_equal(src, src_blocks, dst, dst_blocks):
     return all(
-        torch.equal(src.gather_pages(i, src_blocks), dst.gather_pages(i, dst_blocks)) for i in range(src.num_layers)
+        torch.equal(src.gather_pages(i, src_blocks).cpu(), dst.gather_pages(i, dst_blocks).cpu())
+        for i in range(src.num_layers)
     )
