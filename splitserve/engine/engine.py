@@ -102,7 +102,7 @@ class Engine:
         if request_id in self._detok:
             raise RequestError(f"request_id: {request_id!r} is already running")
         seq = self.make_sequence(request_id, prompt_token_ids, params)
-        self._detok[request_id] = detokenizer.new_state(seq.prompt_token_ids)
+        self._detok[request_id] = detokenizer.new_state(seq.prompt_token_ids, params.stop)
         self.waiting.append(seq)
         return seq
 
@@ -214,15 +214,17 @@ class Engine:
         params = seq.params
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids)
         text = ""
-        state = self._detok.get(seq.request_id)
-        if self.tokenizer is not None and state is not None and not is_stop_token:
-            text = detokenizer.add_token(self.tokenizer, state, token, params.stop)
+        state = self._detok.get(seq.request_id) if self.tokenizer is not None else None
+        if state is not None and not is_stop_token:
+            text = detokenizer.add_token(self.tokenizer, state, token)
         reason = None
         if is_stop_token or (state is not None and state.stopped):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
+            if state is not None:  # the last output carries what was held back, so the stream adds up to the text
+                text += detokenizer.flush(self.tokenizer, state)
             self._finish(seq, reason)
         return TokenOutput(
             seq.request_id,
@@ -293,7 +295,7 @@ class Engine:
             seq.num_computed_tokens = seq.num_cached_tokens
             seq.status = SeqStatus.RUNNING
             self.held[seq.request_id] = seq
-            self._detok[seq.request_id] = detokenizer.new_state(seq.prompt_token_ids)
+            self._detok[seq.request_id] = detokenizer.new_state(seq.prompt_token_ids, seq.params.stop)
         outputs: list[TokenOutput] = []
         pending = list(seqs)
         try:
@@ -342,9 +344,9 @@ class Engine:
         seq = self.held.pop(request_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SeqStatus.RUNNING
-        state = detokenizer.new_state(seq.prompt_token_ids)
+        state = detokenizer.new_state(seq.prompt_token_ids, seq.params.stop)
         self._detok[request_id] = state
         seq.output_token_ids.append(first_token)
-        if self.tokenizer is not None:
-            detokenizer.add_token(self.tokenizer, state, first_token, seq.params.stop)
+        if self.tokenizer is not None:  # the prefill worker streamed this token's text; what it held back is here
+            detokenizer.add_token(self.tokenizer, state, first_token)
         self.running.append(seq)
