@@ -536,20 +536,26 @@ class Cluster:
             "model": self.config.model.served_name,
             "inflight": len(self._inflight),
             "draining": self._draining,
-            "workers": [
-                {
-                    "worker_id": w.worker_id,
-                    "role": w.role,
-                    "healthy": w.healthy,
-                    "restarts": w.restarts,
-                    "draining": w.worker_id in self._retiring,
-                    "device": w.info.get("device"),
-                    **(w.stats.__dict__ if w.stats else {}),
-                }
-                for w in self.workers.values()
-            ],
+            "workers": self.worker_status(),
             "router": self.router.loads(),
         }
+
+    def worker_status(self) -> list[dict[str, Any]]:
+        """Each worker's state and the stats the health loop last polled (at most HEALTH_INTERVAL_S old). Not async,
+        so a Prometheus collector can read it at scrape time."""
+        return [
+            {
+                "worker_id": w.worker_id,
+                "role": w.role,
+                "healthy": w.healthy,
+                "restarts": w.restarts,
+                "draining": w.worker_id in self._retiring,
+                "device": w.info.get("device"),
+                "gpu_uuid": w.info.get("gpu_uuid"),
+                **(w.stats.__dict__ if w.stats else {}),
+            }
+            for w in list(self.workers.values())
+        ]
 
     async def refresh_stats(self) -> list[WorkerStats]:
         await asyncio.gather(*(self._check(w) for w in self._ready_workers()))

@@ -18,6 +18,7 @@ from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import Engine, RequestError, TokenOutput
 from splitserve.engine.engine_thread import EngineThread
+from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, make_receiver
 from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device, node_address
 
@@ -31,6 +32,7 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.options = options
         self.engine = Engine(options.engine_config())
+        self._gpu = GpuReader.for_device(self.engine.runner.device)
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         self._streams: dict[str, asyncio.Queue[TokenBatch | BaseException]] = {}
         self._expected: dict[str, Future[TransferResult]] = {}
@@ -256,4 +258,6 @@ class DecodeWorker:
                 },
             )
 
-        return await self._on_engine(collect)
+        stats: WorkerStats = await self._on_engine(collect)
+        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
+        return stats

@@ -32,6 +32,7 @@ from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import Engine, RequestError
 from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.sequence import Sequence
+from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
 from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device
 
@@ -63,6 +64,7 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.options = options
         self.engine = Engine(options.engine_config())
+        self._gpu = GpuReader.for_device(self.engine.runner.device)
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
@@ -303,4 +305,6 @@ class PrefillWorker:
                 },
             )
 
-        return await asyncio.wrap_future(self._thread.submit(collect))
+        stats: WorkerStats = await asyncio.wrap_future(self._thread.submit(collect))
+        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
+        return stats

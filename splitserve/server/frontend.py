@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError, TokenBatch
 from splitserve.config import ServerConfig, SplitserveConfig
 from splitserve.ops.logs import request_id_var
+from splitserve.server.cluster_metrics import ClusterCollector
 from splitserve.server.limits import ClientLimiter
 from splitserve.server.metrics import ServerMetrics
 from splitserve.server.timing import TimingSummary
@@ -42,6 +43,8 @@ class ServingCluster(Protocol):
 
     async def status(self) -> dict[str, Any]: ...
 
+    def worker_status(self) -> list[dict[str, Any]]: ...
+
     async def scale(self, role: str, replicas: int) -> ScaleResult: ...
 
     async def rebalance(self) -> tuple[Move | None, list[ScaleResult]]: ...
@@ -66,6 +69,7 @@ class Frontend:
         self.server = server
         self.limiter = ClientLimiter(server.max_concurrent_per_client)
         self.metrics = ServerMetrics()
+        self.metrics.registry.register(ClusterCollector(cluster.worker_status))
 
     @property
     def model_name(self) -> str:

@@ -73,22 +73,7 @@ class FakeCluster:
             "model": MODEL,
             "inflight": 0,
             "draining": False,
-            "workers": [
-                {
-                    "worker_id": "prefill-0",
-                    "role": "prefill",
-                    "healthy": True,
-                    "kv_blocks_total": 64,
-                    "kv_blocks_free": 60,
-                },
-                {
-                    "worker_id": "decode-0",
-                    "role": "decode",
-                    "healthy": True,
-                    "kv_blocks_total": 128,
-                    "kv_blocks_free": 100,
-                },
-            ],
+            "workers": self.worker_status(),
             "router": {
                 "decode-0": {
                     "pending_tokens": 0.0,
@@ -99,6 +84,12 @@ class FakeCluster:
                 }
             },
         }
+
+    def worker_status(self) -> list[dict[str, Any]]:
+        return [
+            {"worker_id": "prefill-0", "role": "prefill", "healthy": True, "kv_blocks_total": 64, "kv_blocks_free": 60},
+            {"worker_id": "decode-0", "role": "decode", "healthy": True, "kv_blocks_total": 128, "kv_blocks_free": 100},
+        ]
 
 
 @dataclass

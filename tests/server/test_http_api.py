@@ -136,3 +136,4 @@ def test_health_and_metrics(harness):
     assert health_status == 200
     assert 'splitserve_requests_total{api="http",status="ok"}' in metrics
     assert "splitserve_ttft_seconds_bucket" in metrics and "splitserve_requests_in_flight 0.0" in metrics
+    assert 'splitserve_worker_kv_blocks_used{role="decode",worker_id="decode-0"} 28.0' in metrics  # the cluster's

@@ -1,0 +1,77 @@
+"""Per-worker and per-GPU gauges for /metrics, read from the cluster at scrape time.
+
+A collector rather than gauges set by the health loop: a worker that is removed or restarted vanishes from the next
+scrape instead of leaving its last values behind, and nothing has to remember to update them. Every gauge carries
+``worker_id`` and ``role``, so ``sum by (role)`` gives the prefill and decode pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from splitserve.gpu_stats import GPU_READINGS, nvml_form
+
+WorkerSource = Callable[[], list[dict[str, Any]]]
+_LABELS = ["worker_id", "role"]
+
+# Gauge name (after ``splitserve_worker_``) -> help; the values come from the worker's polled WorkerStats.
+_STATS_HELP: dict[str, str] = {
+    "queued_requests": "Requests waiting on the worker.",
+    "active_requests": "Requests the worker is running.",
+    "pending_prefill_tokens": "Prompt tokens queued for prefill.",
+    "kv_blocks_used": "KV cache blocks in use.",
+    "kv_blocks_total": "KV cache blocks of the worker.",
+    "batch_size": "Sequences in the worker's current decode batch.",
+}
+
+
+def _stats_values(worker: Mapping[str, Any]) -> dict[str, float]:
+    def num(key: str) -> float:
+        return float(worker.get(key) or 0)
+
+    values = {key: num(key) for key in _STATS_HELP if key != "kv_blocks_used"}
+    values["kv_blocks_used"] = num("kv_blocks_total") - num("kv_blocks_free")
+    return values
+
+
+class ClusterCollector(Collector):
+    """Exports ``splitserve_worker_*`` and ``splitserve_gpu_*`` gauges from ``workers()`` (Cluster.worker_status).
+
+    Stats gauges appear once the health loop has polled a worker; GPU gauges only for workers that report NVML
+    readings, labelled also by the GPU's UUID (workers that share a GPU report the same device).
+    """
+
+    def __init__(self, workers: WorkerSource):
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self._workers()
+        healthy = GaugeMetricFamily(
+            "splitserve_worker_healthy", "1 while the worker passes its health checks, else 0.", labels=_LABELS
+        )
+        stats = {
+            name: GaugeMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
+            for name, text in _STATS_HELP.items()
+        }
+        gpu = {
+            key: GaugeMetricFamily(f"splitserve_{key}", text, labels=[*_LABELS, "gpu"])
+            for key, text in GPU_READINGS.items()
+        }
+        for w in workers:
+            labels = [w["worker_id"], w["role"]]
+            healthy.add_metric(labels, float(bool(w.get("healthy"))))
+            if "kv_blocks_total" not in w:  # not polled yet
+                continue
+            for name, value in _stats_values(w).items():
+                stats[name].add_metric(labels, value)
+            extra: Mapping[str, float] = w.get("extra") or {}
+            for key, family in gpu.items():
+                if key in extra:
+                    family.add_metric([*labels, nvml_form(w.get("gpu_uuid") or "")], float(extra[key]))
+        yield healthy
+        yield from stats.values()
+        yield from gpu.values()
