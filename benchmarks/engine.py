@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
-from splitserve.engine.sequence import SeqStatus, Sequence
+from splitserve.engine.sequence import Sequence
 
 SHAPES = {
     # Llama-3-8B: 32 layers, GQA 32/8 heads, 128k vocab.
@@ -54,20 +55,6 @@ def hf_config(shape: str):
     return LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[shape])
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median seconds of ``fn`` (synchronised around each call)."""
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
     n = (1 << 30) if device.type == "cuda" else (1 << 26)
@@ -83,23 +70,6 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     return 2 * n**3 / timed(lambda: a @ b, device, 10)
-
-
-def decode_ready(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
-    """Sequences whose ``context`` prompt tokens are (notionally) in the cache, ready for decode steps."""
-    seqs = []
-    for i in range(batch):
-        seq = engine.make_sequence(
-            f"{tag}-{i}",
-            [(i * 7 + j) % 1000 for j in range(context)],
-            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
-        )
-        seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(context + 64))
-        seq.num_computed_tokens = context
-        seq.output_token_ids.append(1)
-        seq.status = SeqStatus.RUNNING
-        seqs.append(seq)
-    return seqs
 
 
 def host_seconds(engine: Engine, seqs: list[Sequence], repeat: int = 50) -> float:
@@ -125,12 +95,7 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
         if engine.blocks.blocks_for(context + 64) * b > engine.blocks.num_free:
             continue
         seqs = decode_ready(engine, b, context, f"d{b}")
-
-        def step(seqs=seqs):
-            runner.execute([], seqs)
-            for s in seqs:  # stay at the same context length: every step reads the same bytes
-                s.num_computed_tokens -= 1
-
+        step = decode_step(engine, seqs)  # stays at the same context length: every step reads the same bytes
         captured_before = graphs.capture_seconds if graphs else 0.0
         step()  # first use of a graph size captures it
         capture = (graphs.capture_seconds - captured_before) if graphs else 0.0
@@ -166,16 +131,7 @@ def bench_prefill(engine: Engine, cases: dict[str, list[int]], peak_flops: float
     params = runner.spec.num_params()
     rows = []
     for name, lengths in cases.items():
-
-        def run(name=name, lengths=lengths):
-            seqs = [
-                engine.make_sequence(f"p{name}-{i}", [(i + j) % 1000 for j in range(n)], SamplingParams(max_tokens=1))
-                for i, n in enumerate(lengths)
-            ]
-            engine.prefill(seqs)
-            for s in seqs:
-                engine.release(s.request_id)
-
+        run = prefill_batch(engine, lengths, f"p{name}")
         run()
         t = timed(run, runner.device, 5)
         tokens = sum(lengths)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from kv_transfer import PagedKV
 
+from splitserve.bench.kv_timing import PagedKV
 from splitserve.config import KVTransferConfig
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 

@@ -18,9 +18,6 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 EXIT_USAGE = 2
-NOT_BUILT = {
-    "profile": "measure a performance profile of this GPU for the simulator",
-}
 
 
 def _config_validate(args: argparse.Namespace) -> int:
@@ -208,14 +205,6 @@ def _admin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-cert", help="PEM file of the CA that signed the server's TLS certificate (enables TLS)")
 
 
-def _not_built(name: str, purpose: str):
-    def run(_: argparse.Namespace) -> int:
-        print(f"splitserve {name}: not built yet in this version (it will {purpose})", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,10 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_planner(sub)
     register_bench(sub)
-    for name, purpose in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{purpose} (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name, purpose))
     return parser
 
 

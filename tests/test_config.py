@@ -80,9 +80,16 @@ def test_cli_validate_and_show(tmp_path, capsys):
     assert "decode.replicas" in capsys.readouterr().err
 
 
-def test_cli_unbuilt_subcommand_says_so(capsys):
-    assert main(["profile"]) != 0
-    assert "not built yet" in capsys.readouterr().err
+def test_cli_profile_names_what_it_needs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile"])
+    assert exit_.value.code == 2
+    assert "required: config, --out" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decode:\n  replicas: -1\n")
+    assert main(["profile", str(bad), "--out", str(tmp_path / "p.yaml")]) == 2  # before any model loads
+    assert "decode.replicas" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_config_reference_is_current():

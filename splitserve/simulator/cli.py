@@ -1,9 +1,11 @@
-"""``splitserve simulate`` and ``splitserve plan``: argument parsing and printing only; the work is elsewhere."""
+"""``splitserve simulate``, ``splitserve plan`` and ``splitserve profile`` (which measures the profiles the other two
+read): argument parsing and printing only; the work is elsewhere."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -66,6 +68,34 @@ def register(subparsers: Any) -> None:
     pl.add_argument("--modes", default="disaggregated,colocated", help="comma-separated modes to compare")
     pl.add_argument("--sweep-rates", metavar="R1,R2,...", help="also sweep load on the best clusters (goodput vs load)")
     pl.set_defaults(func=_guarded(_plan))
+    _register_profile(subparsers)
+
+
+def _register_profile(subparsers: Any) -> None:
+    pr = subparsers.add_parser(
+        "profile", help="measure this machine's GPU (or CPU) running a config's model into a profile YAML"
+    )
+    pr.add_argument(
+        "config", help="cluster config: its model, dtype, device, prefill batch budget and decode KV cache are measured"
+    )
+    pr.add_argument("--out", required=True, metavar="YAML", help="where to write it, e.g. configs/profiles/NAME.yaml")
+    pr.add_argument("--quick", action="store_true", help="a small sweep (seconds on CPU): a smoke test, not for plans")
+    g = pr.add_argument_group("the gpu entry (default: measured where possible)")
+    g.add_argument(
+        "--gpu-name", help="default: the CUDA device's name, lower-cased and dashed (h100-80gb-hbm3), or cpu"
+    )
+    g.add_argument("--cost-per-hour", type=float, help="$ per GPU-hour; required on a GPU (default 0 on CPU)")
+    g.add_argument("--power-w", type=float, help="watts while busy (default: NVML's median while measuring; 1 on CPU)")
+    g.add_argument("--idle-power-w", type=float, help="idle watts (default: NVML's median before loading; 0 on CPU)")
+    pr.add_argument(
+        "--nccl",
+        nargs=2,
+        type=float,
+        metavar=("LATENCY_S", "BANDWIDTH_BYTES_PER_S"),
+        help="an nccl kv_transfer entry measured elsewhere (benchmarks/kv_transfer.py --nccl, two GPUs): "
+        "one process cannot measure it",
+    )
+    pr.set_defaults(func=_guarded(_profile))
 
 
 def _guarded(fn):  # type: ignore[no-untyped-def]
@@ -209,6 +239,50 @@ def _plan(args: argparse.Namespace) -> int:
         if curves:
             print("wrote", goodput_vs_load(curves, d / "goodput_vs_load.png"))
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from splitserve.simulator.profile_run import GPUFlags, run_profile
+
+    for flag in ("--cost-per-hour", "--idle-power-w"):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 0:
+            raise SimInputError(f"{flag}: must be >= 0, got {value}")
+    if args.power_w is not None:
+        _positive(args, "--power-w")
+    if args.nccl is not None and not (args.nccl[0] >= 0 and args.nccl[1] > 0):
+        raise SimInputError(f"--nccl: latency must be >= 0 and bandwidth > 0, got {args.nccl[0]:g} {args.nccl[1]:g}")
+    flags = GPUFlags(args.gpu_name, args.cost_per_hour, args.power_w, args.idle_power_w)
+    result = run_profile(
+        args.config,
+        args.out,
+        flags,
+        quick=args.quick,
+        nccl=tuple(args.nccl) if args.nccl else None,
+        command=_profile_command(args),
+    )
+    p, d = result.profile, result.profile.decode
+    print(
+        f"wrote {result.path} in {result.seconds:.1f} s: {p.model} on {p.gpu.name}; prefill {p.prefill.tokens[-1]} "
+        f"tokens {p.prefill.seconds[-1] * 1e3:.1f} ms; decode step {d.base_s * 1e3:.2f} ms + "
+        f"{d.per_seq_s * 1e6:.1f} us/seq + {d.per_context_token_s * 1e9:.2f} ns/context token; KV "
+        f"{p.kv_bytes_per_token} B/token, {p.kv_capacity_tokens} tokens; kv_transfer: {', '.join(p.kv_transfer)}"
+    )
+    return 0
+
+
+def _profile_command(args: argparse.Namespace) -> str:
+    """The command line, for the profile's header (rebuilt from the flags: ``main`` may not be given sys.argv)."""
+    words = ["splitserve", "profile", args.config, "--out", args.out]
+    for flag in ("--gpu-name", "--cost-per-hour", "--power-w", "--idle-power-w"):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            words += [flag, str(value)]
+    if args.nccl:
+        words += ["--nccl", *(f"{v:g}" for v in args.nccl)]
+    if args.quick:
+        words.append("--quick")
+    return shlex.join(words)
 
 
 def _rates(text: str | None) -> list[float]:

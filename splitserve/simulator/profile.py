@@ -1,7 +1,7 @@
 """Performance profile of one model on one GPU type: the simulator's only source of timings, costs and power.
 
-A profile is a YAML file (see ``configs/profiles/`` and ``docs/simulator.md``); ``splitserve profile`` is meant
-to measure one on hardware, the shipped ones are roofline estimates.
+A profile is a YAML file (see ``configs/profiles/`` and ``docs/simulator.md``); ``splitserve profile``
+(``profile_run``) measures one on hardware, the shipped ones are roofline estimates.
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""How to time the engine's two phases, shared by ``benchmarks/engine.py`` and ``splitserve profile`` so a
+benchmark table and a simulator profile measure the same thing the same way.
+
+Every timing synchronises the device around the call (CUDA kernels are asynchronous: without it the host would
+time only the launches) and reports a median, which ignores the odd slow call (a GC pause, a first-use capture).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from splitserve.engine import Engine, SamplingParams
+from splitserve.engine.sequence import SeqStatus, Sequence
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Median seconds of ``fn`` (synchronised around each call)."""
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_ready(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
+    """Sequences whose ``context`` prompt tokens are (notionally) in the cache, ready for decode steps.
+
+    Skipping the prefill keeps a large grid cheap: a decode step's time depends on how many tokens its attention
+    reads, not on their values. The caller frees ``seq.block_table`` of each when done.
+    """
+    vocab = engine.spec.vocab_size
+    seqs = []
+    for i in range(batch):
+        seq = engine.make_sequence(
+            f"{tag}-{i}",
+            [(i * 7 + j) % vocab for j in range(context)],
+            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
+        )
+        seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(context + 64))
+        seq.num_computed_tokens = context
+        seq.output_token_ids.append(1)
+        seq.status = SeqStatus.RUNNING
+        seqs.append(seq)
+    return seqs
+
+
+def decode_step(engine: Engine, seqs: list[Sequence]) -> Callable[[], None]:
+    """One decode step (forward + sampling) over ``seqs`` that leaves them at the same context length, so every
+    call reads the same bytes and can be repeated for a median."""
+    runner = engine.runner
+
+    def step() -> None:
+        runner.execute([], seqs)
+        for s in seqs:
+            s.num_computed_tokens -= 1
+
+    return step
+
+
+def prefill_batch(engine: Engine, lengths: list[int], tag: str) -> Callable[[], None]:
+    """One ``engine.prefill`` of fresh prompts of ``lengths`` tokens, released afterwards.
+
+    The engine must have prefix caching off, or repeated calls would find the prompts cached and compute nothing.
+    """
+    vocab = engine.spec.vocab_size
+
+    def run() -> None:
+        seqs = [
+            engine.make_sequence(f"{tag}-{i}", [(i + j) % vocab for j in range(n)], SamplingParams(max_tokens=1))
+            for i, n in enumerate(lengths)
+        ]
+        engine.prefill(seqs)
+        for s in seqs:
+            engine.release(s.request_id)
+
+    return run

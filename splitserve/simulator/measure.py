@@ -1,0 +1,211 @@
+"""Measure what a simulator profile needs from a live engine on this machine, and fit it to the profile's models.
+
+Prefill: one batch per size of a token ladder up to the engine's batch budget (piecewise-linear in the profile, so
+the ladder is the model). Decode: a grid of batch sizes x context lengths, fitted to the profile's linear step model
+by least squares. KV transfer: two transfer sizes through each backend this process can run alone, fitted to
+latency + bytes / bandwidth.
+
+Engine in, numbers out: no config files and no YAML here (``profile_run`` does those), so anything that built an
+engine can profile it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
+from splitserve.bench.kv_timing import PagedKV, time_backend
+from splitserve.engine import Engine
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.profile import DecodeSpec, TransferSpec
+
+DECODE_HEADROOM = 64  # tokens of KV each decode sequence may grow by (as the benchmark allocates)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """How much to measure. ``FULL`` is what a profile you plan with should come from; ``QUICK`` runs the same
+    pipeline in seconds (a CPU test, a smoke check on new hardware) and gives a coarse profile."""
+
+    prefill_stride: int  # keep every n-th power-of-two rung of the prefill ladder
+    prefill_repeats: int
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    decode_steps: int
+    transfer_max_bytes: int  # the larger of the two transfer sizes is at most this
+    transfer_repeats: int
+
+
+FULL = Sweep(1, 5, (1, 8, 32, 64, 128, 256), (128, 512, 2048, 8192), 20, 256 << 20, 5)
+QUICK = Sweep(2, 3, (1, 4, 16), (64, 512), 3, 16 << 20, 2)
+
+
+@dataclass(frozen=True)
+class DecodePoint:
+    batch: int
+    context: int  # tokens each sequence holds in the cache before the step
+    seconds: float
+
+    @property
+    def context_tokens(self) -> int:
+        """Cached tokens attention reads over the whole batch (each sequence's context plus its new token)."""
+        return self.batch * (self.context + 1)
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Everything the engine itself is measured for; the raw points are kept for the profile's header."""
+
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    prefill_tokens: list[int]
+    prefill_measured: list[float]  # median seconds of each size, as timed
+    prefill_seconds: list[float]  # the same made non-decreasing: a bigger batch is never faster, a dip is noise
+    decode_points: list[DecodePoint]
+    decode: DecodeSpec
+    decode_worst_error: float  # largest |fit - measured| / measured over the grid
+
+
+def prefill_ladder(max_tokens: int, stride: int = 1) -> list[int]:
+    """1 token, powers of two from 16 below ``max_tokens`` (every ``stride``-th), then ``max_tokens``: dense where
+    the curve bends (small batches cost the weight read, large ones scale with compute), ending at the budget."""
+    rungs = [1 << k for k in range(4, max_tokens.bit_length()) if 1 << k < max_tokens][::stride]
+    return [1, *rungs, max_tokens] if max_tokens > 1 else [1, 2]
+
+
+def split_prompts(tokens: int, longest: int) -> list[int]:
+    """A ``tokens``-token batch as one prompt, or as few prompts as the model's context allows."""
+    full, rest = divmod(tokens, longest)
+    return [longest] * full + ([rest] if rest else [])
+
+
+def measure_prefill(engine: Engine, sizes: list[int], repeats: int) -> list[float]:
+    """Median seconds of one ``engine.prefill`` of each batch size (one prompt per size where the context allows:
+    the costliest packing, since attention is quadratic in a prompt's length)."""
+    longest = engine.max_model_len - 1
+    seconds = []
+    for n in sizes:
+        run = prefill_batch(engine, split_prompts(n, longest), f"profile-prefill-{n}")
+        run()  # warm: the first batch of a shape allocates
+        seconds.append(timed(run, engine.runner.device, repeats))
+    return seconds
+
+
+def measure_decode(
+    engine: Engine, batches: tuple[int, ...], contexts: tuple[int, ...], steps: int
+) -> list[DecodePoint]:
+    """Median decode step time (forward + sampling) at each batch x context that fits the engine; others are
+    skipped, so one sweep serves every model and KV cache size."""
+    limit = engine.max_model_len - DECODE_HEADROOM - 1
+    points = []
+    for context in (c for c in contexts if c <= limit):
+        for batch in batches:
+            blocks = engine.blocks.blocks_for(context + DECODE_HEADROOM) * batch
+            if batch > engine.config.max_batch_size or blocks > engine.blocks.num_free:
+                continue
+            seqs = decode_ready(engine, batch, context, f"profile-decode-{batch}x{context}")
+            try:
+                step = decode_step(engine, seqs)
+                step()  # warm; on CUDA the first step of a batch size captures its graph
+                points.append(DecodePoint(batch, context, timed(step, engine.runner.device, steps)))
+            finally:
+                for s in seqs:
+                    engine.blocks.free(s.block_table)
+    return points
+
+
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient ≥ 0: a negative cost means noise, so the most negative term is dropped
+    and the rest refitted until none is negative. Columns are scaled first (1 vs ~1e5 context tokens)."""
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    scaled = a / scale
+    keep = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while keep:
+        sol = np.linalg.lstsq(scaled[:, keep], b, rcond=None)[0]
+        if (sol >= 0).all():
+            coef[keep] = sol
+            break
+        keep.pop(int(np.argmin(sol)))
+    return coef / scale
+
+
+def fit_decode(points: list[DecodePoint]) -> tuple[DecodeSpec, float]:
+    """The profile's decode model (base + per sequence + per context token) fitted to the measured grid, and its
+    worst relative error over the grid (how far to trust the straight line)."""
+    if len({(p.batch, p.context) for p in points}) < 3:
+        raise ValueError(f"decode: {len(points)} grid points fit this engine; the fit needs at least 3")
+    a = np.array([[1.0, p.batch, p.context_tokens] for p in points])
+    b = np.array([p.seconds for p in points])
+    base, per_seq, per_token = nonnegative_lstsq(a, b)
+    worst = float(np.max(np.abs(a @ np.array([base, per_seq, per_token]) - b) / b))
+    return DecodeSpec(base_s=float(base), per_seq_s=float(per_seq), per_context_token_s=float(per_token)), worst
+
+
+def measure_compute(engine: Engine, sweep: Sweep) -> ComputeProfile:
+    """Prefill ladder, decode grid and fit, and the KV figures the engine's model and cache size give directly."""
+    runner = engine.runner
+    capacity = runner.num_kv_blocks * runner.block_size
+    # Leave room for the prompts' last partial blocks: a batch as large as the cache cannot be allocated.
+    top = min(engine.max_batch_tokens, capacity // 2)
+    sizes = prefill_ladder(top, sweep.prefill_stride)
+    measured = measure_prefill(engine, sizes, sweep.prefill_repeats)
+    points = measure_decode(engine, sweep.decode_batches, sweep.decode_contexts, sweep.decode_steps)
+    if len(points) < 3:
+        raise SimInputError(
+            f"decode: only {len(points)} of the batch x context grid fit this engine, the fit needs 3 (fix: raise "
+            "decode.max_batch_size or decode.num_kv_blocks in the config)"
+        )
+    decode, worst = fit_decode(points)
+    return ComputeProfile(
+        kv_bytes_per_token=runner.spec.kv_bytes_per_token(runner.dtype.itemsize),
+        kv_capacity_tokens=capacity,
+        prefill_tokens=sizes,
+        prefill_measured=measured,
+        prefill_seconds=[float(s) for s in np.maximum.accumulate(measured)],
+        decode_points=points,
+        decode=decode,
+        decode_worst_error=worst,
+    )
+
+
+def local_backends(device: torch.device) -> list[str]:
+    """KV transfer backends one process can measure alone: nccl needs a second GPU and process, so it is not here."""
+    return ["local", "grpc"] + (["cuda_ipc"] if device.type == "cuda" else [])
+
+
+def fit_transfer(small_bytes: int, small_s: float, large_bytes: int, large_s: float) -> TransferSpec:
+    """Latency and bandwidth through two (bytes, seconds) points. When noise makes the larger transfer no slower,
+    the bandwidth is the larger transfer's average and the latency whatever of the small one is left."""
+    bandwidth = (large_bytes - small_bytes) / (large_s - small_s) if large_s > small_s else large_bytes / large_s
+    return TransferSpec(latency_s=max(0.0, small_s - small_bytes / bandwidth), bandwidth_bytes_per_s=bandwidth)
+
+
+def measure_kv_transfer(
+    engine: Engine, backends: list[str], sweep: Sweep, options: dict[str, Any] | None = None
+) -> dict[str, TransferSpec]:
+    """Each backend moving one block and a large request (up to ``sweep.transfer_max_bytes``, at most the model's
+    context) of the engine's KV layout between two bare caches in this process; ``options`` are the config's
+    ``kv_transfer`` settings (chunk size, compression, checksum), so the figure is for the transfer as configured."""
+    runner = engine.runner
+    most = sweep.transfer_max_bytes // runner.block_bytes
+    large_blocks = max(2, min(-(-engine.max_model_len // runner.block_size), most))
+    fitted = {}
+    for backend in backends:
+        points = []
+        for blocks in (1, large_blocks):
+            src, dst = (
+                PagedKV(runner.spec.num_layers, blocks, runner.page_shape[1:], runner.dtype, str(runner.device))
+                for _ in range(2)
+            )
+            # Best of the repeats: the first also opens the connection, so it needs at least two.
+            seconds = time_backend(backend, src, dst, max(2, sweep.transfer_repeats), **(options or {}))
+            points.append((src.nbytes, seconds))
+            del src, dst
+        fitted[backend] = fit_transfer(*points[0], *points[1])
+    return fitted
