@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from splitserve.bench import report
-from splitserve.bench.cli import add_workload_args, parse_rates, run_meta, slo_from_args, workload_spec
+from splitserve.bench.cli import (
+    add_workload_args,
+    device_name,
+    parse_rates,
+    run_meta,
+    slo_from_args,
+    workload_meta,
+    workload_spec,
+)
 from splitserve.bench.hf_baseline import run_hf_baseline
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.requests import WorkloadSpec, make_requests
@@ -53,14 +60,6 @@ async def sweep_modes(
                 await run_sweep(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
             )
     return results
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{os.cpu_count()}-core CPU"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,16 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = run_meta(
         args,
         config=args.config,
-        device=_device_name(config.cluster.device.value),
+        device=device_name(config.cluster.device.value),
         model=config.model.path,
-        workload={
-            "num_requests": spec.num_requests,
-            "prompt_len": args.prompt_len,
-            "output_len": args.output_len,
-            "trace": spec.trace,
-            "seed": spec.seed,
-            "rates": rates,
-        },
+        workload=workload_meta(args, spec, rates),
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         hf_batch_size=args.hf_batch_size if args.hf_baseline else None,
     )

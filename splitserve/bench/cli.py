@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,15 @@ def run_meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": sys.argv, **extra}
 
 
+def device_name(device: str) -> str:
+    """What the run's JSON names as its device: the GPU's model, or the CPU's core count."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()}-core CPU"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from splitserve.bench import report
     from splitserve.bench.sweep import run_sweep
@@ -107,3 +117,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label", default="cluster", help="name of this system in the table and the output files")
     add_workload_args(p)
     p.set_defaults(func=_bench)
+
+
+def workload_meta(args: argparse.Namespace, spec: WorkloadSpec, rates: list[float | None]) -> dict[str, Any]:
+    """The workload as the JSON reports record it."""
+    return {
+        "num_requests": spec.num_requests,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "trace": spec.trace,
+        "seed": spec.seed,
+        "rates": rates,
+    }

@@ -178,7 +178,7 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{m.ttft_s.p50 * 1e3:.1f}/{m.ttft_s.p99 * 1e3:.1f} ms, TPOT p50/p99 {m.tpot_s.p50 * 1e3:.1f}/"
         f"{m.tpot_s.p99 * 1e3:.1f} ms, utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items())
     )
-    _write_json(args.json, {"cluster": _cluster_dict(cluster), "metrics": m.to_dict()})
+    _write_json(args.json, {"cluster": cluster_dict(cluster), "metrics": m.to_dict()})
     if args.plot_dir:
         from splitserve.simulator.plots import latency_cdfs
 
@@ -215,11 +215,11 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"\nall {len(result.tried)} configurations tried (cheapest first):")
     print(table(result.tried))
     payload: dict[str, Any] = {
-        "recommended": _cluster_dict(best.cluster) if best else None,
+        "recommended": cluster_dict(best.cluster) if best else None,
         "best": {
-            k: {"cluster": _cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for k, e in result.best.items()
+            k: {"cluster": cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for k, e in result.best.items()
         },
-        "tried": [{"cluster": _cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for e in result.tried],
+        "tried": [{"cluster": cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for e in result.tried],
     }
     curves = {}
     if rates and result.best:
@@ -299,7 +299,7 @@ def _rates(text: str | None) -> list[float]:
     return rates
 
 
-def _cluster_dict(c: ClusterSpec) -> dict:
+def cluster_dict(c: ClusterSpec) -> dict:
     return {
         "mode": c.mode,
         "policy": c.policy,

@@ -1,0 +1,208 @@
+"""Simulator validation: one workload replayed on a real cluster and in the simulator with a measured profile.
+
+    python benchmarks/sim_validate.py --config CONFIG --profile PROFILE --rates 1,2 --num-requests 64
+
+For each rate the cluster of CONFIG (started in this process, as ``benchmarks/serve.py`` does) serves the requests
+of the workload flags; the simulator then replays the very same requests (arrivals, prompt and output lengths after
+clipping to the model's context) on a ``ClusterSpec`` mapped from CONFIG. Prints measured vs predicted TTFT and TPOT
+p50/p90 and output tokens/s with predicted/measured ratios, and writes every figure as JSON. Goal: within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitserve.bench.cli import (
+    add_workload_args,
+    device_name,
+    parse_rates,
+    run_meta,
+    slo_from_args,
+    workload_meta,
+    workload_spec,
+)
+from splitserve.bench.local_cluster import local_cluster
+from splitserve.bench.metrics import Summary
+from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
+from splitserve.bench.sweep import SweepResult, run_sweep
+from splitserve.config import ConfigError, Device, KVBackend, RouterPolicy, ServingMode, SplitserveConfig, load_config
+from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
+from splitserve.simulator.cli import cluster_dict
+from splitserve.simulator.cluster import Policy
+from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.metrics import Metrics
+from splitserve.slo import SLO
+
+GOAL = 0.10  # predicted within 10% of measured
+DEFAULT_OUT_DIR = "results/sim_validate"
+METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "throughput_tok_s")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="cluster YAML, run live and mapped to the simulator's cluster")
+    p.add_argument("--profile", required=True, help="profile YAML measured by `splitserve profile CONFIG --out PATH`")
+    p.add_argument("--mode", choices=[m.value for m in ServingMode], help="serving mode (default: the config's)")
+    add_workload_args(p)
+    p.set_defaults(out_dir=DEFAULT_OUT_DIR)
+    return p.parse_args(argv)
+
+
+def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
+    """The simulator's view of ``config`` in ``mode``, with the limits the workers get (``options_for``): colocated
+    is the decode pool alone, chunking prompts by the prefill budget; ``auto`` KV is what it picks between Ray
+    actors (grpc on CPU, nccl on GPUs); the ``mixed`` policy is simulated as ``jsq``, its base."""
+    batch_tokens, batch_size = config.prefill.max_batch_tokens, config.decode.max_batch_size
+    decode = PoolSpec(config.decode.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
+    backend = config.kv_transfer.backend
+    if backend == KVBackend.auto:
+        backend = KVBackend.grpc if config.cluster.device == Device.cpu else KVBackend.nccl
+    policy: Policy = "round_robin" if config.router.policy == RouterPolicy.round_robin else "jsq"
+    if mode == ServingMode.colocated:
+        return ClusterSpec("colocated", prefill=decode, policy=policy, kv_backend=backend.value)
+    prefill = PoolSpec(config.prefill.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
+    return ClusterSpec("disaggregated", prefill=prefill, decode=decode, policy=policy, kv_backend=backend.value)
+
+
+def as_workload(requests: Sequence[BenchRequest]) -> Workload:
+    """The requests the cluster was sent, as the simulator's workload (lengths after clipping to the context)."""
+    return Workload(
+        np.asarray([r.arrival_s for r in requests], dtype=np.float64),
+        np.asarray([len(r.prompt_token_ids) for r in requests], dtype=np.int64),
+        np.asarray([r.max_tokens for r in requests], dtype=np.int64),
+    )
+
+
+def measured_figures(s: Summary) -> dict[str, float | None]:
+    return {
+        "ttft_p50_ms": s.ttft_ms["p50"],
+        "ttft_p90_ms": s.ttft_ms["p90"],
+        "tpot_p50_ms": s.tpot_ms["p50"],
+        "tpot_p90_ms": s.tpot_ms["p90"],
+        "throughput_tok_s": s.throughput_tok_s,
+    }
+
+
+def predicted_figures(m: Metrics) -> dict[str, float | None]:
+    return _finite(
+        {
+            "ttft_p50_ms": m.ttft_s.p50 * 1e3,
+            "ttft_p90_ms": m.ttft_s.p90 * 1e3,
+            "tpot_p50_ms": m.tpot_s.p50 * 1e3,
+            "tpot_p90_ms": m.tpot_s.p90 * 1e3,
+            "throughput_tok_s": m.output_tokens_per_s,
+        }
+    )
+
+
+def _finite(x: Any) -> Any:
+    """NaN (no sample, e.g. TPOT when every output is one token) as None, so the JSON is standard."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def compare(measured: dict[str, float | None], predicted: dict[str, float | None]) -> dict[str, Any]:
+    """Per metric: both figures, predicted/measured, and whether that is within the goal (None: not comparable)."""
+    out = {}
+    for k in METRICS:
+        m, p = measured[k], predicted[k]
+        ratio = p / m if m is not None and p is not None and m > 0 else None
+        out[k] = {
+            "measured": m,
+            "predicted": p,
+            "ratio": ratio,
+            "within_goal": None if ratio is None else abs(ratio - 1) <= GOAL,
+        }
+    return out
+
+
+def validate_rate(
+    cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, summary: Summary, max_model_len: int, slo: SLO
+) -> dict[str, Any]:
+    """Simulate the requests the live run at ``rate`` sent (rebuilt as ``run_sweep`` built them) and compare."""
+    requests = make_requests(spec.workload(rate), max_model_len, seed=spec.seed)
+    metrics = summarize(simulate(cluster, as_workload(requests)), slo)
+    return {
+        "rate": summary.rate,
+        "metrics": compare(measured_figures(summary), predicted_figures(metrics)),
+        "measured": summary.to_json(),
+        "predicted": _finite(metrics.to_dict()),
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per rate: measured / predicted (ratio) for each metric."""
+    heads = ["TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms", "out tok/s"]
+    cells = [["rate", *heads]]
+    for row in rows:
+        line = [_fmt(row["rate"], "g")]
+        for k in METRICS:
+            c = row["metrics"][k]
+            mark = "" if c["within_goal"] is None else (" ok" if c["within_goal"] else " !")
+            line.append(
+                f"{_fmt(c['measured'], '.1f')} / {_fmt(c['predicted'], '.1f')} ({_fmt(c['ratio'], '.2f')}{mark})"
+            )
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    note = f"measured / predicted (predicted/measured; ok: within {GOAL:.0%})"
+    return "\n".join([note, *lines])
+
+
+async def _live(config: SplitserveConfig, mode: ServingMode, spec, rates, slo, args) -> SweepResult:  # type: ignore[no-untyped-def]
+    async with local_cluster(config, mode) as address:
+        print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
+        return await run_sweep(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        mode = ServingMode(args.mode) if args.mode else config.mode
+        profile = load_profile(args.profile)
+        cluster = cluster_spec(config, mode, profile)
+        spec, rates = workload_spec(args), parse_rates(args.rates)
+    except (ConfigError, SimInputError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    slo = slo_from_args(args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
+    sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
+    rows = [
+        validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo)
+        for rate, run in zip(rates, sweep.runs, strict=True)
+    ]
+
+    out = Path(args.out_dir) / "sim_validate.json"
+    meta = run_meta(
+        args,
+        argv=sys.argv if argv is None else ["sim_validate.py", *argv],
+        config=args.config,
+        profile=args.profile,
+        device=device_name(config.cluster.device.value),
+        model=config.model.path,
+        mode=mode.value,
+        cluster=cluster_dict(cluster),
+        workload={**workload_meta(args, spec, rates), "max_model_len": sweep.max_model_len},
+        slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        goal={"max_relative_error": GOAL},
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "runs": rows}, indent=2))
+    print(format_table(rows))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,50 @@
+"""Simulator validation end to end: a quick CPU profile of the tiny model, then the same requests live and simulated.
+CPU timings are noise, so this checks the pipeline and the report, not the accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from splitserve.bench.validate import METRICS, cluster_spec, main
+from splitserve.cli import main as splitserve_main
+from splitserve.config import ServingMode
+from splitserve.simulator import load_profile
+from tests.support import tiny_cluster_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path, capsys):
+    config = tiny_cluster_config(tiny_model_dir)
+    config_path, profile_path = tmp_path / "cluster.yaml", tmp_path / "profile.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert splitserve_main(["profile", str(config_path), "--out", str(profile_path), "--quick"]) == 0
+
+    cluster = cluster_spec(config, ServingMode.disaggregated, load_profile(profile_path))
+    assert (cluster.mode, cluster.kv_backend, cluster.prefill.max_batch_tokens) == ("disaggregated", "grpc", 256)
+    assert cluster.decode is not None and cluster.decode.max_batch_size == 16
+    assert cluster_spec(config, ServingMode.colocated, load_profile(profile_path)).pools.keys() == {"mixed"}
+
+    workload = ["--num-requests", "6", "--prompt-len", "uniform:8:48", "--output-len", "uniform:4:10", "--seed", "2"]
+    argv = ["--config", str(config_path), "--profile", str(profile_path), "--rates", "2", *workload]
+    assert main([*argv, "--warmup", "1", "--timeout", "60", "--out-dir", str(tmp_path / "out")]) == 0
+
+    out = capsys.readouterr().out
+    assert "TTFT p50 ms" in out and "predicted/measured" in out
+    saved = json.loads((tmp_path / "out" / "sim_validate.json").read_text())
+    assert saved["argv"][1:3] == ["--config", str(config_path)] and saved["date"] and saved["device"]
+    assert saved["mode"] == "disaggregated" and saved["goal"] == {"max_relative_error": 0.1}
+    (run,) = saved["runs"]
+    assert run["rate"] == 2.0 and run["measured"]["sent"] == run["measured"]["ok"] == 6
+    assert run["predicted"]["requests"] == 6
+    for key in METRICS:
+        fig = run["metrics"][key]
+        measured, predicted = fig["measured"], fig["predicted"]
+        assert math.isfinite(measured) and measured > 0, key
+        assert math.isfinite(predicted) and predicted > 0, key
+        assert fig["ratio"] == pytest.approx(predicted / measured), key
+        assert fig["within_goal"] == (abs(fig["ratio"] - 1) <= 0.1)
