@@ -21,38 +21,9 @@ from pathlib import Path
 import torch
 
 from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
+from splitserve.bench.make_random_checkpoint import SHAPES, llama_config
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 from splitserve.engine.sequence import Sequence
-
-SHAPES = {
-    # Llama-3-8B: 32 layers, GQA 32/8 heads, 128k vocab.
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    # A small shape for a quick check of the script itself (CPU or GPU).
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=8192,
-    ),
-}
-
-
-def hf_config(shape: str):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[shape])
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -221,7 +192,7 @@ def copy_weights_into_hf(engine: Engine, hf) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES))
+    ap.add_argument("--model-shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--batches", default="1,8,32,64,128")
@@ -245,7 +216,7 @@ def main() -> None:
             max_batch_size=256,
             enable_prefix_caching=False,
         ),  # repeated prompts must be recomputed
-        hf_config=hf_config(args.model_shape),
+        hf_config=llama_config(args.model_shape),
     )
     device, dtype = engine.runner.device, engine.runner.dtype
     bw, peak = copy_bandwidth(device), matmul_flops(device, dtype)

@@ -148,9 +148,7 @@ def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats
 def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     """Prefill of one ``prompt_len`` prompt on an 8B Llama-3 shape, alone and with its KV streamed layer by layer to
     the other GPU: the share of the transfer that stays hidden behind compute."""
-    from transformers import LlamaConfig
-
-    from splitserve.bench.make_random_checkpoint import hf_config_dict
+    from splitserve.bench.make_random_checkpoint import llama_config
     from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 
     engine = Engine(
@@ -164,7 +162,7 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
             ),
             enable_prefix_caching=False,
         ),
-        hf_config=LlamaConfig.from_dict(hf_config_dict("llama3-8b")),
+        hf_config=llama_config("llama3-8b"),
     )
     runner = engine.runner
     blocks = engine.blocks.blocks_for(prompt_len)

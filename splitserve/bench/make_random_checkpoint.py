@@ -43,7 +43,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "vocab_size": 1024,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": 8192,
         "rope_theta": 10000.0,
     },
 }
@@ -63,6 +63,13 @@ def hf_config_dict(shape: str) -> dict[str, Any]:
         "pad_token_id": pad,
         "dtype": "bfloat16",
     }
+
+
+def llama_config(shape: str) -> Any:
+    """The same shape as a transformers LlamaConfig, for benchmarks that build random weights in memory."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig.from_dict(hf_config_dict(shape))
 
 
 def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
