@@ -196,7 +196,8 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
                 if not stream:
                     return None
                 handle = sender.begin(spec)
-                return lambda layer: handle.send_layer(layer, runner.gather_pages(layer, seq.block_table))
+                index = runner.block_index(seq.block_table)
+                return lambda layer: handle.send_layer(layer, runner.gather_pages(layer, index))
 
             engine.prefill([seq], hook_for=hook_for)
         if handle is not None:

@@ -294,13 +294,18 @@ class ModelRunner:
 
     # --- KV pages in and out, for the transfer layer ---
 
-    def gather_pages(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+    def block_index(self, block_ids: list[int]) -> torch.Tensor:
+        """Block ids as a device tensor: build it once per transfer, since each build is a host-to-device copy
+        that waits for the stream (a layer hook that built one per layer would stall the forward pass)."""
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
+    def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
         return self.kv_layers[layer].index_select(1, index)
 
-    def scatter_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None:
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
         self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype))
 
     @property

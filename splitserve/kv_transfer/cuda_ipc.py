@@ -23,6 +23,7 @@ from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import OutOfBand
 from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index
+from splitserve.kv_transfer.stream_sender import LayerWriter
 
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
 
@@ -93,12 +94,13 @@ def open_kv_cache(blob: bytes) -> torch.Tensor:
     )
 
 
-def _land_layer(exp: Expectation, header: dict, begin: dict) -> None:
-    """The sender already wrote the pages; just count them."""
-    exp.mark_written(header["layer"], header["bytes"])
+class IpcInbox(OutOfBand):
+    def land(self, exp: Expectation, header: dict, begin: dict) -> None:
+        """The sender already wrote the pages; just count them."""
+        exp.mark_written(header["layer"], header["bytes"])
 
 
-RECEIVE = OutOfBand(land=_land_layer, drains=False)
+RECEIVE = IpcInbox()
 
 
 @dataclass
@@ -107,7 +109,7 @@ class _Ready:
     event: torch.cuda.Event  # the producer stream's work on ``pages``
 
 
-class IpcWriter:
+class IpcWriter(LayerWriter):
     transport = "cuda_ipc"
 
     def __init__(self, remote_kv: torch.Tensor, spec: TransferSpec, stream: torch.cuda.Stream):
@@ -118,7 +120,7 @@ class IpcWriter:
     def begin_fields(self) -> dict:
         return {"checksum": False}
 
-    def prepare(self, pages: torch.Tensor) -> _Ready:
+    def prepare(self, layer: int, pages: torch.Tensor) -> _Ready:
         event = torch.cuda.Event()
         event.record()
         pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 import torch
@@ -44,18 +44,31 @@ class Expectation:
 
     def land_layer(self, layer: int, pages: torch.Tensor, wire_bytes: int) -> None:
         """Scatter one layer into the reserved pages (dropped silently once the transfer is over)."""
-        if not 0 <= layer < self.spec.num_layers:
-            raise IntegrityError(f"{self.spec.request_id}: layer {layer} out of range")
-        if tuple(pages.shape) != self.spec.layer_shape:
-            raise IntegrityError(
-                f"{self.spec.request_id}: layer {layer} pages {tuple(pages.shape)}, expected {self.spec.layer_shape}"
-            )
-        with self._lock:  # abort waits for an in-progress write: after abort() no page is written
+        self.land_layers([(layer, pages)], wire_bytes)
+
+    def land_layers(
+        self, layers: Iterable[tuple[int, torch.Tensor]], wire_bytes_each: int, settle: Callable[[], None] | None = None
+    ) -> None:
+        """Scatter layers under one hold of the lock; ``settle`` (e.g. a stream sync) runs before it is let go, so
+        once abort() returns no page is written, not even by device work still queued."""
+        layers = list(layers)
+        for layer, pages in layers:
+            if not 0 <= layer < self.spec.num_layers:
+                raise IntegrityError(f"{self.spec.request_id}: layer {layer} out of range")
+            if tuple(pages.shape) != self.spec.layer_shape:
+                raise IntegrityError(
+                    f"{self.spec.request_id}: layer {layer} pages {tuple(pages.shape)}, "
+                    f"expected {self.spec.layer_shape}"
+                )
+        with self._lock:
             if self.future.done():
                 return
-            self.sink.scatter_pages(layer, self.spec.dst_block_ids, pages)
-            self.landed.add(layer)
-            self.bytes += wire_bytes
+            for layer, pages in layers:
+                self.sink.scatter_pages(layer, self.spec.dst_block_ids, pages)
+                self.landed.add(layer)
+                self.bytes += wire_bytes_each
+            if settle is not None:
+                settle()
 
     def mark_written(self, layer: int, wire_bytes: int) -> None:
         """A layer the sender wrote into our pages itself (cuda_ipc)."""

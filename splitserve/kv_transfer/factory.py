@@ -48,9 +48,9 @@ def make_receiver(
     if "nccl" in wanted:
         from splitserve.kv_transfer import nccl
 
-        inbox = nccl.NcclInbox(device, host)
+        inbox = nccl.NcclInbox(device, host, config.timeout_s)
         extra["nccl_store"] = inbox.store_address
-        out_of_band["nccl"] = inbox.receive
+        out_of_band["nccl"] = inbox
     return KVReceiver(
         sink,
         backends=tuple(wanted),

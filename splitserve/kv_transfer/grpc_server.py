@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -32,14 +30,23 @@ from splitserve.netaddr import join_host_port
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
 class OutOfBand:
-    """How a backend that moves bytes outside gRPC lands a LAYER message (run in a worker thread)."""
+    """How a backend that moves bytes outside gRPC takes part in a transfer; each hook runs in a worker thread."""
 
-    land: Callable[[Expectation, dict, dict], None]  # (expectation, LAYER header, BEGIN header)
     # True when every announced layer must be consumed even after an abort (NCCL: an unmatched send hangs the
     # pair), so a receiver abort is answered at the sender's END instead of at once.
-    drains: bool
+    drains = False
+
+    def open(self, spec: TransferSpec, begin: dict) -> object:
+        """At BEGIN, before the expectation is claimed, so it runs for a transfer about to be refused too."""
+        return None
+
+    def land(self, exp: Expectation, header: dict, begin: dict) -> None:
+        """One LAYER marker."""
+        raise IntegrityError(f"{exp.spec.request_id}: {begin['transport']} sends no layer markers")
+
+    def close(self, exp: Expectation, opened: object, end: dict) -> None:
+        """At END, before the transfer completes: land what ``open`` set in motion."""
 
 
 def channel_options(max_message: int) -> list[tuple[str, int]]:
@@ -137,8 +144,10 @@ class TransferServer:
             begin = await self._next(messages, abort_wait)
             if begin.kind != wire.BEGIN:
                 raise IntegrityError(f"first message is {begin.kind!r}, not begin")
-            exp = self._table.claim(TransferSpec.from_wire(begin.header["spec"]))
+            spec = TransferSpec.from_wire(begin.header["spec"])
             path = self._out_of_band.get(begin.header["transport"])
+            opened = None if path is None else await asyncio.to_thread(path.open, spec, begin.header)
+            exp = self._table.claim(spec)
             if path is None or not path.drains:
                 loop = asyncio.get_running_loop()
 
@@ -148,7 +157,7 @@ class TransferServer:
                 exp.on_abort(wake)
                 if exp.done:  # aborted between claim and on_abort
                     aborted.set()
-            result = await self._receive(exp, begin.header, messages, abort_wait)
+            result = await self._receive(exp, begin.header, messages, abort_wait, path, opened)
             return wire.pack(result)
         except TransferError as err:
             if exp is not None and not isinstance(err, TransferAborted):
@@ -160,7 +169,9 @@ class TransferServer:
             if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
                 exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
 
-    async def _receive(self, exp: Expectation, begin: dict, messages, abort_wait: asyncio.Future) -> dict:
+    async def _receive(
+        self, exp: Expectation, begin: dict, messages, abort_wait: asyncio.Future, path: OutOfBand | None, opened
+    ) -> dict:
         transport = begin["transport"]
         checksum = 0
         assembler = _LayerAssembler(exp.spec, begin.get("codec", "none"), self._pin)
@@ -173,11 +184,12 @@ class TransferServer:
                 if pages is not None:
                     exp.land_layer(msg.header["layer"], pages, assembler.layer_size)
             elif msg.kind == wire.LAYER:
-                path = self._out_of_band.get(transport)
                 if path is None:
                     raise TransferError(f"this receiver does not accept {transport!r} transfers")
                 await asyncio.to_thread(path.land, exp, msg.header, begin)
             elif msg.kind == wire.END:
+                if path is not None:
+                    await asyncio.to_thread(path.close, exp, opened, msg.header)
                 if exp.done:  # aborted while draining: report that abort
                     exp.future.result()
                 if begin["checksum"] and transport == "grpc" and msg.header["checksum"] != checksum:

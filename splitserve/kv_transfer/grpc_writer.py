@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.kv_transfer import codec, wire
+from splitserve.kv_transfer.stream_sender import LayerWriter
 
 
 @dataclass
@@ -16,7 +17,7 @@ class _Staged:
     ready: torch.cuda.Event | None  # the device-to-host copy's completion
 
 
-class InlineWriter:
+class InlineWriter(LayerWriter):
     transport = "grpc"
     interruptible = True  # a layer cut short by an abort is simply discarded by the receiver
 
@@ -31,7 +32,7 @@ class InlineWriter:
     def begin_fields(self) -> dict:
         return {"codec": self._codec, "checksum": self._checksum}
 
-    def prepare(self, pages: torch.Tensor) -> _Staged:
+    def prepare(self, layer: int, pages: torch.Tensor) -> _Staged:
         """On a GPU: quantize there, then start the copy to pinned host memory without waiting for it."""
         if pages.device.type != "cuda":
             return _Staged(pages, None)

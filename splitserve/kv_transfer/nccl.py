@@ -1,32 +1,41 @@
-"""The nccl backend: pages go GPU to GPU through a per-pair NCCL communicator; gRPC carries the control messages.
+"""The nccl backend: pages go GPU to GPU through a per-pair NCCL communicator; gRPC carries BEGIN and END only.
 
 Each (sender process, receiver) pair gets its own ``ProcessGroupNCCL`` of two ranks (sender 0, receiver 1),
 rendezvoused through a TCPStore the receiver hosts, so no global default group is needed. The communicator is
-built eagerly, before any transfer: NCCL initialises it collectively inside the first send/recv, so a sender whose
-first send waits for a receiver that waits for that send's LAYER marker would deadlock. The sender announces the
-pair in the store; the receiver's watcher thread joins it and both exchange one warm-up element. The sender issues one
-send per layer of the coalesced pages and then a LAYER marker carrying a per-pair sequence number; the receiver
-posts the matching recv into a staging buffer strictly in sequence order (NCCL has no tags, and markers of
-concurrent transfers arrive on different streams), then scatters. An announced send must always be matched, so
-the receiver drains aborted transfers instead of cutting them off (``OutOfBand.drains``).
+built eagerly, before any transfer (NCCL would otherwise initialise it inside the first send, which waits for the
+receiver): the sender announces the pair in the store, the receiver's watcher thread joins it, and both exchange
+one warm-up element.
+
+NCCL has no tags: a pair's sends match its receives in issue order. So each transfer takes a sequence number on
+its pair when it begins; the sender issues the layers of transfer k only after every layer of transfer k-1 (later
+transfers queue their layers meanwhile), and the receiver, at each BEGIN, posts all of that transfer's receives
+at once, strictly in sequence order. No message travels per layer: the sender enqueues each send from the layer
+hook (on the pair's stream, after an event marking that layer's pages ready), and the receiver lands every layer
+under one lock when END arrives and its receives are done. Every announced layer must be sent, so a transfer that
+ends early (finish or abort) pads its missing layers, and the receiver drains an aborted transfer instead of cutting
+it off (``drains``). A pair that loses step (a BEGIN that never came, receives that never completed) is dropped
+on both sides, and the next transfer builds a new one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
-from splitserve.kv_transfer.errors import TransferError
+from splitserve.kv_transfer.errors import IntegrityError, PeerUnavailable, TransferError, TransferTimeout
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import OutOfBand
+from splitserve.kv_transfer.stream_sender import LayerWriter
 from splitserve.netaddr import join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,7 @@ _SENDER, _RECEIVER = 0, 1
 _RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
 _PAIRS = "kv/pairs"  # counter of announced pairs; pair i's name is at kv/pair/i
 _WATCH_POLL = timedelta(hours=1)  # long: c10d logs a warning at every timed-out wait
+_POLL_S = 50e-6
 
 
 def _pair_group(store: dist.Store, pair: str, rank: int, device: torch.device) -> dist.ProcessGroupNCCL:
@@ -48,21 +58,58 @@ def _pair_group(store: dist.Store, pair: str, rank: int, device: torch.device) -
     return group
 
 
-class NcclInbox:
-    """Receiver side: the TCPStore, one group per sender pair (joined by a watcher thread), in-order recvs."""
+def _drop_group(group: dist.ProcessGroupNCCL) -> None:
+    """Abort a communicator that lost step: its pending sends/receives end instead of spinning forever."""
+    abort = getattr(group, "abort", None)
+    if abort is None:
+        return
+    try:
+        abort()
+    except Exception:
+        log.exception("nccl: aborting a dropped pair")
 
-    def __init__(self, device: torch.device, host: str):
+
+def _wait_event(event: torch.cuda.Event, timeout_s: float) -> bool:
+    """Poll rather than synchronize, so a wedged peer costs a timeout, not a thread."""
+    deadline = time.monotonic() + timeout_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+@dataclass
+class _Received:
+    """One transfer's posted receives: the staging buffer (all layers) and the event of their completion."""
+
+    pair: str
+    staging: torch.Tensor  # [num_layers, *layer_shape], allocated on the pair's stream
+    done: torch.cuda.Event
+    stream: torch.cuda.Stream
+
+
+@dataclass
+class _InPair:
+    group: dist.ProcessGroupNCCL
+    stream: torch.cuda.Stream  # receives and scatters: a wedged pair must not hold up the others
+    next_seq: int = 0
+
+
+class NcclInbox(OutOfBand):
+    """Receiver side: the TCPStore, one group per sender pair (joined by a watcher thread), in-order receives."""
+
+    drains = True
+
+    def __init__(self, device: torch.device, host: str, timeout_s: float):
         # An index is needed to pin the watcher thread's device ("cuda" alone means the current one: resolve it).
         self._device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self._timeout_s = timeout_s
         self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=_RENDEZVOUS_TIMEOUT)
         self.store_address = join_host_port(host, self._store.port)
-        self._groups: dict[str, dist.ProcessGroupNCCL] = {}
-        self._next_seq: dict[str, int] = {}
+        self._pairs: dict[str, _InPair] = {}
+        self._lost: set[str] = set()
         self._turn = threading.Condition()
-        # Receives and scatters run on their own stream: waiting on the default stream would wait for the decode
-        # steps queued there, once per layer.
-        self._stream = torch.cuda.Stream(self._device)
-        self.receive = OutOfBand(land=self._land_layer, drains=True)
         # Its own client: a TCPStore client serialises its calls, and the watcher blocks in wait().
         watch_store = dist.TCPStore(host, self._store.port, is_master=False, timeout=_WATCH_POLL)
         threading.Thread(target=self._watch, args=(watch_store,), name="nccl-pairs", daemon=True).start()
@@ -83,31 +130,70 @@ class NcclInbox:
                 log.exception("nccl: joining pair %s failed", pair)
             else:
                 with self._turn:
-                    self._groups[pair] = group
-                    self._next_seq[pair] = 0
+                    self._pairs[pair] = _InPair(group, torch.cuda.Stream(self._device))
                     self._turn.notify_all()
             index += 1
 
-    def _land_layer(self, exp: Expectation, header: dict, begin: dict) -> None:
-        pair, seq = begin["pair"], header["seq"]
+    def open(self, spec: TransferSpec, begin: dict) -> _Received:
+        """Post every layer's receive in the pair's sequence order, whether or not the transfer will be claimed."""
+        name, seq = begin.get("pair"), begin.get("seq")
+        if not isinstance(name, str) or not isinstance(seq, int):
+            raise IntegrityError("nccl: BEGIN without its pair name and sequence number")
         with self._turn:
-            # The sender built its side before its first send, so the watcher is at most a moment behind.
-            if not self._turn.wait_for(lambda: pair in self._groups, _RENDEZVOUS_TIMEOUT.total_seconds()):
-                raise TransferError(f"nccl: pair {pair} never joined")
-            group = self._groups[pair]
-            self._turn.wait_for(lambda: self._next_seq[pair] == seq)
-            with torch.cuda.stream(self._stream):
-                staging = torch.empty(exp.spec.layer_shape, dtype=exp.spec.torch_dtype, device=self._device)
-                group.recv([staging], _SENDER, 0).wait()  # type: ignore[attr-defined]  # missing from the stubs
-            self._next_seq[pair] = seq + 1
+            # The sender built its side before its first transfer, so the watcher is at most a moment behind; the
+            # previous transfer's BEGIN travels on another stream and may be a moment late too.
+            ready = self._turn.wait_for(
+                lambda: name in self._lost or (name in self._pairs and self._pairs[name].next_seq >= seq),
+                self._timeout_s,
+            )
+            if name in self._lost:
+                raise PeerUnavailable(f"nccl: pair {name} was dropped; the sender builds a new one")
+            if not ready:
+                self._lose(name, f"transfer {seq} of pair {name}: the earlier ones never began")
+                raise TransferTimeout(f"nccl: pair {name} lost step waiting for transfer {seq - 1}")
+            pair = self._pairs[name]
+            if pair.next_seq != seq:
+                self._lose(name, f"transfer {seq} of pair {name} began twice")
+                raise TransferError(f"nccl: pair {name} lost step at transfer {seq}")
+            with torch.cuda.stream(pair.stream):
+                staging = torch.empty((spec.num_layers, *spec.layer_shape), dtype=spec.torch_dtype, device=self._device)
+                for layer in range(spec.num_layers):
+                    # wait() orders the pair's stream after NCCL's; it does not block this thread.
+                    pair.group.recv([staging[layer]], _SENDER, 0).wait()  # type: ignore[attr-defined]
+                done = torch.cuda.Event()
+                done.record(pair.stream)
+            pair.next_seq = seq + 1
             self._turn.notify_all()
-        with torch.cuda.stream(self._stream):
-            exp.land_layer(header["layer"], staging, header["bytes"])  # dropped if the transfer was aborted
-        self._stream.synchronize()  # the pages are in place (and staging is free to go) before the layer counts
+        return _Received(name, staging, done, pair.stream)
+
+    def close(self, exp: Expectation, opened: object, end: dict) -> None:
+        """At END: once the receives are done, scatter the layers sent for real (none if the transfer was aborted;
+        the padding after a short transfer is dropped, and completing then names the missing layers)."""
+        assert isinstance(opened, _Received)
+        sent = end.get("layers")
+        if not isinstance(sent, int) or not 0 <= sent <= exp.spec.num_layers:
+            raise IntegrityError(f"{exp.spec.request_id}: END says {sent!r} layers were sent")
+        if not _wait_event(opened.done, self._timeout_s):
+            with self._turn:
+                self._lose(opened.pair, f"{exp.spec.request_id}: receives not done after {self._timeout_s:g} s")
+            raise TransferTimeout(f"{exp.spec.request_id}: the sender's pages never arrived")
+        layer_bytes = exp.spec.layer_bytes
+        with torch.cuda.stream(opened.stream):
+            layers = enumerate(opened.staging[:sent].unbind(0))
+            exp.land_layers(layers, layer_bytes, settle=opened.stream.synchronize)
+
+    def _lose(self, name: str, why: str) -> None:
+        """Drop a pair (caller holds the lock): its later transfers fail at once and the sender builds a new one."""
+        log.warning("nccl: dropping pair %s: %s", name, why)
+        self._lost.add(name)
+        pair = self._pairs.pop(name, None)
+        if pair is not None:
+            _drop_group(pair.group)
+        self._turn.notify_all()
 
 
 class _Pair:
-    """Sender side of one pair: the group and the sequence counter that orders sends across transfers."""
+    """Sender side of one pair: the group, and the queue that issues transfers' layers in sequence order."""
 
     def __init__(self, endpoint: ReceiverEndpoint, device: torch.device):
         assert endpoint.nccl_store is not None
@@ -116,48 +202,113 @@ class _Pair:
         store = dist.TCPStore(host, port, is_master=False, timeout=_RENDEZVOUS_TIMEOUT)
         index = store.add(_PAIRS, 1) - 1
         store.set(f"kv/pair/{index}", self.name)
+        self.device = device
         self.group = _pair_group(store, self.name, _SENDER, device)
         self.stream = torch.cuda.Stream(device)
-        self.lock = threading.Lock()
-        self.seq = 0
+        self.broken = False
+        self._lock = threading.Lock()
+        self._next_seq = 0
+        self._waiting: deque[NcclWriter] = deque()  # transfers begun but not fully issued, oldest first
+
+    def enlist(self, writer: NcclWriter) -> int:
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._waiting.append(writer)
+            return seq
+
+    def submit(self, writer: NcclWriter, pages: torch.Tensor) -> bool:
+        """On the engine's thread: issue the layer now if its transfer is the oldest unfinished one, else queue it."""
+        ready = torch.cuda.Event()
+        ready.record()  # on the engine's stream, right after the layer's pages were gathered
+        pages.record_stream(self.stream)  # the allocator must not reuse them before the send has read them
+        with self._lock:
+            if writer.sealed:
+                return False  # finish or abort came first and padded this layer
+            writer.queued.append((pages, ready))
+            self._flush()
+            return True
+
+    def seal(self, writer: NcclWriter) -> None:
+        """No more layers come: send throwaway pages for each one not sent, since the receiver posted them all."""
+        with self._lock:
+            if writer.sealed:
+                return
+            writer.sealed = True
+            missing = writer.spec.num_layers - writer.issued - len(writer.queued)
+            if missing > 0:
+                with torch.cuda.stream(self.stream):
+                    filler = torch.empty(writer.spec.layer_shape, dtype=writer.spec.torch_dtype, device=self.device)
+                writer.queued.extend((filler, None) for _ in range(missing))
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._waiting:
+            head = self._waiting[0]
+            while head.queued:
+                self._issue(*head.queued.popleft())
+                head.issued += 1
+            if head.issued < head.spec.num_layers:
+                return
+            self._waiting.popleft()
+
+    def _issue(self, pages: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        with torch.cuda.stream(self.stream):
+            # On the engine's stream the send would wait for everything queued there since (the next layers,
+            # the next prompts); on the pair's stream it waits for this layer only.
+            if ready is not None:
+                self.stream.wait_event(ready)
+            self.group.send([pages], _RECEIVER, 0).wait()  # type: ignore[attr-defined]  # missing from the stubs
 
 
-class NcclWriter:
+class NcclWriter(LayerWriter):
+    """One transfer on a pair; nothing goes on the gRPC stream per layer."""
+
     transport = "nccl"
 
-    def __init__(self, pair: _Pair):
+    def __init__(self, pair: _Pair, spec: TransferSpec):
+        self.spec = spec
         self._pair = pair
-        self._works: list[tuple[dist.Work, torch.Tensor]] = []
+        self.queued: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()  # guarded by the pair's lock
+        self.issued = 0
+        self.sealed = False
+        self._submitted = 0  # real layers handed over, in order; the rest is padding
+        self.seq = pair.enlist(self)
 
     def begin_fields(self) -> dict:
-        return {"pair": self._pair.name, "checksum": False}
+        return {"pair": self._pair.name, "seq": self.seq, "checksum": False}
 
-    def prepare(self, pages: torch.Tensor) -> torch.Tensor:
-        return pages.contiguous()
+    def prepare(self, layer: int, pages: torch.Tensor) -> None:
+        """From the layer hook, on the engine's thread: the send is enqueued here, not on gRPC's thread."""
+        if layer != self._submitted:
+            raise ValueError(f"nccl: layer {layer} sent after {self._submitted} layers (layers go in order)")
+        if self._pair.submit(self, pages.contiguous()):
+            self._submitted += 1
 
-    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
-        assert isinstance(prepared, torch.Tensor)
-        with self._pair.lock:  # the sequence number and the send must be issued together
-            seq = self._pair.seq
-            self._pair.seq += 1
-            work = self._pair.group.send([prepared], _RECEIVER, 0)  # type: ignore[attr-defined]
-        self._works.append((work, prepared))  # keep the tensor alive until the send is done
-        yield wire.pack(
-            {"kind": wire.LAYER, "layer": layer, "seq": seq, "bytes": prepared.numel() * prepared.element_size()}
-        )
+    def seal(self) -> None:
+        self._pair.seal(self)
 
     def end_fields(self) -> dict:
-        # Wait for the sends only, on a side stream: the default stream carries the engine's next forward pass.
-        with torch.cuda.stream(self._pair.stream):
-            for work, _ in self._works:
-                work.wait()
-        self._pair.stream.synchronize()
-        self._works.clear()
-        return {}
+        return {"layers": self._submitted}
+
+    def lost(self) -> None:
+        """The receiver is gone or dropped the pair: it may be out of step, so the next transfer builds a new one."""
+        self._pair.broken = True
 
 
 def writer_factory(endpoint: ReceiverEndpoint) -> Callable[[TransferSpec], NcclWriter]:
     if endpoint.nccl_store is None:
         raise ValueError("nccl: the receiver offers no NCCL rendezvous")
-    pair = _Pair(endpoint, torch.device("cuda", torch.cuda.current_device()))
-    return lambda spec: NcclWriter(pair)
+    device = torch.device("cuda", torch.cuda.current_device())
+    pairs: list[_Pair] = []
+    lock = threading.Lock()
+
+    def writer(spec: TransferSpec) -> NcclWriter:
+        with lock:
+            if not pairs or pairs[-1].broken:
+                if pairs:
+                    _drop_group(pairs[-1].group)
+                pairs[:] = [_Pair(endpoint, device)]
+            return NcclWriter(pairs[-1], spec)
+
+    return writer

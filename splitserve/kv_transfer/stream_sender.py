@@ -12,7 +12,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 import grpc
 import torch
@@ -24,22 +23,34 @@ from splitserve.kv_transfer.grpc_server import channel_options
 from splitserve.kv_transfer.status import error_from_rpc
 
 
-class LayerWriter(Protocol):
-    """Moves one transfer's layers; a new one per transfer."""
+class LayerWriter:
+    """Moves one transfer's layers; a new one per transfer. The defaults suit a writer with nothing to add."""
 
     transport: str
+    interruptible = False  # a layer being sent may be cut short by an abort (inline chunks: yes; nccl: no)
 
     def begin_fields(self) -> dict:
         """Extra BEGIN header fields (e.g. the codec)."""
+        return {}
 
-    def prepare(self, pages: torch.Tensor) -> object:
-        """Runs in send_layer, on the caller's thread: start device work early (e.g. an async copy to host)."""
+    def prepare(self, layer: int, pages: torch.Tensor) -> object:
+        """Runs in send_layer, on the caller's thread: start device work early (e.g. an async copy to host).
+        Returns what ``messages`` needs, or None when the layer needs no message at all."""
+        raise NotImplementedError
 
     def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
         """Runs on gRPC's thread: move the layer, yield the messages that announce or carry it."""
+        raise NotImplementedError
+
+    def seal(self) -> None:
+        """No more layers come (finish or abort), on the caller's thread: e.g. pad what the peer still awaits."""
 
     def end_fields(self) -> dict:
         """Runs before END: wait for out-of-band work, return e.g. the checksum."""
+        return {}
+
+    def lost(self) -> None:
+        """The peer is gone or went silent: e.g. stop reusing state shared with it."""
 
 
 class _Outbox:
@@ -105,7 +116,7 @@ class StreamHandle:
         self._timeout_s = timeout_s
         self._aborted: str | None = None
         self._sent = 0
-        self._outbox = _Outbox(interruptible=getattr(writer, "interruptible", False))
+        self._outbox = _Outbox(interruptible=writer.interruptible)
         header = {"kind": wire.BEGIN, "spec": spec.to_wire(), "transport": writer.transport, **writer.begin_fields()}
         self._outbox.put(lambda: iter([wire.pack(header)]))
         self._future = call.future(self._outbox.stream())
@@ -114,11 +125,13 @@ class StreamHandle:
     def send_layer(self, layer: int, pages: torch.Tensor) -> None:
         if tuple(pages.shape) != self.spec.layer_shape:
             raise ValueError(f"layer {layer}: pages {tuple(pages.shape)}, expected {self.spec.layer_shape}")
-        prepared = self._writer.prepare(pages)
-        self._outbox.put(lambda: self._writer.messages(layer, prepared))
+        prepared = self._writer.prepare(layer, pages)
+        if prepared is not None:  # None: the layer went out of band with nothing to announce (no wake-up of gRPC)
+            self._outbox.put(lambda: self._writer.messages(layer, prepared))
 
     def finish(self) -> int:
         if self._aborted is None:
+            self._writer.seal()
             self._outbox.put(lambda: iter([wire.pack({"kind": wire.END, **self._writer.end_fields()})]))
             self._outbox.close()
         reply = self._wait()
@@ -130,6 +143,7 @@ class StreamHandle:
         if self._aborted is not None:
             return
         self._aborted = reason
+        self._writer.seal()
         # Even when finish() already closed the outbox: the queued layers are dropped and the abort goes next, so
         # the receiver fails the transfer now instead of after every remaining layer has crossed the wire.
         self._outbox.preempt(lambda: iter([wire.pack({"kind": wire.ABORT, "reason": reason})]))
@@ -139,6 +153,13 @@ class StreamHandle:
             pass  # the receiver is gone or gave up already: either way nothing is written any more
 
     def _wait(self) -> dict:
+        try:
+            return self._reply()
+        except (PeerUnavailable, TransferTimeout):
+            self._writer.lost()
+            raise
+
+    def _reply(self) -> dict:
         """The reply; TransferTimeout only when gRPC pulled nothing for timeout_s and no reply came."""
         while True:
             try:

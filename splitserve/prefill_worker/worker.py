@@ -145,7 +145,7 @@ class PrefillWorker:
                 )
             )
             job.started = time.perf_counter()
-            sends.append((job.handle, seq.block_table))
+            sends.append((job.handle, runner.block_index(seq.block_table)))
 
         def on_layer(layer: int) -> None:
             for handle, blocks in sends:

@@ -79,3 +79,89 @@ def test_cuda_ipc_across_processes():
 @pytest.mark.multigpu
 def test_nccl_across_gpus():
     _roundtrip("nccl", "cuda:1", "cuda:0")
+
+
+# One pair carries every scenario in turn, so each one also proves the pair is still in step after the last.
+_PAIR_SCENARIOS = ["interleaved", "sender_abort", "refused", "short", "after"]
+
+
+def _send_scenarios(endpoint, results) -> None:
+    """Child process: the prefill side of _PAIR_SCENARIOS."""
+    from splitserve.kv_transfer import TransferError
+
+    torch.cuda.set_device("cuda:1")
+    src = _on("cuda:1", seed=1)
+    sender = make_sender(KVTransferConfig(backend="nccl", timeout_s=20), endpoint, "cuda:1")
+
+    def outcome(handle) -> str:
+        try:
+            handle.finish()
+            return "ok"
+        except TransferError as err:
+            return type(err).__name__
+
+    # Two transfers begun together, layers interleaved as a batched prefill produces them.
+    a, b = sender.begin(src.spec("interleaved-a", BLOCKS)), sender.begin(src.spec("interleaved-b", [2, 3]))
+    for layer in range(src.num_layers):
+        a.send_layer(layer, src.gather_pages(layer, BLOCKS))
+        b.send_layer(layer, src.gather_pages(layer, [0, 5]))
+    results.put(("interleaved", [outcome(b), outcome(a)]))
+    c = sender.begin(src.spec("sender_abort", BLOCKS))
+    c.send_layer(0, src.gather_pages(0, BLOCKS))
+    c.abort("client cancelled")
+    results.put(("sender_abort", [outcome(c)]))
+    d = sender.begin(src.spec("refused", BLOCKS))  # the receiver aborted it before it began
+    send_all(d, src, BLOCKS)
+    results.put(("refused", [outcome(d)]))
+    e = sender.begin(src.spec("short", BLOCKS))
+    send_all(e, src, BLOCKS, layers=range(src.num_layers - 1))
+    results.put(("short", [outcome(e)]))
+    f = sender.begin(src.spec("after", [6, 7, 8]))
+    send_all(f, src, BLOCKS)
+    results.put(("after", [outcome(f)]))
+
+
+@needs_two_gpus
+@pytest.mark.multigpu
+def test_nccl_pair_stays_in_step():
+    """Interleaved transfers land in the right pages; aborts, refusals and short transfers fail cleanly and never
+    desynchronise the pair for the transfers after them."""
+    from splitserve.kv_transfer import IntegrityError, TransferAborted
+
+    dst = _on("cuda:0", seed=2)
+    receiver = make_receiver(KVTransferConfig(backend="nccl", timeout_s=20), dst)
+    try:
+        futures = {
+            "interleaved-a": receiver.expect(dst.spec("interleaved-a", BLOCKS)),
+            "interleaved-b": receiver.expect(dst.spec("interleaved-b", [2, 3])),
+            **{name: receiver.expect(dst.spec(name, BLOCKS)) for name in ["sender_abort", "refused", "short"]},
+            "after": receiver.expect(dst.spec("after", [6, 7, 8])),
+        }
+        receiver.abort("refused", "decode side gave up")
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        child = ctx.Process(target=_send_scenarios, args=(receiver.endpoint, results))
+        child.start()
+        seen = {}
+        for _ in _PAIR_SCENARIOS:
+            got, outcomes = results.get(timeout=120)
+            seen[got] = outcomes
+        child.join(timeout=30)
+        assert seen == {
+            "interleaved": ["ok", "ok"],
+            "sender_abort": ["TransferAborted"],
+            "refused": ["TransferAborted"],
+            "short": ["IntegrityError"],
+            "after": ["ok"],
+        }
+        for name in ["interleaved-a", "interleaved-b", "after"]:
+            futures[name].result(timeout=10)
+        for name, err in [("sender_abort", TransferAborted), ("refused", TransferAborted), ("short", IntegrityError)]:
+            with pytest.raises(err):
+                futures[name].result(timeout=10)
+    finally:
+        receiver.close()
+    src = _on("cuda:1", seed=1)
+    assert pages_equal(src, BLOCKS, dst, BLOCKS)
+    assert pages_equal(src, [0, 5], dst, [2, 3])
+    assert pages_equal(src, BLOCKS, dst, [6, 7, 8])
