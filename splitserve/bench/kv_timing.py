@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from splitserve.config import KVTransferConfig
+from splitserve.engine.host_copy import index_tensor
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 
 # The benchmark's default layout: one block-layer (K and V) is 64 KiB in bf16.
@@ -36,8 +37,12 @@ class PagedKV:
     def nbytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    def scatter_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None:
-        self.kv_layers[layer].index_copy_(1, torch.tensor(block_ids, device=self.device), pages.to(self.device))
+    def block_index(self, block_ids: list[int]) -> torch.Tensor:
+        return index_tensor(block_ids, self.device)
+
+    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
+        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, non_blocking=True))
 
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(

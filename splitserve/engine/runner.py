@@ -16,6 +16,7 @@ import torch
 
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
+from splitserve.engine.host_copy import index_tensor
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
@@ -295,9 +296,8 @@ class ModelRunner:
     # --- KV pages in and out, for the transfer layer ---
 
     def block_index(self, block_ids: list[int]) -> torch.Tensor:
-        """Block ids as a device tensor: build it once per transfer, since each build is a host-to-device copy
-        that waits for the stream (a layer hook that built one per layer would stall the forward pass)."""
-        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        """Block ids as a device tensor, copied without a host sync; build it once per transfer, not per layer."""
+        return index_tensor(block_ids, self.device)
 
     def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
@@ -306,7 +306,8 @@ class ModelRunner:
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
         index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
-        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype))
+        # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
+        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype, non_blocking=True))
 
     @property
     def page_shape(self) -> tuple[int, ...]:

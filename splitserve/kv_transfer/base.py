@@ -104,7 +104,10 @@ class TransferResult:
 class PageSink(Protocol):
     """Where received pages go: ``ModelRunner`` is one."""
 
-    def scatter_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None: ...
+    def block_index(self, block_ids: list[int]) -> torch.Tensor:
+        """The ids as an index on the sink's device, built once per transfer (without a host sync)."""
+
+    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None: ...
 
 
 class SendHandle(Protocol):

@@ -18,6 +18,7 @@ import msgpack
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
+from splitserve.engine.host_copy import index_tensor
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.expectations import Expectation
@@ -114,7 +115,7 @@ class IpcWriter(LayerWriter):
 
     def __init__(self, remote_kv: torch.Tensor, spec: TransferSpec, stream: torch.cuda.Stream):
         self._remote = remote_kv
-        self._index = torch.tensor(spec.dst_block_ids, dtype=torch.long, device=remote_kv.device)
+        self._index = index_tensor(spec.dst_block_ids, remote_kv.device)
         self._stream = stream
 
     def begin_fields(self) -> dict:

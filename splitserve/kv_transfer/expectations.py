@@ -63,8 +63,9 @@ class Expectation:
         with self._lock:
             if self.future.done():
                 return
+            index = self.sink.block_index(self.spec.dst_block_ids)
             for layer, pages in layers:
-                self.sink.scatter_pages(layer, self.spec.dst_block_ids, pages)
+                self.sink.scatter_pages(layer, index, pages)
                 self.landed.add(layer)
                 self.bytes += wire_bytes_each
             if settle is not None:

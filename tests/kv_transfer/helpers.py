@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.engine.host_copy import index_tensor
 from splitserve.kv_transfer import TransferSpec
 
 
@@ -22,12 +23,17 @@ class FakeRunner:
     def page_shape(self):
         return (2, *self.kv_cache.shape[3:])
 
+    def block_index(self, block_ids):
+        return index_tensor(block_ids, self.kv_cache.device)
+
+    def _index(self, block_ids):
+        return block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
+
     def gather_pages(self, layer, block_ids):
-        return self.kv_layers[layer].index_select(1, torch.tensor(block_ids, device=self.kv_layers[layer].device))
+        return self.kv_layers[layer].index_select(1, self._index(block_ids))
 
     def scatter_pages(self, layer, block_ids, pages):
-        index = torch.tensor(block_ids, device=self.kv_layers[layer].device)
-        self.kv_layers[layer].index_copy_(1, index, pages.to(self.kv_layers[layer].device, self.dtype))
+        self.kv_layers[layer].index_copy_(1, self._index(block_ids), pages.to(self.kv_cache.device, self.dtype))
 
     def spec(self, request_id, block_ids, checksum=False):
         return TransferSpec(

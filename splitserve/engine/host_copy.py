@@ -1,0 +1,19 @@
+"""Small host-to-device copies that never wait for the device.
+
+A ``torch.tensor(ids, device="cuda")`` copies from pageable memory, which waits for the stream and goes through the
+driver's one staging buffer. On a worker whose default stream is busy with forward passes, every such copy on any
+thread waits for the step in flight: a layer hook or a KV receiver that made one per layer ran at the engine's step
+rate instead of at copy speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as an int64 tensor on ``device``, copied asynchronously on the current stream from pinned memory."""
+    host = torch.tensor(ids, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
