@@ -20,6 +20,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 import ray
@@ -128,6 +129,7 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
         "cancelled": len(aborted_at),
         "completed": completed,
         "errors": sum(isinstance(r, str) and r.startswith("error") for r in results),
+        "error_codes": dict(Counter(r for r in results if isinstance(r, str) and r.startswith("error"))),
         "seconds": storm_wall,
         "goodput_rps": completed / storm_wall,
         "abort_to_freed_p50_s": _pct(freed_after, 0.5),
@@ -154,7 +156,7 @@ def _table(report: dict[str, Any]) -> str:
 
     lines += [
         "",
-        f"cancelled: {s['cancelled']} of {s['requests']}; errors: {s['errors']}",
+        f"cancelled: {s['cancelled']} of {s['requests']}; errors: {s['errors']} {s['error_codes']}",
         f"abort -> pages freed: p50 {ms(s['abort_to_freed_p50_s'])}, p99 {ms(s['abort_to_freed_p99_s'])}",
         f"last cancel -> every page free: {ms(s['last_cancel_to_idle_s'])}",
         f"stranded pages: {s['stranded_pages']} (must be 0); requests left in flight: {s['inflight_left']}",

@@ -11,6 +11,8 @@ after ``receiver.abort`` returns; pages reused at once could see one stale layer
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -144,6 +146,8 @@ class IpcWriter(LayerWriter):
 def writer_factory(endpoint: ReceiverEndpoint) -> Callable[[TransferSpec], IpcWriter]:
     if endpoint.ipc_handle is None:
         raise ValueError("cuda_ipc: the receiver exported no KV cache handle")
+    if endpoint.pid == os.getpid() and endpoint.hostname == socket.gethostname():
+        raise ValueError("cuda_ipc: the receiver is in this process, where CUDA cannot open its handle (use local)")
     remote = open_kv_cache(endpoint.ipc_handle)
     stream = torch.cuda.Stream(device=remote.device)
     return lambda spec: IpcWriter(remote, spec, stream)

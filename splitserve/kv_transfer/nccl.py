@@ -7,14 +7,15 @@ receiver): the sender announces the pair in the store, the receiver's watcher th
 one warm-up element.
 
 NCCL has no tags: a pair's sends match its receives in issue order. So each transfer takes a sequence number on
-its pair when it begins; the sender issues the layers of transfer k only after every layer of transfer k-1 (later
-transfers queue their layers meanwhile), and the receiver, at each BEGIN, posts all of that transfer's receives
-at once, strictly in sequence order. No message travels per layer: the sender enqueues each send from the layer
-hook (on the pair's stream, after an event marking that layer's pages ready), and the receiver lands every layer
-under one lock when END arrives and its receives are done. Every announced layer must be sent, so a transfer that
-ends early (finish or abort) pads its missing layers, and the receiver drains an aborted transfer instead of cutting
-it off (``drains``). A pair that loses step (a BEGIN that never came, receives that never completed) is dropped
-on both sides, and the next transfer builds a new one.
+its pair when it begins; the sender issues the sends of transfer k only after every send of transfer k-1 (later
+transfers queue theirs meanwhile), and the receiver, at each BEGIN, posts all of that transfer's receives at once,
+strictly in sequence order. Layers travel in a few chunks (``chunk_bounds``), and no message travels per chunk: the
+layer hook copies each layer into its chunk and enqueues the chunk's send once it is full (on the pair's stream,
+after an event marking it ready), and the receiver lands every layer under one lock when END arrives and its
+receives are done. Every announced chunk must be sent, so a transfer that ends early (finish or abort) pads its
+missing chunks, and the receiver drains an aborted transfer instead of cutting it off (``drains``). A pair that
+loses step (a BEGIN that never came, receives that never completed) is dropped on both sides, and the next
+transfer builds a new one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ _RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
 _PAIRS = "kv/pairs"  # counter of announced pairs; pair i's name is at kv/pair/i
 _WATCH_POLL = timedelta(hours=1)  # long: c10d logs a warning at every timed-out wait
 _POLL_S = 50e-6
+# Layers travel in this many sends per transfer. Each pending NCCL operation takes a slot in the communicator's work
+# queue, and a queue filled by receives posted ahead of their sends blocks the next post on the host: one send per
+# layer (32 for an 8B model) stalled receivers by whole prefill passes once a few transfers were in flight. With 4,
+# only the last quarter of a transfer is left to move after the prefill's last layer.
+_CHUNKS = 4
+
+
+def chunk_bounds(num_layers: int) -> list[tuple[int, int]]:
+    """The [first, last) layers of each send: both sides derive them from the spec."""
+    size = -(-num_layers // min(_CHUNKS, num_layers))
+    return [(first, min(first + size, num_layers)) for first in range(0, num_layers, size)]
 
 
 def _pair_group(store: dist.Store, pair: str, rank: int, device: torch.device) -> dist.ProcessGroupNCCL:
@@ -86,13 +98,12 @@ class _Received:
     pair: str
     staging: torch.Tensor  # [num_layers, *layer_shape], allocated on the pair's stream
     done: torch.cuda.Event
-    stream: torch.cuda.Stream
 
 
 @dataclass
 class _InPair:
     group: dist.ProcessGroupNCCL
-    stream: torch.cuda.Stream  # receives and scatters: a wedged pair must not hold up the others
+    stream: torch.cuda.Stream  # receives only: a wedged pair must not hold up the others
     next_seq: int = 0
 
 
@@ -110,6 +121,9 @@ class NcclInbox(OutOfBand):
         self._pairs: dict[str, _InPair] = {}
         self._lost: set[str] = set()
         self._turn = threading.Condition()
+        # Scatters go on their own stream: on a pair's stream they would queue behind the receives of the transfers
+        # begun since, which complete only when those prompts' prefill is done.
+        self._land_stream = torch.cuda.Stream(self._device)
         # Its own client: a TCPStore client serialises its calls, and the watcher blocks in wait().
         watch_store = dist.TCPStore(host, self._store.port, is_master=False, timeout=_WATCH_POLL)
         threading.Thread(target=self._watch, args=(watch_store,), name="nccl-pairs", daemon=True).start()
@@ -135,7 +149,7 @@ class NcclInbox(OutOfBand):
             index += 1
 
     def open(self, spec: TransferSpec, begin: dict) -> _Received:
-        """Post every layer's receive in the pair's sequence order, whether or not the transfer will be claimed."""
+        """Post every chunk's receive in the pair's sequence order, whether or not the transfer will be claimed."""
         name, seq = begin.get("pair"), begin.get("seq")
         if not isinstance(name, str) or not isinstance(seq, int):
             raise IntegrityError("nccl: BEGIN without its pair name and sequence number")
@@ -157,14 +171,14 @@ class NcclInbox(OutOfBand):
                 raise TransferError(f"nccl: pair {name} lost step at transfer {seq}")
             with torch.cuda.stream(pair.stream):
                 staging = torch.empty((spec.num_layers, *spec.layer_shape), dtype=spec.torch_dtype, device=self._device)
-                for layer in range(spec.num_layers):
+                for first, last in chunk_bounds(spec.num_layers):
                     # wait() orders the pair's stream after NCCL's; it does not block this thread.
-                    pair.group.recv([staging[layer]], _SENDER, 0).wait()  # type: ignore[attr-defined]
+                    pair.group.recv([staging[first:last]], _SENDER, 0).wait()  # type: ignore[attr-defined]
                 done = torch.cuda.Event()
                 done.record(pair.stream)
             pair.next_seq = seq + 1
             self._turn.notify_all()
-        return _Received(name, staging, done, pair.stream)
+        return _Received(name, staging, done)
 
     def close(self, exp: Expectation, opened: object, end: dict) -> None:
         """At END: once the receives are done, scatter the layers sent for real (none if the transfer was aborted;
@@ -177,10 +191,9 @@ class NcclInbox(OutOfBand):
             with self._turn:
                 self._lose(opened.pair, f"{exp.spec.request_id}: receives not done after {self._timeout_s:g} s")
             raise TransferTimeout(f"{exp.spec.request_id}: the sender's pages never arrived")
-        layer_bytes = exp.spec.layer_bytes
-        with torch.cuda.stream(opened.stream):
+        with torch.cuda.stream(self._land_stream):
             layers = enumerate(opened.staging[:sent].unbind(0))
-            exp.land_layers(layers, layer_bytes, settle=opened.stream.synchronize)
+            exp.land_layers(layers, exp.spec.layer_bytes, settle=self._land_stream.synchronize)
 
     def _lose(self, name: str, why: str) -> None:
         """Drop a pair (caller holds the lock): its later transfers fail at once and the sender builds a new one."""
@@ -217,29 +230,29 @@ class _Pair:
             self._waiting.append(writer)
             return seq
 
-    def submit(self, writer: NcclWriter, pages: torch.Tensor) -> bool:
-        """On the engine's thread: issue the layer now if its transfer is the oldest unfinished one, else queue it."""
+    def submit(self, writer: NcclWriter, chunk: torch.Tensor) -> bool:
+        """On the engine's thread: issue the chunk now if its transfer is the oldest unfinished one, else queue it."""
         ready = torch.cuda.Event()
-        ready.record()  # on the engine's stream, right after the layer's pages were gathered
-        pages.record_stream(self.stream)  # the allocator must not reuse them before the send has read them
+        ready.record()  # on the engine's stream, right after the chunk's last layer was copied in
+        chunk.record_stream(self.stream)  # the allocator must not reuse it before the send has read it
         with self._lock:
             if writer.sealed:
-                return False  # finish or abort came first and padded this layer
-            writer.queued.append((pages, ready))
+                return False  # finish or abort came first and padded this chunk
+            writer.queued.append((chunk, ready))
             self._flush()
             return True
 
     def seal(self, writer: NcclWriter) -> None:
-        """No more layers come: send throwaway pages for each one not sent, since the receiver posted them all."""
+        """No more layers come: send a throwaway chunk for each one not sent, since the receiver posted them all."""
         with self._lock:
             if writer.sealed:
                 return
             writer.sealed = True
-            missing = writer.spec.num_layers - writer.issued - len(writer.queued)
-            if missing > 0:
+            for first, last in writer.bounds[writer.issued + len(writer.queued) :]:
+                shape = (last - first, *writer.spec.layer_shape)
                 with torch.cuda.stream(self.stream):
-                    filler = torch.empty(writer.spec.layer_shape, dtype=writer.spec.torch_dtype, device=self.device)
-                writer.queued.extend((filler, None) for _ in range(missing))
+                    filler = torch.empty(shape, dtype=writer.spec.torch_dtype, device=self.device)
+                writer.queued.append((filler, None))
             self._flush()
 
     def _flush(self) -> None:
@@ -248,14 +261,14 @@ class _Pair:
             while head.queued:
                 self._issue(*head.queued.popleft())
                 head.issued += 1
-            if head.issued < head.spec.num_layers:
+            if head.issued < len(head.bounds):
                 return
             self._waiting.popleft()
 
     def _issue(self, pages: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         with torch.cuda.stream(self.stream):
             # On the engine's stream the send would wait for everything queued there since (the next layers,
-            # the next prompts); on the pair's stream it waits for this layer only.
+            # the next prompts); on the pair's stream it waits for this chunk only.
             if ready is not None:
                 self.stream.wait_event(ready)
             self.group.send([pages], _RECEIVER, 0).wait()  # type: ignore[attr-defined]  # missing from the stubs
@@ -268,28 +281,40 @@ class NcclWriter(LayerWriter):
 
     def __init__(self, pair: _Pair, spec: TransferSpec):
         self.spec = spec
+        self.bounds = chunk_bounds(spec.num_layers)
         self._pair = pair
         self.queued: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()  # guarded by the pair's lock
-        self.issued = 0
+        self.issued = 0  # chunks sent
         self.sealed = False
-        self._submitted = 0  # real layers handed over, in order; the rest is padding
+        self._next_layer = 0
+        self._chunk: torch.Tensor | None = None  # the chunk being filled, on the engine's stream
+        self._shipped = 0  # layers in chunks handed over for real; what follows is padding
         self.seq = pair.enlist(self)
 
     def begin_fields(self) -> dict:
         return {"pair": self._pair.name, "seq": self.seq, "checksum": False}
 
     def prepare(self, layer: int, pages: torch.Tensor) -> None:
-        """From the layer hook, on the engine's thread: the send is enqueued here, not on gRPC's thread."""
-        if layer != self._submitted:
-            raise ValueError(f"nccl: layer {layer} sent after {self._submitted} layers (layers go in order)")
-        if self._pair.submit(self, pages.contiguous()):
-            self._submitted += 1
+        """From the layer hook, on the engine's thread: copy the layer into its chunk, and enqueue the chunk's send
+        here (not on gRPC's thread) once its last layer is in."""
+        if layer != self._next_layer:
+            raise ValueError(f"nccl: layer {layer} sent after {self._next_layer} layers (layers go in order)")
+        self._next_layer += 1
+        first, last = next((f, t) for f, t in self.bounds if f <= layer < t)
+        if layer == first:
+            self._chunk = torch.empty((last - first, *pages.shape), dtype=pages.dtype, device=pages.device)
+        assert self._chunk is not None
+        self._chunk[layer - first].copy_(pages)
+        if layer == last - 1:
+            if self._pair.submit(self, self._chunk):
+                self._shipped = last
+            self._chunk = None
 
     def seal(self) -> None:
         self._pair.seal(self)
 
     def end_fields(self) -> dict:
-        return {"layers": self._submitted}
+        return {"layers": self._shipped}
 
     def lost(self) -> None:
         """The receiver is gone or dropped the pair: it may be out of step, so the next transfer builds a new one."""

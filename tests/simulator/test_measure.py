@@ -131,7 +131,8 @@ def test_quick_cpu_profile_of_the_tiny_model(measured, capsys):
     tokens, seconds = profile.prefill.tokens, profile.prefill.seconds
     assert tokens[0] == 1 and tokens[-1] == BATCH_TOKENS
     assert all(s > 0 for s in seconds) and seconds == sorted(seconds) and seconds[-1] > seconds[0]
-    assert profile.decode.base_s > 0
+    # A step costs something; how the fit splits it between base and per-sequence is up to the (noisy) CPU.
+    assert profile.decode.base_s + profile.decode.per_seq_s > 0
     assert set(profile.kv_transfer) == {"local", "grpc", "nccl"}
     assert all(t.bandwidth_bytes_per_s > 0 for t in profile.kv_transfer.values())
     assert (profile.kv_transfer["nccl"].latency_s, profile.kv_transfer["nccl"].bandwidth_bytes_per_s) == (5e-4, 2e10)

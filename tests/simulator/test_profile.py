@@ -5,15 +5,22 @@ import pytest
 
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import load_profile
+from tests.simulator.conftest import PROFILES
 
 
-def test_shipped_profiles_follow_the_roofline(h100, h200):
-    # same compute, faster HBM: H200 is faster where memory-bound (small prefill, decode) and equal when compute-bound
-    assert h200.prefill_time(64) < h100.prefill_time(64)
-    assert h200.prefill_time(8192) == pytest.approx(h100.prefill_time(8192))
-    assert h200.decode_step_time(64, 64_000) < h100.decode_step_time(64, 64_000)
-    assert h200.kv_capacity_tokens > h100.kv_capacity_tokens
-    assert h100.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+def test_shipped_profiles_are_consistent(h100, h200):
+    """One model shape on two GPUs: the same KV per token; time grows with tokens, batch and context on both."""
+    assert h100.kv_bytes_per_token == h200.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+    for profile in (h100, h200):
+        assert profile.prefill.seconds == sorted(profile.prefill.seconds)
+        assert profile.prefill_time(8192) > profile.prefill_time(64)
+        assert profile.decode_step_time(64, 64_000) > profile.decode_step_time(1, 512) > 0
+        assert "nccl" in profile.kv_transfer
+
+
+def test_the_h200_profile_is_measured():
+    header = (PROFILES / "llama3-8b-h200.yaml").read_text().split("\nmodel:")[0]
+    assert header.startswith("# Measured by `splitserve profile` on ") and "PROVISIONAL" not in header
 
 
 def test_prefill_interpolates_between_points_and_extrapolates_past_the_last(h100):
