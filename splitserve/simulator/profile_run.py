@@ -119,10 +119,11 @@ def _rounded(value: Any) -> Any:
 
 def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> list[str]:
     raised = sum(m < s for m, s in zip(compute.prefill_measured, compute.prefill_seconds, strict=True))
+    measured = zip(compute.prefill_tokens, compute.prefill_measured, strict=True)
     lines = [
         f"prefill: one engine.prefill per batch size (one prompt, split only at the model's context), median of "
         f"{sweep.prefill_repeats}; {raised} point(s) raised to a smaller batch's time (a bigger batch is never "
-        "faster: noise).",
+        "faster: noise). Measured (tokens: ms): " + ", ".join(f"{n}: {t * 1e3:.3g}" for n, t in measured) + "."
         f"decode: one step (forward + sampling) at a constant context, median of {sweep.decode_steps}, per batch x "
         "context (ms, measured):",
     ]
