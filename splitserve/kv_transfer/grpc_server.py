@@ -178,7 +178,7 @@ class TransferServer:
         while True:
             msg = await self._next(messages, abort_wait)
             if msg.kind == wire.CHUNK:
-                if begin["checksum"]:
+                if begin.get("checksum"):
                     checksum = codec.crc32(msg.payload, checksum)
                 pages = assembler.add(msg.header, msg.payload)
                 if pages is not None:
@@ -192,7 +192,7 @@ class TransferServer:
                     await asyncio.to_thread(path.close, exp, opened, msg.header)
                 if exp.done:  # aborted while draining: report that abort
                     exp.future.result()
-                if begin["checksum"] and transport == "grpc" and msg.header["checksum"] != checksum:
+                if begin.get("checksum") and transport == "grpc" and msg.header["checksum"] != checksum:
                     raise IntegrityError(f"{exp.spec.request_id}: checksum mismatch")
                 result = exp.complete(transport)
                 return {"ok": True, "bytes": result.bytes}
