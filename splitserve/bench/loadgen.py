@@ -3,7 +3,8 @@
 Open loop means a send never waits for an earlier response, so a saturated cluster shows up as growing latency and
 errors (as real traffic would make it) instead of as a politely slower client. Latencies are measured here, at the
 client, from the send: TTFT to the first event carrying tokens, E2E to the last event, TPOT as the mean gap after
-the first token. The KV transfer time is the server's (the last event's timing).
+the first token, and the gap from the first token to the second on its own (where a disaggregated transfer's
+unhidden part shows). The KV transfer time is the server's (the last event's timing).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
     base = RequestRecord(request.index, len(request.prompt_token_ids), request.max_tokens, status=OK)
     sent = time.monotonic()
     first: float | None = None
+    second: float | None = None
     tokens = 0
     kv_ms: float | None = None
     try:
@@ -40,8 +42,11 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
         )
         async with aclosing(stream) as events:
             async for event in events:
-                if event.token_ids and first is None:
-                    first = time.monotonic()
+                if event.token_ids:
+                    now = time.monotonic()
+                    first = first if first is not None else now
+                    if second is None and tokens + len(event.token_ids) >= 2:
+                        second = now  # the first event may carry both: then the gap is 0
                 tokens += len(event.token_ids)
                 if event.timing is not None:
                     kv_ms = event.timing.kv_transfer_ms
@@ -57,6 +62,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
         tpot_ms=(end - first) * 1000 / (tokens - 1) if tokens > 1 else None,
         e2e_ms=(end - sent) * 1000,
         kv_transfer_ms=kv_ms,
+        second_token_ms=None if second is None else (second - first) * 1000,
     )
 
 

@@ -32,6 +32,9 @@ class RequestRecord:
     tpot_ms: float | None = None
     e2e_ms: float | None = None
     kv_transfer_ms: float | None = None
+    # First token to second at the client. Disaggregated, it holds what of the KV transfer the prefill did not hide,
+    # plus the decode worker's admission; colocated, one decode step. None with fewer than two tokens.
+    second_token_ms: float | None = None
 
     def meets(self, slo: SLO) -> bool:
         if self.status != OK or self.ttft_ms is None or self.ttft_ms > slo.ttft_ms:
@@ -69,6 +72,7 @@ class Summary:
     ttft_ms: dict[str, float | None]
     tpot_ms: dict[str, float | None]
     e2e_ms: dict[str, float | None]
+    second_token_ms: dict[str, float | None]
     mean_ttft_ms: float | None
     mean_kv_transfer_ms: float | None
     kv_share_of_ttft: float | None  # mean KV transfer time over mean TTFT
@@ -102,6 +106,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO, lab
         ttft_ms=percentiles(ttfts),
         tpot_ms=percentiles(_present(ok, "tpot_ms")),
         e2e_ms=percentiles(_present(ok, "e2e_ms")),
+        second_token_ms=percentiles(_present(ok, "second_token_ms")),
         mean_ttft_ms=mean_ttft,
         mean_kv_transfer_ms=mean_kv,
         kv_share_of_ttft=mean_kv / mean_ttft if mean_kv is not None and mean_ttft else None,

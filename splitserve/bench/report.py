@@ -25,6 +25,7 @@ _COLUMNS = (
     ("SLO %", ">"),
     ("TTFT p50/p90/p99 ms", ">"),
     ("TPOT p50/p90/p99 ms", ">"),
+    ("1st→2nd p50/p90/p99 ms", ">"),
     ("KV % TTFT", ">"),
 )
 
@@ -44,6 +45,7 @@ def _row(s: Summary) -> list[str]:
         f"{100 * s.slo_attainment:.0f}",
         _ms(s.ttft_ms),
         _ms(s.tpot_ms),
+        _ms(s.second_token_ms),
         "-" if s.kv_share_of_ttft is None else f"{100 * s.kv_share_of_ttft:.1f}",
     ]
 

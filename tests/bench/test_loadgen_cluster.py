@@ -49,6 +49,10 @@ def test_sweep_and_errors_add_up_on_a_real_cluster(ray_local, tiny_model_dir, tm
     assert all((r.kv_transfer_ms or 0.0) > 0 for r in records if r.max_tokens > 1)
     assert any(r.max_tokens > 1 for r in records)
     assert all((r.tpot_ms is None) == (r.max_tokens == 1) for r in records)
+    gaps = [r.second_token_ms for r in records]
+    assert all((g is None) == (r.max_tokens == 1) for g, r in zip(gaps, records, strict=True))
+    assert all(g is None or 0 <= g <= r.e2e_ms for g, r in zip(gaps, records, strict=True))
+    assert s.second_token_ms["p50"] is not None
 
     assert [r.status for r in mixed] == ["ok", "ok", "invalid_argument"]
     counted = summarize(mixed, duration, SLO(), "mixed", None)

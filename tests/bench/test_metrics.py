@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from splitserve.bench.metrics import RequestRecord, max_goodput, percentiles, summarize
@@ -52,6 +54,14 @@ def test_kv_share_is_mean_transfer_over_mean_ttft():
     assert (s.mean_ttft_ms, s.mean_kv_transfer_ms, s.kv_share_of_ttft) == pytest.approx((200.0, 20.0, 0.1))
     colocated = summarize([_ok(0, ttft=100, tpot=10)], 1.0, SLO_DEFAULT, "x", 1.0)
     assert colocated.kv_share_of_ttft is None
+
+
+def test_second_token_gap_percentiles_skip_one_token_requests():
+    records = [replace(_ok(i, ttft=100, tpot=10), second_token_ms=float(g)) for i, g in enumerate([10, 20, 30])]
+    records.append(_ok(3, ttft=100, tpot=None, tokens=1))
+    s = summarize(records, 1.0, SLO_DEFAULT, "x", 1.0)
+    assert s.second_token_ms["p50"] == pytest.approx(20.0)
+    assert s.second_token_ms["p99"] == pytest.approx(29.8)
 
 
 def test_max_goodput_is_the_highest_rate_with_ninety_percent_attainment():
