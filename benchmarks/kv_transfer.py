@@ -1,11 +1,12 @@
 """KV transfer throughput per backend, each next to a baseline measured in the same run.
 
-Baselines: a plain TCP socket copy over loopback (for grpc and local), plain NCCL send/recv (nccl, two GPUs).
-cuda_ipc is not measured yet: it needs the receiver in a second process (CUDA cannot open an IPC handle in the
-process that exported it). Compression accuracy (max abs / relative error) is reported for int8 and fp8.
+Baselines: a plain TCP socket copy over loopback (for grpc and local), plain NCCL send/recv (nccl, two GPUs), a
+device-to-device copy (cuda_ipc). nccl and cuda_ipc need the receiver in a second process: ``kv_transfer_pair.py``.
+Compression accuracy (max abs / relative error) is reported for int8 and fp8.
 
     python benchmarks/kv_transfer.py [--sizes-mb 1 16 256] [--with-1gb] [--out results/kv_transfer.json]
-    python benchmarks/kv_transfer.py --nccl [--overlap-prompt 2048]    # two GPUs: see kv_transfer_nccl.py
+    python benchmarks/kv_transfer.py --nccl [--overlap-prompt 2048]    # two GPUs: see kv_transfer_pair.py
+    python benchmarks/kv_transfer.py --cuda-ipc                        # one GPU, receiver in a second process
 """
 
 from __future__ import annotations
@@ -75,15 +76,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--nccl", action="store_true", help="the nccl backend between two GPUs vs plain NCCL p2p")
+    ap.add_argument("--cuda-ipc", action="store_true", help="cuda_ipc to a second process on one GPU vs a device copy")
     ap.add_argument("--overlap-prompt", type=int, help="with --nccl: prefill+stream overlap for this prompt (8B)")
     ap.add_argument("--out", default="results/kv_transfer.json")
     args = ap.parse_args()
     sizes = args.sizes_mb + ([1000] if args.with_1gb else [])
     dtype = getattr(torch, args.dtype)
-    if args.nccl:
-        import kv_transfer_nccl
+    if args.nccl or args.cuda_ipc:
+        import kv_transfer_pair
 
-        _write(args.out, kv_transfer_nccl.run(sizes, dtype, args.repeats, args.overlap_prompt))
+        backend = "nccl" if args.nccl else "cuda_ipc"
+        _write(args.out, kv_transfer_pair.run(backend, sizes, dtype, args.repeats, args.overlap_prompt))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

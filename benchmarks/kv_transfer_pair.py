@@ -1,7 +1,10 @@
-"""The nccl backend across two GPUs, next to plain NCCL send/recv between the same two processes in the same run,
-and (``--overlap-prompt``) how much of the layer-wise stream prefill compute hides on an 8B model.
+"""The backends that need the receiver in a second process, each next to its baseline in the same run:
+``nccl`` between two GPUs (baseline: plain NCCL send/recv between the same two processes) and, with
+``--overlap-prompt``, how much of the layer-wise stream prefill compute hides on an 8B model; ``cuda_ipc`` on one GPU
+(baseline: a device-to-device copy of the same bytes; CUDA cannot open an IPC handle in the process that made it).
 
-This process sends from cuda:0; a spawned one receives on cuda:1. Run through ``kv_transfer.py --nccl``.
+This process sends from cuda:0; a spawned one receives (on cuda:1 for nccl, cuda:0 for cuda_ipc). Run through
+``kv_transfer.py --nccl`` or ``kv_transfer.py --cuda-ipc``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from splitserve.bench.kv_timing import PagedKV
 from splitserve.config import KVTransferConfig
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 
-NCCL = KVTransferConfig(backend="nccl")
-SENDER, RECEIVER = "cuda:0", "cuda:1"
+SENDER = "cuda:0"
 REPLY_TIMEOUT_S = 300
 
 
@@ -27,9 +29,9 @@ def _plain_pair(store: dist.Store, rank: int) -> dist.ProcessGroupNCCL:
     return dist.ProcessGroupNCCL(dist.PrefixStore("plain/", store), rank, 2, dist.ProcessGroupNCCL.Options())
 
 
-def _receiver_main(commands: Any, replies: Any) -> None:
+def _receiver_main(commands: Any, replies: Any, backend: str, device: str) -> None:
     """The receiving process: builds KV caches and receivers on request, and runs the plain p2p baseline."""
-    torch.cuda.set_device(RECEIVER)
+    torch.cuda.set_device(device)
     receiver = None
     while True:
         command, *args = commands.get()
@@ -39,8 +41,8 @@ def _receiver_main(commands: Any, replies: Any) -> None:
             layers, blocks, page, dtype_name = args
             if receiver is not None:
                 receiver.close()
-            sink = PagedKV(layers, blocks, page, getattr(torch, dtype_name), RECEIVER)
-            receiver = make_receiver(NCCL, sink)
+            sink = PagedKV(layers, blocks, page, getattr(torch, dtype_name), device)
+            receiver = make_receiver(KVTransferConfig(backend=backend), sink)
             replies.put(receiver.endpoint)
         elif command == "expect":
             assert receiver is not None
@@ -50,8 +52,8 @@ def _receiver_main(commands: Any, replies: Any) -> None:
             host, port, nbytes, rounds = args
             store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
             group = _plain_pair(store, 1)
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=RECEIVER)
-            ack = torch.zeros(1, device=RECEIVER)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            ack = torch.zeros(1, device=device)
             for _ in range(rounds):
                 group.recv([buf], 0, 0).wait()  # type: ignore[attr-defined]
                 group.send([ack], 0, 0).wait()  # type: ignore[attr-defined]
@@ -62,10 +64,13 @@ def _receiver_main(commands: Any, replies: Any) -> None:
 class Pair:
     """The two processes; commands go to the receiver over a queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str, receiver_device: str) -> None:
+        self.backend = backend
+        self.config = KVTransferConfig(backend=backend)
         ctx = mp.get_context("spawn")
         self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        self.child = ctx.Process(target=_receiver_main, args=(self.commands, self.replies), daemon=True)
+        args = (self.commands, self.replies, backend, receiver_device)
+        self.child = ctx.Process(target=_receiver_main, args=args, daemon=True)
         self.child.start()
         torch.cuda.set_device(SENDER)
 
@@ -76,6 +81,20 @@ class Pair:
     def close(self) -> None:
         self.commands.put(("stop",))
         self.child.join(timeout=60)
+
+
+def device_copy_seconds(pair: Pair, nbytes: int, repeats: int) -> float:
+    """Best device-to-device copy of ``nbytes`` on the sender's GPU: what cuda_ipc's copies are bounded by."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=SENDER)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def plain_p2p_seconds(pair: Pair, nbytes: int, repeats: int) -> float:
@@ -98,13 +117,13 @@ def plain_p2p_seconds(pair: Pair, nbytes: int, repeats: int) -> float:
 
 
 def backend_seconds(pair: Pair, src: PagedKV, repeats: int) -> float:
-    """Best time of a whole transfer through the nccl backend, layer by layer, until the receiver has it all."""
+    """Best time of a whole transfer through the pair's backend, layer by layer, until the receiver has it all."""
     endpoint = pair.ask("open", src.layers, src.blocks, src.page, str(src.dtype).removeprefix("torch."))
-    sender = make_sender(NCCL, endpoint, SENDER)
+    sender = make_sender(pair.config, endpoint, SENDER)
     times = []
     try:
-        for i in range(repeats + 1):  # the first transfer sets the pair's communicator up
-            spec = src.spec(f"nccl-{i}")
+        for i in range(repeats + 1):  # the first transfer sets the pair (communicator, IPC mapping) up
+            spec = src.spec(f"{pair.backend}-{i}")
             assert pair.ask("expect", spec) == "ready"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -118,28 +137,32 @@ def backend_seconds(pair: Pair, src: PagedKV, repeats: int) -> float:
     return min(times[1:])
 
 
+BASELINES = {"nccl": ("plain NCCL send/recv", plain_p2p_seconds), "cuda_ipc": ("device copy", device_copy_seconds)}
+
+
 def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats: int) -> list[dict]:
+    baseline, baseline_seconds = BASELINES[pair.backend]
     rows = []
     for mb in sizes_mb:
         src = PagedKV.sized(mb, dtype, SENDER)
         nbytes = src.kv_cache.numel() * src.kv_cache.element_size()
         ours = backend_seconds(pair, src, repeats)
-        plain = plain_p2p_seconds(pair, nbytes, repeats)
+        base = baseline_seconds(pair, nbytes, repeats)
         rows.append(
             {
                 "size_mb": nbytes / 1e6,
-                "backend": "nccl",
+                "backend": pair.backend,
                 "layers": src.layers,
                 "gb_per_s": nbytes / ours / 1e9,
-                "baseline": "plain NCCL send/recv",
-                "baseline_gb_per_s": nbytes / plain / 1e9,
-                "ratio": plain / ours,
+                "baseline": baseline,
+                "baseline_gb_per_s": nbytes / base / 1e9,
+                "ratio": base / ours,
             }
         )
         r = rows[-1]
         print(
-            f"{r['size_mb']:8.1f} MB  nccl {r['gb_per_s']:7.1f} GB/s   "
-            f"plain p2p {r['baseline_gb_per_s']:7.1f} GB/s   ratio {r['ratio']:.2f}",
+            f"{r['size_mb']:8.1f} MB  {pair.backend} {r['gb_per_s']:7.1f} GB/s   "
+            f"{baseline} {r['baseline_gb_per_s']:7.1f} GB/s   ratio {r['ratio']:.2f}",
             flush=True,
         )
     return rows
@@ -168,7 +191,7 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     blocks = engine.blocks.blocks_for(prompt_len)
     block, heads, dim = runner.page_shape[1:]
     endpoint = pair.ask("open", runner.spec.num_layers, blocks, (block, heads, dim), "bfloat16")
-    sender = make_sender(NCCL, endpoint, SENDER)
+    sender = make_sender(pair.config, endpoint, SENDER)
     prompt = [(7 * j) % 1000 for j in range(prompt_len)]
 
     def spec_of(request_id: str) -> TransferSpec:
@@ -233,13 +256,14 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     return result
 
 
-def run(sizes_mb: list[float], dtype: torch.dtype, repeats: int, overlap_prompt: int | None) -> dict:
-    if torch.cuda.device_count() < 2:
+def run(backend: str, sizes_mb: list[float], dtype: torch.dtype, repeats: int, overlap_prompt: int | None) -> dict:
+    """``nccl`` (two GPUs, and the overlap with ``overlap_prompt``) or ``cuda_ipc`` (one GPU)."""
+    if backend == "nccl" and torch.cuda.device_count() < 2:
         raise SystemExit("--nccl needs two GPUs")
-    pair = Pair()
+    pair = Pair(backend, "cuda:1" if backend == "nccl" else SENDER)
     try:
         rows = transfer_rows(pair, sizes_mb, dtype, repeats)
-        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt else None
+        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt and backend == "nccl" else None
     finally:
         pair.close()
     return {"device": torch.cuda.get_device_name(0), "rows": rows, "overlap": hidden}
