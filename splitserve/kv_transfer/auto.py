@@ -15,7 +15,7 @@ def nccl_available() -> bool:
 def choose_backend(endpoint: ReceiverEndpoint, here: PeerInfo) -> tuple[str, str]:
     offers = set(endpoint.backends)
     same_host = endpoint.hostname == here.hostname
-    if "local" in offers and same_host and endpoint.pid == here.pid:
+    if "local" in offers and endpoint.in_process(here):
         return "local", "sender and receiver are the same process"
     both_cuda = here.device == "cuda" and endpoint.device == "cuda"
     if both_cuda and same_host and "cuda_ipc" in offers and endpoint.gpu_uuid is not None:

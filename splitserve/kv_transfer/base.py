@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from splitserve.kv_transfer.peer import PeerInfo
+
 
 @dataclass(frozen=True)
 class TransferSpec:
@@ -89,6 +91,10 @@ class ReceiverEndpoint:
     ipc_handle: bytes | None = None  # msgpack of the exported KV cache tensor (cuda_ipc)
     nccl_store: str | None = None  # "host:port" of the TCPStore for per-pair NCCL groups
     backends: tuple[str, ...] = field(default_factory=tuple)  # what this receiver accepts
+
+    def in_process(self, here: PeerInfo) -> bool:
+        """Whether the receiver lives in the process ``here`` describes."""
+        return self.hostname == here.hostname and self.pid == here.pid
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ after ``receiver.abort`` returns; pages reused at once could see one stale layer
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +23,7 @@ from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import OutOfBand
-from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index
+from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index, this_process
 from splitserve.kv_transfer.stream_sender import LayerWriter
 
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
@@ -146,7 +144,7 @@ class IpcWriter(LayerWriter):
 def writer_factory(endpoint: ReceiverEndpoint) -> Callable[[TransferSpec], IpcWriter]:
     if endpoint.ipc_handle is None:
         raise ValueError("cuda_ipc: the receiver exported no KV cache handle")
-    if endpoint.pid == os.getpid() and endpoint.hostname == socket.gethostname():
+    if endpoint.in_process(this_process()):
         raise ValueError("cuda_ipc: the receiver is in this process, where CUDA cannot open its handle (use local)")
     remote = open_kv_cache(endpoint.ipc_handle)
     stream = torch.cuda.Stream(device=remote.device)
