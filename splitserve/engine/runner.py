@@ -299,13 +299,15 @@ class ModelRunner:
         """Block ids as a device tensor, copied without a host sync; build it once per transfer, not per layer."""
         return index_tensor(block_ids, self.device)
 
+    def _as_index(self, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        return block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
+
     def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
-        return self.kv_layers[layer].index_select(1, index)
+        return self.kv_layers[layer].index_select(1, self._as_index(block_ids))
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
-        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
+        index = self._as_index(block_ids)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
         self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype, non_blocking=True))
 

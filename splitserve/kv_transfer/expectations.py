@@ -30,6 +30,7 @@ class Expectation:
         self.started = time.perf_counter()
         self.landed: set[int] = set()
         self.bytes = 0
+        self._index: torch.Tensor | None = None  # dst_block_ids on the sink's device, built at the first landing
         self._lock = threading.Lock()
         self._on_abort: list[Callable[[str], None]] = []
 
@@ -63,9 +64,10 @@ class Expectation:
         with self._lock:
             if self.future.done():
                 return
-            index = self.sink.block_index(self.spec.dst_block_ids)
+            if self._index is None:
+                self._index = self.sink.block_index(self.spec.dst_block_ids)
             for layer, pages in layers:
-                self.sink.scatter_pages(layer, index, pages)
+                self.sink.scatter_pages(layer, self._index, pages)
                 self.landed.add(layer)
                 self.bytes += wire_bytes_each
             if settle is not None:
