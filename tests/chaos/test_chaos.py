@@ -51,6 +51,17 @@ async def _batch(h: Harness, tag: str, ps: list[list[int]], max_tokens: int) -> 
     return time.monotonic() - t0, list(outs)
 
 
+async def _until_a_first_token(h: Harness, tag: str, ps: list[list[int]]) -> list[asyncio.Future]:
+    """Start the requests (40 tokens each) and return once any has its first token: the rest are mid-prefill or
+    mid-transfer."""
+    first = asyncio.Event()
+    tasks = [
+        asyncio.ensure_future(run_request(h.cluster, f"{tag}-{i}", p, 40, first_token=first)) for i, p in enumerate(ps)
+    ]
+    await asyncio.wait_for(first.wait(), 30)
+    return tasks
+
+
 def _assert_completed(outs: list[Outcome]) -> None:
     for o in outs:
         assert o.status == "completed", (o.request_id, o.status, o.error)
@@ -148,13 +159,7 @@ def test_cancel_mid_transfer(h):
     mid-prefill or mid-transfer. The transfer must stop by message, not spin until kv_transfer.timeout_s."""
 
     async def scenario():
-        ps = prompts(10, lo=LONG_PROMPT, hi=LONG_PROMPT + 100, seed=41)
-        first = asyncio.Event()
-        tasks = [
-            asyncio.ensure_future(run_request(h.cluster, f"mid-{i}", p, 40, first_token=first))
-            for i, p in enumerate(ps)
-        ]
-        await asyncio.wait_for(first.wait(), 30)
+        tasks = await _until_a_first_token(h, "mid", prompts(10, lo=LONG_PROMPT, hi=LONG_PROMPT + 100, seed=41))
         t0 = time.monotonic()
         for t in tasks:
             t.cancel()
@@ -182,12 +187,7 @@ def test_cluster_cancel_api(h):
 
     async def scenario():
         ps = prompts(12, lo=LONG_PROMPT, hi=LONG_PROMPT + 20, seed=61)
-        first = asyncio.Event()
-        tasks = [
-            asyncio.ensure_future(run_request(h.cluster, f"api-{i}", p, 40, first_token=first))
-            for i, p in enumerate(ps)
-        ]
-        await asyncio.wait_for(first.wait(), 30)
+        tasks = await _until_a_first_token(h, "api", ps)
         results = await asyncio.gather(*(h.cluster.cancel(f"api-{i}") for i in range(len(ps))))
         assert any(results)
         await settle(tasks, timeout_s=10)
