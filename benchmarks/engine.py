@@ -8,7 +8,8 @@ copy bandwidth, bf16 matmul rate), so they transfer across cards.
 
 Decode is timed twice per batch on CUDA: through the CUDA graphs and eagerly (the same engine with its graphs set
 aside), next to the host time of a step, the Python work of building its inputs. ``--no-graphs`` builds the
-engine without graphs (eager only).
+engine without graphs (eager only). ``--profile-batch`` sums the kernel time of one decode step by kind (matmul,
+attention, norm, ...) with the torch profiler, through the graphs and eagerly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
 from splitserve.bench.make_random_checkpoint import SHAPES, llama_config
+from splitserve.bench.step_profile import kernel_breakdown
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 from splitserve.engine.sequence import Sequence
 
@@ -56,10 +58,20 @@ def host_seconds(engine: Engine, seqs: list[Sequence], repeat: int = 50) -> floa
     return timed(prepare, torch.device("cpu"), repeat)  # host only: no device sync around it
 
 
+def weight_bytes_per_step(model) -> int:
+    """Weight bytes a decode step reads: every matrix and norm, but of an untied embedding table only the rows of
+    the batch's tokens (counted with the batch)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.spec.tie_word_embeddings:  # the table is read whole as the LM head
+        return total
+    table = model.embed_tokens.weight
+    return total - table.numel() * table.element_size()
+
+
 def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, steps: int) -> list[dict]:
     runner = engine.runner
     graphs = runner.graphs
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    weight_bytes = weight_bytes_per_step(runner.model)
     kv_per_token = runner.spec.kv_bytes_per_token(runner.dtype.itemsize)
     rows = []
     for b in batches:
@@ -78,7 +90,7 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
             eager = timed(step, runner.device, steps)
             runner.graphs = graphs
         host = host_seconds(engine, seqs)
-        moved = weight_bytes + b * (context + 1) * kv_per_token
+        moved = weight_bytes + b * (runner.spec.hidden_size * runner.dtype.itemsize + (context + 1) * kv_per_token)
         rows.append(
             {
                 "batch": b,
@@ -95,6 +107,25 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
         for s in seqs:
             engine.blocks.free(s.block_table)
     return rows
+
+
+def profile_decode(engine: Engine, batch: int, context: int) -> dict:
+    """Kernel time by category of one decode step at ``batch``, through the graphs (as served) and eagerly."""
+    runner = engine.runner
+    seqs = decode_ready(engine, batch, context, "prof")
+    step = decode_step(engine, seqs)
+    graphs = runner.graphs
+    # Wall times first: once the profiler has run, its hooks slow every later step a little.
+    result: dict = {"batch": batch, "context": context, "graph_step_us": timed(step, runner.device, 20) * 1e6}
+    runner.graphs = None
+    result["eager_step_us"] = timed(step, runner.device, 20) * 1e6
+    result["eager"] = kernel_breakdown(step)
+    runner.graphs = graphs
+    result["graph"] = kernel_breakdown(step)
+    result["kernels_per_step"] = result["eager"]["kernels_per_step"]
+    for s in seqs:
+        engine.blocks.free(s.block_table)
+    return result
 
 
 def bench_prefill(engine: Engine, cases: dict[str, list[int]], peak_flops: float) -> list[dict]:
@@ -119,8 +150,12 @@ def bench_prefill(engine: Engine, cases: dict[str, list[int]], peak_flops: float
     return rows
 
 
-def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """Output tokens/s of HF ``generate`` and of our engine on the same weights and prompts."""
+def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int, ours_requests: int) -> dict:
+    """Output tokens/s of HF ``generate`` and of our engine on the same weights and prompts.
+
+    Ours runs twice: on HF's batch (the same requests), and on ``ours_requests`` requests of the same shape, which
+    continuous batching serves together: the throughput a server gets from the GPU when the load is there.
+    """
     from transformers import AutoModelForCausalLM
 
     runner = engine.runner
@@ -134,6 +169,8 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> 
         torch.cuda.empty_cache()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     ours_time = timed(lambda: engine.generate([p.tolist() for p in prompts], params), runner.device, 1)
+    many = torch.randint(0, 1000, (ours_requests, prompt_len)).tolist()
+    many_time = timed(lambda: engine.generate(many, params), runner.device, 1)
     one = [prompts[0].repeat(4)[:2048].tolist()]
 
     def our_prefill():
@@ -150,6 +187,9 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> 
         "hf_tokens_per_s": out_tokens / hf_time,
         "ours_tokens_per_s": out_tokens / ours_time,
         "speedup": hf_time / ours_time,
+        "ours_requests": ours_requests,
+        "ours_many_tokens_per_s": ours_requests * new_tokens / many_time,
+        "speedup_many": ours_requests * new_tokens / many_time / (out_tokens / hf_time),
         "hf_prefill_ms": hf_prefill * 1e3,
         "ours_prefill_ms": ours_prefill * 1e3,
         "prefill_vs_hf": hf_prefill / ours_prefill,
@@ -199,6 +239,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=128)
+    ap.add_argument("--ours-requests", type=int, default=256, help="requests for our engine's loaded throughput")
+    ap.add_argument("--profile-batch", type=int, default=32, help="decode batch whose kernels are profiled; 0: none")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode only (no CUDA graphs)")
     ap.add_argument("--out", default="results/engine.json")
@@ -235,6 +277,16 @@ def main() -> None:
             f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>9.2f} {r['eager_step_ms']:>9.2f} {r['host_ms']:>8.3f} "
             f"{r['capture_ms']:>10.0f} {r['tokens_per_s']:>9.0f} {r['bandwidth_util']:>7.0%}"
         )
+    breakdown = None
+    if args.profile_batch and device.type == "cuda":
+        breakdown = profile_decode(engine, args.profile_batch, args.context)
+        graph, eager = breakdown["graph"], breakdown["eager"]
+        print(f"\ndecode step, batch {args.profile_batch}: {breakdown['kernels_per_step']:.0f} kernels")
+        print(f"{'kernels':>18} {'graph µs':>9} {'eager µs':>9} {'share':>6}")
+        for cat, us in eager["by_category_us"].items():
+            print(f"{cat:>18} {graph['by_category_us'].get(cat, 0):>9.0f} {us:>9.0f} {us / eager['kernel_us']:>6.0%}")
+        print(f"{'sum of kernels':>18} {graph['kernel_us']:>9.0f} {eager['kernel_us']:>9.0f}")
+        print(f"{'step wall':>18} {breakdown['graph_step_us']:>9.0f} {breakdown['eager_step_us']:>9.0f}")
     mixed = [64, 4096, 512, 1024, 128, 2048, 256, 96]
     prefill = bench_prefill(engine, {"1x2048": [2048], "8x512": [512] * 8, "mixed": mixed}, peak)
     print(f"\n{'prefill':>8} {'tokens':>7} {'ms':>9} {'tok/s':>9} {'MFU':>6}")
@@ -242,10 +294,12 @@ def main() -> None:
         print(f"{r['case']:>8} {r['tokens']:>7} {r['ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['mfu']:>5.0%}")
     versus = None
     if not args.skip_hf:
-        versus = hf_vs_ours(engine, args.hf_batch, args.context, args.hf_new_tokens)
+        versus = hf_vs_ours(engine, args.hf_batch, args.context, args.hf_new_tokens, args.ours_requests)
         print(
             f"\nHF generate {versus['hf_tokens_per_s']:.0f} tok/s, ours {versus['ours_tokens_per_s']:.0f} tok/s "
-            f"({versus['speedup']:.1f}x); single-prompt prefill ours/HF speed {versus['prefill_vs_hf']:.2f}"
+            f"({versus['speedup']:.1f}x) on the same {args.hf_batch} requests, "
+            f"{versus['ours_many_tokens_per_s']:.0f} tok/s ({versus['speedup_many']:.1f}x) on {args.ours_requests}; "
+            f"single-prompt prefill ours/HF speed {versus['prefill_vs_hf']:.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +314,7 @@ def main() -> None:
                 "cuda_graphs": engine.runner.graphs is not None,
                 "decode": decode,
                 "prefill": prefill,
+                "decode_profile": breakdown,
                 "hf_comparison": versus,
                 "date": time.strftime("%Y-%m-%d"),
             },

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
-    """``ids`` as an int64 tensor on ``device``, copied asynchronously on the current stream from pinned memory."""
+def index_tensor(ids: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """``ids`` (a list, or a list of equal-length rows) as an int64 tensor on ``device``, copied asynchronously on
+    the current stream from pinned memory."""
     host = torch.tensor(ids, dtype=torch.long)
     if device.type != "cuda":
         return host

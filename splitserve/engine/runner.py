@@ -185,7 +185,7 @@ class ModelRunner:
     def _block_table_tensor(self, seqs: list[Sequence], min_len: int) -> torch.Tensor:
         width = max(max(len(s.block_table) for s in seqs), min_len)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return index_tensor(rows, self.device)
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -246,7 +246,7 @@ class ModelRunner:
         slots.extend(decode_slots)
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=index_tensor(slots, dev),
             block_size=self.block_size,
             prefill_query_lens=q_lens,
             prefill_context_lens=ctx_lens,
@@ -256,17 +256,15 @@ class ModelRunner:
                 else None
             ),
             decode_block_tables=self._block_table_tensor(decode_seqs, 1) if decode_seqs else None,
-            decode_context_lens=(
-                torch.tensor([s.num_tokens for s in decode_seqs], dtype=torch.long, device=dev) if decode_seqs else None
-            ),
+            decode_context_lens=(index_tensor([s.num_tokens for s in decode_seqs], dev) if decode_seqs else None),
             decode_max_context=max((s.num_tokens for s in decode_seqs), default=0),
             decode_kernel=self.decode_kernel,
         )
-        # Built before the forward: a blocking host-to-device copy after it would wait for the whole pass.
-        rows = torch.tensor(logit_rows, device=dev) if prefill_chunks and sampled else None
+        # Every input is copied from pinned memory without a host sync, so the host builds the next one meanwhile.
+        rows = index_tensor(logit_rows, dev) if prefill_chunks and sampled else None
         hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            index_tensor(input_ids, dev),
+            index_tensor(positions, dev),
             self.rope,
             self.kv_layers,
             meta,
