@@ -15,8 +15,11 @@ def nccl_available() -> bool:
 def choose_backend(endpoint: ReceiverEndpoint, here: PeerInfo) -> tuple[str, str]:
     offers = set(endpoint.backends)
     same_host = endpoint.hostname == here.hostname
-    if "local" in offers and endpoint.in_process(here):
-        return "local", "sender and receiver are the same process"
+    if endpoint.in_process(here):
+        if "local" in offers:
+            return "local", "sender and receiver are the same process"
+        # CUDA cannot open an IPC handle in the process that exported it, and an NCCL pair needs two ranks.
+        return "grpc", "same process, and the receiver does not offer local: neither cuda_ipc nor nccl works here"
     both_cuda = here.device == "cuda" and endpoint.device == "cuda"
     if both_cuda and same_host and "cuda_ipc" in offers and endpoint.gpu_uuid is not None:
         if local_cuda_index(endpoint.gpu_uuid) is not None:
