@@ -38,6 +38,7 @@ from splitserve.cluster.router import Move, Router
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import ClusterSection, Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.resolve import resolve_model_path
+from splitserve.worker_common import CONCURRENCY_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ class Cluster:
         pool = self._pool(role)
         cls = PrefillWorker if role == "prefill" else DecodeWorker
         options = options_for(self.config, pool, self.model_dir)
-        actor = ray.remote(cls).options(**self._actor_options(pool)).remote(worker_id, options)
+        actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]  # stubs lack it
+        actor = actor_cls.options(**self._actor_options(pool)).remote(worker_id, options)
         worker = _Worker(worker_id, role, actor)
         self.workers[worker_id] = worker
         return worker

@@ -13,6 +13,8 @@ from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 
+import ray
+
 from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError, Token, TokenBatch, WorkerStats
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
@@ -20,7 +22,13 @@ from splitserve.engine.engine import Engine, RequestError, TokenOutput
 from splitserve.engine.engine_thread import EngineThread
 from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, make_receiver
-from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device, node_address
+from splitserve.worker_common import (
+    CONTROL_GROUP,
+    AbortedAttempts,
+    configure_worker_process,
+    describe_device,
+    node_address,
+)
 
 log = logging.getLogger(__name__)
 _FAILED_MEMORY = 4096
@@ -211,17 +219,25 @@ class DecodeWorker:
         if self._streams.get(request_id) is not queue:
             return  # a newer attempt of this request (a retry) owns the id now; this one was aborted already
         del self._streams[request_id]
-        await self.abort(request_id)
+        await self._abort(request_id)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     async def abort(self, request_id: str, attempt: int | None = None) -> bool:
         """Free everything this worker holds for the request, wherever it is (reserved, receiving, decoding).
 
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
         """
+        return await self._abort(request_id, attempt)
+
+    async def _abort(self, request_id: str, attempt: int | None = None) -> bool:
+        """On the control group's loop (a router's abort) or the default one (a closing stream): the stream's queue
+        belongs to the default loop, so it is woken through that loop."""
         self.receiver.abort(request_id)  # at once: the sender is told, and no page is written after this returns
         queue = self._streams.get(request_id)
         if queue is not None:
-            queue.put_nowait(ServingError(ErrorCode.CANCELLED, f"{request_id} aborted"))
+            assert self._loop is not None  # set when the stream opened
+            cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
+            self._loop.call_soon_threadsafe(queue.put_nowait, cancelled)
 
         def drop() -> bool:
             # Again on the engine thread, after any reservation submitted before this abort: that one is freed too.

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import ray
+
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
@@ -34,7 +36,7 @@ from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.sequence import Sequence
 from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
-from splitserve.worker_common import AbortedAttempts, configure_worker_process, describe_device
+from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts, configure_worker_process, describe_device
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
         self._aborted_early = AbortedAttempts()
+        # abort() runs on the control group's thread, the calls it cancels on the default loop: each side's
+        # look-then-act on _jobs, _aborted_early and job.aborted holds this lock (never across an await).
+        self._bookkeeping = threading.Lock()
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
 
     # --- engine thread ---
@@ -206,8 +211,9 @@ class PrefillWorker:
         self._forget(job)
 
     def _forget(self, job: _Job) -> None:
-        if self._jobs.get(job.request.request_id) is job:
-            del self._jobs[job.request.request_id]
+        with self._bookkeeping:
+            if self._jobs.get(job.request.request_id) is job:
+                del self._jobs[job.request.request_id]
 
     # --- actor API ---
 
@@ -226,15 +232,16 @@ class PrefillWorker:
         self, request: GenerateRequest, endpoint: ReceiverEndpoint, dst_blocks: list[int]
     ) -> AsyncIterator[TokenBatch | TransferReport]:
         """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker."""
-        if self._aborted_early.claim(request.request_id, request.attempt):
-            raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
         job = _Job(request, endpoint, list(dst_blocks))
-        previous = self._jobs.get(request.request_id)
-        if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
-            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
-        if len(self._jobs) >= self.options.max_queue:
-            raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
-        self._jobs[request.request_id] = job
+        with self._bookkeeping:
+            if self._aborted_early.claim(request.request_id, request.attempt):
+                raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
+            previous = self._jobs.get(request.request_id)
+            if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
+                raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
+            if len(self._jobs) >= self.options.max_queue:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
+            self._jobs[request.request_id] = job
         await asyncio.wrap_future(self._thread.submit(lambda: self._queue.append(job)))
         completed = False
         try:
@@ -248,22 +255,25 @@ class PrefillWorker:
             if not completed:  # the router went away, or something failed: free everything now
                 await self._abort_job(job)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     async def abort(self, request_id: str, attempt: int | None = None) -> bool:
         """Drop the request wherever it is: queued, computing, or transferring (the receiver is told).
 
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
         """
-        job = self._jobs.get(request_id)
-        if job is not None and (attempt is None or job.request.attempt == attempt):
-            return await self._abort_job(job)
-        if attempt is not None:
-            self._aborted_early.add(request_id, attempt)
-        return False
+        with self._bookkeeping:
+            job = self._jobs.get(request_id)
+            if job is None or (attempt is not None and job.request.attempt != attempt):
+                if attempt is not None:
+                    self._aborted_early.add(request_id, attempt)
+                return False
+        return await self._abort_job(job)
 
     async def _abort_job(self, job: _Job) -> bool:
-        if job.aborted:
-            return False
-        job.aborted = True
+        with self._bookkeeping:
+            if job.aborted:
+                return False
+            job.aborted = True
         request_id = job.request.request_id
         cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
 

@@ -5,6 +5,7 @@ orders can be forced exactly."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -74,3 +75,36 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
             worker._thread.stop()
 
     asyncio.run(scenario())
+
+
+def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_loop(tiny_model_dir):
+    """Ray runs aborts on the control concurrency group's own event loop thread, while the request's stream lives
+    on the default loop: the stream must still end with CANCELLED, and every page come back."""
+    config = tiny_cluster_config(tiny_model_dir)
+    control = asyncio.new_event_loop()
+    threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
+
+    async def scenario():
+        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
+        try:
+            await worker.ready()
+            free = worker.engine.blocks.num_free
+            long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=100, ignore_eos=True), attempt=0)
+            stream = worker.generate_local(long)
+            produced = len((await stream.__anext__()).tokens)
+            aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
+            with pytest.raises(ServingError) as cancelled:
+                async for batch in stream:
+                    produced += len(batch.tokens)
+            assert cancelled.value.code == ErrorCode.CANCELLED and produced < 100
+            # It returns whether it found the request; the closing stream's own abort may have dropped it first.
+            await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+            assert (await worker.stats()).kv_blocks_free == free
+        finally:
+            worker._thread.stop()
+            worker.receiver.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        control.call_soon_threadsafe(control.stop)
