@@ -6,9 +6,11 @@
 
 Phases: ``before`` (a steady batch, nothing cancelled), ``storm`` (``--requests`` at once, ``--cancel-frac`` of
 them cancelled at random moments within ``--cancel-window-s``), ``after`` (the steady batch again).
-Abort-to-free: for each cancelled request, the time from its cancel until the router's abort calls returned (the
-workers freed its pages then); "pages freed" overall is the time from the last cancel until every worker's free
-page count is back at its total. Stranded pages: pages still in use once the cluster is idle (must be 0).
+Abort to pages freed: for each cancelled request, the time from its cancel until the last worker that held its
+pages gave them back, from the times the workers log when they free a request's pages (``release_times``; a
+worker that had freed them before the cancel counts as zero). Abort acknowledged: until the router's abort calls
+returned. "Every page free" is the time from the last cancel until every worker's free page count is back at its
+total. Stranded pages: pages still in use once the cluster is idle (must be 0).
 """
 
 from __future__ import annotations
@@ -81,6 +83,23 @@ async def _used_pages(cluster: Cluster) -> int:
     return sum(s.kv_blocks_total - s.kv_blocks_free for s in await cluster.refresh_stats())
 
 
+async def _freed_after(cluster: Cluster, aborted_at: dict[str, float]) -> dict[str, list[float]]:
+    """Seconds from each cancel until the request's pages were freed: on every worker that held them ("all"), and
+    per role (requests whose pages that role held)."""
+    workers = list(cluster.workers.values())
+    logs = await asyncio.gather(*(w.actor.release_times.remote() for w in workers))
+    delays: dict[str, list[float]] = {"all": []}
+    for request_id, cancelled in aborted_at.items():
+        latest = 0.0
+        for worker, log in zip(workers, logs, strict=True):
+            if request_id in log:
+                delay = max(0.0, log[request_id] - cancelled)
+                delays.setdefault(worker.role, []).append(delay)
+                latest = max(latest, delay)
+        delays["all"].append(latest)
+    return delays
+
+
 async def scenario(cluster: Cluster, args) -> dict[str, Any]:
     rng = random.Random(args.seed)
     vocab = min(w.info["vocab_size"] for w in cluster.workers.values())
@@ -88,8 +107,8 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
     report: dict[str, Any] = {"before": await _steady(cluster, "before", steady, args.max_tokens)}
 
     storm = _prompts(args.requests, args.min_prompt, args.max_prompt, args.seed + 2, vocab)
-    aborted_at: dict[str, float] = {}
-    freed_after: list[float] = []
+    aborted_at: dict[str, float] = {}  # wall clock, as the workers' release times
+    acked_after: list[float] = []
 
     async def storm_one(i: int, prompt: list[int]) -> str:
         rid = f"storm-{i}"
@@ -105,16 +124,16 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
     async def cancel_later(i: int) -> None:
         await asyncio.sleep(rng.uniform(0, args.cancel_window_s))
         if not tasks[i].done():
-            aborted_at[f"storm-{i}"] = time.monotonic()
+            aborted_at[f"storm-{i}"] = time.time()
             tasks[i].cancel()
             try:
                 await tasks[i]  # returns once the request's aborts have been sent to (and answered by) its workers
             except asyncio.CancelledError:
                 pass
-            freed_after.append(time.monotonic() - aborted_at[f"storm-{i}"])
+            acked_after.append(time.time() - aborted_at[f"storm-{i}"])
 
     await asyncio.gather(*(cancel_later(i) for i in doomed))
-    last_cancel = max(aborted_at.values(), default=time.monotonic())
+    last_cancel = max(aborted_at.values(), default=time.time())
     results = await asyncio.gather(*tasks, return_exceptions=True)
     storm_wall = time.monotonic() - t0
     # Everything else finished: the cluster is idle, so every page must come back.
@@ -123,6 +142,7 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
     while used and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         used = await _used_pages(cluster)
+    freed_after = await _freed_after(cluster, aborted_at)
     completed = sum(r == "completed" for r in results)
     report["storm"] = {
         "requests": len(storm),
@@ -132,9 +152,17 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
         "error_codes": dict(Counter(r for r in results if isinstance(r, str) and r.startswith("error"))),
         "seconds": storm_wall,
         "goodput_rps": completed / storm_wall,
-        "abort_to_freed_p50_s": _pct(freed_after, 0.5),
-        "abort_to_freed_p99_s": _pct(freed_after, 0.99),
-        "last_cancel_to_idle_s": time.monotonic() - last_cancel if not used else None,
+        "abort_to_freed_p50_s": _pct(freed_after["all"], 0.5),
+        "abort_to_freed_p99_s": _pct(freed_after["all"], 0.99),
+        "abort_to_freed_max_s": max(freed_after["all"], default=None),
+        "abort_to_freed_by_role": {
+            role: {"requests": len(xs), "p50_s": _pct(xs, 0.5), "p99_s": _pct(xs, 0.99)}
+            for role, xs in freed_after.items()
+            if role != "all"
+        },
+        "abort_acked_p50_s": _pct(acked_after, 0.5),
+        "abort_acked_p99_s": _pct(acked_after, 0.99),
+        "last_cancel_to_idle_s": time.time() - last_cancel if not used else None,
         "stranded_pages": used,
         "inflight_left": len(cluster._inflight),
     }
@@ -157,7 +185,14 @@ def _table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"cancelled: {s['cancelled']} of {s['requests']}; errors: {s['errors']} {s['error_codes']}",
-        f"abort -> pages freed: p50 {ms(s['abort_to_freed_p50_s'])}, p99 {ms(s['abort_to_freed_p99_s'])}",
+        f"abort -> pages freed: p50 {ms(s['abort_to_freed_p50_s'])}, p99 {ms(s['abort_to_freed_p99_s'])}, "
+        f"max {ms(s['abort_to_freed_max_s'])}",
+        *(
+            f"  on {role} workers ({r['requests']} requests held pages there): p50 {ms(r['p50_s'])}, "
+            f"p99 {ms(r['p99_s'])}"
+            for role, r in s["abort_to_freed_by_role"].items()
+        ),
+        f"abort -> acknowledged to the router: p50 {ms(s['abort_acked_p50_s'])}, p99 {ms(s['abort_acked_p99_s'])}",
         f"last cancel -> every page free: {ms(s['last_cancel_to_idle_s'])}",
         f"stranded pages: {s['stranded_pages']} (must be 0); requests left in flight: {s['inflight_left']}",
     ]

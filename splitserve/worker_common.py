@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from collections import OrderedDict
 
+import ray
 import torch
 
 
@@ -68,3 +71,36 @@ class AbortedAttempts:
             return False
         del self._aborted[key]
         return True
+
+
+class ReleaseLog:
+    """When each request's pages were last given back here (wall clock, so times from several processes on one
+    host compare): what the abort-storm benchmark measures "abort to pages freed" with. Bounded; written by the
+    engine thread, read from an actor call."""
+
+    def __init__(self, capacity: int = 16384):
+        self._capacity = capacity
+        self._freed: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, request_id: str) -> None:
+        with self._lock:
+            self._freed[request_id] = time.time()
+            self._freed.move_to_end(request_id)
+            while len(self._freed) > self._capacity:
+                self._freed.popitem(last=False)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._freed)
+
+
+class ReportsReleases:
+    """Gives a worker actor its ``release_times`` call, answered from the control group (no queueing)."""
+
+    releases: ReleaseLog
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    async def release_times(self) -> dict[str, float]:
+        """Request id -> wall-clock time its pages were last freed here, for the most recent requests."""
+        return self.releases.snapshot()

@@ -25,6 +25,8 @@ from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, 
 from splitserve.worker_common import (
     CONTROL_GROUP,
     AbortedAttempts,
+    ReleaseLog,
+    ReportsReleases,
     configure_worker_process,
     describe_device,
     node_address,
@@ -34,12 +36,14 @@ log = logging.getLogger(__name__)
 _FAILED_MEMORY = 4096
 
 
-class DecodeWorker:
+class DecodeWorker(ReportsReleases):
     def __init__(self, worker_id: str, options: WorkerOptions):
         configure_worker_process()
         self.worker_id = worker_id
         self.options = options
         self.engine = Engine(options.engine_config())
+        self.releases = ReleaseLog()
+        self.engine.on_release = self.releases.record
         self._gpu = GpuReader.for_device(self.engine.runner.device)
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         self._streams: dict[str, asyncio.Queue[TokenBatch | BaseException]] = {}

@@ -77,6 +77,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}  # prefilled (prefill role) or reserved (decode role), not running
         self._detok: dict[str, detokenizer.DetokState] = {}
+        self.on_release: Callable[[str], None] | None = None  # called with the request id when its pages are freed
 
     # --- requests ---
 
@@ -242,6 +243,8 @@ class Engine:
         seq.finish_reason = reason
         if seq.block_table:
             self.blocks.free(seq.block_table)
+            if self.on_release is not None:
+                self.on_release(seq.request_id)
         self._detok.pop(seq.request_id, None)
 
     def generate(

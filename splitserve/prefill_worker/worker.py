@@ -36,7 +36,14 @@ from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.sequence import Sequence
 from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
-from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts, configure_worker_process, describe_device
+from splitserve.worker_common import (
+    CONTROL_GROUP,
+    AbortedAttempts,
+    ReleaseLog,
+    ReportsReleases,
+    configure_worker_process,
+    describe_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,13 @@ class _Job:
     aborted: bool = False
 
 
-class PrefillWorker:
+class PrefillWorker(ReportsReleases):
     def __init__(self, worker_id: str, options: WorkerOptions):
         configure_worker_process()
         self.worker_id = worker_id
         self.options = options
         self.engine = Engine(options.engine_config())
+        self.releases = ReleaseLog()  # by request id; the engine knows the jobs by their per-attempt key
         self._gpu = GpuReader.for_device(self.engine.runner.device)
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
@@ -200,7 +208,8 @@ class PrefillWorker:
                 log.exception("abort of %s", job.request.request_id)
 
     def _release(self, job: _Job) -> None:
-        self.engine.release(job.key)
+        if self.engine.release(job.key):
+            self.releases.record(job.request.request_id)
         self._forget(job)
         self._thread.wake()
 

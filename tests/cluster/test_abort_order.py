@@ -15,7 +15,7 @@ from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine import SamplingParams
 from splitserve.kv_transfer import ReceiverEndpoint
 from splitserve.prefill_worker.worker import PrefillWorker
-from splitserve.worker_common import AbortedAttempts
+from splitserve.worker_common import AbortedAttempts, ReleaseLog
 from tests.support import tiny_cluster_config
 
 
@@ -31,6 +31,17 @@ def test_aborted_attempts_are_claimed_once_and_bounded():
     for i in range(3):
         aborted.add("b", i)
     assert not aborted.claim("b", 0) and aborted.claim("b", 2)  # the oldest was forgotten
+
+
+def test_release_log_keeps_the_latest_time_per_request_and_is_bounded():
+    log = ReleaseLog(capacity=2)
+    log.record("a")
+    first = log.snapshot()["a"]
+    log.record("b")
+    log.record("a")  # a retry freed again: the later time counts, and "a" becomes the newest
+    log.record("c")
+    times = log.snapshot()
+    assert set(times) == {"a", "c"} and times["a"] >= first
 
 
 def test_decode_worker_refuses_a_reservation_whose_abort_came_first(tiny_model_dir):
