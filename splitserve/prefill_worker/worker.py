@@ -82,6 +82,9 @@ class PrefillWorker(ReportsReleases):
         # abort() runs on the control group's thread, the calls it cancels on the default loop: each side's
         # look-then-act on _jobs, _aborted_early and job.aborted holds this lock (never across an await).
         self._bookkeeping = threading.Lock()
+        # Jobs whose transfer has ended: their pages are freed on the engine thread at the next layer of a pass in
+        # flight, or at the next step, whichever comes first (a long prefill pass would otherwise hold them).
+        self._finished_transfers: deque[_Job] = deque()
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
 
     # --- engine thread ---
@@ -163,6 +166,7 @@ class PrefillWorker(ReportsReleases):
         def on_layer(layer: int) -> None:
             for handle, blocks in sends:
                 handle.send_layer(layer, runner.gather_pages(layer, blocks))
+            self._free_finished_transfers()
 
         return on_layer
 
@@ -196,7 +200,8 @@ class PrefillWorker(ReportsReleases):
                 job.transferred.set_exception(ServingError(ErrorCode.INTERNAL, f"KV transfer failed: {err!r}"))
                 raise
             finally:
-                self._thread.submit(lambda: self._release(job))
+                self._finished_transfers.append(job)
+                self._thread.submit(self._free_finished_transfers)
 
         threading.Thread(target=wait, name=f"transfer-{job.request.request_id}", daemon=True).start()
 
@@ -206,6 +211,12 @@ class PrefillWorker(ReportsReleases):
                 job.handle.abort(reason)
             except Exception:
                 log.exception("abort of %s", job.request.request_id)
+
+    def _free_finished_transfers(self) -> None:
+        """On the engine thread, between two layers of a pass too: no other job's pages are in use then, and the
+        pass's own were allocated before it began."""
+        while self._finished_transfers:
+            self._release(self._finished_transfers.popleft())
 
     def _release(self, job: _Job) -> None:
         if self.engine.release(job.key):
