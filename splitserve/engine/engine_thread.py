@@ -24,6 +24,7 @@ class EngineThread:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._stopped = False
+        self._poked = False  # wake() since the thread last looked: run step once even if it reported no work
         self.error: BaseException | None = None  # a step that raised: the worker reports itself unhealthy
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -41,6 +42,7 @@ class EngineThread:
     def wake(self) -> None:
         """Tell the thread there may be work for ``step`` (e.g. a request was queued)."""
         with self._wake:
+            self._poked = True
             self._wake.notify()
 
     def stop(self) -> None:
@@ -53,7 +55,7 @@ class EngineThread:
         busy = False
         while True:
             with self._wake:
-                while not self._calls and not busy and not self._stopped:
+                while not self._calls and not busy and not self._poked and not self._stopped:
                     self._wake.wait()
                 if self._stopped:
                     for _, future in self._calls:
@@ -61,6 +63,7 @@ class EngineThread:
                     return
                 calls = list(self._calls)
                 self._calls.clear()
+                self._poked = False
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
