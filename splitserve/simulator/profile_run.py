@@ -123,7 +123,7 @@ def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> lis
     lines = [
         f"prefill: one engine.prefill per batch size (one prompt, split only at the model's context), median of "
         f"{sweep.prefill_repeats}; {raised} point(s) raised to a smaller batch's time (a bigger batch is never "
-        "faster: noise). Measured (tokens: ms): " + ", ".join(f"{n}: {t * 1e3:.3g}" for n, t in measured) + "."
+        "faster: noise). Measured (tokens: ms): " + ", ".join(f"{n}: {t * 1e3:.3g}" for n, t in measured) + ".",
         f"decode: one step (forward + sampling) at a constant context, median of {sweep.decode_steps}, per batch x "
         "context (ms, measured):",
     ]
