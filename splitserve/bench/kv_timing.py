@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from splitserve.config import KVTransferConfig
-from splitserve.engine.host_copy import index_tensor
+from splitserve.engine.host_copy import as_index, index_tensor
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 
 # The benchmark's default layout: one block-layer (K and V) is 64 KiB in bf16.
@@ -41,7 +41,7 @@ class PagedKV:
         return index_tensor(block_ids, self.device)
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
-        index = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
+        index = as_index(block_ids, self.device)
         self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, non_blocking=True))
 
     def spec(self, request_id: str) -> TransferSpec:

@@ -18,3 +18,8 @@ def index_tensor(ids: list[int] | list[list[int]], device: torch.device) -> torc
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def as_index(ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An index already on the device (built once per transfer) as is; a list copied as ``index_tensor`` does."""
+    return ids if isinstance(ids, torch.Tensor) else index_tensor(ids, device)

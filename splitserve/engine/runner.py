@@ -16,7 +16,7 @@ import torch
 
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.host_copy import index_tensor
+from splitserve.engine.host_copy import as_index, index_tensor
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
@@ -297,15 +297,12 @@ class ModelRunner:
         """Block ids as a device tensor, copied without a host sync; build it once per transfer, not per layer."""
         return index_tensor(block_ids, self.device)
 
-    def _as_index(self, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        return block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids)
-
     def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        return self.kv_layers[layer].index_select(1, self._as_index(block_ids))
+        return self.kv_layers[layer].index_select(1, as_index(block_ids, self.device))
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
-        index = self._as_index(block_ids)
+        index = as_index(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
         self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype, non_blocking=True))
 
