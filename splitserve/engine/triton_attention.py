@@ -42,6 +42,8 @@ def _decode_kernel(
     scale,
     stride_qb,
     stride_qh,
+    stride_ob,
+    stride_oh,
     stride_cb,
     stride_ct,
     stride_ch,
@@ -99,7 +101,7 @@ def _decode_kernel(
 
     if NUM_SPLITS == 1:
         o = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # denom == 0 only for an empty context: write zeros
-        out_offs = seq * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+        out_offs = seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
         # Partials are [B, Hq, splits(, D)] and contiguous; empty splits store m = -inf, denom = 0, acc = 0.
@@ -181,7 +183,8 @@ def paged_decode_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if q.element_size() <= 2 else 32
     splits = num_splits(batch, kv_heads, q.device)
-    out = torch.empty_like(q)
+    # Not empty_like: q is often a strided view of the fused qkv projection, and the output must be dense.
+    out = torch.empty(batch, q_heads, head_dim, device=q.device, dtype=q.dtype)
     if splits > 1:
         part_acc = torch.empty(batch, q_heads, splits, block_d, device=q.device, dtype=torch.float32)
         part_m = torch.empty(batch, q_heads, splits, device=q.device, dtype=torch.float32)
@@ -203,6 +206,8 @@ def paged_decode_attention(
         scale,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         k.stride(0),
         k.stride(1),
         k.stride(2),

@@ -72,9 +72,14 @@ def test_kernel_matches_torch_decode_attention(dtype, q_heads, kv_heads, head_di
 
 
 @needs_triton
+@pytest.mark.parametrize("q_in_qkv", [False, True])
 @pytest.mark.parametrize(("batch", "per_sm", "splits"), [(5, 0, 1), (5, 1, 16), (40, 1, 2)])
-def test_kernel_split_counts_agree_and_pads_are_zero(monkeypatch, batch, per_sm, splits):
-    """Rows with context 0 (CUDA-graph padding) give zeros; real rows match the reference at any split count."""
+def test_kernel_split_counts_agree_and_pads_are_zero(monkeypatch, batch, per_sm, splits, q_in_qkv):
+    """Rows with context 0 (CUDA-graph padding) give zeros; real rows match the reference at any split count.
+
+    ``q_in_qkv``: q is a strided view of a fused qkv row, as the fused rotary leaves it; the output is still dense
+    (a one-split launch once wrote it with q's strides, past the end of the output).
+    """
     from splitserve.engine import triton_attention
 
     monkeypatch.setattr(triton_attention, "PROGRAMS_PER_SM", per_sm)
@@ -83,7 +88,13 @@ def test_kernel_split_counts_agree_and_pads_are_zero(monkeypatch, batch, per_sm,
     lens = [int(n) for n in torch.randint(1, 301, (batch,), generator=g)]
     lens[-1] = 0
     q, cache, tables, ctx = _case(batch, 8, 2, 64, torch.float32, lens, seed=batch)
+    if q_in_qkv:
+        qkv = torch.zeros(batch, (8 + 2 * 2) * 64, device=DEVICE)
+        qkv[:, : 8 * 64] = q.reshape(batch, -1)
+        q = qkv[:, : 8 * 64].view(batch, 8, 64)
+        assert q.stride(0) == 12 * 64
     got = triton_attention.paged_decode_attention(q, cache, tables, ctx, 0.125)
+    assert got.is_contiguous()
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))
     ref = _reference(q[:-1], cache, tables[:-1], ctx[:-1], 0.125)
     torch.testing.assert_close(got[:-1], ref, atol=2e-5, rtol=2e-5)
