@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.config import KVTransferConfig, SplitserveConfig, _PoolConfig
+from splitserve.config import KVTransferConfig, PrefillPoolConfig, SplitserveConfig, _PoolConfig
 from splitserve.engine.engine import EngineConfig
 from splitserve.engine.runner import RunnerConfig
 
@@ -23,6 +23,7 @@ class WorkerOptions:
     max_model_len: int | None
     kv_transfer: KVTransferConfig
     max_queue: int
+    decode_graphs: bool  # a prefill-only worker never runs a decode step: its graphs would only cost start time
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -35,6 +36,7 @@ class WorkerOptions:
                 gpu_memory_fraction=self.gpu_memory_fraction,
                 max_batch_tokens=self.max_batch_tokens,
                 max_model_len=self.max_model_len,
+                use_cuda_graphs=self.decode_graphs,
             ),
             max_batch_size=self.max_batch_size,
             enable_prefix_caching=self.prefix_caching,
@@ -55,4 +57,5 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         max_model_len=config.model.max_model_len,
         kv_transfer=config.kv_transfer,
         max_queue=pool.max_queue,
+        decode_graphs=not isinstance(pool, PrefillPoolConfig),
     )

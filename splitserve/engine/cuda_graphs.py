@@ -2,9 +2,10 @@
 
 A decode step's shapes depend only on the batch size (the paged decode kernel loops up to each sequence's own
 length), so one graph per batch size covers every step of that size. Batches are padded up to the next rung of a
-ladder of sizes; a graph is captured the first time its rung is used. All graphs read the same static input buffers
-(views of the first ``rung`` rows) and share one memory pool, so the rungs together cost about as much memory as
-the largest one.
+ladder of sizes, which ends at the engine's largest decode batch. Every rung is captured when the engine starts,
+largest first, so that no step stalls on a capture while serving and the smaller graphs fit in the memory the largest
+one left in the pool. All graphs read the same static input buffers (views of the first ``rung`` rows) and share
+one memory pool, so the rungs together cost about as much memory as the largest one.
 
 Padding rows are harmless by construction: token 0 at position 0, context length 0 (the kernel reads nothing and
 writes zeros) and a KV slot in a scratch block that the block manager never hands out.
@@ -34,14 +35,14 @@ class DecodeGraphs:
         block_size: int,
         scratch_slot: int,
         device: torch.device,
-        max_batch: int = LADDER[-1],
+        max_batch: int,
     ):
         self.forward = forward
         self.kernel = kernel
         self.block_size = block_size
         self.scratch_slot = scratch_slot
         self.device = device
-        self.rungs = [r for r in LADDER if r <= max_batch]
+        self.rungs = sorted({r for r in LADDER if r < max_batch} | {max_batch})
         top = self.rungs[-1]
         # Host side is pinned so the copies are asynchronous; rows: input ids, positions, KV slots.
         self._host_tokens = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
@@ -56,6 +57,7 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.replays = 0
 
     @property
     def captured(self) -> list[int]:
@@ -78,11 +80,16 @@ class DecodeGraphs:
         rung = self.rung_for(n)
         assert rung is not None, f"decode batch {n} is larger than the largest graph ({self.rungs[-1]})"
         self._stage(input_ids, positions, slots, block_tables, context_lens, rung)
-        if rung not in self._graphs:
-            self._capture(rung)
         graph, logits = self._graphs[rung]
         graph.replay()
+        self.replays += 1
         return logits[:n]
+
+    def capture_all(self) -> None:
+        """Capture every rung on padding rows only, largest first (the smaller ones reuse its memory)."""
+        for rung in reversed(self.rungs):
+            self._stage([], [], [], [], [], rung)
+            self._capture(rung)
 
     def _stage(self, input_ids, positions, slots, block_tables, context_lens, rung: int) -> None:
         """Fill the pinned host buffers (no tensor is allocated) and start their copies to the device.

@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Sequence_
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,7 +63,8 @@ class GenerationResult:
 class Engine:
     def __init__(self, config: EngineConfig, hf_config=None):
         self.config = config
-        self.runner = ModelRunner(config.runner, hf_config)
+        # Graphs are captured for every decode batch size up to the scheduler's limit, and no larger.
+        self.runner = ModelRunner(replace(config.runner, max_decode_batch=config.max_batch_size), hf_config)
         self.spec = self.runner.spec
         self.max_model_len = self.runner.max_model_len
         self.max_batch_tokens = config.runner.max_batch_tokens

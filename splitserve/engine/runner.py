@@ -59,6 +59,7 @@ class RunnerConfig:
     max_model_len: int | None = None
     seed: int = 0
     use_cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; CUDA only, False keeps them eager
+    max_decode_batch: int = 256  # the largest decode batch a graph is captured for (the engine's max_batch_size)
 
 
 @dataclass
@@ -117,7 +118,9 @@ class ModelRunner:
                 block_size=self.block_size,
                 scratch_slot=self.num_kv_blocks * self.block_size,
                 device=self.device,
+                max_batch=config.max_decode_batch,
             )
+            self.graphs.capture_all()
         log.info(
             "model %s on %s (%s): %d KV blocks of %d tokens",
             self.spec.model_type,

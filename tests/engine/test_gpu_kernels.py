@@ -118,7 +118,9 @@ def test_graph_engine_float32_equals_cpu_engine(tiny_model_dir):
     gpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=128)))
     want = [r.token_ids for r in cpu.generate(prompts, p)]
     assert [r.token_ids for r in gpu.generate(prompts, p)] == want
-    assert gpu.runner.graphs is not None and gpu.runner.graphs.captured  # decode really went through graphs
+    graphs = gpu.runner.graphs
+    assert graphs is not None and graphs.captured == graphs.rungs  # every rung, captured at start
+    assert graphs.rungs[-1] == gpu.config.max_batch_size and graphs.replays > 0  # decode went through them
     eager = Engine(
         EngineConfig(
             RunnerConfig(str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=128, use_cuda_graphs=False)
