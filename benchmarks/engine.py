@@ -24,7 +24,7 @@ import torch
 from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
 from splitserve.bench.make_random_checkpoint import SHAPES, llama_config
 from splitserve.bench.step_profile import kernel_breakdown
-from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
+from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams, layer_ops
 from splitserve.engine.sequence import Sequence
 
 
@@ -240,8 +240,16 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=32, help="decode batch whose kernels are profiled; 0: none")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode only (no CUDA graphs)")
+    ap.add_argument(
+        "--fused",
+        default=",".join(layer_ops.FUSABLE),
+        help=f"steps run as one Triton kernel each on CUDA, of {','.join(layer_ops.FUSABLE)}; empty: plain torch",
+    )
     ap.add_argument("--out", default="results/engine.json")
     args = ap.parse_args()
+    layer_ops.fused_ops = {op for op in args.fused.split(",") if op}
+    if not layer_ops.fused_ops <= set(layer_ops.FUSABLE):
+        ap.error(f"--fused: unknown step in {args.fused!r}; choose from {','.join(layer_ops.FUSABLE)}")
 
     engine = Engine(
         EngineConfig(
@@ -309,6 +317,7 @@ def main() -> None:
                 "copy_bandwidth_Bps": bw,
                 "matmul_flops": peak,
                 "cuda_graphs": engine.runner.graphs is not None,
+                "fused_kernels": sorted(layer_ops.fused_ops),
                 "graph_capture_s": engine.runner.graphs.capture_seconds if engine.runner.graphs else None,
                 "decode": decode,
                 "prefill": prefill,

@@ -61,8 +61,7 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, tor
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Writes k/v to the cache and returns [T, Hq, D]."""
-    write_kv(cache, k, v, meta.slot_mapping)
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated and already in the cache). Returns [T, Hq, D]."""
     if not meta.prefill_query_lens:  # decode only: no packing, the decode output is the output
         return _decode(q, cache, meta, scale)
     out = torch.empty_like(q)

@@ -1,18 +1,22 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a packed token stream and a paged KV cache.
 
 The arithmetic follows HF transformers op for op (fp32 RMSNorm, rotate-half RoPE, SwiGLU), which is what lets the
-engine's greedy output equal HF's token for token. q/k/v and gate/up are fused into one matmul each.
+engine's greedy output equal HF's token for token. q/k/v and gate/up are fused into one matmul each; on CUDA the
+elementwise steps between the matmuls are one kernel each (``layer_ops``), and each sublayer's residual add is fused
+into the norm that follows it, so the residual stream is passed from layer to layer next to the normed hidden state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention
+from splitserve.engine.layer_ops import add_rms_norm, rms_norm, rotary_and_cache, silu_and_mul
 from splitserve.engine.model_spec import ModelSpec
 from splitserve.engine.rope import RotaryEmbedding
 
@@ -27,10 +31,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        """Over the last dimension of ``x``, of any rank."""
+        rows = x.reshape(-1, x.shape[-1])
+        return rms_norm(rows, self.weight, self.eps).view(x.shape)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed residual + x, residual + x); ``residual`` may be overwritten with the sum."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -59,7 +66,7 @@ class Attention(nn.Module):
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, k, positions)
+        q, k = rotary_and_cache(q, k, v, rope, positions, cache, meta.slot_mapping)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, s.q_size))
 
@@ -71,8 +78,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -83,9 +89,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, positions, rope, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        next_norm: RMSNorm,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden`` is this layer's input already normed; returns the next norm's output and the residual stream.
+
+        Same sums as HF's ``x + attn(norm(x))`` then ``x + mlp(norm(x))``, with each add done inside the next norm.
+        """
+        attn = self.self_attn(hidden, positions, rope, cache, meta)
+        hidden, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return next_norm.add_forward(self.mlp(hidden), residual)
 
 
 class CausalLM(nn.Module):
@@ -108,12 +128,15 @@ class CausalLM(nn.Module):
         layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, rope, kv_caches[i], meta)
+        residual = self.embed_tokens(input_ids)
+        layers = cast(list[DecoderLayer], list(self.layers))
+        hidden = layers[0].input_layernorm(residual)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(layers, next_norms, strict=True)):
+            hidden, residual = layer(hidden, residual, next_norm, positions, rope, kv_caches[i], meta)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.norm(x)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
