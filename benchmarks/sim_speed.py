@@ -1,6 +1,6 @@
 """How fast the simulator is: wall time to simulate N requests (default 1M) on one core, per serving mode.
 
-The cluster is sized to carry the load (about 95% decode utilisation), as a planner run would, with the PROVISIONAL
+The cluster is sized to carry the load (about 95% decode utilisation), as a planner run would, with the measured
 Llama-3-8B H100 profile: 100 req/s, prompts lognormal(median 1000), outputs lognormal(median 200).
 
     python benchmarks/sim_speed.py [--num-requests 1000000] [--out results/sim_speed.json]

@@ -18,8 +18,9 @@ def test_shipped_profiles_are_consistent(h100, h200):
         assert "nccl" in profile.kv_transfer
 
 
-def test_the_h200_profile_is_measured():
-    header = (PROFILES / "llama3-8b-h200.yaml").read_text().split("\nmodel:")[0]
+@pytest.mark.parametrize("name", ["llama3-8b-h100.yaml", "llama3-8b-h200.yaml"])
+def test_the_shipped_profiles_are_measured(name):
+    header = (PROFILES / name).read_text().split("\nmodel:")[0]
     assert header.startswith("# Measured by `splitserve profile` on ") and "PROVISIONAL" not in header
 
 
