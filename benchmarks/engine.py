@@ -147,11 +147,14 @@ def bench_prefill(engine: Engine, cases: dict[str, list[int]], peak_flops: float
     return rows
 
 
-def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int, ours_requests: int) -> dict:
+def hf_vs_ours(
+    engine: Engine, batch: int, prompt_len: int, new_tokens: int, ours_requests: int, mixed: list[int]
+) -> dict:
     """Output tokens/s of HF ``generate`` and of our engine on the same weights and prompts.
 
     Ours runs twice: on HF's batch (the same requests), and on ``ours_requests`` requests of the same shape, which
-    continuous batching serves together: the throughput a server gets from the GPU when the load is there.
+    continuous batching serves together: the throughput a server gets from the GPU when the load is there. Prefill
+    is compared on one 2048-token prompt and on the ``mixed`` lengths, which HF must pad to the longest.
     """
     from transformers import AutoModelForCausalLM
 
@@ -160,7 +163,9 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int, our
         hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=runner.dtype).eval()
     copy_weights_into_hf(engine, hf)
     prompts = torch.randint(0, 1000, (batch, prompt_len), device=runner.device)
-    hf_time, hf_prefill = _time_hf(hf, prompts, new_tokens, runner.device)
+    hf_time = _time_hf_generate(hf, prompts, new_tokens, runner.device)
+    hf_prefill = _hf_prefill_seconds(hf, [2048], runner.device)
+    hf_mixed = _hf_prefill_seconds(hf, mixed, runner.device)
     del hf
     if runner.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -168,14 +173,8 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int, our
     ours_time = timed(lambda: engine.generate([p.tolist() for p in prompts], params), runner.device, 1)
     many = torch.randint(0, 1000, (ours_requests, prompt_len)).tolist()
     many_time = timed(lambda: engine.generate(many, params), runner.device, 1)
-    one = [prompts[0].repeat(4)[:2048].tolist()]
-
-    def our_prefill():
-        seqs = [engine.make_sequence("hfcmp", one[0], SamplingParams(max_tokens=1))]
-        engine.prefill(seqs)
-        engine.release("hfcmp")
-
-    ours_prefill = timed(our_prefill, runner.device, 3)
+    ours_prefill = timed(prefill_batch(engine, [2048], "hf-one"), runner.device, 3)
+    ours_mixed = timed(prefill_batch(engine, mixed, "hf-mixed"), runner.device, 3)
     out_tokens = batch * new_tokens
     return {
         "batch": batch,
@@ -190,21 +189,33 @@ def hf_vs_ours(engine: Engine, batch: int, prompt_len: int, new_tokens: int, our
         "hf_prefill_ms": hf_prefill * 1e3,
         "ours_prefill_ms": ours_prefill * 1e3,
         "prefill_vs_hf": hf_prefill / ours_prefill,
+        "mixed_lengths": mixed,
+        "hf_mixed_prefill_ms": hf_mixed * 1e3,
+        "ours_mixed_prefill_ms": ours_mixed * 1e3,
+        "mixed_prefill_vs_hf": hf_mixed / ours_mixed,
     }
 
 
-def _time_hf(hf, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
-    """Seconds for HF ``generate`` on the batch, and for HF's forward over one long prompt."""
+def _time_hf_generate(hf, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Seconds for HF ``generate`` on the batch."""
     mask = torch.ones_like(prompts)
-    gen = timed(
+    return timed(
         lambda: hf.generate(
             prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         ),
         device,
         1,
     )
-    long_prompt = prompts[:1].repeat(1, 4)[:, :2048]
-    return gen, timed(lambda: hf(long_prompt), device, 3)
+
+
+@torch.no_grad()
+def _hf_prefill_seconds(hf, lengths: list[int], device: torch.device) -> float:
+    """HF's forward over prompts of ``lengths`` as HF batches them: right-padded to the longest, masked, and with
+    logits for the last position only (as our prefill computes them)."""
+    longest = max(lengths)
+    ids = torch.randint(0, 1000, (len(lengths), longest), device=device)
+    mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+    return timed(lambda: hf(ids, attention_mask=mask, logits_to_keep=1), device, 3)
 
 
 @torch.no_grad()
@@ -299,12 +310,13 @@ def main() -> None:
         print(f"{r['case']:>8} {r['tokens']:>7} {r['ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['mfu']:>5.0%}")
     versus = None
     if not args.skip_hf:
-        versus = hf_vs_ours(engine, args.hf_batch, args.context, args.hf_new_tokens, args.ours_requests)
+        versus = hf_vs_ours(engine, args.hf_batch, args.context, args.hf_new_tokens, args.ours_requests, mixed)
         print(
             f"\nHF generate {versus['hf_tokens_per_s']:.0f} tok/s, ours {versus['ours_tokens_per_s']:.0f} tok/s "
             f"({versus['speedup']:.1f}x) on the same {args.hf_batch} requests, "
             f"{versus['ours_many_tokens_per_s']:.0f} tok/s ({versus['speedup_many']:.1f}x) on {args.ours_requests}; "
-            f"single-prompt prefill ours/HF speed {versus['prefill_vs_hf']:.2f}"
+            f"prefill ours/HF speed {versus['prefill_vs_hf']:.2f} on one 2048-token prompt, "
+            f"{versus['mixed_prefill_vs_hf']:.2f} on the mixed batch (HF padded)"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
