@@ -128,11 +128,10 @@ class DecodeGraphs:
         )
 
     def _capture(self, rung: int) -> None:
-        """Record the forward for ``rung`` rows on the inputs just staged.
+        """Record the forward for ``rung`` rows on the padding rows just staged.
 
         The warm-up run first compiles the Triton kernels and creates cuBLAS handles, which must not happen
-        during capture. It computes exactly what the replay then computes (the same KV written to the same
-        slots), so running it on the live inputs is harmless.
+        during capture. Padding rows write their KV only to the scratch slot, so running it touches no sequence.
         """
         began = time.perf_counter()
         ids, pos, meta = self._tokens[0, :rung], self._tokens[1, :rung], self._metadata(rung)
