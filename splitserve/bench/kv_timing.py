@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from splitserve.config import KVTransferConfig
+from splitserve.engine import page_copy
 from splitserve.engine.host_copy import as_index, index_tensor
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 
@@ -42,7 +43,7 @@ class PagedKV:
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
         index = as_index(block_ids, self.device)
-        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, non_blocking=True))
+        page_copy.scatter_pages(self.kv_layers[layer], index, pages.to(self.device, non_blocking=True))
 
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def index_tensor(ids: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
-    """``ids`` (a list, or a list of equal-length rows) as an int64 tensor on ``device``, copied asynchronously on
+def index_tensor(
+    ids: list[int] | list[list[int]], device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """``ids`` (a list, or a list of equal-length rows) as an integer tensor on ``device``, copied asynchronously on
     the current stream from pinned memory."""
-    host = torch.tensor(ids, dtype=torch.long)
+    host = torch.tensor(ids, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)

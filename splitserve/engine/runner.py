@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine import page_copy
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.host_copy import as_index, index_tensor
@@ -185,10 +186,10 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak * 1.1)
 
-    def _block_table_tensor(self, seqs: list[Sequence], min_len: int) -> torch.Tensor:
+    def _block_table_tensor(self, seqs: list[Sequence], min_len: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
         width = max(max(len(s.block_table) for s in seqs), min_len)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return index_tensor(rows, self.device)
+        return index_tensor(rows, self.device, dtype)
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -258,8 +259,12 @@ class ModelRunner:
                 if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True))
                 else None
             ),
-            decode_block_tables=self._block_table_tensor(decode_seqs, 1) if decode_seqs else None,
-            decode_context_lens=(index_tensor([s.num_tokens for s in decode_seqs], dev) if decode_seqs else None),
+            # int32, as the CUDA graphs' buffers: eager steps then reuse the decode kernels compiled at capture
+            # instead of compiling their own (~1 s each, for each split count, on the first mixed steps served).
+            decode_block_tables=self._block_table_tensor(decode_seqs, 1, torch.int32) if decode_seqs else None,
+            decode_context_lens=(
+                index_tensor([s.num_tokens for s in decode_seqs], dev, torch.int32) if decode_seqs else None
+            ),
             decode_max_context=max((s.num_tokens for s in decode_seqs), default=0),
             decode_kernel=self.decode_kernel,
         )
@@ -302,12 +307,12 @@ class ModelRunner:
 
     def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        return self.kv_layers[layer].index_select(1, as_index(block_ids, self.device))
+        return page_copy.gather_pages(self.kv_layers[layer], as_index(block_ids, self.device))
 
     def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
         index = as_index(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
-        self.kv_layers[layer].index_copy_(1, index, pages.to(self.device, self.dtype, non_blocking=True))
+        page_copy.scatter_pages(self.kv_layers[layer], index, pages.to(self.device, self.dtype, non_blocking=True))
 
     @property
     def page_shape(self) -> tuple[int, ...]:

@@ -28,7 +28,9 @@ MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits are added until the grid has about this many programs per SM
 
 
-@triton.jit
+# Not specialised on the block tables' row stride: it is the widest table of an eager step, so specialising (on
+# 1 or a multiple of 16) would compile new variants while serving.
+@triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(
     q_ptr,
     k_ptr,

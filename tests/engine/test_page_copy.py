@@ -1,0 +1,31 @@
+"""Page gather/scatter through int64 word views: the same bytes as index_select / index_copy_, any layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.page_copy import gather_pages, scatter_pages
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim"),
+    [(torch.bfloat16, 8), (torch.float32, 4), (torch.bfloat16, 3), (torch.float64, 2)],  # 3 x bf16: not words
+)
+def test_gather_and_scatter_match_index_select_and_index_copy(dtype, head_dim):
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 10, 4, 2, head_dim, generator=gen).to(dtype)
+    index = torch.tensor([7, 2, 5])
+    assert torch.equal(gather_pages(cache, index), cache.index_select(1, index))
+    pages = torch.randn(2, 3, 4, 2, head_dim, generator=gen).to(dtype)
+    expected = cache.clone().index_copy_(1, index, pages)
+    scatter_pages(cache, index, pages)
+    assert torch.equal(cache, expected)
+
+
+def test_a_strided_layer_view_is_written_in_place():
+    """A layer of the whole cache (a view) must be written through, not copied."""
+    cache = torch.zeros(3, 2, 6, 4, 2, 8, dtype=torch.bfloat16)
+    pages = torch.ones(2, 2, 4, 2, 8, dtype=torch.bfloat16)
+    scatter_pages(cache[1], torch.tensor([0, 4]), pages)
+    assert cache[1][:, [0, 4]].eq(1).all() and cache.sum() == pages.numel()
