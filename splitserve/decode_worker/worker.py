@@ -119,8 +119,9 @@ class DecodeWorker(ReportsReleases):
                 raise
             self._failed.pop(request.request_id, None)
             self._expected[request.request_id] = waiter
-            waiter.add_done_callback(
-                lambda fut: self._thread.submit(lambda: self._drop_failed(request.request_id, fut))
+            # Not on the waiter itself: a cuda_ipc sender may still be writing the pages when the transfer fails.
+            self.receiver.unwritten(request.request_id).add_done_callback(
+                lambda _: self._thread.submit(lambda: self._drop_failed(request.request_id, waiter))
             )
             return blocks
 
@@ -138,8 +139,8 @@ class DecodeWorker(ReportsReleases):
 
     def _drop_failed(self, request_id: str, waiter: Future[TransferResult]) -> None:
         """A transfer that failed before ``generate`` claimed it (the sender aborted: e.g. the prefill worker was
-        told to, or the request finished at its first token) can never land: free its pages now, not when (or if)
-        the router gets round to aborting it here."""
+        told to, or the request finished at its first token) can never land: free its pages as soon as no sender
+        writes them, not when (or if) the router gets round to aborting it here."""
         if self._expected.get(request_id) is not waiter or not (waiter.cancelled() or waiter.exception()):
             return
         del self._expected[request_id]
@@ -236,16 +237,20 @@ class DecodeWorker(ReportsReleases):
     async def _abort(self, request_id: str, attempt: int | None = None) -> bool:
         """On the control group's loop (a router's abort) or the default one (a closing stream): the stream's queue
         belongs to the default loop, so it is woken through that loop."""
-        self.receiver.abort(request_id)  # at once: the sender is told, and no page is written after this returns
+        self.receiver.abort(request_id)  # at once: the sender is told
         queue = self._streams.get(request_id)
         if queue is not None:
             assert self._loop is not None  # set when the stream opened
             cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
             self._loop.call_soon_threadsafe(queue.put_nowait, cancelled)
+        # A cuda_ipc sender writes the pages itself: they are freed only once it has confirmed it stopped.
+        await asyncio.wrap_future(self.receiver.unwritten(request_id))
 
         def drop() -> bool:
             # Again on the engine thread, after any reservation submitted before this abort: that one is freed too.
             self.receiver.abort(request_id)
+            if not self.receiver.unwritten(request_id).done():
+                return True  # made since, and a sender is writing it: _drop_failed frees it once that one stopped
             waiter = self._expected.pop(request_id, None)
             # The receiver's abort above may have had _drop_failed free the reservation already.
             found = self.engine.abort(request_id) or waiter is not None or request_id in self._failed

@@ -2,15 +2,16 @@
 
 The receiver exports its whole cache tensor once (in its endpoint); a sender on the same node that can see the same
 physical GPU opens it (by UUID: Ray gives each actor its own CUDA_VISIBLE_DEVICES, so device indices differ) and
-copies each layer's pages into the destination blocks on a side stream. gRPC carries only the control messages:
-BEGIN, one LAYER marker per layer, END after the side stream has been synchronized.
-
-Known limit: a receiver abort stops the sender before its next layer, but a layer copy already issued may still land
-after ``receiver.abort`` returns; pages reused at once could see one stale layer write (see docs/kv_transfer.md).
+copies each layer's pages into the destination blocks on a side stream, from the layer hook itself. gRPC carries
+only control: BEGIN; READY once the receiver has claimed the pages (no copy is issued before it: the pages of a
+transfer aborted before it began may already belong to another request); END, with the layers moved, after the side
+stream has been synchronized. A receiver abort is answered with STOP, and the receiver keeps the pages out of reuse
+(``KVReceiver.unwritten``) until the sender, having synchronized, answers ABORT.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,10 +20,11 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from splitserve.engine.host_copy import index_tensor
-from splitserve.kv_transfer import wire
+from splitserve.engine.page_copy import scatter_pages
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
+from splitserve.kv_transfer.errors import IntegrityError
 from splitserve.kv_transfer.expectations import Expectation
-from splitserve.kv_transfer.grpc_server import OutOfBand
+from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand
 from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index, this_process
 from splitserve.kv_transfer.stream_sender import LayerWriter
 
@@ -96,16 +98,22 @@ def open_kv_cache(blob: bytes) -> torch.Tensor:
 
 
 class IpcInbox(OutOfBand):
-    def land(self, exp: Expectation, header: dict, begin: dict) -> None:
-        """The sender already wrote the pages; just count them."""
-        exp.mark_written(header["layer"], header["bytes"])
+    on_receiver_abort = AbortMode.STOP
+
+    def close(self, exp: Expectation, opened: object, end: dict) -> None:
+        """The sender already wrote the pages it names; just count them."""
+        layers = end.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(n, int) for n in layers):
+            raise IntegrityError(f"{exp.spec.request_id}: END names no layers ({layers!r})")
+        for layer in layers:
+            exp.mark_written(layer, exp.spec.layer_bytes)
 
 
 RECEIVE = IpcInbox()
 
 
 @dataclass
-class _Ready:
+class _Pending:
     pages: torch.Tensor
     event: torch.cuda.Event  # the producer stream's work on ``pages``
 
@@ -117,28 +125,54 @@ class IpcWriter(LayerWriter):
         self._remote = remote_kv
         self._index = index_tensor(spec.dst_block_ids, remote_kv.device)
         self._stream = stream
+        self._go = threading.Event()  # READY came, or the transfer is over
+        self._lock = threading.Lock()  # a copy is issued entirely before or after ``halt``
+        self._halted = False
+        self._written: list[int] = []
 
     def begin_fields(self) -> dict:
         return {"checksum": False}
 
-    def prepare(self, layer: int, pages: torch.Tensor) -> _Ready:
+    def prepare(self, layer: int, pages: torch.Tensor) -> _Pending | None:
+        """Once READY has come, copy here, on the engine's thread (an async launch); before, leave it to gRPC's
+        thread, which waits for READY."""
         event = torch.cuda.Event()
         event.record()
-        pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
-        return _Ready(pages, event)
+        if self._go.is_set():
+            self._copy(layer, pages, event)
+            return None
+        return _Pending(pages, event)
 
     def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
-        assert isinstance(prepared, _Ready)
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(prepared.event)
-            self._remote[layer].index_copy_(1, self._index, prepared.pages.to(self._remote.device))
-        yield wire.pack(
-            {"kind": wire.LAYER, "layer": layer, "bytes": prepared.pages.numel() * prepared.pages.element_size()}
-        )
+        assert isinstance(prepared, _Pending)
+        self._go.wait()  # READY, STOP or the end of the call sets it
+        self._copy(layer, prepared.pages, prepared.event)
+        yield from ()  # nothing goes on the wire per layer
+
+    def _copy(self, layer: int, pages: torch.Tensor, produced: torch.cuda.Event) -> None:
+        with self._lock:
+            if self._halted:
+                return
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(produced)
+                scatter_pages(self._remote[layer], self._index, pages.to(self._remote.device))
+            pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
+            self._written.append(layer)
+
+    def ready(self) -> None:
+        self._go.set()
+
+    def halt(self) -> None:
+        with self._lock:
+            self._halted = True
+        self._go.set()
+
+    def drain(self) -> None:
+        self._stream.synchronize()
 
     def end_fields(self) -> dict:
-        self._stream.synchronize()  # every page is in the receiver's memory before END says so
-        return {}
+        with self._lock:
+            return {"layers": sorted(self._written)}
 
 
 def writer_factory(endpoint: ReceiverEndpoint) -> Callable[[TransferSpec], IpcWriter]:

@@ -33,6 +33,10 @@ class Expectation:
         self._index: torch.Tensor | None = None  # dst_block_ids on the sink's device, built at the first landing
         self._lock = threading.Lock()
         self._on_abort: list[Callable[[str], None]] = []
+        self._holds = 0  # senders that may be writing into the pages themselves (cuda_ipc)
+        self._holds_lock = threading.Lock()  # not _lock: the future's callbacks run under that one
+        self.unwritten: Future[None] = Future()  # done once the transfer is over and no sender can write any more
+        self.future.add_done_callback(lambda _: self._settle())
 
     @property
     def done(self) -> bool:
@@ -42,6 +46,22 @@ class Expectation:
         """Called (from the aborting thread) when the receiver aborts: lets a transport tell its sender at once."""
         with self._lock:
             self._on_abort.append(callback)
+
+    def hold_pages(self) -> None:
+        """A sender that writes into the pages itself is under way: ``unwritten`` waits for its release."""
+        with self._holds_lock:
+            self._holds += 1
+
+    def release_pages(self) -> None:
+        with self._holds_lock:
+            self._holds -= 1
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._holds_lock:
+            free = self.future.done() and self._holds == 0 and not self.unwritten.done()
+            if free:
+                self.unwritten.set_result(None)
 
     def land_layer(self, layer: int, pages: torch.Tensor, wire_bytes: int) -> None:
         """Scatter one layer into the reserved pages (dropped silently once the transfer is over)."""
@@ -114,6 +134,7 @@ class ExpectationTable:
         self._default_sink = default_sink
         self._pending: dict[str, Expectation] = {}
         self._aborted: OrderedDict[str, str] = OrderedDict()
+        self._writing: dict[str, Expectation] = {}  # done, but a sender may still write their pages
         self._lock = threading.Lock()
 
     def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Expectation:
@@ -144,6 +165,16 @@ class ExpectationTable:
             raise err
         return exp
 
+    def unwritten(self, request_id: str) -> Future[None]:
+        """Done once no sender can write into the request's reserved pages: free them only then."""
+        with self._lock:
+            exp = self._pending.get(request_id) or self._writing.get(request_id)
+        if exp is not None:
+            return exp.unwritten
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
     def abort(self, request_id: str, reason: str) -> bool:
         with self._lock:
             exp = self._pending.get(request_id)
@@ -164,6 +195,16 @@ class ExpectationTable:
             exp.fail(err)
 
     def _forget(self, request_id: str, exp: Expectation) -> None:
+        """Done: no longer expected, but still tracked while a sender may be writing its pages."""
         with self._lock:
             if self._pending.get(request_id) is exp:
                 del self._pending[request_id]
+            if exp.unwritten.done():
+                return
+            self._writing[request_id] = exp
+        exp.unwritten.add_done_callback(lambda _: self._unwritten(request_id, exp))
+
+    def _unwritten(self, request_id: str, exp: Expectation) -> None:
+        with self._lock:
+            if self._writing.get(request_id) is exp:
+                del self._writing[request_id]

@@ -1,14 +1,16 @@
 """The receiver's gRPC server: lands grpc payloads, and is the control channel of the out-of-band backends.
 
 It runs grpc.aio on its own event-loop thread so that one handler can wait for "next message", "the receiver
-aborted" and "the sender went silent" at once, and answer the sender with a status in each case.
+aborted" and "the sender went silent" at once, and answer the sender (READY, STOP, a result or a status) in each case.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -30,23 +32,27 @@ from splitserve.netaddr import join_host_port
 log = logging.getLogger(__name__)
 
 
+class AbortMode(enum.Enum):
+    """What a receiver abort does to a transfer under way; each backend's bytes need their own answer."""
+
+    CUT = "cut"  # answer ABORTED at once: every byte lands through this server, which drops what comes after
+    STOP = "stop"  # the sender writes into our pages itself (cuda_ipc): tell it to stop, and hold the pages until
+    # it says it has (its ABORT), so nothing is written into pages handed to another request
+    DRAIN = "drain"  # every announced layer must still be consumed (NCCL: an unmatched send hangs the pair), so
+    # answer at the sender's END
+
+
 class OutOfBand:
     """How a backend that moves bytes outside gRPC takes part in a transfer; each hook runs in a worker thread."""
 
-    # True when every announced layer must be consumed even after an abort (NCCL: an unmatched send hangs the
-    # pair), so a receiver abort is answered at the sender's END instead of at once.
-    drains = False
+    on_receiver_abort = AbortMode.CUT
 
     def open(self, spec: TransferSpec, begin: dict) -> object:
         """At BEGIN, before the expectation is claimed, so it runs for a transfer about to be refused too."""
         return None
 
-    def land(self, exp: Expectation, header: dict, begin: dict) -> None:
-        """One LAYER marker."""
-        raise IntegrityError(f"{exp.spec.request_id}: {begin['transport']} sends no layer markers")
-
     def close(self, exp: Expectation, opened: object, end: dict) -> None:
-        """At END, before the transfer completes: land what ``open`` set in motion."""
+        """At END, before the transfer completes: land or count what the sender moved."""
 
 
 def channel_options(max_message: int) -> list[tuple[str, int]]:
@@ -90,6 +96,35 @@ class _LayerAssembler:
         return codec.decode(self.buf, self.codec, self.spec.torch_dtype, self.spec.layer_shape)
 
 
+class _Inbound:
+    """The sender's messages. A read that a wait gave up on stays pending for the next wait: cancelling it would end
+    the call's stream, and a sender told to STOP must still be heard."""
+
+    def __init__(self, requests) -> None:
+        self._messages = requests.__aiter__()
+        self._read: asyncio.Future | None = None
+
+    async def next(self, timeout_s: float, abort_wait: asyncio.Future | None = None) -> wire.Message:
+        """The next message; TransferAborted if the receiver aborts first, TransferTimeout if the sender is silent."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(self._messages.__anext__())
+        waits = {self._read} if abort_wait is None else {self._read, abort_wait}
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if self._read in done:
+            read, self._read = self._read, None
+            try:
+                return wire.unpack(read.result())
+            except StopAsyncIteration:
+                raise PeerUnavailable("the sender closed the stream without end or abort") from None
+        if abort_wait is not None and abort_wait in done:
+            raise TransferAborted("aborted by the receiver")
+        raise TransferTimeout(f"the sender sent nothing for {timeout_s:g} s")
+
+    def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+
+
 class TransferServer:
     def __init__(
         self,
@@ -115,7 +150,7 @@ class TransferServer:
 
     async def _start(self, host: str, port: int, max_message: int) -> int:
         self._server = grpc.aio.server(options=channel_options(max_message))
-        handler = grpc.stream_unary_rpc_method_handler(
+        handler = grpc.stream_stream_rpc_method_handler(
             self._transfer, request_deserializer=wire.identity, response_serializer=wire.identity
         )
         self._server.add_generic_rpc_handlers(
@@ -135,30 +170,41 @@ class TransferServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
-    async def _transfer(self, requests, context: grpc.aio.ServicerContext) -> bytes:
+    async def _transfer(self, requests, context: grpc.aio.ServicerContext) -> None:
         aborted = asyncio.Event()
         abort_wait = asyncio.ensure_future(aborted.wait())
-        messages = requests.__aiter__()
+        inbound = _Inbound(requests)
         exp: Expectation | None = None
+        writes_pages = False
         try:
-            begin = await self._next(messages, abort_wait)
+            begin = await inbound.next(self._timeout_s, abort_wait)
             if begin.kind != wire.BEGIN:
                 raise IntegrityError(f"first message is {begin.kind!r}, not begin")
             spec = TransferSpec.from_wire(begin.header["spec"])
             path = self._out_of_band.get(begin.header["transport"])
+            mode = AbortMode.CUT if path is None else path.on_receiver_abort
             opened = None if path is None else await asyncio.to_thread(path.open, spec, begin.header)
             exp = self._table.claim(spec)
-            if path is None or not path.drains:
+            writes_pages = mode is AbortMode.STOP
+            if writes_pages:
+                exp.hold_pages()
+            if mode is not AbortMode.DRAIN:
                 loop = asyncio.get_running_loop()
 
                 def wake(_reason: str) -> None:
                     loop.call_soon_threadsafe(aborted.set)
 
                 exp.on_abort(wake)
-                if exp.done:  # aborted between claim and on_abort
-                    aborted.set()
-            result = await self._receive(exp, begin.header, messages, abort_wait, path, opened)
-            return wire.pack(result)
+                if exp.done:  # aborted between claim and on_abort: the sender has written nothing, and will not
+                    raise TransferAborted(f"{spec.request_id}: aborted by the receiver")
+            await context.write(wire.pack({"kind": wire.READY}))
+            try:
+                result = await self._receive(exp, begin.header, inbound, abort_wait, path, opened)
+            except TransferAborted:
+                if mode is AbortMode.STOP and aborted.is_set():
+                    await self._stop_sender(context, inbound)
+                raise
+            await context.write(wire.pack({"kind": wire.RESULT, **result}))
         except TransferError as err:
             if exp is not None and not isinstance(err, TransferAborted):
                 exp.fail(err)
@@ -166,27 +212,44 @@ class TransferServer:
             raise AssertionError("context.abort raises") from err
         finally:
             abort_wait.cancel()
+            inbound.close()
             if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
                 exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
+                if writes_pages:  # it stopped (ABORT or END), went away, or stayed silent past the timeout
+                    exp.release_pages()
+
+    async def _stop_sender(self, context: grpc.aio.ServicerContext, inbound: _Inbound) -> None:
+        """Tell a sender that writes into our pages to stop, and wait until it says it has (ABORT or END)."""
+        await context.write(wire.pack({"kind": wire.STOP}))
+        deadline = time.monotonic() + self._timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await inbound.next(left)
+            except TransferError:  # gone, or silent past the timeout: the last resort
+                return
+            if msg.kind in (wire.ABORT, wire.END):
+                return
 
     async def _receive(
-        self, exp: Expectation, begin: dict, messages, abort_wait: asyncio.Future, path: OutOfBand | None, opened
+        self,
+        exp: Expectation,
+        begin: dict,
+        inbound: _Inbound,
+        abort_wait: asyncio.Future,
+        path: OutOfBand | None,
+        opened: object,
     ) -> dict:
         transport = begin["transport"]
         checksum = 0
         assembler = _LayerAssembler(exp.spec, begin.get("codec", "none"), self._pin)
         while True:
-            msg = await self._next(messages, abort_wait)
+            msg = await inbound.next(self._timeout_s, abort_wait)
             if msg.kind == wire.CHUNK:
                 if begin.get("checksum"):
                     checksum = codec.crc32(msg.payload, checksum)
                 pages = assembler.add(msg.header, msg.payload)
                 if pages is not None:
                     exp.land_layer(msg.header["layer"], pages, assembler.layer_size)
-            elif msg.kind == wire.LAYER:
-                if path is None:
-                    raise TransferError(f"this receiver does not accept {transport!r} transfers")
-                await asyncio.to_thread(path.land, exp, msg.header, begin)
             elif msg.kind == wire.END:
                 if path is not None:
                     await asyncio.to_thread(path.close, exp, opened, msg.header)
@@ -202,17 +265,3 @@ class TransferServer:
                 return {"ok": False, "aborted": reason}
             else:
                 raise IntegrityError(f"unknown message {msg.kind!r}")
-
-    async def _next(self, messages, abort_wait: asyncio.Future) -> wire.Message:
-        """The next message; TransferAborted if the receiver aborts first, TransferTimeout if the sender is silent."""
-        read = asyncio.ensure_future(messages.__anext__())
-        done, _ = await asyncio.wait({read, abort_wait}, timeout=self._timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if read in done:
-            try:
-                return wire.unpack(read.result())
-            except StopAsyncIteration:
-                raise PeerUnavailable("the sender closed the stream without end or abort") from None
-        read.cancel()
-        if abort_wait in done:
-            raise TransferAborted("aborted by the receiver")
-        raise TransferTimeout(f"the sender sent nothing for {self._timeout_s:g} s")

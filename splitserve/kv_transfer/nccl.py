@@ -13,7 +13,7 @@ strictly in sequence order. Layers travel in a few chunks (``chunk_bounds``), an
 layer hook copies each layer into its chunk and enqueues the chunk's send once it is full (on the pair's stream,
 after an event marking it ready), and the receiver lands every layer under one lock when END arrives and its
 receives are done. Every announced chunk must be sent, so a transfer that ends early (finish or abort) pads its
-missing chunks, and the receiver drains an aborted transfer instead of cutting it off (``drains``). A pair that
+missing chunks, and the receiver drains an aborted transfer instead of cutting it off (``AbortMode.DRAIN``). A pair that
 loses step (a BEGIN that never came, receives that never completed) is dropped on both sides, and the next
 transfer builds a new one.
 """
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError, PeerUnavailable, TransferError, TransferTimeout
 from splitserve.kv_transfer.expectations import Expectation
-from splitserve.kv_transfer.grpc_server import OutOfBand
+from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand
 from splitserve.kv_transfer.stream_sender import LayerWriter
 from splitserve.netaddr import join_host_port, split_host_port
 
@@ -110,7 +110,7 @@ class _InPair:
 class NcclInbox(OutOfBand):
     """Receiver side: the TCPStore, one group per sender pair (joined by a watcher thread), in-order receives."""
 
-    drains = True
+    on_receiver_abort = AbortMode.DRAIN
 
     def __init__(self, device: torch.device, host: str, timeout_s: float):
         # An index is needed to pin the watcher thread's device ("cuda" alone means the current one: resolve it).

@@ -24,7 +24,7 @@ class KVReceiver:
     """Holds the expectation table; ``backends`` says which ways in are opened.
 
     ``local`` registers the table in this process; every other backend needs the gRPC server (the data path of
-    grpc, the control path of cuda_ipc and nccl). The out-of-band backends contribute a LAYER handler and endpoint
+    grpc, the control path of cuda_ipc and nccl). The out-of-band backends contribute their hooks and endpoint
     fields (``out_of_band``, ``extra``) built by ``factory.make_receiver``.
     """
 
@@ -78,7 +78,13 @@ class KVReceiver:
         return self._table.expect(spec, sink).future
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
+        """Fail the transfer now; its pages may be reused once ``unwritten`` says no sender writes them."""
         return self._table.abort(request_id, reason)
+
+    def unwritten(self, request_id: str) -> Future[None]:
+        """Done once no sender can still write into the request's reserved pages (at once, except while a cuda_ipc
+        sender that writes them itself has not yet confirmed it stopped)."""
+        return self._table.unwritten(request_id)
 
     @property
     def pending(self) -> int:

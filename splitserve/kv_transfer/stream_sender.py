@@ -1,17 +1,20 @@
-"""The sending side of every remote backend: one client-streaming RPC per transfer, fed from a queue.
+"""The sending side of every remote backend: one bidirectional RPC per transfer, fed from a queue.
 
 ``send_layer`` only queues; gRPC's own thread pulls messages from a generator that encodes (or moves out of band)
 one layer at a time, so the engine's layer hook never waits for the network and HTTP/2 flow control paces the rest.
-What moves a layer is a ``LayerWriter``: inline chunks (grpc), a copy into the peer's memory (cuda_ipc), or an
-NCCL send (nccl).
+A reader thread takes the receiver's answers (READY, STOP, the result) as they come. What moves a layer is a
+``LayerWriter``: inline chunks (grpc), a copy into the peer's memory (cuda_ipc), or an NCCL send (nccl).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 import torch
@@ -21,6 +24,8 @@ from splitserve.kv_transfer.base import TransferSpec
 from splitserve.kv_transfer.errors import PeerUnavailable, TransferAborted, TransferError, TransferTimeout
 from splitserve.kv_transfer.grpc_server import channel_options
 from splitserve.kv_transfer.status import error_from_rpc
+
+log = logging.getLogger(__name__)
 
 
 class LayerWriter:
@@ -45,8 +50,17 @@ class LayerWriter:
     def seal(self) -> None:
         """No more layers come (finish or abort), on the caller's thread: e.g. pad what the peer still awaits."""
 
+    def ready(self) -> None:
+        """The receiver claimed its pages (READY), on the reader thread: a writer that writes them itself may."""
+
+    def halt(self) -> None:
+        """Write nothing more (the receiver said STOP, or the call is over), on the reader thread."""
+
+    def drain(self) -> None:
+        """Before END or ABORT, on gRPC's thread: wait until nothing this writer issued can still write."""
+
     def end_fields(self) -> dict:
-        """Runs before END: wait for out-of-band work, return e.g. the checksum."""
+        """The END header's own fields, after ``drain``: e.g. the checksum, or the layers moved."""
         return {}
 
     def lost(self) -> None:
@@ -108,19 +122,24 @@ class _Outbox:
 
 class StreamHandle:
     def __init__(
-        self, call: grpc.StreamUnaryMultiCallable, spec: TransferSpec, writer: LayerWriter, peer: str, timeout_s: float
+        self,
+        call: grpc.StreamStreamMultiCallable,
+        spec: TransferSpec,
+        writer: LayerWriter,
+        peer: str,
+        timeout_s: float,
     ):
         self.spec = spec
         self._writer = writer
         self._peer = peer
         self._timeout_s = timeout_s
         self._aborted: str | None = None
-        self._sent = 0
         self._outbox = _Outbox(interruptible=writer.interruptible)
         header = {"kind": wire.BEGIN, "spec": spec.to_wire(), "transport": writer.transport, **writer.begin_fields()}
         self._outbox.put(lambda: iter([wire.pack(header)]))
-        self._future = call.future(self._outbox.stream())
-        self._future.add_done_callback(lambda _: self._outbox.close())  # a failed call stops the generator
+        self._call = call(self._outbox.stream())
+        self._result: Future[dict] = Future()
+        threading.Thread(target=self._read, name=f"kv-send-{spec.request_id}", daemon=True).start()
 
     def send_layer(self, layer: int, pages: torch.Tensor) -> None:
         if tuple(pages.shape) != self.spec.layer_shape:
@@ -132,7 +151,7 @@ class StreamHandle:
     def finish(self) -> int:
         if self._aborted is None:
             self._writer.seal()
-            self._outbox.put(lambda: iter([wire.pack({"kind": wire.END, **self._writer.end_fields()})]))
+            self._outbox.put(self._end)
             self._outbox.close()
         reply = self._wait()
         if self._aborted is not None:
@@ -146,11 +165,43 @@ class StreamHandle:
         self._writer.seal()
         # Even when finish() already closed the outbox: the queued layers are dropped and the abort goes next, so
         # the receiver fails the transfer now instead of after every remaining layer has crossed the wire.
-        self._outbox.preempt(lambda: iter([wire.pack({"kind": wire.ABORT, "reason": reason})]))
+        self._outbox.preempt(lambda: self._abort_message(reason))
         try:
             self._wait()
         except TransferError:
             pass  # the receiver is gone or gave up already: either way nothing is written any more
+
+    def _end(self) -> Iterator[bytes]:
+        self._writer.drain()
+        yield wire.pack({"kind": wire.END, **self._writer.end_fields()})
+
+    def _abort_message(self, reason: str) -> Iterator[bytes]:
+        self._writer.drain()  # the receiver frees the pages once it reads this
+        yield wire.pack({"kind": wire.ABORT, "reason": reason})
+
+    def _read(self) -> None:
+        """The receiver's answers, on this transfer's reader thread; the call's end resolves ``_result``."""
+        result: dict = {}
+        try:
+            for data in self._call:
+                msg = wire.unpack(data)
+                if msg.kind == wire.READY:
+                    self._writer.ready()
+                elif msg.kind == wire.STOP:  # the receiver aborted and holds its pages until we confirm
+                    self._writer.halt()
+                    self._outbox.preempt(lambda: self._abort_message("stopped by the receiver"))
+                elif msg.kind == wire.RESULT:
+                    result = msg.header
+            self._result.set_result(result)
+        except grpc.RpcError as err:
+            self._result.set_exception(error_from_rpc(err, self._peer))
+        except Exception as err:  # a writer hook failed: finish() must still return, with the cause
+            log.exception("kv_transfer to %s: reading the receiver's answers failed", self._peer)
+            self._call.cancel()
+            self._result.set_exception(TransferError(f"{self._peer}: {err}"))
+        finally:
+            self._writer.halt()
+            self._outbox.close()  # a failed call stops the generator
 
     def _wait(self) -> dict:
         try:
@@ -160,18 +211,14 @@ class StreamHandle:
             raise
 
     def _reply(self) -> dict:
-        """The reply; TransferTimeout only when gRPC pulled nothing for timeout_s and no reply came."""
+        """The result; TransferTimeout only when gRPC pulled nothing for timeout_s and the call did not end."""
         while True:
             try:
-                return wire.unpack(self._future.result(timeout=0.2)).header
-            except grpc.FutureTimeoutError:
+                return self._result.result(timeout=0.2)
+            except FutureTimeout:
                 if time.monotonic() - self._outbox.last_progress > self._timeout_s:
-                    self._future.cancel()
+                    self._call.cancel()
                     raise TransferTimeout(f"{self._peer}: no progress for {self._timeout_s:g} s") from None
-            except grpc.FutureCancelledError:
-                raise PeerUnavailable(f"{self._peer}: transfer cancelled") from None
-            except grpc.RpcError as err:
-                raise error_from_rpc(err, self._peer) from None
 
 
 class StreamSender:
@@ -191,7 +238,7 @@ class StreamSender:
         self._writer_factory = writer_factory
         self._timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message))
-        self._call = self._channel.stream_unary(
+        self._call = self._channel.stream_stream(
             wire.METHOD, request_serializer=wire.identity, response_deserializer=wire.identity
         )
 

@@ -1,8 +1,10 @@
 """The framing of one transfer's messages: ``[u32 big-endian header length][msgpack header][raw payload]``.
 
-A transfer is one client-streaming RPC: BEGIN (the spec), then per layer either CHUNKs carrying the bytes (grpc)
-or one LAYER marker for data moved out of band (cuda_ipc, nccl), then END (with the checksum) or ABORT. The reply
-is a msgpack ack; failures are gRPC status codes (see ``status.py``).
+A transfer is one bidirectional RPC. The sender sends BEGIN (the spec), then per layer the CHUNKs carrying its
+bytes (grpc; the out-of-band backends, cuda_ipc and nccl, send nothing per layer), then END (with the checksum or
+the layers it moved) or ABORT. The receiver answers READY once it has claimed the reserved pages (a sender that
+writes into them itself waits for it), STOP when it aborts a transfer whose sender must stop writing and say so
+with ABORT, and RESULT last. Failures are gRPC status codes (see ``status.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import msgpack
 SERVICE = "splitserve.kv.KVTransfer"
 METHOD = f"/{SERVICE}/Transfer"
 
-BEGIN, CHUNK, LAYER, END, ABORT = "begin", "chunk", "layer", "end", "abort"
+BEGIN, CHUNK, END, ABORT = "begin", "chunk", "end", "abort"  # sender -> receiver
+READY, STOP, RESULT = "ready", "stop", "result"  # receiver -> sender
 
 _LEN = struct.Struct(">I")
 

@@ -75,6 +75,50 @@ def test_cuda_ipc_across_processes():
     _roundtrip("cuda_ipc", "cuda:0", "cuda:0")
 
 
+def _send_slowly(endpoint, device: str, results, go_on) -> None:
+    """Child process: one layer, then wait for the parent, then the rest."""
+    from splitserve.kv_transfer import TransferError
+
+    torch.cuda.set_device(torch.device(device))
+    src = _on(device, seed=1)
+    handle = make_sender(KVTransferConfig(backend="cuda_ipc"), endpoint, device).begin(src.spec("slow", BLOCKS))
+    handle.send_layer(0, src.gather_pages(0, BLOCKS))
+    results.put("began")
+    go_on.wait(60)
+    send_all(handle, src, BLOCKS, layers=range(1, src.num_layers))
+    try:
+        handle.finish()
+        results.put("ok")
+    except TransferError as err:
+        results.put(type(err).__name__)
+
+
+@needs_cuda
+def test_cuda_ipc_receiver_abort_frees_pages_only_once_the_sender_stopped():
+    """The sender writes the receiver's pages itself: after an abort, ``unwritten`` says when they are safe to
+    reuse, and nothing the sender does afterwards (it goes on with its prefill) touches them."""
+    dst = _on("cuda:0", seed=2)
+    receiver = make_receiver(KVTransferConfig(backend="cuda_ipc"), dst)
+    try:
+        receiver.expect(dst.spec("slow", BLOCKS))
+        ctx = mp.get_context("spawn")
+        results, go_on = ctx.Queue(), ctx.Event()
+        child = ctx.Process(target=_send_slowly, args=(receiver.endpoint, "cuda:0", results, go_on))
+        child.start()
+        assert results.get(timeout=120) == "began"
+        assert receiver.abort("slow", "decode side gave up")
+        receiver.unwritten("slow").result(timeout=30)
+        torch.cuda.synchronize()
+        settled = dst.kv_cache.clone()
+        go_on.set()
+        assert results.get(timeout=60) == "TransferAborted"
+        child.join(timeout=30)
+        torch.cuda.synchronize()
+        assert torch.equal(dst.kv_cache, settled)
+    finally:
+        receiver.close()
+
+
 @needs_two_gpus
 @pytest.mark.multigpu
 def test_nccl_across_gpus():
