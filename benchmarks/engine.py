@@ -154,7 +154,9 @@ def hf_vs_ours(
 
     Ours runs twice: on HF's batch (the same requests), and on ``ours_requests`` requests of the same shape, which
     continuous batching serves together: the throughput a server gets from the GPU when the load is there. Prefill
-    is compared on one 2048-token prompt and on the ``mixed`` lengths, which HF must pad to the longest.
+    is compared on one 2048-token prompt and on the ``mixed`` lengths, which HF must pad to the longest. Each side
+    is warmed up first. HF with the very generate it is timed on: its first pass over each new sequence length is
+    slow (timed cold, or after a 2-token warm-up, it ran at a third of its speed on an H100).
     """
     from transformers import AutoModelForCausalLM
 
@@ -163,6 +165,7 @@ def hf_vs_ours(
         hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=runner.dtype).eval()
     copy_weights_into_hf(engine, hf)
     prompts = torch.randint(0, 1000, (batch, prompt_len), device=runner.device)
+    _time_hf_generate(hf, prompts, new_tokens, runner.device)  # warm-up: see the docstring
     hf_time = _time_hf_generate(hf, prompts, new_tokens, runner.device)
     hf_prefill = _hf_prefill_seconds(hf, [2048], runner.device)
     hf_mixed = _hf_prefill_seconds(hf, mixed, runner.device)
@@ -170,8 +173,9 @@ def hf_vs_ours(
     if runner.device.type == "cuda":
         torch.cuda.empty_cache()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    ours_time = timed(lambda: engine.generate([p.tolist() for p in prompts], params), runner.device, 1)
     many = torch.randint(0, 1000, (ours_requests, prompt_len)).tolist()
+    engine.generate(many, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up, as HF's
+    ours_time = timed(lambda: engine.generate([p.tolist() for p in prompts], params), runner.device, 1)
     many_time = timed(lambda: engine.generate(many, params), runner.device, 1)
     ours_prefill = timed(prefill_batch(engine, [2048], "hf-one"), runner.device, 3)
     ours_mixed = timed(prefill_batch(engine, mixed, "hf-mixed"), runner.device, 3)
