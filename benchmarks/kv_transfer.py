@@ -6,7 +6,7 @@ Compression accuracy (max abs / relative error) is reported for int8 and fp8.
 
     python benchmarks/kv_transfer.py [--sizes-mb 1 16 256] [--with-1gb] [--out results/kv_transfer.json]
     python benchmarks/kv_transfer.py --nccl [--overlap-prompt 2048]    # two GPUs: see kv_transfer_pair.py
-    python benchmarks/kv_transfer.py --cuda-ipc                        # one GPU, receiver in a second process
+    python benchmarks/kv_transfer.py --cuda-ipc [--overlap-prompt 2048] # one GPU, receiver in a second process
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--nccl", action="store_true", help="the nccl backend between two GPUs vs plain NCCL p2p")
     ap.add_argument("--cuda-ipc", action="store_true", help="cuda_ipc to a second process on one GPU vs a device copy")
-    ap.add_argument("--overlap-prompt", type=int, help="with --nccl: prefill+stream overlap for this prompt (8B)")
+    ap.add_argument(
+        "--overlap-prompt", type=int, help="with --nccl or --cuda-ipc: prefill+stream overlap for this prompt (8B)"
+    )
     ap.add_argument("--out", default="results/kv_transfer.json")
     args = ap.parse_args()
     sizes = args.sizes_mb + ([1000] if args.with_1gb else [])

@@ -116,9 +116,8 @@ def plain_p2p_seconds(pair: Pair, nbytes: int, repeats: int) -> float:
     return min(times[1:])
 
 
-def backend_seconds(pair: Pair, src: PagedKV, repeats: int) -> float:
+def backend_seconds(pair: Pair, endpoint: Any, src: PagedKV, repeats: int) -> float:
     """Best time of a whole transfer through the pair's backend, layer by layer, until the receiver has it all."""
-    endpoint = pair.ask("open", src.layers, src.blocks, src.page, str(src.dtype).removeprefix("torch."))
     sender = make_sender(pair.config, endpoint, SENDER)
     times = []
     try:
@@ -137,6 +136,26 @@ def backend_seconds(pair: Pair, src: PagedKV, repeats: int) -> float:
     return min(times[1:])
 
 
+def ipc_copy_seconds(endpoint: Any, src: PagedKV, repeats: int) -> float:
+    """cuda_ipc's data path alone: the same per-layer scatter into the receiver's pages through its IPC handle,
+    without the protocol around it (what ``backend_seconds`` adds on top is the control path)."""
+    from splitserve.engine.host_copy import index_tensor
+    from splitserve.engine.page_copy import scatter_pages
+    from splitserve.kv_transfer.cuda_ipc import open_kv_cache
+
+    remote = open_kv_cache(endpoint.ipc_handle)
+    index = index_tensor(list(range(src.blocks)), remote.device)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for layer in range(src.layers):
+            scatter_pages(remote[layer], index, src.kv_layers[layer])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 BASELINES = {"nccl": ("plain NCCL send/recv", plain_p2p_seconds), "cuda_ipc": ("device copy", device_copy_seconds)}
 
 
@@ -146,31 +165,37 @@ def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats
     for mb in sizes_mb:
         src = PagedKV.sized(mb, dtype, SENDER)
         nbytes = src.kv_cache.numel() * src.kv_cache.element_size()
-        ours = backend_seconds(pair, src, repeats)
+        endpoint = pair.ask("open", src.layers, src.blocks, src.page, str(src.dtype).removeprefix("torch."))
+        ours = backend_seconds(pair, endpoint, src, repeats)
         base = baseline_seconds(pair, nbytes, repeats)
-        rows.append(
-            {
-                "size_mb": nbytes / 1e6,
-                "backend": pair.backend,
-                "layers": src.layers,
-                "gb_per_s": nbytes / ours / 1e9,
-                "baseline": baseline,
-                "baseline_gb_per_s": nbytes / base / 1e9,
-                "ratio": base / ours,
-            }
+        row = {
+            "size_mb": nbytes / 1e6,
+            "backend": pair.backend,
+            "layers": src.layers,
+            "gb_per_s": nbytes / ours / 1e9,
+            "transfer_ms": ours * 1e3,
+            "baseline": baseline,
+            "baseline_gb_per_s": nbytes / base / 1e9,
+            "ratio": base / ours,
+        }
+        line = (
+            f"{row['size_mb']:8.1f} MB  {pair.backend} {row['gb_per_s']:7.1f} GB/s ({ours * 1e3:.2f} ms)   "
+            f"{baseline} {row['baseline_gb_per_s']:7.1f} GB/s   ratio {row['ratio']:.2f}"
         )
-        r = rows[-1]
-        print(
-            f"{r['size_mb']:8.1f} MB  {pair.backend} {r['gb_per_s']:7.1f} GB/s   "
-            f"{baseline} {r['baseline_gb_per_s']:7.1f} GB/s   ratio {r['ratio']:.2f}",
-            flush=True,
-        )
+        if pair.backend == "cuda_ipc":
+            path = ipc_copy_seconds(endpoint, src, repeats)
+            row.update(
+                data_path_gb_per_s=nbytes / path / 1e9, data_path_ratio=base / path, control_ms=(ours - path) * 1e3
+            )
+            line += f"   data path alone {row['data_path_gb_per_s']:7.1f} GB/s (ratio {row['data_path_ratio']:.2f})"
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 
 def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     """Prefill of one ``prompt_len`` prompt on an 8B Llama-3 shape, alone and with its KV streamed layer by layer to
-    the other GPU: the share of the transfer that stays hidden behind compute."""
+    the receiver: the share of the transfer that stays hidden behind compute."""
     from splitserve.bench.make_random_checkpoint import llama_config
     from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 
@@ -257,13 +282,13 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
 
 
 def run(backend: str, sizes_mb: list[float], dtype: torch.dtype, repeats: int, overlap_prompt: int | None) -> dict:
-    """``nccl`` (two GPUs, and the overlap with ``overlap_prompt``) or ``cuda_ipc`` (one GPU)."""
+    """``nccl`` (two GPUs) or ``cuda_ipc`` (one GPU), and with ``overlap_prompt`` the overlap with a prefill."""
     if backend == "nccl" and torch.cuda.device_count() < 2:
         raise SystemExit("--nccl needs two GPUs")
     pair = Pair(backend, "cuda:1" if backend == "nccl" else SENDER)
     try:
         rows = transfer_rows(pair, sizes_mb, dtype, repeats)
-        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt and backend == "nccl" else None
+        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt else None
     finally:
         pair.close()
     return {"device": torch.cuda.get_device_name(0), "rows": rows, "overlap": hidden}
