@@ -4,8 +4,12 @@
     python benchmarks/chaos.py                       # tiny model on CPU, local Ray, 1 prefill + 1 decode
     python benchmarks/chaos.py --config configs/x.yaml --requests 2000 --out chaos.json   # a GPU config
 
-Phases: ``before`` (a steady batch, nothing cancelled), ``storm`` (``--requests`` at once, ``--cancel-frac`` of
-them cancelled at random moments within ``--cancel-window-s``), ``after`` (the steady batch again).
+Phases: ``warmup`` (a steady batch, not compared: the first one pays for cold caches), ``before`` (a steady batch,
+nothing cancelled), ``storm`` (``--requests`` at once, ``--cancel-frac`` of them cancelled at random moments within
+``--cancel-window-s``), ``after`` (a steady batch of the same prompt lengths as ``before`` but new tokens, so it starts
+from the same prefix-cache state: no hits), and ``after_cached`` (``before``'s prompts again: every full block is a
+prefix-cache hit, so the prompts are barely computed and their KV transfers all start at once; a different load,
+reported apart, never compared with ``before``).
 Abort to pages freed: for each cancelled request, the time from its cancel until the last worker that held its
 pages gave them back, from the times the workers log when they free a request's pages (``release_times``; a
 worker that had freed them before the cancel counts as zero). Abort acknowledged: until the router's abort calls
@@ -29,7 +33,7 @@ import ray
 import torch
 
 from splitserve.cluster.controller import Cluster
-from splitserve.cluster.messages import GenerateRequest, ServingError
+from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError
 from splitserve.config import load_config, parse_config
 from splitserve.engine import SamplingParams
 from splitserve.engine.testing import make_tiny_model
@@ -53,6 +57,12 @@ def _prompts(n: int, lo: int, hi: int, seed: int, vocab: int) -> list[list[int]]
     return [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi, (n,), generator=g)]
 
 
+def _same_lengths(prompts: list[list[int]], seed: int, vocab: int) -> list[list[int]]:
+    """Prompts of the same lengths with new random tokens: the same work, and no prefix shared with ``prompts``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (len(p),), generator=g).tolist() for p in prompts]
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -60,23 +70,46 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def _one(cluster: Cluster, rid: str, prompt: list[int], max_tokens: int) -> str:
+async def _one(cluster: Cluster, rid: str, prompt: list[int], max_tokens: int, latency: list | None = None) -> str:
     request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    timing = RequestTiming(arrival=time.monotonic())
     n = 0
     try:
-        async for batch in cluster.generate(request):
+        async for batch in cluster.generate(request, timing):
             n += len(batch.tokens)
     except ServingError as err:
         return f"error:{err.code}"
+    if latency is not None and timing.first_token is not None:
+        latency.append((timing.first_token - timing.arrival, time.monotonic() - timing.arrival))
     return "completed" if n == max_tokens else "short"
 
 
+async def _prefix_hits(cluster: Cluster) -> int:
+    return sum(s.prefix_cache_hits for s in await cluster.refresh_stats())
+
+
 async def _steady(cluster: Cluster, tag: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    hits = await _prefix_hits(cluster)
+    latency: list[tuple[float, float]] = []
     t0 = time.monotonic()
-    results = await asyncio.gather(*(_one(cluster, f"{tag}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+    results = await asyncio.gather(
+        *(_one(cluster, f"{tag}-{i}", p, max_tokens, latency) for i, p in enumerate(prompts))
+    )
     wall = time.monotonic() - t0
     done = sum(r == "completed" for r in results)
-    return {"requests": len(prompts), "completed": done, "seconds": wall, "goodput_rps": done / wall}
+    ttft, e2e = [t for t, _ in latency], [e for _, e in latency]
+    return {
+        "requests": len(prompts),
+        "completed": done,
+        "outcomes": dict(Counter(results)),
+        "seconds": wall,
+        "goodput_rps": done / wall,
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_max_s": max(ttft, default=None),
+        "e2e_p50_s": _pct(e2e, 0.5),
+        "e2e_max_s": max(e2e, default=None),  # the batch's wall is its slowest request: look here for a straggler
+        "prefix_hit_blocks": await _prefix_hits(cluster) - hits,
+    }
 
 
 async def _used_pages(cluster: Cluster) -> int:
@@ -104,7 +137,12 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
     rng = random.Random(args.seed)
     vocab = min(w.info["vocab_size"] for w in cluster.workers.values())
     steady = _prompts(args.steady, args.min_prompt, args.max_prompt, args.seed + 1, vocab)
-    report: dict[str, Any] = {"before": await _steady(cluster, "before", steady, args.max_tokens)}
+    # Every compared batch has the same prompt lengths and tokens no earlier batch had: before and after then start
+    # from the same prefix-cache state (no hits), and neither pays the first batch's cold start.
+    report: dict[str, Any] = {
+        "warmup": await _steady(cluster, "warmup", _same_lengths(steady, args.seed + 3, vocab), args.max_tokens)
+    }
+    report["before"] = await _steady(cluster, "before", steady, args.max_tokens)
 
     storm = _prompts(args.requests, args.min_prompt, args.max_prompt, args.seed + 2, vocab)
     aborted_at: dict[str, float] = {}  # wall clock, as the workers' release times
@@ -166,15 +204,28 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
         "stranded_pages": used,
         "inflight_left": len(cluster._inflight),
     }
-    report["after"] = await _steady(cluster, "after", steady, args.max_tokens)
+    report["after"] = await _steady(cluster, "after", _same_lengths(steady, args.seed + 4, vocab), args.max_tokens)
+    # The old "after": before's prompts again, all prefix-cache hits. Reported apart, never compared with before.
+    report["after_cached"] = await _steady(cluster, "after_cached", steady, args.max_tokens)
     return report
 
 
 def _table(report: dict[str, Any]) -> str:
-    rows = [("phase", "requests", "completed", "seconds", "goodput req/s")]
-    for phase in ("before", "storm", "after"):
+    rows = [("phase", "requests", "completed", "seconds", "goodput req/s", "e2e p50/max s", "prefix hits")]
+    for phase in ("warmup", "before", "storm", "after", "after_cached"):
         r = report[phase]
-        rows.append((phase, str(r["requests"]), str(r["completed"]), f"{r['seconds']:.2f}", f"{r['goodput_rps']:.1f}"))
+        e2e = f"{r['e2e_p50_s']:.2f}/{r['e2e_max_s']:.2f}" if r.get("e2e_max_s") is not None else "-"
+        rows.append(
+            (
+                phase,
+                str(r["requests"]),
+                str(r["completed"]),
+                f"{r['seconds']:.2f}",
+                f"{r['goodput_rps']:.1f}",
+                e2e,
+                str(r.get("prefix_hit_blocks", "-")),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     s = report["storm"]
@@ -205,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="requests in the storm")
     p.add_argument("--cancel-frac", type=float, default=0.7)
     p.add_argument("--cancel-window-s", type=float, default=2.0)
-    p.add_argument("--steady", type=int, default=32, help="requests in the before/after batches")
+    p.add_argument("--steady", type=int, default=32, help="requests in each steady batch (warmup, before, after)")
     p.add_argument("--min-prompt", type=int, default=8)
     p.add_argument("--max-prompt", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=48)
