@@ -175,7 +175,7 @@ class TransferServer:
         abort_wait = asyncio.ensure_future(aborted.wait())
         inbound = _Inbound(requests)
         exp: Expectation | None = None
-        writes_pages = False
+        holding = False  # the pages are held for a sender that writes them itself
         try:
             begin = await inbound.next(self._timeout_s, abort_wait)
             if begin.kind != wire.BEGIN:
@@ -185,8 +185,8 @@ class TransferServer:
             mode = AbortMode.CUT if path is None else path.on_receiver_abort
             opened = None if path is None else await asyncio.to_thread(path.open, spec, begin.header)
             exp = self._table.claim(spec)
-            writes_pages = mode is AbortMode.STOP
-            if writes_pages:
+            holding = mode is AbortMode.STOP
+            if holding:
                 exp.hold_pages()
             if mode is not AbortMode.DRAIN:
                 loop = asyncio.get_running_loop()
@@ -204,6 +204,9 @@ class TransferServer:
                 if mode is AbortMode.STOP and aborted.is_set():
                     await self._stop_sender(context, inbound)
                 raise
+            if holding:  # END or ABORT came after the sender's last write: free before the sender is answered
+                holding = False
+                exp.release_pages()
             await context.write(wire.pack({"kind": wire.RESULT, **result}))
         except TransferError as err:
             if exp is not None and not isinstance(err, TransferAborted):
@@ -215,7 +218,7 @@ class TransferServer:
             inbound.close()
             if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
                 exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
-                if writes_pages:  # it stopped (ABORT or END), went away, or stayed silent past the timeout
+                if holding:  # it stopped (ABORT or END), went away, or stayed silent past the timeout
                     exp.release_pages()
 
     async def _stop_sender(self, context: grpc.aio.ServicerContext, inbound: _Inbound) -> None:

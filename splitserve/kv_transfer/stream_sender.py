@@ -180,7 +180,8 @@ class StreamHandle:
         yield wire.pack({"kind": wire.ABORT, "reason": reason})
 
     def _read(self) -> None:
-        """The receiver's answers, on this transfer's reader thread; the call's end resolves ``_result``."""
+        """The receiver's answers, on this transfer's reader thread; RESULT, or else the call's end, resolves
+        ``_result``."""
         result: dict = {}
         try:
             for data in self._call:
@@ -190,9 +191,10 @@ class StreamHandle:
                 elif msg.kind == wire.STOP:  # the receiver aborted and holds its pages until we confirm
                     self._writer.halt()
                     self._outbox.preempt(lambda: self._abort_message("stopped by the receiver"))
-                elif msg.kind == wire.RESULT:
-                    result = msg.header
-            self._result.set_result(result)
+                elif msg.kind == wire.RESULT:  # the transfer is over: no need to wait for the call's trailers
+                    self._result.set_result(msg.header)
+            if not self._result.done():
+                self._result.set_result(result)
         except grpc.RpcError as err:
             self._result.set_exception(error_from_rpc(err, self._peer))
         except Exception as err:  # a writer hook failed: finish() must still return, with the cause
