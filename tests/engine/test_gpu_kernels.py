@@ -154,3 +154,24 @@ def test_graph_engine_bf16_mostly_matches_hf_bf16(tiny_model_dir):
     got = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))]
     assert sum(g == w for g, w in zip(got, want, strict=True)) >= 0.75 * len(prompts), (got, want)
     assert sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) >= 0.75 * len(prompts)
+
+
+@needs_cuda
+def test_chunked_prefill_and_prefix_hits_on_gpu_equal_the_cpu_engine(tiny_model_dir):
+    """A later chunk of a prompt and a prompt whose prefix is cached attend to KV already in the cache, through
+    prefill attention's masked path (not the one a fresh prompt takes): in float32 the GPU matches the CPU."""
+    p = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    prompts = _prompts(seed=2)
+    prompts += [prompts[5][:64] + prompts[4]]  # shares 16 full blocks of 4 with the 130-token prompt
+
+    def engine(device: str) -> Engine:
+        runner = RunnerConfig(
+            str(tiny_model_dir), device=device, dtype="float32", num_kv_blocks=256, block_size=4, max_batch_tokens=32
+        )
+        return Engine(EngineConfig(runner))
+
+    cpu, gpu = engine("cpu"), engine("cuda")
+    for _ in range(2):  # the second round's prompts are all prefix-cache hits
+        want = [r.token_ids for r in cpu.generate(prompts, p)]
+        assert [r.token_ids for r in gpu.generate(prompts, p)] == want
+    assert gpu.blocks.prefix_hits > 0
