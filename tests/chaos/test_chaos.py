@@ -1,5 +1,8 @@
-"""Faults and abort storms on a real cluster (Ray, CPU, the tiny model, KV over grpc): nothing stranded, nothing
-hung, recovery in seconds. Every test ends with ``Harness.audit``: every page back, nothing held or expected."""
+"""Faults and abort storms on a real cluster (Ray, the tiny model): nothing stranded, nothing hung, recovery in
+seconds. Every test ends with ``Harness.audit``: every page back, nothing held or expected.
+
+Each scenario runs on CPU with KV over grpc, and (marked ``gpu``, for ``make test-gpu``) with all four workers
+sharing one GPU and KV over cuda_ipc, whose senders write the decode workers' pages themselves."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError
 from splitserve.engine import SamplingParams
@@ -29,9 +33,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 LONG_PROMPT = 600  # ~120 grpc messages at 4 KiB chunks: a transfer long enough to be cut mid-way
 
 
-@pytest.fixture(scope="module")
-def harness(ray_local, tiny_model_dir):
-    h = Harness(chaos_config(tiny_model_dir))
+ON_ONE_GPU = {
+    "cluster": {"device": "cuda"},
+    "prefill": {"gpus_per_replica": 0.25},
+    "decode": {"gpus_per_replica": 0.25},
+    "kv_transfer": {"backend": "cuda_ipc"},
+}
+PLACEMENTS = [
+    pytest.param({}, id="cpu-grpc"),
+    pytest.param(
+        ON_ONE_GPU,
+        id="gpu-cuda_ipc",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def harness(request, ray_local, tiny_model_dir):
+    h = Harness(chaos_config(tiny_model_dir, **request.param))
     try:
         yield h
     finally:
