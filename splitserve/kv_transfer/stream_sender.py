@@ -21,7 +21,13 @@ import torch
 
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import TransferSpec
-from splitserve.kv_transfer.errors import PeerUnavailable, TransferAborted, TransferError, TransferTimeout
+from splitserve.kv_transfer.errors import (
+    IntegrityError,
+    PeerUnavailable,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from splitserve.kv_transfer.grpc_server import channel_options
 from splitserve.kv_transfer.status import error_from_rpc
 
@@ -180,9 +186,7 @@ class StreamHandle:
         yield wire.pack({"kind": wire.ABORT, "reason": reason})
 
     def _read(self) -> None:
-        """The receiver's answers, on this transfer's reader thread; RESULT, or else the call's end, resolves
-        ``_result``."""
-        result: dict = {}
+        """The receiver's answers, on this transfer's reader thread, until RESULT or the call's end."""
         try:
             for data in self._call:
                 msg = wire.unpack(data)
@@ -193,8 +197,8 @@ class StreamHandle:
                     self._outbox.preempt(lambda: self._abort_message("stopped by the receiver"))
                 elif msg.kind == wire.RESULT:  # the transfer is over: no need to wait for the call's trailers
                     self._result.set_result(msg.header)
-            if not self._result.done():
-                self._result.set_result(result)
+                    return
+            self._result.set_exception(IntegrityError(f"{self._peer}: the call ended without a result"))
         except grpc.RpcError as err:
             self._result.set_exception(error_from_rpc(err, self._peer))
         except Exception as err:  # a writer hook failed: finish() must still return, with the cause
