@@ -15,11 +15,12 @@ import asyncio
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from splitserve.bench.cli import (
     add_workload_args,
@@ -40,6 +41,7 @@ from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.metrics import Metrics
+from splitserve.simulator.profile import ServingSpec
 from splitserve.slo import SLO
 
 GOAL = 0.10  # predicted within 10% of measured
@@ -52,6 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="cluster YAML, run live and mapped to the simulator's cluster")
     p.add_argument("--profile", required=True, help="profile YAML measured by `splitserve profile CONFIG --out PATH`")
     p.add_argument("--mode", choices=[m.value for m in ServingMode], help="serving mode (default: the config's)")
+    p.add_argument(
+        "--fit-serving",
+        action="store_true",
+        help="fit the profile's serving overheads (per request, per step) on the first rate's live run, predict "
+        "every rate with them, and write the fitted profile next to the JSON (make the first rate a low one)",
+    )
     add_workload_args(p)
     p.set_defaults(out_dir=DEFAULT_OUT_DIR)
     return p.parse_args(argv)
@@ -126,6 +134,32 @@ def compare(measured: dict[str, float | None], predicted: dict[str, float | None
     return out
 
 
+def fit_serving(
+    cluster_for: Callable[[Profile], ClusterSpec],
+    profile: Profile,
+    workload: Workload,
+    measured: dict[str, float | None],
+    slo: SLO,
+) -> ServingSpec:
+    """The cluster's own overheads from a live run at low load: per step, the excess of the measured median TPOT
+    over the engine-only prediction; then, with that step cost in, the excess of the median TTFT per request."""
+
+    def predict(serving: ServingSpec) -> dict[str, float | None]:
+        with_serving = profile.model_copy(update={"serving": serving})
+        return predicted_figures(summarize(simulate(cluster_for(with_serving), workload), slo))
+
+    def excess_s(metric: str, predicted: dict[str, float | None]) -> float:
+        m, p = measured[metric], predicted[metric]
+        return 0.0 if m is None or p is None else max(0.0, (m - p) / 1e3)
+
+    step = ServingSpec(step_s=excess_s("tpot_p50_ms", predict(ServingSpec())))
+    return step.model_copy(update={"request_s": excess_s("ttft_p50_ms", predict(step))})
+
+
+def write_profile(profile: Profile, path: Path, note: str) -> None:
+    path.write_text(f"# {note}\n" + yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+
+
 def validate_rate(
     cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, summary: Summary, max_model_len: int, slo: SLO
 ) -> dict[str, Any]:
@@ -182,12 +216,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     slo = slo_from_args(args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
     sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.fit_serving:
+        first = as_workload(make_requests(spec.workload(rates[0]), sweep.max_model_len, seed=spec.seed))
+        serving = fit_serving(
+            lambda p: cluster_spec(config, mode, p), profile, first, measured_figures(sweep.runs[0].summary), slo
+        )
+        profile = profile.model_copy(update={"serving": serving})
+        cluster = cluster_spec(config, mode, profile)
+        fitted = out_dir / "profile_fitted.yaml"
+        write_profile(
+            profile,
+            fitted,
+            f"{args.profile} with serving overheads fitted by sim_validate on {args.config}, "
+            f"rate {rates[0]:g} ({device_name(config.cluster.device.value)})",
+        )
+        print(
+            f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request, "
+            f"{serving.step_s * 1e3:.2f} ms per step; wrote {fitted}"
+        )
     rows = [
         validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo)
         for rate, run in zip(rates, sweep.runs, strict=True)
     ]
 
-    out = Path(args.out_dir) / "sim_validate.json"
+    out = out_dir / "sim_validate.json"
     meta = run_meta(
         args,
         argv=sys.argv if argv is None else ["sim_validate.py", *argv],
@@ -200,8 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload={**workload_meta(args, spec, rates), "max_model_len": sweep.max_model_len},
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         goal={"max_relative_error": GOAL},
+        serving_fitted_on_rate=rates[0] if args.fit_serving else None,
+        serving=profile.serving.model_dump(),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "runs": rows}, indent=2))
     print(format_table(rows))
     print(f"wrote {out}")

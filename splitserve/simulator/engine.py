@@ -76,9 +76,10 @@ class _Sim:
             else:
                 break
             self.handled += 1
-        return RunResult(
-            self.cluster, self.wl, np.asarray(self.first), np.asarray(self.finish), self.busy(), self.handled
-        )
+        # The cluster's per-request latency (hops, admission) delays every token of a request alike.
+        late = self.cluster.prefill.profile.serving.request_s
+        first, finish = np.asarray(self.first) + late, np.asarray(self.finish) + late
+        return RunResult(self.cluster, self.wl, first, finish, self.busy(), self.handled)
 
     def arrive(self, r: int, t: float) -> None:
         raise NotImplementedError
@@ -90,9 +91,15 @@ class _Sim:
         raise NotImplementedError
 
     def decode_time_fn(self, pool: PoolSpec):  # type: ignore[no-untyped-def]
+        """A decode step's time, the worker loop's own overhead included."""
         d = pool.profile.decode
-        base, per_seq, per_ctx = d.base_s, d.per_seq_s, d.per_context_token_s
+        base, per_seq, per_ctx = d.base_s + pool.profile.serving.step_s, d.per_seq_s, d.per_context_token_s
         return lambda n, ctx: base + per_seq * n + per_ctx * ctx
+
+    def prefill_time_fn(self, pool: PoolSpec):  # type: ignore[no-untyped-def]
+        """A prefill pass's time, the worker loop's own overhead included."""
+        prefill_time, step = pool.profile.prefill_time, pool.profile.serving.step_s
+        return lambda tokens: prefill_time(tokens) + step
 
 
 class _Disaggregated(_Sim):
@@ -107,7 +114,7 @@ class _Disaggregated(_Sim):
         self.xfer = (
             xfer.latency_s + wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)
         ).tolist()
-        self.prefill_time = pre.profile.prefill_time
+        self.prefill_time = self.prefill_time_fn(pre)
         self.decode_time = self.decode_time_fn(dec)
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
@@ -215,7 +222,7 @@ class _Colocated(_Sim):
         super().__init__(cluster, wl)
         pool = cluster.prefill
         self.pool = pool
-        self.prefill_time = pool.profile.prefill_time
+        self.prefill_time = self.prefill_time_fn(pool)
         self.decode_time = self.decode_time_fn(pool)
         self.batches = [DecodeBatch(pool) for _ in range(pool.replicas)]
         self.prefilling: list[deque[int]] = [deque() for _ in range(pool.replicas)]

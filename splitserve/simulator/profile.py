@@ -1,7 +1,8 @@
 """Performance profile of one model on one GPU type: the simulator's only source of timings, costs and power.
 
 A profile is a YAML file (see ``configs/profiles/`` and ``docs/simulator.md``); ``splitserve profile``
-(``profile_run``) measures one on hardware, the shipped ones are roofline estimates.
+(``profile_run``) measures one on hardware (the shipped ones were), and ``sim_validate --fit-serving`` adds what a live
+cluster costs around the engine.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ class DecodeSpec(_Strict):
     per_context_token_s: float = Field(ge=0, description="Cost per cached token read by attention.")
 
 
+class ServingSpec(_Strict):
+    """What a running cluster adds around the engine's own timings (both 0 in a profile of the engine alone).
+
+    Fitted from a live run at low load (``sim_validate --fit-serving``): the router and worker hops, admission and
+    token streaming through Ray and gRPC."""
+
+    request_s: float = Field(0.0, ge=0, description="Latency added once per request, before its first token.")
+    step_s: float = Field(0.0, ge=0, description="Time added to every engine step: the worker loop around it.")
+
+
 class TransferSpec(_Strict):
     latency_s: float = Field(ge=0, description="Fixed cost of one request's KV transfer.")
     bandwidth_bytes_per_s: float = Field(gt=0, description="Achieved bandwidth of the transfer.")
@@ -63,6 +74,7 @@ class Profile(_Strict):
     prefill: PrefillSpec
     decode: DecodeSpec
     kv_transfer: dict[str, TransferSpec] = Field(min_length=1, description="One entry per KV transfer backend.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The cluster's own overheads.")
 
     _pt: np.ndarray = PrivateAttr()
     _ps: np.ndarray = PrivateAttr()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import yaml
 
@@ -31,13 +32,17 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
 
     workload = ["--num-requests", "6", "--prompt-len", "uniform:8:48", "--output-len", "uniform:4:10", "--seed", "2"]
     argv = ["--config", str(config_path), "--profile", str(profile_path), "--rates", "2", *workload]
-    assert main([*argv, "--warmup", "1", "--timeout", "60", "--out-dir", str(tmp_path / "out")]) == 0
+    out_dir = tmp_path / "out"
+    assert main([*argv, "--warmup", "1", "--timeout", "60", "--out-dir", str(out_dir), "--fit-serving"]) == 0
 
     out = capsys.readouterr().out
     assert "TTFT p50 ms" in out and "predicted/measured" in out
     saved = json.loads((tmp_path / "out" / "sim_validate.json").read_text())
     assert saved["argv"][1:3] == ["--config", str(config_path)] and saved["date"] and saved["device"]
     assert saved["mode"] == "disaggregated" and saved["goal"] == {"max_relative_error": 0.1}
+    # A live cluster adds hops and a worker loop around the engine: the fit finds some, and ships it in a profile.
+    assert saved["serving_fitted_on_rate"] == 2.0 and saved["serving"]["request_s"] + saved["serving"]["step_s"] > 0
+    assert load_profile(out_dir / "profile_fitted.yaml").serving.model_dump() == saved["serving"]
     (run,) = saved["runs"]
     assert run["rate"] == 2.0 and run["measured"]["sent"] == run["measured"]["ok"] == 6
     assert run["predicted"]["requests"] == 6
@@ -48,3 +53,26 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
         assert math.isfinite(predicted) and predicted > 0, key
         assert fig["ratio"] == pytest.approx(predicted / measured), key
         assert fig["within_goal"] == (abs(fig["ratio"] - 1) <= 0.1)
+
+
+def test_fit_serving_recovers_known_overheads():
+    """Figures "measured" on a simulated cluster with known overheads: the fit from the bare profile finds them."""
+    from splitserve.bench.validate import fit_serving, predicted_figures
+    from splitserve.simulator import ClusterSpec, PoolSpec, simulate, summarize
+    from splitserve.simulator.profile import ServingSpec
+    from splitserve.simulator.workload import Workload
+    from splitserve.slo import SLO
+    from tests.simulator.conftest import make_profile
+
+    bare = make_profile()
+    true = ServingSpec(request_s=0.025, step_s=0.004)
+
+    def cluster_for(profile):
+        return ClusterSpec("colocated", PoolSpec(1, profile))
+
+    wl = Workload(np.arange(40) * 2.0, np.full(40, 300), np.full(40, 20))
+    served = bare.model_copy(update={"serving": true})
+    measured = predicted_figures(summarize(simulate(cluster_for(served), wl), SLO()))
+    fitted = fit_serving(cluster_for, bare, wl, measured, SLO())
+    assert fitted.step_s == pytest.approx(true.step_s, rel=1e-6)
+    assert fitted.request_s == pytest.approx(true.request_s, rel=1e-6)

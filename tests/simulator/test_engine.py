@@ -49,6 +49,23 @@ def test_low_load_has_no_queueing(toy):
     np.testing.assert_allclose(r.finish_s - wl.arrival_s, toy.prefill_time(L) + toy.transfer_time(L, "nccl") + decode)
 
 
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_serving_overhead_adds_its_latency_once_and_its_step_cost_to_every_step(toy, mode):
+    """request_s delays every token of a request alike; step_s lengthens every prefill pass and decode step."""
+    L, out, request_s, step_s = 1000, 5, 0.02, 0.003
+    wl = Workload(np.arange(20) * 10.0, np.full(20, L), np.full(20, out))
+    served = toy.model_copy(
+        update={"serving": toy.serving.model_copy(update={"request_s": request_s, "step_s": step_s})}
+    )
+
+    def run(profile):
+        return simulate(ClusterSpec(mode, PoolSpec(1, profile), PoolSpec(1, profile)), wl)
+
+    bare, r = run(toy), run(served)
+    np.testing.assert_allclose(r.first_token_s - bare.first_token_s, request_s + step_s)
+    np.testing.assert_allclose(r.finish_s - bare.finish_s, request_s + out * step_s)
+
+
 def test_poisson_low_load_ttft_is_prefill_time(h100):
     """Closed form for a lightly loaded M/D/1 prefill server: TTFT ~ prefill time (utilisation ~1%)."""
     wl = _wl(0.5, 2000, prompt="512", output="16", seed=2)
