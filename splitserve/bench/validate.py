@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from splitserve.bench.cli import (
     add_workload_args,
@@ -42,6 +41,7 @@ from splitserve.simulator.cluster import Policy
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.metrics import Metrics
 from splitserve.simulator.profile import ServingSpec
+from splitserve.simulator.profile_run import render, write_checked
 from splitserve.slo import SLO
 
 GOAL = 0.10  # predicted within 10% of measured
@@ -156,10 +156,6 @@ def fit_serving(
     return step.model_copy(update={"request_s": excess_s("ttft_p50_ms", predict(step))})
 
 
-def write_profile(profile: Profile, path: Path, note: str) -> None:
-    path.write_text(f"# {note}\n" + yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-
-
 def validate_rate(
     cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, summary: Summary, max_model_len: int, slo: SLO
 ) -> dict[str, Any]:
@@ -223,15 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving = fit_serving(
             lambda p: cluster_spec(config, mode, p), profile, first, measured_figures(sweep.runs[0].summary), slo
         )
-        profile = profile.model_copy(update={"serving": serving})
-        cluster = cluster_spec(config, mode, profile)
         fitted = out_dir / "profile_fitted.yaml"
-        write_profile(
-            profile,
-            fitted,
+        note = (
             f"{args.profile} with serving overheads fitted by sim_validate on {args.config}, "
-            f"rate {rates[0]:g} ({device_name(config.cluster.device.value)})",
+            f"rate {rates[0]:g} ({device_name(config.cluster.device.value)})"
         )
+        # Predict with the profile as written (rounded to the file's precision), so the two agree.
+        profile = write_checked(render(profile.model_copy(update={"serving": serving}), [note]), fitted)
+        cluster = cluster_spec(config, mode, profile)
         print(
             f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request, "
             f"{serving.step_s * 1e3:.2f} ms per step; wrote {fitted}"
