@@ -90,27 +90,40 @@ def _prefill(
     """Each prefill chunk's attention into ``out``; returns where the decode tokens start."""
     start = 0
     for i, (qlen, ctx) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens, strict=True)):
-        qi = q[start : start + qlen].transpose(0, 1).unsqueeze(0)
-        if ctx == qlen:  # no earlier context: attend to this chunk only, causally
-            ki = k[start : start + qlen].transpose(0, 1).unsqueeze(0)
-            vi = v[start : start + qlen].transpose(0, 1).unsqueeze(0)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # a later chunk, or a prefix-cache hit: attend to the cached context too
+        mask: torch.Tensor | None = None
+        if ctx == qlen:  # no earlier context: this chunk's own K/V
+            ki, vi = k[start : start + qlen], v[start : start + qlen]
+        else:  # a later chunk, or a prefix-cache hit: the cached context too
             assert meta.prefill_block_tables is not None
-            ks, vs = _gather(cache, _slots(meta.prefill_block_tables[i], ctx, meta.block_size))
-            q_pos = torch.arange(ctx - qlen, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
-            oi = F.scaled_dot_product_attention(
-                qi,
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=True,
-            )
+            ki, vi = _gather(cache, _slots(meta.prefill_block_tables[i], ctx, meta.block_size))
+            mask = _suffix_causal_mask(qlen, ctx, q.device)
+        oi = F.scaled_dot_product_attention(
+            q[start : start + qlen].transpose(0, 1).unsqueeze(0),
+            ki.transpose(0, 1).unsqueeze(0),
+            vi.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
         out[start : start + qlen] = oi.squeeze(0).transpose(0, 1)
         start += qlen
     return start
+
+
+def _suffix_causal_mask(qlen: int, ctx: int, device: torch.device) -> torch.Tensor:
+    """Causal attention for queries at the last ``qlen`` of ``ctx`` positions (aligned to the lower right).
+
+    On CUDA, PyTorch's lower-right causal bias, which flash runs without materializing anything (a boolean mask
+    would send the call to the math backend, with [heads, qlen, ctx] scores in memory). Imported here: it loads
+    torch._dynamo (~2 s), which CPU processes need not pay for the plain mask they use.
+    """
+    if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(qlen, ctx)
+    q_pos = torch.arange(ctx - qlen, ctx, device=device)
+    return torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

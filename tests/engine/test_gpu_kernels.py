@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
-from splitserve.engine.attention import AttentionMetadata, decode_attention
+from splitserve.engine.attention import AttentionMetadata, decode_attention, paged_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -69,6 +69,54 @@ def test_kernel_matches_torch_decode_attention(dtype, q_heads, kv_heads, head_di
     assert got.dtype == dtype and got.shape == q.shape
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), _reference(q, cache, tables, ctx, scale), atol=tol, rtol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_over_cached_context_matches_an_explicit_mask(dtype):
+    """Prefill chunks whose queries are the last positions of a longer cached context (a later chunk, a prefix hit)
+    use a lower-right causal bias on CUDA (flash in bf16, memory-efficient in fp32): the same output as the plain
+    boolean mask over the same KV, computed in float32."""
+    q_heads, kv_heads, head_dim = 16, 4, 128
+    lens = [(37, 300), (64, 64), (1, 129), (200, 1000)]  # (query, context)
+    width = max(-(-ctx // PAGE) for _, ctx in lens)
+    g = torch.Generator().manual_seed(7)
+    cache = torch.randn(2, len(lens) * width, PAGE, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    tables = torch.randperm(len(lens) * width, generator=g).view(len(lens), width).to(DEVICE)
+    total = sum(qlen for qlen, _ in lens)
+    q = torch.randn(total, q_heads, head_dim, generator=g).to(DEVICE, dtype)
+    fresh = torch.randn(total, kv_heads, head_dim, generator=g).to(DEVICE, dtype)  # read only where ctx == qlen
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=DEVICE),
+        block_size=PAGE,
+        prefill_query_lens=[qlen for qlen, _ in lens],
+        prefill_context_lens=[ctx for _, ctx in lens],
+        prefill_block_tables=tables,
+        decode_block_tables=None,
+        decode_context_lens=None,
+    )
+    scale = head_dim**-0.5
+    got = paged_attention(q, fresh, fresh, cache, meta, scale)
+    start = 0
+    for i, (qlen, ctx) in enumerate(lens):
+        pos = torch.arange(ctx, device=DEVICE)
+        slots = tables[i, pos // PAGE] * PAGE + pos % PAGE
+        if qlen == ctx:
+            k = v = fresh[start : start + qlen].float()
+        else:
+            k, v = (cache[j].view(-1, kv_heads, head_dim)[slots].float() for j in (0, 1))
+        mask = pos[None, :] <= torch.arange(ctx - qlen, ctx, device=DEVICE)[:, None]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[start : start + qlen].float().transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[start : start + qlen].float(), want, atol=tol, rtol=tol)
+        start += qlen
 
 
 @needs_triton
