@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,7 @@ from splitserve.cluster.messages import (
     WorkerStats,
 )
 from splitserve.cluster.router import Move, Router
+from splitserve.cluster.token_channel import TokenChannel, WorkerDied
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import ClusterSection, Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.resolve import resolve_model_path
@@ -93,6 +94,12 @@ class _Worker:
     stats: WorkerStats | None = None
     healthy: bool = True
     restarts: int = 0
+    channel: TokenChannel | None = None  # decode workers: their tokens, once ready
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        ray.kill(self.actor, no_restart=True)
 
 
 class Cluster:
@@ -110,6 +117,7 @@ class Cluster:
         self._restarting: set[str] = set()
         self._retiring: set[str] = set()
         self._scale_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
 
     # --- lifecycle ---
 
@@ -187,7 +195,7 @@ class Cluster:
         if failures:
             for worker in workers:
                 self._forget(worker)
-                ray.kill(worker.actor, no_restart=True)
+                worker.stop()
             raise failures[0]
 
     @property
@@ -211,6 +219,7 @@ class Cluster:
         if worker.role == "prefill":
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
+            worker.channel = TokenChannel(worker.worker_id, worker.actor, on_broken=lambda: self._replace(worker))
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
             self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue)
         return worker
@@ -225,7 +234,7 @@ class Cluster:
             self._health_task.cancel()
         left = len([t for t in tasks if not t.done()])
         for worker in self.workers.values():
-            ray.kill(worker.actor, no_restart=True)
+            worker.stop()
         log.info("every worker stopped (%d requests were still in flight)", left)
         self.workers.clear()
 
@@ -294,7 +303,7 @@ class Cluster:
                     drain_timeout_s,
                 )
             self._forget(worker)
-            ray.kill(worker.actor, no_restart=True)
+            worker.stop()
         finally:
             self._retiring.discard(worker.worker_id)
 
@@ -336,6 +345,11 @@ class Cluster:
         if dead:
             await self._restart(worker)
 
+    def _replace(self, worker: _Worker) -> None:
+        """A decode worker's token channel broke while the worker was listed: it cannot stream, so replace it."""
+        self._background.add(task := asyncio.create_task(self._restart(worker)))
+        task.add_done_callback(self._background.discard)
+
     async def _restart(self, worker: _Worker) -> None:
         busy = self._restarting | self._retiring
         if self._draining or worker.worker_id in busy or self.workers.get(worker.worker_id) is not worker:
@@ -343,7 +357,7 @@ class Cluster:
         self._restarting.add(worker.worker_id)
         try:
             self.router.remove_worker(worker.worker_id)
-            ray.kill(worker.actor, no_restart=True)
+            worker.stop()
             fresh = self._spawn(worker.role, worker.worker_id)
             fresh.restarts = worker.restarts + 1
             try:
@@ -394,7 +408,7 @@ class Cluster:
                                 timing.finished = time.monotonic()
                             yield batch
                     return
-                except _WorkerDied as died:
+                except WorkerDied as died:
                     excluded.add(died.worker_id)
                     timing.retries += 1
                     if timing.retries > self.config.router.max_retries:
@@ -428,9 +442,7 @@ class Cluster:
         self._using.update(using)
         try:
             if prefill is None:
-                flow = self._stream(
-                    decode.actor.generate_local.options(num_returns="streaming").remote(request), decode
-                )
+                flow = self._tokens(decode, request, lambda: decode.actor.start_local.remote(request))
             else:
                 flow = self._split_flow(request, timing, prefill, decode)
             async for batch in flow:
@@ -444,7 +456,7 @@ class Cluster:
                 # A failed transfer usually means a peer died: then retry elsewhere.
                 for worker in (prefill, decode):
                     if worker is not None and not await self._alive(worker):
-                        raise _WorkerDied(worker.worker_id) from None
+                        raise WorkerDied(worker.worker_id) from None
             raise
         finally:
             if prefill_booked and prefill is not None:
@@ -471,8 +483,11 @@ class Cluster:
             return
         transfer = asyncio.ensure_future(self._next(prefill_stream, prefill))
         try:
-            stream = decode.actor.generate.options(num_returns="streaming").remote(request.request_id, first.tokens[0])
-            async for batch in self._stream(stream, decode):
+
+            def start() -> Any:
+                return decode.actor.start.remote(request.request_id, request.attempt, first.tokens[0])
+
+            async for batch in self._tokens(decode, request, start):
                 if timing.kv_transfer_s is None:
                     # D decodes only once every layer has landed, so the report is (nearly) in by now.
                     report = await transfer
@@ -504,7 +519,7 @@ class Cluster:
         try:
             return await ref
         except RayActorError:
-            raise _WorkerDied(worker.worker_id) from None
+            raise WorkerDied(worker.worker_id) from None
         except RayTaskError as err:
             raise _cause(err) from None
 
@@ -514,21 +529,13 @@ class Cluster:
         except StopAsyncIteration:
             raise ServingError(ErrorCode.INTERNAL, f"{worker.worker_id} ended the stream early") from None
         except RayActorError:
-            raise _WorkerDied(worker.worker_id) from None
+            raise WorkerDied(worker.worker_id) from None
         return await self._call(worker, ref)
 
-    async def _stream(self, stream, worker: _Worker) -> AsyncIterator[TokenBatch]:
-        while True:
-            try:
-                ref = await stream.__anext__()
-            except StopAsyncIteration:
-                return
-            except RayActorError:
-                raise _WorkerDied(worker.worker_id) from None
-            batch = await self._call(worker, ref)
-            yield batch
-            if batch.finished:
-                return
+    def _tokens(self, decode: _Worker, request: GenerateRequest, start: Callable[[], Any]) -> AsyncIterator[TokenBatch]:
+        """The attempt's tokens from ``decode``'s channel; ``start`` makes the call that admits it there."""
+        assert decode.channel is not None  # made when the worker registered
+        return decode.channel.tokens(request.request_id, request.attempt, lambda: self._call(decode, start()))
 
     # --- status ---
 
@@ -562,9 +569,3 @@ class Cluster:
     async def refresh_stats(self) -> list[WorkerStats]:
         await asyncio.gather(*(self._check(w) for w in self._ready_workers()))
         return [w.stats for w in self.workers.values() if w.stats]
-
-
-class _WorkerDied(Exception):
-    def __init__(self, worker_id: str):
-        super().__init__(worker_id)
-        self.worker_id = worker_id

@@ -45,6 +45,25 @@ class TokenBatch:
     tokens: list[Token]
     finished: bool = False
     finish_reason: str | None = None
+    attempt: int = 0  # the try of the request that produced them: a retry never receives an older try's tokens
+
+    def absorb(self, later: TokenBatch) -> None:
+        """Append the next batch of the same request (one message instead of two)."""
+        self.tokens.extend(later.tokens)
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """On a decode worker's token channel: this attempt's stream ended without finishing (e.g. it was aborted)."""
+
+    request_id: str
+    attempt: int
+    error: ServingError
+
+
+ChannelMessage = list[TokenBatch | StreamFailure]
+"""One message of a decode worker's token channel: every stream's news since the last message, in order."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The token-phase worker: receives prompts' KV pages, decodes them in one continuous batch, streams tokens back.
+"""The token-phase worker: receives prompts' KV pages, decodes them in one continuous batch, streams tokens back
+to the router on one token channel (``outputs``) for all its requests.
 
-It also runs whole requests itself (``generate_local``): the colocated baseline, and Splitwise's mixed pool where an
+It also runs whole requests itself (``start_local``): the colocated baseline, and Splitwise's mixed pool where an
 idle decode worker takes a prompt when the prefill pool is backed up.
 """
 
@@ -9,13 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
 import ray
 
-from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError, Token, TokenBatch, WorkerStats
+from splitserve.cluster.messages import (
+    ChannelMessage,
+    ErrorCode,
+    GenerateRequest,
+    ServingError,
+    StreamFailure,
+    Token,
+    TokenBatch,
+    WorkerStats,
+)
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import Engine, RequestError, TokenOutput
@@ -46,7 +56,9 @@ class DecodeWorker(ReportsReleases):
         self.engine.on_release = self.releases.record
         self._gpu = GpuReader.for_device(self.engine.runner.device)
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
-        self._streams: dict[str, asyncio.Queue[TokenBatch | BaseException]] = {}
+        # request id -> the attempt whose tokens the channel carries; only touched on the default event loop
+        self._streams: dict[str, int] = {}
+        self._outbox: asyncio.Queue[ChannelMessage] | None = None  # the token channel's, made in ready()
         self._expected: dict[str, Future[TransferResult]] = {}
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
@@ -62,17 +74,49 @@ class DecodeWorker(ReportsReleases):
         return self.engine.has_work()
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
-        batches: dict[str, TokenBatch] = defaultdict(lambda: TokenBatch("", []))
+        """One hand-off to the event loop per step, whatever the batch size: the loop turns it into one message."""
+        if outputs:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._publish, outputs)
+
+    # --- the token channel (default event loop) ---
+
+    def _publish(self, outputs: list[TokenOutput]) -> None:
+        batches: dict[str, TokenBatch] = {}
         for out in outputs:
-            batch = batches[out.request_id]
-            batch.request_id = out.request_id
+            attempt = self._streams.get(out.request_id)
+            if attempt is None:
+                continue  # aborted meanwhile: its stream already ended
+            batch = batches.get(out.request_id)
+            if batch is None:
+                batch = batches[out.request_id] = TokenBatch(out.request_id, [], attempt=attempt)
             batch.tokens.append(Token(out.token_id, out.text, out.logprob))
             batch.finished, batch.finish_reason = out.finished, out.finish_reason
-        assert self._loop is not None
-        for request_id, batch in batches.items():
-            queue = self._streams.get(request_id)
-            if queue is not None:
-                self._loop.call_soon_threadsafe(queue.put_nowait, batch)
+            if out.finished:
+                del self._streams[out.request_id]
+        if batches:
+            self._post(list(batches.values()))
+
+    def _end_stream(self, request_id: str, error: ServingError) -> None:
+        attempt = self._streams.pop(request_id, None)
+        if attempt is not None:
+            self._post([StreamFailure(request_id, attempt, error)])
+
+    def _post(self, message: ChannelMessage) -> None:
+        assert self._outbox is not None  # made in ready(), before the router sends any request
+        self._outbox.put_nowait(message)
+
+    async def outputs(self) -> AsyncIterator[ChannelMessage]:
+        """The token channel: one long-lived stream to the router carrying every request's tokens, one message per
+        engine step (more when the router falls behind). Ray's cost is per message, so a stream per request capped
+        the tokens a worker could stream at ~1000/s on a 2-core box (30 concurrent streams); one channel carried 16x
+        that. One reader: the cluster opens it once the worker is ready."""
+        assert self._outbox is not None
+        while True:
+            message = await self._outbox.get()
+            while not self._outbox.empty():
+                message.extend(self._outbox.get_nowait())
+            yield message
 
     async def _on_engine(self, fn):
         return await asyncio.wrap_future(self._thread.submit(fn))
@@ -81,6 +125,8 @@ class DecodeWorker(ReportsReleases):
 
     async def ready(self) -> dict:
         self._loop = asyncio.get_running_loop()
+        if self._outbox is None:
+            self._outbox = asyncio.Queue()
         return {
             "worker_id": self.worker_id,
             "role": "decode",
@@ -149,100 +195,65 @@ class DecodeWorker(ReportsReleases):
         while len(self._failed) > _FAILED_MEMORY:
             self._failed.popitem(last=False)
 
-    async def generate(self, request_id: str, first_token: Token) -> AsyncIterator[TokenBatch]:
-        """Wait for the prompt's KV to land, then decode; the first token came from the prefill worker."""
+    async def start(self, request_id: str, attempt: int, first_token: Token) -> None:
+        """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
+        (the first one came from the prefill worker)."""
         waiter = self._expected.pop(request_id, None)
         if waiter is None:
             failed = self._failed.pop(request_id, None)
             if failed is not None:
                 raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {failed}")
             raise ServingError(ErrorCode.INTERNAL, f"{self.worker_id}: no reservation for {request_id}")
-        queue = self._open_stream(request_id)
         try:
-            try:
-                # Shielded: a cancel must not cancel the receiver's future behind its lock (a layer may be landing);
-                # the abort in ``finally`` fails it under that lock, so no page is written once it is freed.
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), self.options.kv_transfer.timeout_s)
-            except TransferError as err:
-                raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}") from None
-            except TimeoutError:
-                raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
-            await self._on_engine(lambda: self._admit(request_id, first_token.token_id))
-            self._thread.wake()
-            async for batch in self._drain(queue):
-                yield batch
-        finally:
-            await self._close_stream(request_id, queue)
+            # Shielded: a cancel must not cancel the receiver's future behind its lock (a layer may be landing);
+            # the router's abort fails it under that lock, so no page is written once it is freed.
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), self.options.kv_transfer.timeout_s)
+        except TransferError as err:
+            raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}") from None
+        except TimeoutError:
+            raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
+        await self._stream_from(request_id, attempt, lambda: self._admit(request_id, first_token.token_id))
 
     def _admit(self, request_id: str, first_token: int) -> None:
         if request_id not in self.engine.held:  # aborted after its KV landed, before this call ran
             raise ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
         self.engine.admit(request_id, first_token)
 
-    async def generate_local(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
-        """Prefill and decode here (colocated mode, or the mixed pool)."""
-        queue = self._open_stream(request.request_id)
+    async def start_local(self, request: GenerateRequest) -> None:
+        """Prefill and decode here (colocated mode, or the mixed pool); the tokens follow on the token channel."""
+
+        def add() -> None:
+            self._refuse_if_aborted(request)
+            self.engine.add_request(request.request_id, request.engine_prompt, request.engine_params)
+
         try:
-            try:
+            await self._stream_from(request.request_id, request.attempt, add)
+        except RequestError as err:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
 
-                def add() -> None:
-                    self._refuse_if_aborted(request)
-                    self.engine.add_request(request.request_id, request.engine_prompt, request.engine_params)
-
-                await self._on_engine(add)
-            except RequestError as err:
-                raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
-            self._thread.wake()
-            async for batch in self._drain(queue):
-                yield batch
-        finally:
-            await self._close_stream(request.request_id, queue)
-
-    def _open_stream(self, request_id: str) -> asyncio.Queue:
-        self._loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
-        return queue
-
-    async def _drain(self, queue: asyncio.Queue) -> AsyncIterator[TokenBatch]:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            # Coalesce what else is ready into one message: fewer Ray objects per token under load.
-            while not item.finished and not queue.empty():
-                more = queue.get_nowait()
-                if isinstance(more, BaseException):
-                    raise more
-                item.tokens.extend(more.tokens)
-                item.finished, item.finish_reason = more.finished, more.finish_reason
-            yield item
-            if item.finished:
-                return
-
-    async def _close_stream(self, request_id: str, queue: asyncio.Queue) -> None:
-        if self._streams.get(request_id) is not queue:
-            return  # a newer attempt of this request (a retry) owns the id now; this one was aborted already
-        del self._streams[request_id]
-        await self._abort(request_id)
+    async def _stream_from(self, request_id: str, attempt: int, enter: Callable[[], None]) -> None:
+        """Open the request's stream, then run ``enter`` (which puts it in the batch) on the engine thread: its first
+        step's tokens find the stream open."""
+        self._streams[request_id] = attempt
+        try:
+            await self._on_engine(enter)
+        except BaseException:
+            if self._streams.get(request_id) == attempt:
+                del self._streams[request_id]
+            raise
+        self._thread.wake()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def abort(self, request_id: str, attempt: int | None = None) -> bool:
         """Free everything this worker holds for the request, wherever it is (reserved, receiving, decoding).
 
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
+        This runs on the control group's loop; the streams belong to the default loop, so the stream is ended there.
         """
-        return await self._abort(request_id, attempt)
-
-    async def _abort(self, request_id: str, attempt: int | None = None) -> bool:
-        """On the control group's loop (a router's abort) or the default one (a closing stream): the stream's queue
-        belongs to the default loop, so it is woken through that loop."""
         self.receiver.abort(request_id)  # at once: the sender is told
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            assert self._loop is not None  # set when the stream opened
+        if self._loop is not None:
             cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
-            self._loop.call_soon_threadsafe(queue.put_nowait, cancelled)
+            self._loop.call_soon_threadsafe(self._end_stream, request_id, cancelled)
         # A cuda_ipc sender writes the pages itself: they are freed only once it has confirmed it stopped.
         await asyncio.wrap_future(self.receiver.unwritten(request_id))
 

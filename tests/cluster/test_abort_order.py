@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError
+from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError, StreamFailure, TokenBatch
 from splitserve.cluster.worker_options import options_for
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine import SamplingParams
@@ -89,8 +89,8 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
 
 
 def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_loop(tiny_model_dir):
-    """Ray runs aborts on the control concurrency group's own event loop thread, while the request's stream lives
-    on the default loop: the stream must still end with CANCELLED, and every page come back."""
+    """Ray runs aborts on the control concurrency group's own event loop thread, while the token channel lives on
+    the default loop: the request's stream must still end on the channel with CANCELLED, and every page come back."""
     config = tiny_cluster_config(tiny_model_dir)
     control = asyncio.new_event_loop()
     threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
@@ -100,17 +100,25 @@ def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_lo
         try:
             await worker.ready()
             free = worker.engine.blocks.num_free
+            channel = worker.outputs()
             long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=100, ignore_eos=True), attempt=0)
-            stream = worker.generate_local(long)
-            produced = len((await stream.__anext__()).tokens)
+            await worker.start_local(long)
+            first = await channel.__anext__()
+            assert first and all(isinstance(item, TokenBatch) and item.attempt == 0 for item in first)
+            produced = sum(len(item.tokens) for item in first)
             aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
-            with pytest.raises(ServingError) as cancelled:
-                async for batch in stream:
-                    produced += len(batch.tokens)
-            assert cancelled.value.code == ErrorCode.CANCELLED and produced < 100
-            # It returns whether it found the request; the closing stream's own abort may have dropped it first.
-            await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
-            assert (await worker.stats()).kv_blocks_free == free
+            ended: StreamFailure | None = None
+            while ended is None:
+                for item in await channel.__anext__():
+                    if isinstance(item, StreamFailure):
+                        ended = item
+                    else:
+                        produced += len(item.tokens)
+            assert (ended.request_id, ended.attempt) == ("r1", 0) and ended.error.code == ErrorCode.CANCELLED
+            assert produced < 100
+            assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+            stats = await worker.stats()
+            assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
         finally:
             worker._thread.stop()
             worker.receiver.close()
