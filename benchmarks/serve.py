@@ -30,7 +30,7 @@ from splitserve.bench.cli import (
 from splitserve.bench.hf_baseline import run_hf_baseline
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.requests import WorkloadSpec, make_requests
-from splitserve.bench.sweep import SweepResult, run_sweep
+from splitserve.bench.sweep import SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, ServingMode, SplitserveConfig, load_config
 from splitserve.engine.resolve import resolve_model_path
 from splitserve.simulator.errors import SimInputError
@@ -57,7 +57,7 @@ async def sweep_modes(
         async with local_cluster(config, mode) as address:
             print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
             results.append(
-                await run_sweep(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
+                await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
             )
     return results
 

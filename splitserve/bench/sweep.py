@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -70,3 +73,33 @@ async def run_sweep(
             offered = rate if rate is not None else workload.rate
             runs.append(RateRun(summarize(records, duration, slo, label, offered), records))
     return SweepResult(label, max_model_len, runs)
+
+
+async def run_sweep_apart(
+    address: str,
+    spec: WorkloadSpec,
+    rates: Sequence[float | None],
+    slo: SLO,
+    label: str,
+    *,
+    warmup: int = 2,
+    timeout_s: float | None = None,
+) -> SweepResult:
+    """``run_sweep`` from a process of its own, for a cluster served from this one: a load generator in the server's
+    process shares its interpreter lock and event loop, and every token it reads slows the server it measures (a
+    real client runs elsewhere too)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_sweep_in_process, address, spec, list(rates), slo, label, warmup, timeout_s)
+        return await asyncio.wrap_future(job)
+
+
+def _sweep_in_process(
+    address: str,
+    spec: WorkloadSpec,
+    rates: list[float | None],
+    slo: SLO,
+    label: str,
+    warmup: int,
+    timeout_s: float | None,
+) -> SweepResult:
+    return asyncio.run(run_sweep(address, spec, rates, slo, label, warmup=warmup, timeout_s=timeout_s))

@@ -33,7 +33,7 @@ from splitserve.bench.cli import (
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.metrics import Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
-from splitserve.bench.sweep import SweepResult, run_sweep
+from splitserve.bench.sweep import SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, RouterPolicy, ServingMode, SplitserveConfig, load_config
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
@@ -196,7 +196,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 async def _live(config: SplitserveConfig, mode: ServingMode, spec, rates, slo, args) -> SweepResult:  # type: ignore[no-untyped-def]
     async with local_cluster(config, mode) as address:
         print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
-        return await run_sweep(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
+        return await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
