@@ -48,9 +48,13 @@ class WorkloadSpec:
         )
 
 
-def make_requests(workload: Workload, max_model_len: int, seed: int = 0) -> list[BenchRequest]:
-    """Requests for ``workload``, each clipped to fit ``max_model_len`` (prompt first keeps at least one output)."""
-    rng = np.random.default_rng(seed)
+def make_requests(workload: Workload, max_model_len: int, seed: int = 0, run: int = 0) -> list[BenchRequest]:
+    """Requests for ``workload``, each clipped to fit ``max_model_len`` (prompt first keeps at least one output).
+
+    ``run`` numbers the runs of a sweep: each gets its own prompt tokens (the lengths stay the workload's), so a
+    later run's prompts are not prefix-cache hits of an earlier run's, which would measure another workload.
+    """
+    rng = np.random.default_rng([seed, run])
     requests = []
     for i, (arrival, prompt_len, output_len) in enumerate(
         zip(workload.arrival_s, workload.prompt_tokens, workload.output_tokens, strict=True)

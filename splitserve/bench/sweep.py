@@ -66,7 +66,7 @@ async def run_sweep(
         runs = []
         for i, rate in enumerate(rates):
             workload = spec.workload(rate)
-            requests = make_requests(workload, max_model_len, seed=spec.seed)
+            requests = make_requests(workload, max_model_len, seed=spec.seed, run=i)
             if i == 0 and warmup:
                 await run_load(client, warmup_requests(requests, warmup), timeout_s)
             records, duration = await run_load(client, requests, timeout_s)

@@ -160,7 +160,7 @@ def validate_rate(
     cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, summary: Summary, max_model_len: int, slo: SLO
 ) -> dict[str, Any]:
     """Simulate the requests the live run at ``rate`` sent (rebuilt as ``run_sweep`` built them) and compare."""
-    requests = make_requests(spec.workload(rate), max_model_len, seed=spec.seed)
+    requests = make_requests(spec.workload(rate), max_model_len, seed=spec.seed)  # lengths and arrivals: as run
     metrics = summarize(simulate(cluster, as_workload(requests)), slo)
     return {
         "rate": summary.rate,

@@ -32,8 +32,17 @@ def test_rates_change_only_the_arrivals():
     np.testing.assert_array_equal(slow.prompt_tokens, fast.prompt_tokens)
     np.testing.assert_array_equal(slow.output_tokens, fast.output_tokens)
     r_slow = make_requests(slow, max_model_len=4096, seed=0)
-    r_fast = make_requests(fast, max_model_len=4096, seed=0)
-    assert [r.prompt_token_ids for r in r_slow] == [r.prompt_token_ids for r in r_fast]
+    assert [r.prompt_token_ids for r in make_requests(fast, max_model_len=4096, seed=0)] == [
+        r.prompt_token_ids for r in r_slow
+    ]
+
+
+def test_each_run_of_a_sweep_gets_its_own_prompt_tokens():
+    """Else every run after the first would be all prefix-cache hits of the one before."""
+    workload = _spec().workload(1.0)
+    first, second = (make_requests(workload, max_model_len=4096, seed=0, run=i) for i in (0, 1))
+    assert [len(r.prompt_token_ids) for r in first] == [len(r.prompt_token_ids) for r in second]
+    assert all(a.prompt_token_ids[:16] != b.prompt_token_ids[:16] for a, b in zip(first, second, strict=True))
 
 
 def test_requests_have_the_workload_lengths_and_fit_the_context():
