@@ -477,10 +477,11 @@ class Cluster:
             request, decode.info["endpoint"], reservation
         )
         first = await self._next(prefill_stream, prefill)
-        yield first
-        if first.finished:  # done at its first token: D's reservation is not needed, free it now
-            await self._abort_everywhere(request, [decode])
+        if first.finished:  # done at its first token: D's reservation is not needed, free it now (before the yield:
+            await self._abort_everywhere(request, [decode])  # a client that closes on this token ends us there)
+            yield first
             return
+        yield first
         transfer = asyncio.ensure_future(self._next(prefill_stream, prefill))
         try:
 

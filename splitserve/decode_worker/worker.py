@@ -184,9 +184,9 @@ class DecodeWorker(ReportsReleases):
             raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
 
     def _drop_failed(self, request_id: str, waiter: Future[TransferResult]) -> None:
-        """A transfer that failed before ``generate`` claimed it (the sender aborted: e.g. the prefill worker was
-        told to, or the request finished at its first token) can never land: free its pages as soon as no sender
-        writes them, not when (or if) the router gets round to aborting it here."""
+        """A transfer that failed before its request was admitted (the sender aborted: e.g. the prefill worker was
+        told to, or the request finished at its first token; or ``start`` gave up waiting) can never land: free its
+        pages as soon as no sender writes them, not when (or if) the router gets round to aborting it here."""
         if self._expected.get(request_id) is not waiter or not (waiter.cancelled() or waiter.exception()):
             return
         del self._expected[request_id]
@@ -198,7 +198,8 @@ class DecodeWorker(ReportsReleases):
     async def start(self, request_id: str, attempt: int, first_token: Token) -> None:
         """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
         (the first one came from the prefill worker)."""
-        waiter = self._expected.pop(request_id, None)
+        # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed, as before.
+        waiter = self._expected.get(request_id)
         if waiter is None:
             failed = self._failed.pop(request_id, None)
             if failed is not None:
@@ -206,17 +207,20 @@ class DecodeWorker(ReportsReleases):
             raise ServingError(ErrorCode.INTERNAL, f"{self.worker_id}: no reservation for {request_id}")
         try:
             # Shielded: a cancel must not cancel the receiver's future behind its lock (a layer may be landing);
-            # the router's abort fails it under that lock, so no page is written once it is freed.
+            # an abort fails it under that lock, so no page is written once it is freed.
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), self.options.kv_transfer.timeout_s)
         except TransferError as err:
             raise ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}") from None
         except TimeoutError:
+            if self._expected.get(request_id) is waiter:  # still this attempt's: fail it, _drop_failed frees it
+                self.receiver.abort(request_id)
             raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
-        await self._stream_from(request_id, attempt, lambda: self._admit(request_id, first_token.token_id))
+        await self._stream_from(request_id, attempt, lambda: self._admit(request_id, waiter, first_token.token_id))
 
-    def _admit(self, request_id: str, first_token: int) -> None:
-        if request_id not in self.engine.held:  # aborted after its KV landed, before this call ran
+    def _admit(self, request_id: str, waiter: Future[TransferResult], first_token: int) -> None:
+        if self._expected.get(request_id) is not waiter:  # aborted after its KV landed, before this call ran
             raise ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
+        del self._expected[request_id]
         self.engine.admit(request_id, first_token)
 
     async def start_local(self, request: GenerateRequest) -> None:
