@@ -265,12 +265,19 @@ class PrefillWorker(ReportsReleases):
         await asyncio.wrap_future(self._thread.submit(lambda: self._queue.append(job)))
         completed = False
         try:
-            first = await asyncio.wrap_future(job.first)
-            completed = first.finished
-            yield first
-            if not completed:
-                yield await asyncio.wrap_future(job.transferred)
-                completed = True
+            try:
+                first = await asyncio.wrap_future(job.first)
+                completed = first.finished
+                yield first
+                if not completed:
+                    yield await asyncio.wrap_future(job.transferred)
+                    completed = True
+            except ServingError:
+                # Aborted (the router's abort, or this stream closing): nobody reads the stream any more, and an error
+                # left in it would only be logged by Ray as unhandled, once per cancelled request in a storm.
+                if job.aborted:
+                    return
+                raise
         finally:
             if not completed:  # the router went away, or something failed: free everything now
                 await self._abort_job(job)
