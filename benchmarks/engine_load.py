@@ -20,11 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from splitserve.bench.make_random_checkpoint import SHAPES, llama_config
+from splitserve.bench.metrics import percentiles
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run_rate(engine: Engine, rate: float, n: int, args: argparse.Namespace, tag: str) -> dict:
@@ -60,8 +57,8 @@ def run_rate(engine: Engine, rate: float, n: int, args: argparse.Namespace, tag:
     decode_s = [s for m, s in steps if not m]
     return {
         "rate": rate,
-        "ttft_ms": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90)},
-        "tpot_ms": {"p50": _pct(tpot, 50), "p90": _pct(tpot, 90)},
+        "ttft_ms": percentiles(ttft, (50, 90)),
+        "tpot_ms": percentiles(tpot, (50, 90)),
         "mixed_steps": len(mixed_s),
         "mixed_step_ms_mean": statistics.fmean(mixed_s) * 1e3 if mixed_s else None,
         "decode_steps": len(decode_s),
@@ -96,8 +93,8 @@ def main() -> None:
         rows.append(row)
         mixed = f"{row['mixed_steps']} ({row['mixed_step_ms_mean'] or 0:.1f})"
         decode = f"{row['decode_steps']} ({row['decode_step_ms_mean'] or 0:.2f})"
-        ttft = f"{row['ttft_ms']['p50']:.1f}/{row['ttft_ms']['p90']:.1f}"
-        tpot = f"{row['tpot_ms']['p50']:.2f}/{row['tpot_ms']['p90']:.2f}"
+        ttft = "/".join(f"{v:.1f}" for v in row["ttft_ms"].values())
+        tpot = "/".join(f"{v:.2f}" for v in row["tpot_ms"].values())
         print(f"{rate:6g} {ttft:>16} {tpot:>16} {mixed:>18} {decode:>18}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

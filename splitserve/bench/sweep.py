@@ -89,17 +89,11 @@ async def run_sweep_apart(
     process shares its interpreter lock and event loop, and every token it reads slows the server it measures (a
     real client runs elsewhere too)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(_sweep_in_process, address, spec, list(rates), slo, label, warmup, timeout_s)
+        kwargs = {"warmup": warmup, "timeout_s": timeout_s}
+        job = pool.submit(_sweep_in_process, address, spec, list(rates), slo, label, **kwargs)
         return await asyncio.wrap_future(job)
 
 
-def _sweep_in_process(
-    address: str,
-    spec: WorkloadSpec,
-    rates: list[float | None],
-    slo: SLO,
-    label: str,
-    warmup: int,
-    timeout_s: float | None,
-) -> SweepResult:
-    return asyncio.run(run_sweep(address, spec, rates, slo, label, warmup=warmup, timeout_s=timeout_s))
+def _sweep_in_process(*args: Any, **kwargs: Any) -> SweepResult:
+    """In the spawned process: the sweep on an event loop of its own (a coroutine cannot cross processes)."""
+    return asyncio.run(run_sweep(*args, **kwargs))
