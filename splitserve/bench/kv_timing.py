@@ -41,9 +41,10 @@ class PagedKV:
     def block_index(self, block_ids: list[int]) -> torch.Tensor:
         return index_tensor(block_ids, self.device)
 
-    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
         index = as_index(block_ids, self.device)
-        page_copy.scatter_pages(self.kv_layers[layer], index, pages.to(self.device, non_blocking=True))
+        pages = pages.to(self.device, non_blocking=True)
+        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)
 
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
@@ -472,11 +473,14 @@ class Cluster:
         self, request: GenerateRequest, timing: RequestTiming, prefill: _Worker, decode: _Worker
     ) -> AsyncIterator[TokenBatch]:
         """D reserves pages, P computes the prompt and streams its KV into them, D decodes the rest."""
+        handoff_trace.mark("router.reserve", request.request_id)
         reservation = await self._call(decode, decode.actor.reserve.remote(request))
+        handoff_trace.mark("router.reserved", request.request_id)
         prefill_stream = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, decode.info["endpoint"], reservation
         )
         first = await self._next(prefill_stream, prefill)
+        handoff_trace.mark("router.first_token", request.request_id)
         if first.finished:  # done at its first token: D's reservation is not needed, free it now (before the yield:
             await self._abort_everywhere(request, [decode])  # a client that closes on this token ends us there)
             yield first
@@ -490,6 +494,7 @@ class Cluster:
 
             async for batch in self._tokens(decode, request, start):
                 if timing.kv_transfer_s is None:
+                    handoff_trace.mark("router.second_token", request.request_id)
                     # D decodes only once every layer has landed, so the report is (nearly) in by now.
                     report = await transfer
                     timing.kv_transfer_s = report.seconds

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 import ray
 
+from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
@@ -198,6 +199,7 @@ class DecodeWorker(ReportsReleases):
     async def start(self, request_id: str, attempt: int, first_token: Token) -> None:
         """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
         (the first one came from the prefill worker)."""
+        handoff_trace.mark("decode.start", request_id)
         # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed, as before.
         waiter = self._expected.get(request_id)
         if waiter is None:
@@ -215,6 +217,7 @@ class DecodeWorker(ReportsReleases):
             if self._expected.get(request_id) is waiter:  # still this attempt's: fail it, _drop_failed frees it
                 self.receiver.abort(request_id)
             raise ServingError(ErrorCode.UNAVAILABLE, "KV transfer timed out") from None
+        handoff_trace.mark("decode.kv_ready", request_id)
         await self._stream_from(request_id, attempt, lambda: self._admit(request_id, waiter, first_token.token_id))
 
     def _admit(self, request_id: str, waiter: Future[TransferResult], first_token: int) -> None:
@@ -222,6 +225,7 @@ class DecodeWorker(ReportsReleases):
             raise ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
         del self._expected[request_id]
         self.engine.admit(request_id, first_token)
+        handoff_trace.mark("decode.admitted", request_id)
 
     async def start_local(self, request: GenerateRequest) -> None:
         """Prefill and decode here (colocated mode, or the mixed pool); the tokens follow on the token channel."""

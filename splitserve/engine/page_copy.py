@@ -20,18 +20,24 @@ def _words(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def gather_pages(layer_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of the blocks ``index`` of one layer's cache [2, blocks, ...]."""
-    words = _words(layer_cache)
+# The block axis, counted from the end, of a layer's cache [2, blocks, block, heads, dim] and of a run of layers
+# [layers, 2, blocks, ...] alike (the int64 view keeps the number of dimensions).
+_BLOCKS = -4
+
+
+def gather_pages(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the blocks ``index`` of one layer's cache, or of a run of layers."""
+    words = _words(cache)
     if words is None:
-        return layer_cache.index_select(1, index)
-    return words.index_select(1, index).view(layer_cache.dtype)
+        return cache.index_select(_BLOCKS, index)
+    return words.index_select(_BLOCKS, index).view(cache.dtype)
 
 
-def scatter_pages(layer_cache: torch.Tensor, index: torch.Tensor, pages: torch.Tensor) -> None:
-    """Write ``pages`` [2, n, ...] into the blocks ``index`` of one layer's cache (same dtype and device)."""
-    dst, src = _words(layer_cache), _words(pages)
+def scatter_pages(cache: torch.Tensor, index: torch.Tensor, pages: torch.Tensor) -> None:
+    """Write ``pages`` into the blocks ``index`` of one layer's cache, or of a run of layers (same dtype and
+    device; ``pages`` has the cache's shape with ``len(index)`` blocks)."""
+    dst, src = _words(cache), _words(pages)
     if dst is None or src is None:
-        layer_cache.index_copy_(1, index, pages)
+        cache.index_copy_(_BLOCKS, index, pages)
     else:
-        dst.index_copy_(1, index, src)
+        dst.index_copy_(_BLOCKS, index, src)

@@ -309,10 +309,12 @@ class ModelRunner:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
         return page_copy.gather_pages(self.kv_layers[layer], as_index(block_ids, self.device))
 
-    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+        """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
         index = as_index(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
-        page_copy.scatter_pages(self.kv_layers[layer], index, pages.to(self.device, self.dtype, non_blocking=True))
+        pages = pages.to(self.device, self.dtype, non_blocking=True)
+        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)
 
     @property
     def page_shape(self) -> tuple[int, ...]:

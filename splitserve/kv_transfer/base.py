@@ -113,7 +113,11 @@ class PageSink(Protocol):
     def block_index(self, block_ids: list[int]) -> torch.Tensor:
         """The ids as an index on the sink's device, built once per transfer (without a host sync)."""
 
-    def scatter_pages(self, layer: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None: ...
+    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+        """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards.
+
+        One call for a whole run of layers: a receiver thread that lands layer by layer pays a Python-level round of
+        the GIL per op, which on a decode worker busy stepping its engine cost ~120 ms per 32-layer transfer."""
 
 
 class SendHandle(Protocol):

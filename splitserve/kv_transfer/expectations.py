@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -65,31 +65,31 @@ class Expectation:
 
     def land_layer(self, layer: int, pages: torch.Tensor, wire_bytes: int) -> None:
         """Scatter one layer into the reserved pages (dropped silently once the transfer is over)."""
-        self.land_layers([(layer, pages)], wire_bytes)
+        self.land_layers(layer, pages.unsqueeze(0), wire_bytes)
 
     def land_layers(
-        self, layers: Iterable[tuple[int, torch.Tensor]], wire_bytes_each: int, settle: Callable[[], None] | None = None
+        self, first: int, pages: torch.Tensor, wire_bytes_each: int, settle: Callable[[], None] | None = None
     ) -> None:
-        """Scatter layers under one hold of the lock; ``settle`` (e.g. a stream sync) runs before it is let go, so
-        once abort() returns no page is written, not even by device work still queued."""
-        layers = list(layers)
-        for layer, pages in layers:
-            if not 0 <= layer < self.spec.num_layers:
-                raise IntegrityError(f"{self.spec.request_id}: layer {layer} out of range")
-            if tuple(pages.shape) != self.spec.layer_shape:
-                raise IntegrityError(
-                    f"{self.spec.request_id}: layer {layer} pages {tuple(pages.shape)}, "
-                    f"expected {self.spec.layer_shape}"
-                )
+        """Scatter the run of layers ``pages`` [layers, ...] from ``first`` on, in one copy under one hold of the
+        lock; ``settle`` (e.g. a stream sync) runs before it is let go, so once abort() returns no page is written,
+        not even by device work still queued."""
+        count = pages.shape[0]
+        if not (first >= 0 and first + count <= self.spec.num_layers):
+            raise IntegrityError(f"{self.spec.request_id}: layers {first}..{first + count - 1} out of range")
+        shape = tuple(pages.shape[1:])
+        if shape != self.spec.layer_shape:
+            raise IntegrityError(
+                f"{self.spec.request_id}: layer {first} pages {shape}, expected {self.spec.layer_shape}"
+            )
         with self._lock:
             if self.future.done():
                 return
             if self._index is None:
                 self._index = self.sink.block_index(self.spec.dst_block_ids)
-            for layer, pages in layers:
-                self.sink.scatter_pages(layer, self._index, pages)
-                self.landed.add(layer)
-                self.bytes += wire_bytes_each
+            if count:
+                self.sink.scatter_layers(first, self._index, pages)
+            self.landed.update(range(first, first + count))
+            self.bytes += wire_bytes_each * count
             if settle is not None:
                 settle()
 

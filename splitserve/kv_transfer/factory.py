@@ -28,7 +28,7 @@ def _sink_device(sink: PageSink | None) -> torch.device:
 def make_receiver(
     config: KVTransferConfig, sink: PageSink | None, *, host: str = "127.0.0.1", port: int = 0
 ) -> KVReceiver:
-    """A receiver for ``sink`` (a ModelRunner, or anything with scatter_pages). ``auto`` offers every backend
+    """A receiver for ``sink`` (a ModelRunner, or anything with scatter_layers). ``auto`` offers every backend
     this process can serve; the sender picks one per endpoint."""
     device = _sink_device(sink)
     backend = config.backend.value

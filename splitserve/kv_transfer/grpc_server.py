@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import torch
 
+from splitserve import handoff_trace
 from splitserve.kv_transfer import codec, wire
 from splitserve.kv_transfer.base import TransferSpec
 from splitserve.kv_transfer.errors import (
@@ -181,10 +182,12 @@ class TransferServer:
             if begin.kind != wire.BEGIN:
                 raise IntegrityError(f"first message is {begin.kind!r}, not begin")
             spec = TransferSpec.from_wire(begin.header["spec"])
+            handoff_trace.mark("receiver.begin", spec.request_id)
             path = self._out_of_band.get(begin.header["transport"])
             mode = AbortMode.CUT if path is None else path.on_receiver_abort
             opened = None if path is None else await asyncio.to_thread(path.open, spec, begin.header)
             exp = self._table.claim(spec)
+            handoff_trace.mark("receiver.claimed", spec.request_id)
             holding = mode is AbortMode.STOP
             if holding:
                 exp.hold_pages()
@@ -254,12 +257,14 @@ class TransferServer:
                 if pages is not None:
                     exp.land_layer(msg.header["layer"], pages, assembler.layer_size)
             elif msg.kind == wire.END:
+                handoff_trace.mark("receiver.end", exp.spec.request_id)
                 if path is not None:
                     await asyncio.to_thread(path.close, exp, opened, msg.header)
                 if exp.done:  # aborted while draining: report that abort
                     exp.future.result()
                 if begin.get("checksum") and transport == "grpc" and msg.header["checksum"] != checksum:
                     raise IntegrityError(f"{exp.spec.request_id}: checksum mismatch")
+                handoff_trace.mark("receiver.completed", exp.spec.request_id)
                 result = exp.complete(transport)
                 return {"ok": True, "bytes": result.bytes}
             elif msg.kind == wire.ABORT:

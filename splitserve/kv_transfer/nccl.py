@@ -32,6 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from splitserve import handoff_trace
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError, PeerUnavailable, TransferError, TransferTimeout
 from splitserve.kv_transfer.expectations import Expectation
@@ -191,9 +192,10 @@ class NcclInbox(OutOfBand):
             with self._turn:
                 self._lose(opened.pair, f"{exp.spec.request_id}: receives not done after {self._timeout_s:g} s")
             raise TransferTimeout(f"{exp.spec.request_id}: the sender's pages never arrived")
+        handoff_trace.mark("receiver.pages_in", exp.spec.request_id)
         with torch.cuda.stream(self._land_stream):
-            layers = enumerate(opened.staging[:sent].unbind(0))
-            exp.land_layers(layers, exp.spec.layer_bytes, settle=self._land_stream.synchronize)
+            exp.land_layers(0, opened.staging[:sent], exp.spec.layer_bytes, settle=self._land_stream.synchronize)
+        handoff_trace.mark("receiver.landed", exp.spec.request_id)
 
     def _lose(self, name: str, why: str) -> None:
         """Drop a pair (caller holds the lock): its later transfers fail at once and the sender builds a new one."""

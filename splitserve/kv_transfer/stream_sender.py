@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import torch
 
+from splitserve import handoff_trace
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import TransferSpec
 from splitserve.kv_transfer.errors import (
@@ -178,6 +179,7 @@ class StreamHandle:
             pass  # the receiver is gone or gave up already: either way nothing is written any more
 
     def _end(self) -> Iterator[bytes]:
+        handoff_trace.mark("sender.end", self.spec.request_id)
         self._writer.drain()
         yield wire.pack({"kind": wire.END, **self._writer.end_fields()})
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
@@ -135,6 +136,7 @@ class PrefillWorker(ReportsReleases):
             batch = TokenBatch(
                 job.request.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
             )
+            handoff_trace.mark("prefill.first_token", job.request.request_id)
             job.first.set_result(batch)
             if out.finished:  # nothing to decode: the KV never needs to leave (the receiver is told, by message)
                 self._await_transfer(job, abort="finished at the first token")
@@ -150,6 +152,7 @@ class PrefillWorker(ReportsReleases):
             job = jobs[seq.request_id]
             sender = self._sender(job.endpoint)
             job.backend = sender.backend
+            handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
             job.handle = sender.begin(
                 TransferSpec(
                     request_id=job.request.request_id,
@@ -161,11 +164,15 @@ class PrefillWorker(ReportsReleases):
                 )
             )
             job.started = time.perf_counter()
-            sends.append((job.handle, runner.block_index(seq.block_table)))
+            sends.append((job.request.request_id, job.handle, runner.block_index(seq.block_table)))
+
+        last_layer = runner.spec.num_layers - 1
 
         def on_layer(layer: int) -> None:
-            for handle, blocks in sends:
+            for request_id, handle, blocks in sends:
                 handle.send_layer(layer, runner.gather_pages(layer, blocks))
+                if layer == last_layer:
+                    handoff_trace.mark("prefill.last_layer", request_id)
             self._free_finished_transfers()
 
         return on_layer
@@ -189,6 +196,7 @@ class PrefillWorker(ReportsReleases):
                 if abort is not None:
                     handle.abort(abort)
                 sent = handle.finish()
+                handoff_trace.mark("prefill.transfer_done", job.request.request_id)
                 job.transferred.set_result(
                     TransferReport(
                         time.perf_counter() - job.started, int(sent or 0), self.options.kv_transfer.backend.value

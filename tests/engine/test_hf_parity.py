@@ -71,8 +71,8 @@ def test_disaggregated_in_miniature(tiny_model_dir):
     for seq, first in zip(seqs, firsts, strict=True):
         target = decoder.make_sequence(seq.request_id, seq.prompt_token_ids, GREEDY)
         dst = decoder.reserve(target)
-        for layer in range(prefiller.spec.num_layers):
-            decoder.runner.scatter_pages(layer, dst, prefiller.runner.gather_pages(layer, seq.block_table))
+        layers = [prefiller.runner.gather_pages(layer, seq.block_table) for layer in range(prefiller.spec.num_layers)]
+        decoder.runner.scatter_layers(0, dst, torch.stack(layers))
         decoder.admit(seq.request_id, first.token_id)
         assert prefiller.release(seq.request_id)
     assert prefiller.blocks.num_free == prefiller.blocks.num_blocks

@@ -29,3 +29,17 @@ def test_a_strided_layer_view_is_written_in_place():
     pages = torch.ones(2, 2, 4, 2, 8, dtype=torch.bfloat16)
     scatter_pages(cache[1], torch.tensor([0, 4]), pages)
     assert cache[1][:, [0, 4]].eq(1).all() and cache.sum() == pages.numel()
+
+
+def test_a_run_of_layers_is_written_in_one_call():
+    """The receivers land several layers at once: each layer's blocks go to the same block ids, nothing else moves."""
+    gen = torch.Generator().manual_seed(1)
+    cache = torch.randn(4, 2, 6, 4, 2, 8, generator=gen).to(torch.bfloat16)
+    pages = torch.randn(2, 2, 3, 4, 2, 8, generator=gen).to(torch.bfloat16)  # layers 1 and 2, three blocks each
+    index = torch.tensor([5, 0, 3])
+    expected = cache.clone()
+    for i, layer in enumerate([1, 2]):
+        expected[layer].index_copy_(1, index, pages[i])
+    scatter_pages(cache[1:3], index, pages)
+    assert torch.equal(cache, expected)
+    assert torch.equal(gather_pages(cache[1:3], index), pages)

@@ -32,8 +32,8 @@ class FakeRunner:
     def gather_pages(self, layer, block_ids):
         return self.kv_layers[layer].index_select(1, self._index(block_ids))
 
-    def scatter_pages(self, layer, block_ids, pages):
-        self.kv_layers[layer].index_copy_(1, self._index(block_ids), pages.to(self.kv_cache.device, self.dtype))
+    def scatter_layers(self, first, block_ids, pages):
+        self.kv_cache[first : first + len(pages)].index_copy_(2, self._index(block_ids), pages.to(self.kv_cache))
 
     def spec(self, request_id, block_ids, checksum=False):
         return TransferSpec(

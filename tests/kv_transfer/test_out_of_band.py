@@ -47,7 +47,8 @@ class FakeOutOfBand(OutOfBand):
         with self.lock:
             self.calls.append(("close", str(opened)))
         layers = self.wire.get(str(opened), [])[: end["layers"]]
-        exp.land_layers(enumerate(layers), exp.spec.layer_bytes)
+        if layers:
+            exp.land_layers(0, torch.stack(layers), exp.spec.layer_bytes)
 
 
 class FakeWriter(LayerWriter):
@@ -193,7 +194,7 @@ class FakeDirectWriter(LayerWriter):
     def drain(self) -> None:
         time.sleep(0.2)  # a slow copy still in flight when the receiver aborts
         for layer, pages in self.issued:
-            self._dst.scatter_pages(layer, self._blocks, pages)
+            self._dst.scatter_layers(layer, self._blocks, pages.unsqueeze(0))
             self.landed_at.append(time.monotonic())
             self.written.append(layer)
         self.issued.clear()

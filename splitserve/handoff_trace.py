@@ -1,0 +1,52 @@
+"""Timestamps of each request's hand-off from prefill to decode: where the time between the first and the second
+token goes, across the router, both workers and the transfer (a 120 ms KV landing on a busy decode worker was
+found this way).
+
+Off unless ``SPLITSERVE_HANDOFF_TRACE`` names a directory: then every process appends ``<clock> <event>
+<request id>`` lines to ``<dir>/<pid>.log``. The clock is ``time.perf_counter`` (CLOCK_MONOTONIC on Linux), which the
+processes of one host share. ``python -m splitserve.bench.handoff_report DIR`` turns the files into a timeline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+ENV = "SPLITSERVE_HANDOFF_TRACE"
+
+# In the order a request normally meets them; the report lists them so.
+EVENTS = (
+    "router.reserve",  # the router asks the decode worker for pages
+    "router.reserved",  # ... and has them
+    "prefill.transfer_begin",  # the prompt's last prefill pass opens its transfer
+    "receiver.begin",  # the decode worker's transfer server has BEGIN
+    "receiver.claimed",  # ... has set up the receive (nccl: receives posted) and claimed the pages
+    "prefill.last_layer",  # the engine thread has queued the last layer's send (host time: the GPU is behind)
+    "prefill.first_token",  # the prompt's first token is sampled (the GPU finished the pass)
+    "router.first_token",  # ... and reached the router, which tells the decode worker to start
+    "sender.end",  # END leaves the prefill worker
+    "decode.start",  # the router's start reached the decode worker
+    "receiver.end",  # END reached the decode worker
+    "receiver.pages_in",  # out-of-band bytes are in (nccl: the receives completed)
+    "receiver.landed",  # ... and scattered into the reserved pages
+    "receiver.completed",  # the decode side completes the transfer (the decode worker may admit it now)
+    "prefill.transfer_done",  # the prefill worker has the receiver's result
+    "decode.kv_ready",  # start() saw the transfer complete
+    "decode.admitted",  # the engine thread admitted the request to the batch
+    "router.second_token",  # the first decoded token reached the router
+)
+
+_dir = os.environ.get(ENV) or None
+_lock = threading.Lock()
+
+
+def mark(event: str, request_id: str) -> None:
+    """Record ``event`` for ``request_id`` now (a no-op unless tracing is on)."""
+    if _dir is None:
+        return
+    line = f"{time.perf_counter():.6f} {event} {request_id}\n"
+    with _lock:
+        os.makedirs(_dir, exist_ok=True)
+        with open(os.path.join(_dir, f"{os.getpid()}.log"), "a") as f:
+            f.write(line)
