@@ -32,6 +32,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
     second: float | None = None
     tokens = 0
     kv_ms: float | None = None
+    kv_exposed_ms: float | None = None
     try:
         stream = client.generate(
             prompt_token_ids=request.prompt_token_ids,
@@ -49,7 +50,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
                         second = now  # the first event may carry both: then the gap is 0
                 tokens += len(event.token_ids)
                 if event.timing is not None:
-                    kv_ms = event.timing.kv_transfer_ms
+                    kv_ms, kv_exposed_ms = event.timing.kv_transfer_ms, event.timing.kv_exposed_ms
     except SplitserveError as err:
         return replace(base, status=_status(err), output_tokens=tokens)
     end = time.monotonic()
@@ -62,6 +63,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, timeout_s: float 
         tpot_ms=(end - first) * 1000 / (tokens - 1) if tokens > 1 else None,
         e2e_ms=(end - sent) * 1000,
         kv_transfer_ms=kv_ms,
+        kv_exposed_ms=kv_exposed_ms,
         second_token_ms=None if second is None else (second - first) * 1000,
     )
 

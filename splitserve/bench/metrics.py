@@ -31,7 +31,8 @@ class RequestRecord:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2e_ms: float | None = None
-    kv_transfer_ms: float | None = None
+    kv_transfer_ms: float | None = None  # the server's: from the prompt's last prefill pass to the KV landed
+    kv_exposed_ms: float | None = None  # of that, the part after the first token was sampled (not hidden by prefill)
     # First token to second at the client. Disaggregated, it holds what of the KV transfer the prefill did not hide,
     # plus the decode worker's admission; colocated, one decode step. None with fewer than two tokens.
     second_token_ms: float | None = None
@@ -52,6 +53,11 @@ def percentiles(values: Sequence[float], quantiles: Sequence[int] = QUANTILES) -
 
 def _present(records: Sequence[RequestRecord], attr: str) -> list[float]:
     return [v for r in records if (v := getattr(r, attr)) is not None]
+
+
+def _mean(records: Sequence[RequestRecord], attr: str) -> float | None:
+    values = _present(records, attr)
+    return float(np.mean(values)) if values else None
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class Summary:
     mean_ttft_ms: float | None
     mean_kv_transfer_ms: float | None
     kv_share_of_ttft: float | None  # mean KV transfer time over mean TTFT
+    mean_kv_exposed_ms: float | None
+    kv_exposed_share_of_ttft: float | None  # mean exposed KV transfer time over mean TTFT
     slo: SLO = field(default_factory=SLO)
 
     def to_json(self) -> dict[str, Any]:
@@ -86,9 +94,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO, lab
     """Failed requests count as sent and as SLO misses; throughput counts only finished requests' tokens."""
     ok = [r for r in records if r.status == OK]
     good = sum(r.meets(slo) for r in records)
-    ttfts, kvs = _present(ok, "ttft_ms"), _present(ok, "kv_transfer_ms")
+    ttfts = _present(ok, "ttft_ms")
     mean_ttft = float(np.mean(ttfts)) if ttfts else None
-    mean_kv = float(np.mean(kvs)) if kvs else None
+    mean_kv, mean_exposed = _mean(ok, "kv_transfer_ms"), _mean(ok, "kv_exposed_ms")
     tokens = sum(r.output_tokens for r in ok)
     per_s = 1.0 / duration_s if duration_s > 0 else 0.0
     return Summary(
@@ -110,6 +118,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO, lab
         mean_ttft_ms=mean_ttft,
         mean_kv_transfer_ms=mean_kv,
         kv_share_of_ttft=mean_kv / mean_ttft if mean_kv is not None and mean_ttft else None,
+        mean_kv_exposed_ms=mean_exposed,
+        kv_exposed_share_of_ttft=mean_exposed / mean_ttft if mean_exposed is not None and mean_ttft else None,
         slo=slo,
     )
 

@@ -27,6 +27,7 @@ _COLUMNS = (
     ("TPOT p50/p90/p99 ms", ">"),
     ("1st→2nd p50/p90/p99 ms", ">"),
     ("KV % TTFT", ">"),
+    ("KV exposed % TTFT", ">"),
 )
 
 
@@ -46,7 +47,7 @@ def _row(s: Summary) -> list[str]:
         _ms(s.ttft_ms),
         _ms(s.tpot_ms),
         _ms(s.second_token_ms),
-        "-" if s.kv_share_of_ttft is None else f"{100 * s.kv_share_of_ttft:.1f}",
+        *("-" if share is None else f"{100 * share:.1f}" for share in (s.kv_share_of_ttft, s.kv_exposed_share_of_ttft)),
     ]
 
 

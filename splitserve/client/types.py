@@ -40,6 +40,7 @@ class Timing:
     prefill_worker: str
     decode_worker: str
     retries: int
+    kv_exposed_ms: float  # of kv_transfer_ms, the part after the first token was sampled: what the prefill did not hide
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TokenEvent:
                 prefill_worker=message.timing.prefill_worker,
                 decode_worker=message.timing.decode_worker,
                 retries=message.timing.retries,
+                kv_exposed_ms=message.timing.kv_exposed_ms,
             )
             if last
             else None,

@@ -497,7 +497,7 @@ class Cluster:
                     handoff_trace.mark("router.second_token", request.request_id)
                     # D decodes only once every layer has landed, so the report is (nearly) in by now.
                     report = await transfer
-                    timing.kv_transfer_s = report.seconds
+                    timing.kv_transfer_s, timing.kv_exposed_s = report.seconds, report.exposed_seconds
                 yield batch
         finally:
             transfer.cancel()

@@ -70,7 +70,8 @@ ChannelMessage = list[TokenBatch | StreamFailure]
 class TransferReport:
     """The prefill worker's word that a request's KV has fully landed in the decode worker's pages."""
 
-    seconds: float
+    seconds: float  # from the transfer's begin (the prompt's last prefill pass) to the receiver's word
+    exposed_seconds: float  # from the first token's sampling to the receiver's word: what the prefill did not hide
     bytes: int
     backend: str
 
@@ -101,6 +102,7 @@ class RequestTiming:
     first_token: float | None = None
     finished: float | None = None
     kv_transfer_s: float | None = None
+    kv_exposed_s: float | None = None
     prefill_worker: str | None = None
     decode_worker: str | None = None
     retries: int = 0

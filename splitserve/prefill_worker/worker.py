@@ -64,7 +64,8 @@ class _Job:
     transferred: Future = field(default_factory=Future)  # TransferReport
     handle: SendHandle | None = None
     backend: str = ""
-    started: float = 0.0
+    started: float = 0.0  # the transfer's begin
+    sampled: float = 0.0  # the first token's
     aborted: bool = False
 
 
@@ -136,6 +137,7 @@ class PrefillWorker(ReportsReleases):
             batch = TokenBatch(
                 job.request.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
             )
+            job.sampled = time.perf_counter()
             handoff_trace.mark("prefill.first_token", job.request.request_id)
             job.first.set_result(batch)
             if out.finished:  # nothing to decode: the KV never needs to leave (the receiver is told, by message)
@@ -196,11 +198,11 @@ class PrefillWorker(ReportsReleases):
                 if abort is not None:
                     handle.abort(abort)
                 sent = handle.finish()
+                done = time.perf_counter()
                 handoff_trace.mark("prefill.transfer_done", job.request.request_id)
+                backend = self.options.kv_transfer.backend.value
                 job.transferred.set_result(
-                    TransferReport(
-                        time.perf_counter() - job.started, int(sent or 0), self.options.kv_transfer.backend.value
-                    )
+                    TransferReport(done - job.started, max(0.0, done - job.sampled), int(sent or 0), backend)
                 )
             except TransferError as err:
                 job.transferred.set_exception(ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}"))

@@ -152,6 +152,7 @@ def _response(run: Run, tokens: list[Token], finish_reason: str | None) -> pb.Ge
                 tpot_ms=summary.tpot_ms or 0.0,
                 e2e_ms=summary.e2e_ms,
                 kv_transfer_ms=summary.kv_transfer_ms or 0.0,
+                kv_exposed_ms=summary.kv_exposed_ms or 0.0,
                 prefill_worker=summary.prefill_worker or "",
                 decode_worker=summary.decode_worker or "",
                 retries=summary.retries,

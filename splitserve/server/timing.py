@@ -14,6 +14,7 @@ class TimingSummary:
     tpot_ms: float | None  # None with fewer than two tokens: there is no inter-token gap to measure
     e2e_ms: float
     kv_transfer_ms: float | None
+    kv_exposed_ms: float | None  # the part of the transfer after the first token was sampled
     prefill_worker: str | None
     decode_worker: str | None
     retries: int
@@ -30,6 +31,7 @@ class TimingSummary:
             tpot_ms=tpot,
             e2e_ms=(end - timing.arrival) * 1000,
             kv_transfer_ms=None if timing.kv_transfer_s is None else timing.kv_transfer_s * 1000,
+            kv_exposed_ms=None if timing.kv_exposed_s is None else timing.kv_exposed_s * 1000,
             prefill_worker=timing.prefill_worker,
             decode_worker=timing.decode_worker,
             retries=timing.retries,

@@ -47,6 +47,7 @@ def test_sweep_and_errors_add_up_on_a_real_cluster(ray_local, tiny_model_dir, tm
     assert all(r.ttft_ms is not None and r.e2e_ms is not None and r.ttft_ms <= r.e2e_ms for r in records)
     # Disaggregated: the KV moved for every request that decodes; one token is all prefill, nothing to move.
     assert all((r.kv_transfer_ms or 0.0) > 0 for r in records if r.max_tokens > 1)
+    assert all(0 <= (r.kv_exposed_ms or 0.0) < (r.kv_transfer_ms or 0.0) for r in records if r.max_tokens > 1)
     assert any(r.max_tokens > 1 for r in records)
     assert all((r.tpot_ms is None) == (r.max_tokens == 1) for r in records)
     gaps = [r.second_token_ms for r in records]

@@ -12,9 +12,11 @@ from splitserve.slo import SLO
 SLO_DEFAULT = SLO(ttft_ms=1000.0, tpot_ms=50.0)
 
 
-def _ok(i: int, ttft: float, tpot: float | None, tokens: int = 10, kv: float | None = None) -> RequestRecord:
+def _ok(
+    i: int, ttft: float, tpot: float | None, tokens: int = 10, kv: float | None = None, exposed: float | None = None
+) -> RequestRecord:
     e2e = ttft + (tpot or 0.0) * (tokens - 1)
-    return RequestRecord(i, 100, tokens, "ok", tokens, ttft, tpot, e2e, kv)
+    return RequestRecord(i, 100, tokens, "ok", tokens, ttft, tpot, e2e, kv, exposed)
 
 
 def test_percentiles_interpolate_linearly_between_samples():
@@ -48,12 +50,13 @@ def test_goodput_counts_requests_meeting_both_slos_and_failures_as_misses():
     assert s.tpot_ms["p50"] == pytest.approx(35.0)  # the one-token request has no TPOT
 
 
-def test_kv_share_is_mean_transfer_over_mean_ttft():
-    records = [_ok(0, ttft=100, tpot=10, kv=10), _ok(1, ttft=300, tpot=10, kv=30)]
+def test_kv_shares_are_mean_transfer_and_mean_exposed_part_over_mean_ttft():
+    records = [_ok(0, ttft=100, tpot=10, kv=10, exposed=1), _ok(1, ttft=300, tpot=10, kv=30, exposed=5)]
     s = summarize(records, 1.0, SLO_DEFAULT, "x", 1.0)
     assert (s.mean_ttft_ms, s.mean_kv_transfer_ms, s.kv_share_of_ttft) == pytest.approx((200.0, 20.0, 0.1))
+    assert (s.mean_kv_exposed_ms, s.kv_exposed_share_of_ttft) == pytest.approx((3.0, 0.015))
     colocated = summarize([_ok(0, ttft=100, tpot=10)], 1.0, SLO_DEFAULT, "x", 1.0)
-    assert colocated.kv_share_of_ttft is None
+    assert colocated.kv_share_of_ttft is None and colocated.kv_exposed_share_of_ttft is None
 
 
 def test_second_token_gap_percentiles_skip_one_token_requests():

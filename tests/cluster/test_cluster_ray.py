@@ -81,6 +81,8 @@ def test_concurrent_requests_equal_hf_greedy(ray_local, tiny_model_dir, mode, po
     if mode == "disaggregated":
         assert {t.prefill_worker for t in timings} == {f"prefill-{i}" for i in range(pools[0])}
         assert all(t.kv_transfer_s is not None and t.kv_transfer_s > 0 for t in timings)
+        # The exposed part starts at the first token, inside the transfer's span (which starts with the last pass).
+        assert all(t.kv_exposed_s is not None and 0 <= t.kv_exposed_s < t.kv_transfer_s for t in timings)
 
 
 def test_cancel_frees_pages_everywhere(ray_local, tiny_model_dir):
