@@ -65,6 +65,7 @@ class DecodeWorker(ReportsReleases):
         self._aborted_early = AbortedAttempts()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
+        self.engine.during_step = self._thread.run_during_step
 
     # --- engine thread ---
 
@@ -119,8 +120,9 @@ class DecodeWorker(ReportsReleases):
                 message.extend(self._outbox.get_nowait())
             yield message
 
-    async def _on_engine(self, fn):
-        return await asyncio.wrap_future(self._thread.submit(fn))
+    async def _on_engine(self, fn, during_step: bool = False):
+        """``during_step`` for calls that touch nothing a step in flight uses: they need not wait for it to end."""
+        return await asyncio.wrap_future(self._thread.submit(fn, during_step=during_step))
 
     # --- actor API ---
 
@@ -173,7 +175,7 @@ class DecodeWorker(ReportsReleases):
             return blocks
 
         try:
-            return await self._on_engine(reserve)
+            return await self._on_engine(reserve, during_step=True)  # free pages only: none the step uses
         except OutOfBlocks as err:
             raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: KV cache full ({err})") from None
         except (RequestError, ValueError) as err:
@@ -244,7 +246,7 @@ class DecodeWorker(ReportsReleases):
         step's tokens find the stream open."""
         self._streams[request_id] = attempt
         try:
-            await self._on_engine(enter)
+            await self._on_engine(enter, during_step=True)  # the request joins the next step
         except BaseException:
             if self._streams.get(request_id) == attempt:
                 del self._streams[request_id]
@@ -302,6 +304,6 @@ class DecodeWorker(ReportsReleases):
                 },
             )
 
-        stats: WorkerStats = await self._on_engine(collect)
+        stats: WorkerStats = await self._on_engine(collect, during_step=True)
         stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
         return stats

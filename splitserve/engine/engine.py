@@ -79,6 +79,9 @@ class Engine:
         self.held: dict[str, Sequence] = {}  # prefilled (prefill role) or reserved (decode role), not running
         self._detok: dict[str, detokenizer.DetokState] = {}
         self.on_release: Callable[[str], None] | None = None  # called with the request id when its pages are freed
+        # Called once a step's device work is launched, before its sync: a worker runs calls there that touch
+        # nothing the step uses (``reserve``, ``admit``, ``add_request``: they take effect at the next step).
+        self.during_step: Callable[[], None] | None = None
 
     # --- requests ---
 
@@ -193,7 +196,7 @@ class Engine:
         chunks, decodes = self._schedule()
         if not chunks and not decodes:
             return []
-        out = self.runner.execute(chunks, decodes, layer_hook)
+        out = self.runner.execute(chunks, decodes, layer_hook, self.during_step)
         self._commit_prompt_blocks(seq for seq, _ in chunks)
         return self._apply(out.seqs, out.token_ids, out.logprobs)
 

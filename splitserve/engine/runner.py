@@ -10,6 +10,7 @@ to the next graph size) instead of launching every kernel from Python; mixed ste
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -215,15 +216,19 @@ class ModelRunner:
         prefill_chunks: list[tuple[Sequence, int]],
         decode_seqs: list[Sequence],
         layer_hook: LayerHook | None = None,
+        during: Callable[[], None] | None = None,
     ) -> BatchOutput:
-        """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end."""
+        """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end.
+
+        ``during`` runs once the pass is launched, before the host waits for it (on CUDA, while the device computes).
+        """
         if (
             not prefill_chunks
             and layer_hook is None
             and self.graphs is not None
             and self.graphs.rung_for(len(decode_seqs)) is not None
         ):
-            return self._execute_graph(decode_seqs)
+            return self._execute_graph(decode_seqs, during)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -278,6 +283,8 @@ class ModelRunner:
             meta,
             layer_hook,
         )
+        if during is not None:
+            during()
         for seq, n in prefill_chunks:
             seq.num_computed_tokens += n
         for seq in decode_seqs:
@@ -288,12 +295,14 @@ class ModelRunner:
         tokens, logprobs = sample(logits, sampled)
         return BatchOutput(sampled, tokens, logprobs)
 
-    def _execute_graph(self, decode_seqs: list[Sequence]) -> BatchOutput:
+    def _execute_graph(self, decode_seqs: list[Sequence], during: Callable[[], None] | None) -> BatchOutput:
         """A decode-only step through a CUDA graph; ``sample``'s ``.tolist()`` is the step's one host sync."""
         assert self.graphs is not None
         input_ids, positions, slots = self._decode_inputs(decode_seqs)
         context_lens = [p + 1 for p in positions]
         logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens)
+        if during is not None:
+            during()
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
         tokens, logprobs = sample(logits, decode_seqs)

@@ -82,3 +82,40 @@ def test_disaggregated_in_miniature(tiny_model_dir):
             outputs[out.request_id].append(out.token_id)
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == _hf_greedy(tiny_model_dir, prompts)
     assert decoder.blocks.num_free == decoder.blocks.num_blocks
+
+
+def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others(tiny_model_dir):
+    """A decode worker reserves pages and admits requests while a step computes (``Engine.during_step``): they join
+    the next step and decode exactly as HF does, and every page comes back."""
+    prompts = _prompts(seed=12, lengths=(17, 40, 5))
+    prefiller = _engine(tiny_model_dir, block_size=8)
+    decoder = _engine(tiny_model_dir, block_size=8, num_kv_blocks=64)
+    seqs = [prefiller.make_sequence(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    firsts = prefiller.prefill(seqs)
+    arrivals = list(zip(seqs, firsts, strict=True))
+
+    def hand_over() -> None:  # what the decode worker's reserve + landing + admit do, one request at a time
+        seq, first = arrivals.pop(0)
+        dst = decoder.reserve(decoder.make_sequence(seq.request_id, seq.prompt_token_ids, GREEDY))
+        layers = [prefiller.runner.gather_pages(layer, seq.block_table) for layer in range(prefiller.spec.num_layers)]
+        decoder.runner.scatter_layers(0, dst, torch.stack(layers))
+        decoder.admit(seq.request_id, first.token_id)
+        assert prefiller.release(seq.request_id)
+
+    calls_during_steps = 0
+
+    def during() -> None:
+        nonlocal calls_during_steps
+        calls_during_steps += 1
+        if arrivals:
+            hand_over()
+
+    hand_over()  # the first request before any step; the others arrive during the steps
+    decoder.during_step = during
+    outputs: dict[str, list[int]] = {f"r{i}": [f.token_id] for i, f in enumerate(firsts)}
+    while decoder.has_work():
+        for out in decoder.step():
+            outputs[out.request_id].append(out.token_id)
+    assert calls_during_steps >= 3 and not arrivals
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == _hf_greedy(tiny_model_dir, prompts)
+    assert decoder.blocks.num_free == decoder.blocks.num_blocks
