@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitserve.bench import report
+from splitserve import handoff_trace
+from splitserve.bench import handoff_report, report
 from splitserve.bench.cli import (
     add_workload_args,
     device_name,
@@ -103,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         hf_batch_size=args.hf_batch_size if args.hf_baseline else None,
     )
+    trace = handoff_trace.directory()
+    if trace is not None:  # SPLITSERVE_HANDOFF_TRACE was set: every disaggregated request's hand-off, summarized
+        events = handoff_report.load(Path(trace))
+        meta["handoff"] = [{"event": e, "requests": n, **p} for e, n, p in handoff_report.timeline(events)]
+        print(handoff_report.format_timeline(events))
     report.write_json(out / "serve.json", meta, sweeps, baseline)
     report.plot(out / "serve.png", sweeps, baseline)
     print(report.format_table(sweeps, None if baseline is None else baseline[0]))

@@ -41,6 +41,11 @@ _dir = os.environ.get(ENV) or None
 _lock = threading.Lock()
 
 
+def directory() -> str | None:
+    """Where this process writes its trace; None while tracing is off."""
+    return _dir
+
+
 def mark(event: str, request_id: str) -> None:
     """Record ``event`` for ``request_id`` now (a no-op unless tracing is on)."""
     if _dir is None:

@@ -41,15 +41,21 @@ def timeline(
     return [(e, len(offsets[e]), percentiles(offsets[e], (10, 50, 90))) for e in EVENTS if offsets[e]]
 
 
+def format_timeline(events: dict[str, dict[str, float]]) -> str:
+    lines = [
+        f"{len(events)} requests; ms since {ANCHOR}",
+        f"{'event':24s} {'n':>5s} {'p10':>9s} {'p50':>9s} {'p90':>9s}",
+    ]
+    for event, n, p in timeline(events):
+        lines.append(f"{event:24s} {n:5d}" + "".join(f" {v:9.2f}" for v in p.values() if v is not None))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory", type=Path)
     args = ap.parse_args(argv)
-    events = load(args.directory)
-    print(f"{len(events)} requests; ms since {ANCHOR}")
-    print(f"{'event':24s} {'n':>5s} {'p10':>9s} {'p50':>9s} {'p90':>9s}")
-    for event, n, p in timeline(events):
-        print(f"{event:24s} {n:5d}" + "".join(f" {v:9.2f}" for v in p.values() if v is not None))
+    print(format_timeline(load(args.directory)))
 
 
 if __name__ == "__main__":
