@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import TextIO
 
 ENV = "SPLITSERVE_HANDOFF_TRACE"
 
@@ -39,6 +40,7 @@ EVENTS = (
 
 _dir = os.environ.get(ENV) or None
 _lock = threading.Lock()
+_log: tuple[str, int, TextIO] | None = None  # (directory, pid, the open file) of this process's log
 
 
 def directory() -> str | None:
@@ -52,6 +54,17 @@ def mark(event: str, request_id: str) -> None:
         return
     line = f"{time.perf_counter():.6f} {event} {request_id}\n"
     with _lock:
-        os.makedirs(_dir, exist_ok=True)
-        with open(os.path.join(_dir, f"{os.getpid()}.log"), "a") as f:
-            f.write(line)
+        _open_log(_dir).write(line)
+
+
+def _open_log(directory: str) -> TextIO:
+    """This process's log, opened once rather than per event (marks sit on the engine thread's path); line-buffered,
+    so a worker that is killed has written every event it marked."""
+    global _log
+    pid = os.getpid()
+    if _log is None or _log[:2] != (directory, pid):
+        if _log is not None:
+            _log[2].close()
+        os.makedirs(directory, exist_ok=True)
+        _log = (directory, pid, open(os.path.join(directory, f"{pid}.log"), "a", buffering=1))  # noqa: SIM115
+    return _log[2]
