@@ -30,7 +30,8 @@ EVENTS = (
     "decode.start",  # the router's start reached the decode worker
     "receiver.end",  # END reached the decode worker
     "receiver.pages_in",  # out-of-band bytes are in (nccl: the receives completed)
-    "receiver.landed",  # ... and scattered into the reserved pages
+    "receiver.land_issued",  # ... the copy into the reserved pages is queued on the device (host time)
+    "receiver.landed",  # ... and done
     "receiver.completed",  # the decode side completes the transfer (the decode worker may admit it now)
     "prefill.transfer_done",  # the prefill worker has the receiver's result
     "decode.kv_ready",  # start() saw the transfer complete

@@ -192,10 +192,16 @@ class NcclInbox(OutOfBand):
             with self._turn:
                 self._lose(opened.pair, f"{exp.spec.request_id}: receives not done after {self._timeout_s:g} s")
             raise TransferTimeout(f"{exp.spec.request_id}: the sender's pages never arrived")
-        handoff_trace.mark("receiver.pages_in", exp.spec.request_id)
+        request_id = exp.spec.request_id
+        handoff_trace.mark("receiver.pages_in", request_id)
+
+        def settle() -> None:
+            handoff_trace.mark("receiver.land_issued", request_id)
+            self._land_stream.synchronize()
+
         with torch.cuda.stream(self._land_stream):
-            exp.land_layers(0, opened.staging[:sent], exp.spec.layer_bytes, settle=self._land_stream.synchronize)
-        handoff_trace.mark("receiver.landed", exp.spec.request_id)
+            exp.land_layers(0, opened.staging[:sent], exp.spec.layer_bytes, settle=settle)
+        handoff_trace.mark("receiver.landed", request_id)
 
     def _lose(self, name: str, why: str) -> None:
         """Drop a pair (caller holds the lock): its later transfers fail at once and the sender builds a new one."""
