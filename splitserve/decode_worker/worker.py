@@ -65,7 +65,7 @@ class DecodeWorker(ReportsReleases):
         self._aborted_early = AbortedAttempts()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
-        self.engine.during_step = self._thread.run_during_step
+        self.engine.device_wait = self._thread.device_wait
 
     # --- engine thread ---
 

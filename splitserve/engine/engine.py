@@ -18,6 +18,7 @@ import torch
 
 from splitserve.engine import detokenizer
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks
+from splitserve.engine.host_copy import DeviceWait
 from splitserve.engine.model import LayerHook
 from splitserve.engine.runner import ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
@@ -79,9 +80,9 @@ class Engine:
         self.held: dict[str, Sequence] = {}  # prefilled (prefill role) or reserved (decode role), not running
         self._detok: dict[str, detokenizer.DetokState] = {}
         self.on_release: Callable[[str], None] | None = None  # called with the request id when its pages are freed
-        # Called once a step's device work is launched, before its sync: a worker runs calls there that touch
-        # nothing the step uses (``reserve``, ``admit``, ``add_request``: they take effect at the next step).
-        self.during_step: Callable[[], None] | None = None
+        # Runs each step's wait for the device (given the blocking wait): a worker lets calls that touch nothing the
+        # step uses (``reserve``, ``admit``, ``add_request``: they take effect at the next step) use the engine then.
+        self.device_wait: DeviceWait | None = None
 
     # --- requests ---
 
@@ -196,7 +197,7 @@ class Engine:
         chunks, decodes = self._schedule()
         if not chunks and not decodes:
             return []
-        out = self.runner.execute(chunks, decodes, layer_hook, self.during_step)
+        out = self.runner.execute(chunks, decodes, layer_hook, self.device_wait)
         self._commit_prompt_blocks(seq for seq, _ in chunks)
         return self._apply(out.seqs, out.token_ids, out.logprobs)
 

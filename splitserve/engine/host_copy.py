@@ -3,12 +3,19 @@
 A ``torch.tensor(ids, device="cuda")`` copies from pageable memory, which waits for the stream and goes through the
 driver's one staging buffer. On a worker whose default stream is busy with forward passes, every such copy on any
 thread waits for the step in flight: a layer hook or a KV receiver that made one per layer ran at the engine's step
-rate instead of at copy speed.
+rate instead of at copy speed. The other way round holds too: a pageable device-to-host read (``.tolist()`` of a
+CUDA tensor) keeps every other thread's copies and launches waiting until the step it reads is done, so results
+come back through pinned memory and an event (``to_host_lists``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# How the caller waits for the device: given the blocking wait, it may let other threads work meanwhile.
+DeviceWait = Callable[[Callable[[], None]], None]
 
 
 def index_tensor(
@@ -25,3 +32,20 @@ def index_tensor(
 def as_index(ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """An index already on the device (built once per transfer) as is; a list copied as ``index_tensor`` does."""
     return ids if isinstance(ids, torch.Tensor) else index_tensor(ids, device)
+
+
+def to_host_lists(tensors: list[torch.Tensor], wait: DeviceWait | None = None) -> list[list]:
+    """``tensors`` as Python lists, read back in one wait: on CUDA, copied into pinned memory and waited for on an
+    event (a pageable read would hold up the other threads' CUDA calls until the step is done, see above).
+    ``wait`` runs the wait (on CPU, a no-op), so a worker can let other calls use its engine meanwhile."""
+    run = wait or (lambda blocking: blocking())
+    if not tensors or tensors[0].device.type != "cuda":
+        run(lambda: None)
+        return [t.tolist() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors, strict=True):
+        host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    run(done.synchronize)
+    return [host.tolist() for host in hosts]

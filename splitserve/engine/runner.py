@@ -10,7 +10,6 @@ to the next graph size) instead of launching every kernel from Python; mixed ste
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from splitserve.engine import page_copy
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.host_copy import as_index, index_tensor
+from splitserve.engine.host_copy import DeviceWait, as_index, index_tensor, to_host_lists
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
@@ -216,11 +215,11 @@ class ModelRunner:
         prefill_chunks: list[tuple[Sequence, int]],
         decode_seqs: list[Sequence],
         layer_hook: LayerHook | None = None,
-        during: Callable[[], None] | None = None,
+        wait: DeviceWait | None = None,
     ) -> BatchOutput:
         """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end.
 
-        ``during`` runs once the pass is launched, before the host waits for it (on CUDA, while the device computes).
+        ``wait`` runs the step's one wait for the device (the sampled tokens' read-back), once all its work is launched.
         """
         if (
             not prefill_chunks
@@ -228,7 +227,7 @@ class ModelRunner:
             and self.graphs is not None
             and self.graphs.rung_for(len(decode_seqs)) is not None
         ):
-            return self._execute_graph(decode_seqs, during)
+            return self._execute_graph(decode_seqs, wait)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -283,8 +282,6 @@ class ModelRunner:
             meta,
             layer_hook,
         )
-        if during is not None:
-            during()
         for seq, n in prefill_chunks:
             seq.num_computed_tokens += n
         for seq in decode_seqs:
@@ -292,21 +289,24 @@ class ModelRunner:
         if not sampled:
             return BatchOutput([], [], None)
         logits = self.model.logits(hidden if rows is None else hidden[rows])
-        tokens, logprobs = sample(logits, sampled)
-        return BatchOutput(sampled, tokens, logprobs)
+        return self._read_back(sampled, *sample(logits, sampled), wait)
 
-    def _execute_graph(self, decode_seqs: list[Sequence], during: Callable[[], None] | None) -> BatchOutput:
-        """A decode-only step through a CUDA graph; ``sample``'s ``.tolist()`` is the step's one host sync."""
+    def _execute_graph(self, decode_seqs: list[Sequence], wait: DeviceWait | None) -> BatchOutput:
+        """A decode-only step through a CUDA graph; the sampled tokens' read-back is the step's one host sync."""
         assert self.graphs is not None
         input_ids, positions, slots = self._decode_inputs(decode_seqs)
         context_lens = [p + 1 for p in positions]
         logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens)
-        if during is not None:
-            during()
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
-        tokens, logprobs = sample(logits, decode_seqs)
-        return BatchOutput(list(decode_seqs), tokens, logprobs)
+        return self._read_back(list(decode_seqs), *sample(logits, decode_seqs), wait)
+
+    @staticmethod
+    def _read_back(
+        seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor | None, wait: DeviceWait | None
+    ) -> BatchOutput:
+        lists = to_host_lists([tokens] if logprobs is None else [tokens, logprobs], wait)
+        return BatchOutput(seqs, lists[0], lists[1] if logprobs is not None else None)
 
     # --- KV pages in and out, for the transfer layer ---
 

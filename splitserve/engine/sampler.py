@@ -21,8 +21,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-    """Next token per row of ``logits`` ([B, V] float32); logprobs when any sequence asked for them.
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next token per row of ``logits`` ([B, V] float32), and logprobs when any sequence asked for them, left on
+    the device (the caller reads them back in one wait).
 
     Greedy rows take the argmax with no randomness. Sampled rows draw from their own ``torch.Generator`` when the
     request has a seed, so a seeded request gives the same output whatever it is batched with.
@@ -42,6 +43,5 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
     logprobs = None
     if any(s.params.logprobs for s in seqs):
-        lp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
-        logprobs = lp.tolist()
-    return tokens.tolist(), logprobs
+        logprobs = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs

@@ -32,7 +32,8 @@ CAUSAL = [
     ("decode.kv_ready", "decode.admitted"),
     ("decode.admitted", "router.second_token"),
 ]
-OUT_OF_BAND_ONLY = {"receiver.pages_in", "receiver.land_issued", "receiver.landed"}  # nccl's receives; grpc lands as it reads
+# nccl's receives; grpc lands as it reads
+OUT_OF_BAND_ONLY = {"receiver.pages_in", "receiver.land_issued", "receiver.landed"}
 
 
 def test_nothing_is_written_while_off(tmp_path, monkeypatch):

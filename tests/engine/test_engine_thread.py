@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from splitserve.engine.engine_thread import EngineThread
 
 
@@ -29,8 +31,9 @@ def test_wake_alone_runs_step_once_on_an_idle_thread():
         thread.stop()
 
 
-def test_during_step_calls_run_inside_the_step_and_the_others_after_it():
-    """A step that reaches its device wait runs the queued during_step calls there; ordinary calls wait for its end."""
+def test_during_step_calls_run_while_the_step_waits_for_the_device_and_the_others_after_it():
+    """While a step waits for the device (``device_wait``) a during_step call runs at once, before the device is done;
+    an ordinary call waits for the step's end."""
     inside = threading.Event()  # the step is past its launch, waiting for the device
     release = threading.Event()  # the device is done
     order: list[str] = []
@@ -40,8 +43,7 @@ def test_during_step_calls_run_inside_the_step_and_the_others_after_it():
         if not order:  # the first step only: launch, let the calls be queued, then wait for the device
             order.append("launched")
             inside.set()
-            assert release.wait(5)
-            thread.run_during_step()
+            thread.device_wait(lambda: release.wait(5))
             order.append("step done")
         return False
 
@@ -51,9 +53,51 @@ def test_during_step_calls_run_inside_the_step_and_the_others_after_it():
         assert inside.wait(5)
         plain = thread.submit(lambda: order.append("plain"))
         during = thread.submit(lambda: order.append("during"), during_step=True)
+        during.result(timeout=5)  # ran with the device still busy
+        assert not release.is_set() and not plain.done()
         release.set()
         plain.result(timeout=5)
-        during.result(timeout=5)
         assert order == ["launched", "during", "step done", "plain"]
     finally:
         thread.stop()
+
+
+def test_a_during_step_call_waits_for_host_work_and_wakes_an_idle_thread():
+    """Outside the device wait the engine is held: a during_step call waits for the step's host work, and what it
+    queues is stepped on afterwards even if the thread was idle."""
+    hosting = threading.Event()
+    let_go = threading.Event()
+    stepped_again = threading.Event()
+    steps: list[str] = []
+
+    def step() -> bool:
+        if not steps:
+            steps.append("host work")
+            hosting.set()
+            assert let_go.wait(5)
+        else:
+            steps.append("stepped after the call")
+            stepped_again.set()
+        return False
+
+    thread = EngineThread(step, name="test-engine")
+    try:
+        thread.wake()
+        assert hosting.wait(5)
+        during = thread.submit(lambda: steps.append("call"), during_step=True)
+        assert not during.done()  # the engine is held by host work
+        let_go.set()
+        during.result(timeout=5)
+        assert stepped_again.wait(5)
+        assert steps == ["host work", "call", "stepped after the call"]
+    finally:
+        thread.stop()
+
+
+def test_calls_after_stop_fail_instead_of_hanging():
+    thread = EngineThread(lambda: False, name="test-engine")
+    thread.stop()
+    for during_step in (False, True):
+        future = thread.submit(lambda: 1, during_step=during_step)
+        with pytest.raises(RuntimeError, match="stopped"):
+            future.result(timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -85,8 +86,8 @@ def test_disaggregated_in_miniature(tiny_model_dir):
 
 
 def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others(tiny_model_dir):
-    """A decode worker reserves pages and admits requests while a step computes (``Engine.during_step``): they join
-    the next step and decode exactly as HF does, and every page comes back."""
+    """A decode worker reserves pages and admits requests while a step waits for the device (``Engine.device_wait``):
+    they join the next step and decode exactly as HF does, and every page comes back."""
     prompts = _prompts(seed=12, lengths=(17, 40, 5))
     prefiller = _engine(tiny_model_dir, block_size=8)
     decoder = _engine(tiny_model_dir, block_size=8, num_kv_blocks=64)
@@ -104,14 +105,15 @@ def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others
 
     calls_during_steps = 0
 
-    def during() -> None:
+    def device_wait(wait: Callable[[], None]) -> None:
         nonlocal calls_during_steps
         calls_during_steps += 1
         if arrivals:
             hand_over()
+        wait()
 
     hand_over()  # the first request before any step; the others arrive during the steps
-    decoder.during_step = during
+    decoder.device_wait = device_wait
     outputs: dict[str, list[int]] = {f"r{i}": [f.token_id] for i, f in enumerate(firsts)}
     while decoder.has_work():
         for out in decoder.step():
