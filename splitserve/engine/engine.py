@@ -75,6 +75,7 @@ class Engine:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(config.runner.model_dir, local_files_only=True)
+        self._decode_text = detokenizer.text_decoder(self.tokenizer) if self.tokenizer is not None else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}  # prefilled (prefill role) or reserved (decode role), not running
@@ -220,9 +221,9 @@ class Engine:
         params = seq.params
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids)
         text = ""
-        state = self._detok.get(seq.request_id) if self.tokenizer is not None else None
+        state = self._detok.get(seq.request_id) if self._decode_text is not None else None
         if state is not None and not is_stop_token:
-            text = detokenizer.add_token(self.tokenizer, state, token)
+            text = detokenizer.add_token(self._decode_text, state, token)
         reason = None
         if is_stop_token or (state is not None and state.stopped):
             reason = FinishReason.STOP
@@ -230,7 +231,7 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None:
             if state is not None:  # the last output carries what was held back, so the stream adds up to the text
-                text += detokenizer.flush(self.tokenizer, state)
+                text += detokenizer.flush(self._decode_text, state)
             self._finish(seq, reason)
         return TokenOutput(
             seq.request_id,
@@ -355,6 +356,6 @@ class Engine:
         state = detokenizer.new_state(seq.prompt_token_ids, seq.params.stop)
         self._detok[request_id] = state
         seq.output_token_ids.append(first_token)
-        if self.tokenizer is not None:  # the prefill worker streamed this token's text; what it held back is here
-            detokenizer.add_token(self.tokenizer, state, first_token)
+        if self._decode_text is not None:  # the prefill worker streamed this token's text; what it held back is here
+            detokenizer.add_token(self._decode_text, state, first_token)
         self.running.append(seq)

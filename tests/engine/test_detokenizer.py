@@ -7,7 +7,7 @@ import random
 import pytest
 
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
-from splitserve.engine.detokenizer import DetokState, add_token, flush, new_state
+from splitserve.engine.detokenizer import DetokState, add_token, flush, new_state, text_decoder
 from splitserve.engine.testing import build_byte_tokenizer
 
 
@@ -25,7 +25,7 @@ def _stream(tok, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str],
     state = new_state(_ids(tok, "Q: "), stop)
     pieces = []
     for token in ids:
-        pieces.append(add_token(tok, state, token))
+        pieces.append(add_token(text_decoder(tok), state, token))
         if state.stopped:
             break
     return pieces, state
@@ -44,7 +44,7 @@ def test_stop_string_split_across_tokens_is_never_streamed(tok):
     pieces, state = _stream(tok, _ids(tok, "a#b##c###d"), stop=("###",))
     # A "#" waits until the next character rules the stop string out; the full "###" never comes out.
     assert pieces == ["a", "", "#b", "", "", "##c", "", "", ""]
-    assert state.stopped and flush(tok, state) == ""
+    assert state.stopped and flush(text_decoder(tok), state) == ""
 
 
 def test_stop_string_of_multibyte_characters(tok):
@@ -68,15 +68,15 @@ def test_flush_releases_a_stop_prefix_that_never_completed(tok):
     ids = _ids(tok, "ab##")
     pieces, state = _stream(tok, ids, stop=("###",))
     assert pieces == ["a", "b", "", ""] and not state.stopped
-    assert flush(tok, state) == "##"
-    assert flush(tok, state) == ""
+    assert flush(text_decoder(tok), state) == "##"
+    assert flush(text_decoder(tok), state) == ""
 
 
 def test_flush_gives_an_incomplete_character_as_decode_does(tok):
     ids = _ids(tok, "a€")[:-1]  # the euro sign's last byte never came
     pieces, state = _stream(tok, ids)
     assert pieces == ["a", "", ""]
-    tail = flush(tok, state)
+    tail = flush(text_decoder(tok), state)
     assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=True) == "a\ufffd"
 
 
@@ -103,7 +103,7 @@ def test_random_streams_add_up_to_the_decode(tok, seed):
     start = rng.randrange(len(full))
     stop = (full[start : start + rng.randint(1, 4)], rng.choice(["###", "中#", "é中", "\ufffd#"]), "a\u2603")
     pieces, state = _stream(tok, ids, stop)
-    assert "".join(pieces) + flush(tok, state) == _cut_at_first_stop(full, stop)
+    assert "".join(pieces) + flush(text_decoder(tok), state) == _cut_at_first_stop(full, stop)
     assert state.stopped  # the first stop string occurs in the text
 
 
@@ -112,7 +112,21 @@ def test_random_streams_without_a_stop_add_up_to_the_decode(tok):
     for _ in range(40):
         ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 30))]
         pieces, state = _stream(tok, ids, stop=("\u2603",))
-        assert "".join(pieces) + flush(tok, state) == tok.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) + flush(text_decoder(tok), state) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_text_decoder_gives_what_the_tokenizer_decode_gives(tok):
+    """The Rust tokenizer's decode, called directly, equals ``tokenizer.decode`` (specials skipped, broken UTF-8);
+    a tokenizer that cleans up spaces keeps the transformers path, whose clean-up the Rust decode lacks."""
+    rng = random.Random(3)
+    fast = text_decoder(tok)
+    for _ in range(60):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 30))] + _ids(tok, "a , b . 中")
+        assert fast(ids) == tok.decode(ids, skip_special_tokens=True)
+    cleaning = build_byte_tokenizer()
+    cleaning.clean_up_tokenization_spaces = True
+    ids = _ids(cleaning, "a , b .")
+    assert text_decoder(cleaning)(ids) == cleaning.decode(ids, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
