@@ -65,6 +65,37 @@ def decode_step(engine: Engine, seqs: list[Sequence]) -> Callable[[], None]:
     return step
 
 
+def admitted_for_decode(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
+    """Requests admitted the way a decode worker admits them (pages reserved, first token in), so ``engine.step``
+    runs a whole served step over them; their prompts' KV is never computed (``decode_ready``). ``engine.abort``
+    each when done."""
+    vocab = engine.spec.vocab_size
+    seqs = []
+    for i in range(batch):
+        seq = engine.make_sequence(
+            f"{tag}-{i}",
+            [(i * 7 + j) % vocab for j in range(context)],
+            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
+        )
+        engine.reserve(seq)
+        engine.admit(seq.request_id, 1)
+        seqs.append(seq)
+    return seqs
+
+
+def served_decode_step(engine: Engine, seqs: list[Sequence]) -> Callable[[], None]:
+    """One ``engine.step`` over admitted ``seqs`` (the scheduler, forward, sampling, and each sequence's token
+    appended and detokenized: the host work a served step does while the GPU waits), left at the same context."""
+
+    def step() -> None:
+        engine.step()
+        for s in seqs:
+            s.output_token_ids.pop()
+            s.num_computed_tokens -= 1
+
+    return step
+
+
 def prefill_batch(engine: Engine, lengths: list[int], tag: str) -> Callable[[], None]:
     """One ``engine.prefill`` of fresh prompts of ``lengths`` tokens, released afterwards.
 

@@ -221,17 +221,18 @@ class Engine:
         params = seq.params
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids)
         text = ""
-        state = self._detok.get(seq.request_id) if self._decode_text is not None else None
-        if state is not None and not is_stop_token:
-            text = detokenizer.add_token(self._decode_text, state, token)
+        decode = self._decode_text
+        state = self._detok.get(seq.request_id) if decode is not None else None
+        if state is not None and decode is not None and not is_stop_token:
+            text = detokenizer.add_token(decode, state, token)
         reason = None
         if is_stop_token or (state is not None and state.stopped):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            if state is not None:  # the last output carries what was held back, so the stream adds up to the text
-                text += detokenizer.flush(self._decode_text, state)
+            if state is not None and decode is not None:  # the last output carries what was held back
+                text += detokenizer.flush(decode, state)
             self._finish(seq, reason)
         return TokenOutput(
             seq.request_id,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
+from splitserve.bench.engine_timing import admitted_for_decode, prefill_batch, served_decode_step, timed
 from splitserve.bench.kv_timing import PagedKV, time_backend
 from splitserve.engine import Engine
 from splitserve.simulator.errors import SimInputError
@@ -98,8 +98,9 @@ def measure_prefill(engine: Engine, sizes: list[int], repeats: int) -> list[floa
 def measure_decode(
     engine: Engine, batches: tuple[int, ...], contexts: tuple[int, ...], steps: int
 ) -> list[DecodePoint]:
-    """Median decode step time (forward + sampling) at each batch x context that fits the engine; others are
-    skipped, so one sweep serves every model and KV cache size."""
+    """Median served decode step time at each batch x context that fits the engine (others are skipped, so one
+    sweep serves every model and KV cache size): ``engine.step``, so the host work that grows with the batch
+    (scheduling, appending and detokenizing each token) is in it, not only the forward pass and sampling."""
     limit = engine.max_model_len - DECODE_HEADROOM - 1
     points = []
     for context in (c for c in contexts if c <= limit):
@@ -107,14 +108,14 @@ def measure_decode(
             blocks = engine.blocks.blocks_for(context + DECODE_HEADROOM) * batch
             if batch > engine.config.max_batch_size or blocks > engine.blocks.num_free:
                 continue
-            seqs = decode_ready(engine, batch, context, f"profile-decode-{batch}x{context}")
+            seqs = admitted_for_decode(engine, batch, context, f"profile-decode-{batch}x{context}")
             try:
-                step = decode_step(engine, seqs)
-                step()  # warm; on CUDA the first step of a batch size captures its graph
+                step = served_decode_step(engine, seqs)
+                step()  # warm
                 points.append(DecodePoint(batch, context, timed(step, engine.runner.device, steps)))
             finally:
                 for s in seqs:
-                    engine.blocks.free(s.block_table)
+                    engine.abort(s.request_id)
     return points
 
 

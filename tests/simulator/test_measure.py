@@ -141,7 +141,7 @@ def test_quick_cpu_profile_of_the_tiny_model(measured, capsys):
     assert "--quick" in header and "nccl: given on the command line" in header
     assert "1.5 $/h (given); power 1 W (placeholder)" in header
     assert "context 64: batch 1 " in header  # the measured decode grid is kept next to its fit
-    assert "Measured (tokens: ms): 1: " in header and "\n# decode: one step" in header  # each note on its line
+    assert "Measured (tokens: ms): 1: " in header and "\n# decode: one engine.step" in header  # each note on its line
 
 
 @pytest.mark.slow
