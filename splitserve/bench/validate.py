@@ -6,6 +6,10 @@ For each rate the cluster of CONFIG (started in this process, as ``benchmarks/se
 of the workload flags; the simulator then replays the very same requests (arrivals, prompt and output lengths after
 clipping to the model's context) on a ``ClusterSpec`` mapped from CONFIG. Prints measured vs predicted TTFT and TPOT
 p50/p90 and output tokens/s with predicted/measured ratios, and writes every figure as JSON. Goal: within 10%.
+
+With ``--measured FILE`` (a ``sim_validate.json`` written earlier) no cluster starts: the run's config, workload and
+rates are read from FILE, and its measured figures are predicted again with ``--profile``, so a new profile or
+simulator can be checked against a GPU run on a machine with no GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from splitserve.bench.cli import (
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.metrics import Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
-from splitserve.bench.sweep import SweepResult, run_sweep_apart
+from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, RouterPolicy, ServingMode, SplitserveConfig, load_config
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
@@ -51,9 +55,17 @@ METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "throughp
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="cluster YAML, run live and mapped to the simulator's cluster")
+    p.add_argument(
+        "--config", help="cluster YAML, run live and mapped to the simulator's cluster (required unless --measured)"
+    )
     p.add_argument("--profile", required=True, help="profile YAML measured by `splitserve profile CONFIG --out PATH`")
     p.add_argument("--mode", choices=[m.value for m in ServingMode], help="serving mode (default: the config's)")
+    p.add_argument(
+        "--measured",
+        metavar="FILE",
+        help="re-predict the live figures of an earlier sim_validate.json with --profile (no cluster started; the "
+        "config, mode, workload and rates come from FILE, so --config may be anything)",
+    )
     p.add_argument(
         "--fit-serving",
         action="store_true",
@@ -62,7 +74,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_workload_args(p)
     p.set_defaults(out_dir=DEFAULT_OUT_DIR)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.measured is None and args.config is None:
+        p.error("--config is required (or --measured FILE, to re-predict an earlier run)")
+    return args
+
+
+def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
+    """An earlier run's arguments (as given then), its measured summaries and its device, from its
+    sim_validate.json."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        then = parse_args(saved["argv"][1:])
+        if then.measured is not None:
+            raise SimInputError(
+                f"--measured: {path} is itself a re-prediction (fix: pass the live run's file, {then.measured})"
+            )
+        runs = [
+            RateRun(Summary(**{**run["measured"], "slo": SLO(**run["measured"]["slo"])}), []) for run in saved["runs"]
+        ]
+        sweep = SweepResult(saved["mode"], int(saved["workload"]["max_model_len"]), runs)
+        device = str(saved["device"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SimInputError(
+            f"--measured: {path} is not a sim_validate.json this version reads ({type(err).__name__}: {err}) "
+            "(fix: pass the sim_validate.json of a run of benchmarks/sim_validate.py)"
+        ) from None
+    return then, sweep, device
 
 
 def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
@@ -201,17 +239,23 @@ async def _live(config: SplitserveConfig, mode: ServingMode, spec, rates, slo, a
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    sweep: SweepResult | None = None
     try:
-        config = load_config(args.config)
-        mode = ServingMode(args.mode) if args.mode else config.mode
+        run_args, device = args, ""
+        if args.measured is not None:
+            run_args, sweep, device = measured_sweep(args.measured)
+        config = load_config(run_args.config)
+        device = device or device_name(config.cluster.device.value)
+        mode = ServingMode(run_args.mode) if run_args.mode else config.mode
         profile = load_profile(args.profile)
         cluster = cluster_spec(config, mode, profile)
-        spec, rates = workload_spec(args), parse_rates(args.rates)
+        spec, rates = workload_spec(run_args), parse_rates(run_args.rates)
     except (ConfigError, SimInputError) as err:
         print(err, file=sys.stderr)
         return 2
-    slo = slo_from_args(args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
-    sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
+    slo = slo_from_args(run_args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
+    if sweep is None:
+        sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.fit_serving:
@@ -221,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         fitted = out_dir / "profile_fitted.yaml"
         note = (
-            f"{args.profile} with serving overheads fitted by sim_validate on {args.config}, "
-            f"rate {rates[0]:g} ({device_name(config.cluster.device.value)})"
+            f"{args.profile} with serving overheads fitted by sim_validate on {run_args.config}, "
+            f"rate {rates[0]:g} ({device})"
         )
         # Predict with the profile as written (rounded to the file's precision), so the two agree.
         profile = write_checked(render(profile.model_copy(update={"serving": serving}), [note]), fitted)
@@ -240,13 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = run_meta(
         args,
         argv=sys.argv if argv is None else ["sim_validate.py", *argv],
-        config=args.config,
+        config=run_args.config,
         profile=args.profile,
-        device=device_name(config.cluster.device.value),
+        measured_from=args.measured,
+        device=device,
         model=config.model.path,
         mode=mode.value,
         cluster=cluster_dict(cluster),
-        workload={**workload_meta(args, spec, rates), "max_model_len": sweep.max_model_len},
+        workload={**workload_meta(run_args, spec, rates), "max_model_len": sweep.max_model_len},
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         goal={"max_relative_error": GOAL},
         serving_fitted_on_rate=rates[0] if args.fit_serving else None,

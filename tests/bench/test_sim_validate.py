@@ -54,6 +54,19 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
         assert fig["ratio"] == pytest.approx(predicted / measured), key
         assert fig["within_goal"] == (abs(fig["ratio"] - 1) <= 0.1)
 
+    # Re-predicted from the file, no cluster: the fitted profile gives the same predictions, the fit the same fit.
+    again = tmp_path / "again"
+    repredict = ["--measured", str(out_dir / "sim_validate.json"), "--out-dir", str(again)]
+    assert main([*repredict, "--profile", str(out_dir / "profile_fitted.yaml")]) == 0
+    redone = json.loads((again / "sim_validate.json").read_text())
+    assert redone["measured_from"] == str(out_dir / "sim_validate.json") and redone["device"] == saved["device"]
+    assert redone["runs"] == saved["runs"] and redone["workload"] == saved["workload"]
+    assert main([*repredict, "--profile", str(profile_path), "--fit-serving"]) == 0
+    refit = json.loads((again / "sim_validate.json").read_text())
+    assert refit["serving"] == saved["serving"] and refit["runs"] == saved["runs"]
+    assert main(["--measured", str(again / "sim_validate.json"), "--profile", str(profile_path)]) == 2
+    assert "itself a re-prediction" in capsys.readouterr().err
+
 
 def test_fit_serving_recovers_known_overheads():
     """Figures "measured" on a simulated cluster with known overheads: the fit from the bare profile finds them."""
