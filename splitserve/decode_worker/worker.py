@@ -301,6 +301,7 @@ class DecodeWorker(ReportsReleases):
                     "pending_transfers": float(self.receiver.pending),
                     "expected": float(len(self._expected)),
                     "streams": float(len(self._streams)),
+                    **e.step_times.as_extra(),
                 },
             )
 

@@ -94,8 +94,8 @@ class DecodeGraphs:
     def _stage(self, input_ids, positions, slots, block_tables, context_lens, rung: int) -> None:
         """Fill the pinned host buffers (no tensor is allocated) and start their copies to the device.
 
-        The host buffers are reused next step without a wait: the step's ``.tolist()`` of the sampled tokens has
-        synchronised the stream by then, so these copies are done.
+        The host buffers are reused next step without a wait: the step's read-back of the sampled tokens has
+        waited for the stream by then, so these copies are done.
         """
         n = len(input_ids)
         tokens, tables, lens = self._tokens_np, self._tables_np, self._lens_np

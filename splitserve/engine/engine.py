@@ -9,6 +9,7 @@ Three ways to drive it, one per role:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Sequence_
@@ -23,6 +24,7 @@ from splitserve.engine.model import LayerHook
 from splitserve.engine.runner import ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason, SeqStatus, Sequence
+from splitserve.engine.step_timing import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class Engine:
         # Runs each step's wait for the device (given the blocking wait): a worker lets calls that touch nothing the
         # step uses (``reserve``, ``admit``, ``add_request``: they take effect at the next step) use the engine then.
         self.device_wait: DeviceWait | None = None
+        self.step_times = StepTimes()
 
     # --- requests ---
 
@@ -195,12 +198,15 @@ class Engine:
 
     def step(self, layer_hook: LayerHook | None = None) -> list[TokenOutput]:
         """One continuous-batching step: decode every running sequence, fill the rest of the budget with prefill."""
+        start, waited = time.perf_counter(), self.step_times.device_wait_s
         chunks, decodes = self._schedule()
         if not chunks and not decodes:
             return []
-        out = self.runner.execute(chunks, decodes, layer_hook, self.device_wait)
+        out = self.runner.execute(chunks, decodes, layer_hook, self.step_times.timed_wait(self.device_wait))
         self._commit_prompt_blocks(seq for seq, _ in chunks)
-        return self._apply(out.seqs, out.token_ids, out.logprobs)
+        outputs = self._apply(out.seqs, out.token_ids, out.logprobs)
+        self.step_times.add_step(time.perf_counter() - start, waited)
+        return outputs
 
     def _commit_prompt_blocks(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
@@ -318,12 +324,14 @@ class Engine:
                         break
                     chunks.append((seq, n))
                     budget -= n
+                start, waited = time.perf_counter(), self.step_times.device_wait_s
                 completing = [s for s, n in chunks if s.num_computed_tokens + n == s.num_tokens]
                 hook = hook_for(completing) if hook_for else None
-                out = self.runner.execute(chunks, [], hook)
+                out = self.runner.execute(chunks, [], hook, self.step_times.timed_wait(self.device_wait))
                 self._commit_prompt_blocks(s for s, _ in chunks)
                 for i, (seq, token) in enumerate(zip(out.seqs, out.token_ids, strict=True)):
                     outputs.append(self._append_token(seq, token, out.logprobs[i] if out.logprobs else None))
+                self.step_times.add_step(time.perf_counter() - start, waited)
                 pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
         except BaseException:
             for seq in seqs:

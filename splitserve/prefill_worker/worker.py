@@ -349,6 +349,7 @@ class PrefillWorker(ReportsReleases):
                     "time": time.time(),
                     "held": float(len(e.held)),
                     "jobs": float(len(self._jobs)),
+                    **e.step_times.as_extra(),
                 },
             )
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from splitserve.engine.step_timing import STEP_COUNTERS
 from splitserve.gpu_stats import GPU_READINGS, nvml_form
 
 WorkerSource = Callable[[], list[dict[str, Any]]]
@@ -39,7 +40,8 @@ def _stats_values(worker: Mapping[str, Any]) -> dict[str, float]:
 
 
 class ClusterCollector(Collector):
-    """Exports ``splitserve_worker_*`` and ``splitserve_gpu_*`` gauges from ``workers()`` (Cluster.worker_status).
+    """Exports ``splitserve_worker_*`` gauges and step counters and ``splitserve_gpu_*`` gauges from ``workers()``
+    (Cluster.worker_status).
 
     Stats gauges appear once the health loop has polled a worker; GPU gauges only for workers that report NVML
     readings, labelled also by the GPU's UUID (workers that share a GPU report the same device).
@@ -57,6 +59,10 @@ class ClusterCollector(Collector):
             name: GaugeMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
             for name, text in _STATS_HELP.items()
         }
+        steps = {
+            key: CounterMetricFamily(f"splitserve_worker_{key.removesuffix('_total')}", text, labels=_LABELS)
+            for key, text in STEP_COUNTERS.items()
+        }
         gpu = {
             key: GaugeMetricFamily(f"splitserve_{key}", text, labels=[*_LABELS, "gpu"])
             for key, text in GPU_READINGS.items()
@@ -69,9 +75,13 @@ class ClusterCollector(Collector):
             for name, value in _stats_values(w).items():
                 stats[name].add_metric(labels, value)
             extra: Mapping[str, float] = w.get("extra") or {}
+            for key, counter in steps.items():
+                if key in extra:
+                    counter.add_metric(labels, float(extra[key]))
             for key, family in gpu.items():
                 if key in extra:
                     family.add_metric([*labels, nvml_form(w.get("gpu_uuid") or "")], float(extra[key]))
         yield healthy
         yield from stats.values()
+        yield from steps.values()
         yield from gpu.values()

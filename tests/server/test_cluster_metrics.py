@@ -47,7 +47,12 @@ class FakeStatusCluster:
                 "kv_blocks_total": 128,
                 "kv_blocks_free": 100,
                 "batch_size": 5,
-                "extra": {"engine_failed": 0.0},
+                "extra": {
+                    "engine_failed": 0.0,
+                    "engine_steps_total": 40.0,
+                    "engine_step_host_seconds_total": 0.1,
+                    "engine_step_device_wait_seconds_total": 0.3,
+                },
             },
         ]
 
@@ -91,9 +96,16 @@ def test_exports_each_workers_stats_and_gpu_readings():
         _key("splitserve_gpu_memory_used_bytes", "prefill-0", gpu=GPU): 7e10,
         _key("splitserve_gpu_memory_total_bytes", "prefill-0", gpu=GPU): 8e10,
         _key("splitserve_gpu_utilization_ratio", "prefill-0", gpu=GPU): 0.87,
+        _key("splitserve_worker_engine_steps_total", "decode-0"): 40.0,
+        _key("splitserve_worker_engine_step_host_seconds_total", "decode-0"): 0.1,
+        _key("splitserve_worker_engine_step_device_wait_seconds_total", "decode-0"): 0.3,
     }
     assert {key: samples.get(key) for key in expected} == expected
     assert "# TYPE splitserve_gpu_power_watts gauge" in text
+    types = {family.name: family.type for family in text_string_to_metric_families(text)}
+    assert types["splitserve_worker_engine_step_host_seconds"] == "counter"
+    # a worker that reports no step counters (prefill-0 here) gets none
+    assert not [key for key in samples if "engine_step" in key[0] and ("worker_id", "prefill-0") in key[1]]
     assert not [key for key in samples if key[0].startswith("splitserve_gpu_") and ("worker_id", "decode-0") in key[1]]
     assert len([key for key in samples if key[0] == "splitserve_worker_queued_requests"]) == 2
 
