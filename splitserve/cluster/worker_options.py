@@ -24,6 +24,7 @@ class WorkerOptions:
     kv_transfer: KVTransferConfig
     max_queue: int
     decode_graphs: bool  # a prefill-only worker never runs a decode step: its graphs would only cost start time
+    overlap_decode: bool  # on where the device runs ahead of the host (CUDA)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -40,6 +41,7 @@ class WorkerOptions:
             ),
             max_batch_size=self.max_batch_size,
             enable_prefix_caching=self.prefix_caching,
+            overlap_decode=None if self.overlap_decode else False,
         )
 
 
@@ -58,4 +60,5 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         kv_transfer=config.kv_transfer,
         max_queue=pool.max_queue,
         decode_graphs=not isinstance(pool, PrefillPoolConfig),
+        overlap_decode=getattr(pool, "overlap_decode", config.decode.overlap_decode),
     )

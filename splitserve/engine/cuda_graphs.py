@@ -19,11 +19,22 @@ from collections.abc import Callable, Sequence
 import torch
 
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
+from splitserve.engine.overlap import TokenFeed
 
 LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 """(input_ids [B], positions [B], metadata) -> float32 logits [B, vocab]: the model, final norm and LM head."""
+
+
+class _HostInputs:
+    """Pinned host copies of a graph's inputs (so their copies are asynchronous), with numpy views to fill them."""
+
+    def __init__(self, rows: int, max_blocks_per_seq: int):
+        self.tokens = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
+        self.tables = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        self.lens = torch.zeros(rows, dtype=torch.int32, pin_memory=True)
+        self.tokens_np, self.tables_np, self.lens_np = self.tokens.numpy(), self.tables.numpy(), self.lens.numpy()
 
 
 class DecodeGraphs:
@@ -44,16 +55,12 @@ class DecodeGraphs:
         self.device = device
         self.rungs = sorted({r for r in LADDER if r < max_batch} | {max_batch})
         top = self.rungs[-1]
-        # Host side is pinned so the copies are asynchronous; rows: input ids, positions, KV slots.
-        self._host_tokens = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
-        self._host_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
-        self._host_lens = torch.zeros(top, dtype=torch.int32, pin_memory=True)
-        self._tokens_np = self._host_tokens.numpy()
-        self._tables_np = self._host_tables.numpy()
-        self._lens_np = self._host_lens.numpy()
-        self._tokens = torch.zeros_like(self._host_tokens, device=device)
-        self._tables = torch.zeros_like(self._host_tables, device=device)
-        self._lens = torch.zeros_like(self._host_lens, device=device)
+        # Two sets of pinned host buffers, used in turn (see _stage); rows of tokens: input ids, positions, KV slots.
+        self._host = [_HostInputs(top, max_blocks_per_seq) for _ in range(2)]
+        self._turn = 0
+        self._tokens = torch.zeros(3, top, dtype=torch.long, device=device)
+        self._tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._lens = torch.zeros(top, dtype=torch.int32, device=device)
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -74,12 +81,16 @@ class DecodeGraphs:
         slots: list[int],
         block_tables: Sequence[list[int]],
         context_lens: list[int],
+        feed: TokenFeed | None = None,
     ) -> torch.Tensor:
-        """Logits [len(input_ids), vocab] for one decode step; the returned tensor is overwritten by the next call."""
+        """Logits [len(input_ids), vocab] for one decode step; the returned tensor is overwritten by the next call.
+        ``feed`` overwrites input ids that are still on the device."""
         n = len(input_ids)
         rung = self.rung_for(n)
         assert rung is not None, f"decode batch {n} is larger than the largest graph ({self.rungs[-1]})"
         self._stage(input_ids, positions, slots, block_tables, context_lens, rung)
+        if feed is not None:
+            feed.write_into(self._tokens[0, :rung])
         graph, logits = self._graphs[rung]
         graph.replay()
         self.replays += 1
@@ -92,13 +103,16 @@ class DecodeGraphs:
             self._capture(rung)
 
     def _stage(self, input_ids, positions, slots, block_tables, context_lens, rung: int) -> None:
-        """Fill the pinned host buffers (no tensor is allocated) and start their copies to the device.
+        """Fill pinned host buffers (no tensor is allocated) and start their copies to the device.
 
-        The host buffers are reused next step without a wait: the step's read-back of the sampled tokens has
-        waited for the stream by then, so these copies are done.
+        The two sets of host buffers take turns without a wait: with one step in flight while the host stages the
+        next (overlapped decode), the set staged two steps ago has been copied, since the host has read that step's
+        tokens back by now.
         """
         n = len(input_ids)
-        tokens, tables, lens = self._tokens_np, self._tables_np, self._lens_np
+        host = self._host[self._turn]
+        self._turn ^= 1
+        tokens, tables, lens = host.tokens_np, host.tables_np, host.lens_np
         tokens[0, :n] = input_ids
         tokens[1, :n] = positions
         tokens[2, :n] = slots
@@ -111,9 +125,9 @@ class DecodeGraphs:
             # Entries past the context are never read; a table is never longer than the model's context needs.
             used = min(len(table), width)
             tables[i, :used] = table[:used]
-        self._tokens.copy_(self._host_tokens, non_blocking=True)
-        self._tables[:rung].copy_(self._host_tables[:rung], non_blocking=True)
-        self._lens[:rung].copy_(self._host_lens[:rung], non_blocking=True)
+        self._tokens.copy_(host.tokens, non_blocking=True)
+        self._tables[:rung].copy_(host.tables[:rung], non_blocking=True)
+        self._lens[:rung].copy_(host.lens[:rung], non_blocking=True)
 
     def _metadata(self, rung: int) -> AttentionMetadata:
         return AttentionMetadata(

@@ -4,6 +4,9 @@ Three ways to drive it, one per role:
 - colocated / offline: ``add_request`` + ``step`` (chunked prefill mixed with decode in one batch, as Sarathi does);
 - prefill worker: ``prefill`` runs whole prompts, yields the first token, and holds the pages until ``release``;
 - decode worker: ``reserve`` allocates pages for a prompt's KV, the transfer fills them, ``admit`` starts decoding.
+
+On CUDA, decode-only steps overlap: ``step`` launches the next step before it reads the previous one back
+(``overlap.py``), so a step's outputs come from the call after the one that launched it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from splitserve.engine import detokenizer
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks
 from splitserve.engine.host_copy import DeviceWait
 from splitserve.engine.model import LayerHook
-from splitserve.engine.runner import ModelRunner, RunnerConfig
+from splitserve.engine.overlap import PENDING_TOKEN, InFlight
+from splitserve.engine.runner import BatchOutput, ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason, SeqStatus, Sequence
 from splitserve.engine.step_timing import StepTimes
@@ -39,6 +43,9 @@ class EngineConfig:
     max_batch_size: int = 128
     enable_prefix_caching: bool = True
     load_tokenizer: bool = True
+    # Launch each decode-only step before reading the previous one back. None: where the device runs ahead of the
+    # host (CUDA); on the CPU a forward pass is synchronous, so True only exercises the pipeline (tests).
+    overlap_decode: bool | None = None
 
 
 @dataclass
@@ -87,6 +94,9 @@ class Engine:
         # step uses (``reserve``, ``admit``, ``add_request``: they take effect at the next step) use the engine then.
         self.device_wait: DeviceWait | None = None
         self.step_times = StepTimes()
+        overlap = config.overlap_decode
+        self.overlap_decode = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: InFlight | None = None  # the decode step launched and not read back yet
 
     # --- requests ---
 
@@ -134,7 +144,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     def num_active(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.held)
@@ -197,31 +207,108 @@ class Engine:
         return chunks, decodes
 
     def step(self, layer_hook: LayerHook | None = None) -> list[TokenOutput]:
-        """One continuous-batching step: decode every running sequence, fill the rest of the budget with prefill."""
+        """One continuous-batching step: decode every running sequence, fill the rest of the budget with prefill.
+
+        With ``overlap_decode``, a decode-only step is launched and the step before it is read back: the outputs
+        returned are that earlier step's. Any other step first reads back the one in flight, then runs as is.
+        """
         start, waited = time.perf_counter(), self.step_times.device_wait_s
-        chunks, decodes = self._schedule()
-        if not chunks and not decodes:
-            return []
-        out = self.runner.execute(chunks, decodes, layer_hook, self.step_times.timed_wait(self.device_wait))
-        self._commit_prompt_blocks(seq for seq, _ in chunks)
-        outputs = self._apply(out.seqs, out.token_ids, out.logprobs)
-        self.step_times.add_step(time.perf_counter() - start, waited)
+        read_back = self._in_flight is not None
+        batch = self._overlap_batch() if layer_hook is None else None
+        if batch is not None:
+            launched = bool(batch)
+            outputs = self._launch_overlapped(batch)
+        else:
+            outputs = self._drain()
+            chunks, decodes = self._schedule()
+            launched = bool(chunks or decodes)
+            if launched:
+                out = self.runner.execute(chunks, decodes, layer_hook, self._timed_wait())
+                self._commit_prompt_blocks(seq for seq, _ in chunks)
+                outputs += self._apply(out)
+        if launched or read_back:
+            self.step_times.add_step(time.perf_counter() - start, waited)
+        return outputs
+
+    def _timed_wait(self) -> DeviceWait:
+        return self.step_times.timed_wait(self.device_wait)
+
+    def _overlap_batch(self) -> list[Sequence] | None:
+        """The decode batch to launch ahead of the step in flight's read-back, with its slots allocated; None when
+        this step must be an ordinary one (overlap off, a prompt to compute, no room to append, no graph)."""
+        if not self.overlap_decode or self._admissible_prompt():
+            return None
+        if any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in self.running):
+            return None  # a prompt chunk to compute
+        limit = min(self.config.max_batch_size, self.max_batch_tokens)
+        # A sequence whose token in flight is its last is left out; the rest in order, as ``_schedule`` takes them.
+        batch = [seq for seq in self.running if not self._ends_by_length(seq)][:limit]
+        new_blocks = sum(not self.blocks.can_append(seq.block_table, seq.num_tokens) for seq in batch)
+        if new_blocks > self.blocks.num_free:
+            return None  # the ordinary scheduler preempts
+        if batch and not self.runner.can_launch_decode(len(batch)):
+            return None
+        for seq in batch:
+            self.blocks.append_slot(seq.block_table, seq.num_tokens)
+        return batch
+
+    def _admissible_prompt(self) -> bool:
+        """A waiting prompt the ordinary scheduler may start now (roughly: room in the batch and for its pages; with
+        nothing running, always, as its prefix may be cached)."""
+        if not self.waiting or len(self.running) >= self.config.max_batch_size:
+            return False
+        return not self.running or self.blocks.num_free >= self.blocks.blocks_for(self.waiting[0].num_tokens)
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        return len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+
+    def _launch_overlapped(self, batch: list[Sequence]) -> list[TokenOutput]:
+        previous = self._in_flight
+        self._in_flight = None
+        if batch:
+            feed = previous.feed_for(batch) if previous is not None else None
+            launched = self.runner.launch([], batch, feed=feed)
+            for seq in batch:
+                seq.output_token_ids.append(PENDING_TOKEN)
+            self._in_flight = InFlight(launched, [len(seq.output_token_ids) - 1 for seq in batch])
+        return self._read_in_flight(previous) if previous is not None else []
+
+    def _drain(self) -> list[TokenOutput]:
+        """Read back the step in flight, if any: the ordinary scheduler needs every token on the host."""
+        previous, self._in_flight = self._in_flight, None
+        return self._read_in_flight(previous) if previous is not None else []
+
+    def _read_in_flight(self, step: InFlight) -> list[TokenOutput]:
+        out = step.step.read(self._timed_wait())
+        for seq in step.deferred:  # their last step is done with their pages
+            self._free_pages(seq)
+        return self._apply(out, step.at)
+
+    def _apply(self, out: BatchOutput, at: list[int] | None = None) -> list[TokenOutput]:
+        """Record each row's token (into its placeholder, when ``at`` gives one), skipping sequences that ended
+        while the step ran (aborted, or stopped one step earlier in an overlapped step)."""
+        outputs = []
+        for i, (seq, token) in enumerate(zip(out.seqs, out.token_ids, strict=True)):
+            if seq.is_finished:
+                continue
+            logprob = out.logprobs[i] if out.logprobs else None
+            outputs.append(self._append_token(seq, token, logprob, None if at is None else at[i]))
+            if seq.is_finished and seq in self.running:
+                self.running.remove(seq)
         return outputs
 
     def _commit_prompt_blocks(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
             self.blocks.commit_full_blocks(seq.block_table, seq.all_token_ids[: seq.num_computed_tokens])
 
-    def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None) -> list[TokenOutput]:
-        outputs = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            outputs.append(self._append_token(seq, token, logprobs[i] if logprobs else None))
-            if seq.is_finished and seq in self.running:
-                self.running.remove(seq)
-        return outputs
-
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> TokenOutput:
-        seq.output_token_ids.append(token)
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None, at: int | None = None) -> TokenOutput:
+        """Record a sampled token (appended, or into its placeholder ``at``) and say whether the request ends."""
+        if at is None:
+            seq.output_token_ids.append(token)
+            at = len(seq.output_token_ids) - 1
+        else:
+            seq.output_token_ids[at] = token
+        count = at + 1
         if logprob is not None and seq.params.logprobs:
             seq.output_logprobs.append(logprob)
         params = seq.params
@@ -234,7 +321,7 @@ class Engine:
         reason = None
         if is_stop_token or (state is not None and state.stopped):
             reason = FinishReason.STOP
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif count >= params.max_tokens or seq.num_prompt_tokens + count >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             if state is not None and decode is not None:  # the last output carries what was held back
@@ -254,11 +341,19 @@ class Engine:
             return
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        while seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
+            seq.output_token_ids.pop()  # a token computed in an overlapped step after the one that ended it
+        if self._in_flight is not None and self._in_flight.includes(seq):
+            self._in_flight.deferred.append(seq)  # the step in flight still writes its KV
+        else:
+            self._free_pages(seq)
+        self._detok.pop(seq.request_id, None)
+
+    def _free_pages(self, seq: Sequence) -> None:
         if seq.block_table:
             self.blocks.free(seq.block_table)
             if self.on_release is not None:
                 self.on_release(seq.request_id)
-        self._detok.pop(seq.request_id, None)
 
     def generate(
         self, prompts: Sequence_[list[int] | str], params: SamplingParams | list[SamplingParams]
@@ -327,10 +422,9 @@ class Engine:
                 start, waited = time.perf_counter(), self.step_times.device_wait_s
                 completing = [s for s, n in chunks if s.num_computed_tokens + n == s.num_tokens]
                 hook = hook_for(completing) if hook_for else None
-                out = self.runner.execute(chunks, [], hook, self.step_times.timed_wait(self.device_wait))
+                out = self.runner.execute(chunks, [], hook, self._timed_wait())
                 self._commit_prompt_blocks(s for s, _ in chunks)
-                for i, (seq, token) in enumerate(zip(out.seqs, out.token_ids, strict=True)):
-                    outputs.append(self._append_token(seq, token, out.logprobs[i] if out.logprobs else None))
+                outputs += self._apply(out)
                 self.step_times.add_step(time.perf_counter() - start, waited)
                 pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
         except BaseException:

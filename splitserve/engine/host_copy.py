@@ -5,7 +5,7 @@ driver's one staging buffer. On a worker whose default stream is busy with forwa
 thread waits for the step in flight: a layer hook or a KV receiver that made one per layer ran at the engine's step
 rate instead of at copy speed. The other way round holds too: a pageable device-to-host read (``.tolist()`` of a
 CUDA tensor) keeps every other thread's copies and launches waiting until the step it reads is done, so results
-come back through pinned memory and an event (``to_host_lists``).
+come back through pinned memory and an event (``HostLists``).
 """
 
 from __future__ import annotations
@@ -34,18 +34,25 @@ def as_index(ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tenso
     return ids if isinstance(ids, torch.Tensor) else index_tensor(ids, device)
 
 
-def to_host_lists(tensors: list[torch.Tensor], wait: DeviceWait | None = None) -> list[list]:
-    """``tensors`` as Python lists, read back in one wait: on CUDA, copied into pinned memory and waited for on an
-    event (a pageable read would hold up the other threads' CUDA calls until the step is done, see above).
-    ``wait`` runs the wait (on CPU, a no-op), so a worker can let other calls use its engine meanwhile."""
-    run = wait or (lambda blocking: blocking())
-    if not tensors or tensors[0].device.type != "cuda":
-        run(lambda: None)
-        return [t.tolist() for t in tensors]
-    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for host, t in zip(hosts, tensors, strict=True):
-        host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    run(done.synchronize)
-    return [host.tolist() for host in hosts]
+class HostLists:
+    """Device tensors on their way into pinned memory (on CUDA; on the CPU they are already there): ``wait`` gives
+    them as Python lists once the copy is done, so the host can launch more work between the two."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self._done: torch.cuda.Event | None = None
+        if not tensors or tensors[0].device.type != "cuda":
+            self._hosts = tensors
+            return
+        self._hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, t in zip(self._hosts, tensors, strict=True):
+            host.copy_(t, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self, wait: DeviceWait | None = None) -> list[list]:
+        """The lists, after one wait for the copy (a pageable read would hold up the other threads' CUDA calls until
+        the step is done, see above). ``wait`` runs the wait (on CPU, a no-op), so a worker can let other calls use
+        its engine meanwhile."""
+        run = wait or (lambda blocking: blocking())
+        run(self._done.synchronize if self._done is not None else lambda: None)
+        return [host.tolist() for host in self._hosts]

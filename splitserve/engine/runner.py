@@ -17,10 +17,11 @@ import torch
 from splitserve.engine import page_copy
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.host_copy import DeviceWait, as_index, index_tensor, to_host_lists
+from splitserve.engine.host_copy import DeviceWait, HostLists, as_index, index_tensor
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
+from splitserve.engine.overlap import TokenFeed
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.engine.sampler import sample
 from splitserve.engine.sequence import Sequence
@@ -70,6 +71,26 @@ class BatchOutput:
     seqs: list[Sequence]
     token_ids: list[int]
     logprobs: list[float] | None
+
+
+class LaunchedStep:
+    """A forward pass whose sampled tokens are on their way to the host. ``tokens`` stays on the device, so the next
+    step can take its inputs from it before they are read back (``TokenFeed``)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, logprobs: torch.Tensor | None):
+        self.seqs = seqs
+        self.tokens = tokens
+        self._with_logprobs = logprobs is not None
+        self._host = None
+        if tokens is not None:
+            self._host = HostLists([tokens] if logprobs is None else [tokens, logprobs])
+
+    def read(self, wait: DeviceWait | None = None) -> BatchOutput:
+        """The sampled tokens, after the step's one wait for the device (run by ``wait``)."""
+        if self._host is None:
+            return BatchOutput([], [], None)
+        lists = self._host.wait(wait)
+        return BatchOutput(self.seqs, lists[0], lists[1] if self._with_logprobs else None)
 
 
 class ModelRunner:
@@ -209,7 +230,6 @@ class ModelRunner:
         """What a decode graph records: the model, final norm and LM head over every row."""
         return self.model.logits(self.model(input_ids, positions, self.rope, self.kv_layers, meta))
 
-    @torch.inference_mode()
     def execute(
         self,
         prefill_chunks: list[tuple[Sequence, int]],
@@ -217,17 +237,34 @@ class ModelRunner:
         layer_hook: LayerHook | None = None,
         wait: DeviceWait | None = None,
     ) -> BatchOutput:
-        """One forward pass. Updates ``num_computed_tokens``; returns tokens for sequences that reached their end.
+        """One forward pass, read back: tokens for the sequences that reached the end of their known tokens.
 
         ``wait`` runs the step's one wait for the device (the sampled tokens' read-back), once all its work is launched.
         """
+        return self.launch(prefill_chunks, decode_seqs, layer_hook).read(wait)
+
+    def can_launch_decode(self, batch: int) -> bool:
+        """Whether a decode-only step of ``batch`` rows runs without a host sync (a graph, or eager launches)."""
+        return self.graphs is None or self.graphs.rung_for(batch) is not None
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        prefill_chunks: list[tuple[Sequence, int]],
+        decode_seqs: list[Sequence],
+        layer_hook: LayerHook | None = None,
+        feed: TokenFeed | None = None,
+    ) -> LaunchedStep:
+        """Launch one forward pass and its sampling, and start the tokens' copy to the host; updates
+        ``num_computed_tokens``. ``feed`` gives decode rows whose input token is still on the device."""
+        assert feed is None or not prefill_chunks, "fed inputs are for decode-only steps"
         if (
             not prefill_chunks
             and layer_hook is None
             and self.graphs is not None
             and self.graphs.rung_for(len(decode_seqs)) is not None
         ):
-            return self._execute_graph(decode_seqs, wait)
+            return self._launch_graph(decode_seqs, feed)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -274,8 +311,11 @@ class ModelRunner:
         )
         # Every input is copied from pinned memory without a host sync, so the host builds the next one meanwhile.
         rows = index_tensor(logit_rows, dev) if prefill_chunks and sampled else None
+        input_tensor = index_tensor(input_ids, dev)
+        if feed is not None:
+            feed.write_into(input_tensor)
         hidden = self.model(
-            index_tensor(input_ids, dev),
+            input_tensor,
             index_tensor(positions, dev),
             self.rope,
             self.kv_layers,
@@ -287,26 +327,19 @@ class ModelRunner:
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
         if not sampled:
-            return BatchOutput([], [], None)
+            return LaunchedStep([], None, None)
         logits = self.model.logits(hidden if rows is None else hidden[rows])
-        return self._read_back(sampled, *sample(logits, sampled), wait)
+        return LaunchedStep(sampled, *sample(logits, sampled))
 
-    def _execute_graph(self, decode_seqs: list[Sequence], wait: DeviceWait | None) -> BatchOutput:
-        """A decode-only step through a CUDA graph; the sampled tokens' read-back is the step's one host sync."""
+    def _launch_graph(self, decode_seqs: list[Sequence], feed: TokenFeed | None) -> LaunchedStep:
+        """A decode-only step through a CUDA graph."""
         assert self.graphs is not None
         input_ids, positions, slots = self._decode_inputs(decode_seqs)
         context_lens = [p + 1 for p in positions]
-        logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens)
+        logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens, feed)
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
-        return self._read_back(list(decode_seqs), *sample(logits, decode_seqs), wait)
-
-    @staticmethod
-    def _read_back(
-        seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor | None, wait: DeviceWait | None
-    ) -> BatchOutput:
-        lists = to_host_lists([tokens] if logprobs is None else [tokens, logprobs], wait)
-        return BatchOutput(seqs, lists[0], lists[1] if logprobs is not None else None)
+        return LaunchedStep(list(decode_seqs), *sample(logits, decode_seqs))
 
     # --- KV pages in and out, for the transfer layer ---
 

@@ -23,10 +23,10 @@ def _hf_greedy(model_dir, prompts, max_new=MAX_NEW) -> list[list[int]]:
     return hf_greedy_reference(model_dir, prompts, max_new)
 
 
-def _engine(model_dir, **runner_kw) -> Engine:
+def _engine(model_dir, overlap: bool = False, **runner_kw) -> Engine:
     runner_kw.setdefault("num_kv_blocks", 256)
     runner_kw.setdefault("block_size", 8)
-    return Engine(EngineConfig(RunnerConfig(str(model_dir), device="cpu", **runner_kw)))
+    return Engine(EngineConfig(RunnerConfig(str(model_dir), device="cpu", **runner_kw), overlap_decode=overlap))
 
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
@@ -40,10 +40,12 @@ def test_batched_greedy_equals_hf(tiny_checkpoints, variant):
     assert got == _hf_greedy(model_dir, prompts)
 
 
-def test_chunked_prefill_and_preemption_stay_exact(tiny_model_dir):
-    """A token budget smaller than the prompts and a cache too small for all at once: chunks and recompute."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunked_prefill_and_preemption_stay_exact(tiny_model_dir, overlap):
+    """A token budget smaller than the prompts and a cache too small for all at once: chunks and recompute (an
+    overlapped engine falls back to ordinary steps for them)."""
     prompts = _prompts(seed=7, lengths=(40, 55, 3, 61))
-    engine = _engine(tiny_model_dir, max_batch_tokens=16, num_kv_blocks=24, block_size=4)
+    engine = _engine(tiny_model_dir, overlap, max_batch_tokens=16, num_kv_blocks=24, block_size=4)
     got = [r.token_ids for r in engine.generate(prompts, GREEDY)]
     assert got == _hf_greedy(tiny_model_dir, prompts)
     assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -60,11 +62,12 @@ def test_prefix_cache_reuses_blocks_and_stays_exact(tiny_model_dir):
     assert [r.token_ids for r in first + rest] == _hf_greedy(tiny_model_dir, prompts)
 
 
-def test_disaggregated_in_miniature(tiny_model_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_disaggregated_in_miniature(tiny_model_dir, overlap):
     """Prefill in one engine, copy the KV pages into a fresh engine's reserved pages, decode there."""
     prompts = _prompts(seed=11, lengths=(9, 30, 64))
     prefiller = _engine(tiny_model_dir, block_size=8)
-    decoder = _engine(tiny_model_dir, block_size=8, num_kv_blocks=64)
+    decoder = _engine(tiny_model_dir, overlap, block_size=8, num_kv_blocks=64)
     seqs = [prefiller.make_sequence(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
     layers_done: list[int] = []
     firsts = prefiller.prefill(seqs, hook_for=lambda completing: layers_done.append)
@@ -85,12 +88,13 @@ def test_disaggregated_in_miniature(tiny_model_dir):
     assert decoder.blocks.num_free == decoder.blocks.num_blocks
 
 
-def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others(tiny_model_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others(tiny_model_dir, overlap):
     """A decode worker reserves pages and admits requests while a step waits for the device (``Engine.device_wait``):
     they join the next step and decode exactly as HF does, and every page comes back."""
     prompts = _prompts(seed=12, lengths=(17, 40, 5))
     prefiller = _engine(tiny_model_dir, block_size=8)
-    decoder = _engine(tiny_model_dir, block_size=8, num_kv_blocks=64)
+    decoder = _engine(tiny_model_dir, overlap, block_size=8, num_kv_blocks=64)
     seqs = [prefiller.make_sequence(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
     firsts = prefiller.prefill(seqs)
     arrivals = list(zip(seqs, firsts, strict=True))
