@@ -7,7 +7,9 @@ Prints a table and writes JSON. Figures are ratios against ceilings measured in 
 copy bandwidth, bf16 matmul rate), so they transfer across cards.
 
 Decode is timed twice per batch on CUDA: through the CUDA graphs and eagerly (the same engine with its graphs set
-aside), next to the host time of a step, the Python work of building its inputs. ``--no-graphs`` builds the
+aside), next to the host time of a step, the Python work of building its inputs; then as served, whole
+``engine.step`` periods, with and without overlapped steps (the next launched before the last is read back).
+``--no-graphs`` builds the
 engine without graphs (eager only). ``--profile-batch`` sums the kernel time of one decode step by kind (matmul,
 attention, norm, ...) with the torch profiler, through the graphs and eagerly.
 """
@@ -21,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from splitserve.bench.engine_timing import decode_ready, decode_step, prefill_batch, timed
+from splitserve.bench.engine_timing import (
+    admitted_for_decode,
+    decode_ready,
+    decode_step,
+    finish,
+    prefill_batch,
+    served_decode_period,
+    timed,
+)
 from splitserve.bench.make_random_checkpoint import SHAPES, llama_config
 from splitserve.bench.step_profile import kernel_breakdown
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams, layer_ops
@@ -88,6 +98,9 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
             eager = timed(step, runner.device, steps)
             runner.graphs = graphs
         host = host_seconds(engine, seqs)
+        for s in seqs:
+            engine.blocks.free(s.block_table)
+        served = {overlap: served_period(engine, b, context, steps, overlap) for overlap in (False, True)}
         moved = weight_bytes + b * (runner.spec.hidden_size * runner.dtype.itemsize + (context + 1) * kv_per_token)
         rows.append(
             {
@@ -97,13 +110,25 @@ def bench_decode(engine: Engine, batches: list[int], context: int, bw: float, st
                 "step_ms": t * 1e3,
                 "eager_step_ms": eager * 1e3,
                 "host_ms": host * 1e3,
+                "served_step_ms": served[False] * 1e3,
+                "overlapped_step_ms": served[True] * 1e3,
                 "tokens_per_s": b / t,
                 "bandwidth_util": moved / t / bw,
             }
         )
-        for s in seqs:
-            engine.blocks.free(s.block_table)
     return rows
+
+
+def served_period(engine: Engine, batch: int, context: int, steps: int, overlap: bool) -> float:
+    """The period of whole served steps (``engine.step``: scheduling, forward, sampling, tokens appended and
+    detokenized), with or without the next step launched before the last is read back."""
+    was, engine.overlap_decode = engine.overlap_decode, overlap
+    seqs = admitted_for_decode(engine, batch, context, f"served{int(overlap)}-{batch}")
+    try:
+        return served_decode_period(engine, steps)
+    finally:
+        finish(engine, seqs)
+        engine.overlap_decode = was
 
 
 def profile_decode(engine: Engine, batch: int, context: int) -> dict:
@@ -291,12 +316,18 @@ def main() -> None:
     if graphs is not None:
         print(f"CUDA graphs for batch sizes {graphs.captured} captured at start in {graphs.capture_seconds:.1f} s")
     decode = bench_decode(engine, [int(b) for b in args.batches.split(",")], args.context, bw, args.steps)
-    print(f"\n{'batch':>6} {'ctx':>5} {'step ms':>9} {'eager ms':>9} {'host ms':>8} {'tok/s':>9} {'BW util':>8}")
+    print(
+        f"\n{'batch':>6} {'ctx':>5} {'step ms':>9} {'eager ms':>9} {'host ms':>8} {'served':>8} {'overlap':>8} "
+        f"{'tok/s':>9} {'BW util':>8}"
+    )
     for r in decode:
         print(
             f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>9.2f} {r['eager_step_ms']:>9.2f} {r['host_ms']:>8.3f} "
-            f"{r['tokens_per_s']:>9.0f} {r['bandwidth_util']:>7.0%}"
+            f"{r['served_step_ms']:>8.2f} {r['overlapped_step_ms']:>8.2f} {r['tokens_per_s']:>9.0f} "
+            f"{r['bandwidth_util']:>7.0%}"
         )
+    print("served: engine.step periods (host work included), one step read back before the next launch (served) or")
+    print("the next launched first (overlap); step: forward + sampling alone, the device's floor.")
     breakdown = None
     if args.profile_batch and device.type == "cuda":
         breakdown = profile_decode(engine, args.profile_batch, args.context)

@@ -67,8 +67,8 @@ def decode_step(engine: Engine, seqs: list[Sequence]) -> Callable[[], None]:
 
 def admitted_for_decode(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
     """Requests admitted the way a decode worker admits them (pages reserved, first token in), so ``engine.step``
-    runs a whole served step over them; their prompts' KV is never computed (``decode_ready``). ``engine.abort``
-    each when done."""
+    runs a whole served step over them; their prompts' KV is never computed (``decode_ready``). ``finish`` them
+    when done."""
     vocab = engine.spec.vocab_size
     seqs = []
     for i in range(batch):
@@ -83,17 +83,27 @@ def admitted_for_decode(engine: Engine, batch: int, context: int, tag: str) -> l
     return seqs
 
 
-def served_decode_step(engine: Engine, seqs: list[Sequence]) -> Callable[[], None]:
-    """One ``engine.step`` over admitted ``seqs`` (the scheduler, forward, sampling, and each sequence's token
-    appended and detokenized: the host work a served step does while the GPU waits), left at the same context."""
-
-    def step() -> None:
+def served_decode_period(engine: Engine, steps: int) -> float:
+    """Mean seconds per ``engine.step`` over ``steps`` consecutive decode steps of the running requests: the period
+    a served batch decodes at (scheduler, forward, sampling, each token appended and detokenized), with each step's
+    host work hidden behind the device's where the engine overlaps steps. One step is launched before the clock
+    starts, so each timed call launches one and reads one back. Each request grows by ``steps + 1`` tokens."""
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
+    engine.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
         engine.step()
-        for s in seqs:
-            s.output_token_ids.pop()
-            s.num_computed_tokens -= 1
+    sync()
+    return (time.perf_counter() - start) / steps
 
-    return step
+
+def finish(engine: Engine, seqs: list[Sequence]) -> None:
+    """Abort ``seqs`` and run the engine until the step in flight is read back, so every page is free again."""
+    for seq in seqs:
+        engine.abort(seq.request_id)
+    while engine.has_work():
+        engine.step()
 
 
 def prefill_batch(engine: Engine, lengths: list[int], tag: str) -> Callable[[], None]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitserve.bench.engine_timing import admitted_for_decode, prefill_batch, served_decode_step, timed
+from splitserve.bench.engine_timing import admitted_for_decode, finish, prefill_batch, served_decode_period, timed
 from splitserve.bench.kv_timing import PagedKV, time_backend
 from splitserve.engine import Engine
 from splitserve.simulator.errors import SimInputError
@@ -98,9 +98,9 @@ def measure_prefill(engine: Engine, sizes: list[int], repeats: int) -> list[floa
 def measure_decode(
     engine: Engine, batches: tuple[int, ...], contexts: tuple[int, ...], steps: int
 ) -> list[DecodePoint]:
-    """Median served decode step time at each batch x context that fits the engine (others are skipped, so one
-    sweep serves every model and KV cache size): ``engine.step``, so the host work that grows with the batch
-    (scheduling, appending and detokenizing each token) is in it, not only the forward pass and sampling."""
+    """The served decode step's period at each batch x context that fits the engine (others are skipped, so one
+    sweep serves every model and KV cache size): consecutive ``engine.step`` calls, so the host work that grows with
+    the batch (scheduling, appending and detokenizing each token) is in it where the device does not hide it."""
     limit = engine.max_model_len - DECODE_HEADROOM - 1
     points = []
     for context in (c for c in contexts if c <= limit):
@@ -110,12 +110,10 @@ def measure_decode(
                 continue
             seqs = admitted_for_decode(engine, batch, context, f"profile-decode-{batch}x{context}")
             try:
-                step = served_decode_step(engine, seqs)
-                step()  # warm
-                points.append(DecodePoint(batch, context, timed(step, engine.runner.device, steps)))
+                period = served_decode_period(engine, steps)
+                points.append(DecodePoint(batch, context + steps // 2, period))  # the run's middle context
             finally:
-                for s in seqs:
-                    engine.abort(s.request_id)
+                finish(engine, seqs)
     return points
 
 

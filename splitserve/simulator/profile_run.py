@@ -124,8 +124,9 @@ def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> lis
         f"prefill: one engine.prefill per batch size (one prompt, split only at the model's context), median of "
         f"{sweep.prefill_repeats}; {raised} point(s) raised to a smaller batch's time (a bigger batch is never "
         "faster: noise). Measured (tokens: ms): " + ", ".join(f"{n}: {t * 1e3:.3g}" for n, t in measured) + ".",
-        f"decode: one engine.step (scheduler, forward, sampling, tokens appended and detokenized) at a constant "
-        f"context, median of {sweep.decode_steps}, per batch x context (ms, measured):",
+        f"decode: mean of {sweep.decode_steps} consecutive engine.step calls (scheduler, forward, sampling, tokens "
+        "appended and detokenized; overlapped where the engine overlaps steps), the context at the run's middle, per "
+        "batch x context (ms, measured):",
     ]
     for context in sorted({p.context for p in compute.decode_points}):
         row = [p for p in compute.decode_points if p.context == context]

@@ -10,7 +10,7 @@ from splitserve.cli import main
 from splitserve.engine.testing import tiny_config_dict
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.hardware import gpu_slug
-from splitserve.simulator.measure import DecodePoint, fit_decode, fit_transfer, prefill_ladder, split_prompts
+from splitserve.simulator.measure import QUICK, DecodePoint, fit_decode, fit_transfer, prefill_ladder, split_prompts
 from splitserve.simulator.profile import load_profile
 from splitserve.simulator.profile_run import render, write_checked
 from tests.simulator.conftest import make_profile
@@ -140,8 +140,9 @@ def test_quick_cpu_profile_of_the_tiny_model(measured, capsys):
     assert header.startswith("# Measured by `splitserve profile` on ")
     assert "--quick" in header and "nccl: given on the command line" in header
     assert "1.5 $/h (given); power 1 W (placeholder)" in header
-    assert "context 64: batch 1 " in header  # the measured decode grid is kept next to its fit
-    assert "Measured (tokens: ms): 1: " in header and "\n# decode: one engine.step" in header  # each note on its line
+    # the measured decode grid is kept next to its fit, at each run's middle context
+    assert f"context {64 + QUICK.decode_steps // 2}: batch 1 " in header
+    assert "Measured (tokens: ms): 1: " in header and "\n# decode: mean of" in header  # each note on its line
 
 
 @pytest.mark.slow
