@@ -76,12 +76,18 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="the chunked-prefill budget per step")
     p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--no-overlap", action="store_true", help="read each decode step back before the next launch")
     p.add_argument("--warmup", type=int, default=48, help="requests at 16 req/s before the timed rates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/engine_load.json")
     args = p.parse_args()
     runner = RunnerConfig(model_dir=None, device=args.device, max_batch_tokens=args.max_batch_tokens)
-    config = EngineConfig(runner, max_batch_size=args.max_batch_size, enable_prefix_caching=False)
+    config = EngineConfig(
+        runner,
+        max_batch_size=args.max_batch_size,
+        enable_prefix_caching=False,
+        overlap_decode=False if args.no_overlap else None,
+    )
     engine = Engine(config, hf_config=llama_config(args.model_shape))
     if args.warmup:
         run_rate(engine, 16.0, args.warmup, args, "warmup")
