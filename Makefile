@@ -26,7 +26,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
-# On the GPU machine (see shared/gpu): source .gpu/setup.sh && make test-gpu
+# On the GPU machine (see shared/gpu). Pack once here; the GPU image's grpcio (1.84) is older than the stubs need:
+#   bash ../shared/gpu/pack-ray.sh 2.60.0 grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+# then, in a device run that carries .gpu:  source .gpu/setup.sh && make test-gpu
 test-gpu:
 	python3 -m pytest -q -m gpu tests
 
