@@ -7,6 +7,7 @@ time only the launches) and reports a median, which ignores the odd slow call (a
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -104,6 +105,21 @@ def finish(engine: Engine, seqs: list[Sequence]) -> None:
         engine.abort(seq.request_id)
     while engine.has_work():
         engine.step()
+
+
+def mixed_step(engine: Engine, chunk: int, tag: str) -> Callable[[], None]:
+    """One ``engine.step`` that prefills a new ``chunk``-token prompt beside the running decodes (a colocated mixed
+    step). Each prompt asks for one token, so it ends in that step and its pages are free again."""
+    vocab = engine.spec.vocab_size
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    calls = itertools.count()
+
+    def step() -> None:
+        n = next(calls)
+        engine.add_request(f"{tag}-{n}", [(n * 13 + j) % vocab for j in range(chunk)], params)
+        engine.step()
+
+    return step
 
 
 def prefill_batch(engine: Engine, lengths: list[int], tag: str) -> Callable[[], None]:

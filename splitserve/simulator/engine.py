@@ -216,7 +216,8 @@ class _Disaggregated(_Sim):
 class _Colocated(_Sim):
     """One pool, chunked prefill (Sarathi): each step runs every decoding sequence plus prompt chunks that fill
     the token budget. Step time = max(decode_step(n, ctx), prefill(chunk + n)): whichever of memory-bound decode
-    and compute-bound prefill dominates; a step with no chunk is a plain decode step."""
+    and compute-bound prefill dominates, plus the profile's ``mixed.extra_s`` when the step has both; a step with
+    no chunk is a plain decode step."""
 
     def __init__(self, cluster: ClusterSpec, wl: Workload) -> None:
         super().__init__(cluster, wl)
@@ -224,6 +225,7 @@ class _Colocated(_Sim):
         self.pool = pool
         self.prefill_time = self.prefill_time_fn(pool)
         self.decode_time = self.decode_time_fn(pool)
+        self.mixed_extra = pool.profile.mixed.extra_s
         self.batches = [DecodeBatch(pool) for _ in range(pool.replicas)]
         self.prefilling: list[deque[int]] = [deque() for _ in range(pool.replicas)]
         self.completing: list[list[int]] = [[] for _ in range(pool.replicas)]
@@ -272,7 +274,7 @@ class _Colocated(_Sim):
                 pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
             dt = self.decode_time(b.n, b.context_tokens()) if b.n else 0.0
             if chunk:
-                dt = max(dt, self.prefill_time(chunk + b.n))
+                dt = max(dt, self.prefill_time(chunk + b.n)) + (self.mixed_extra if b.n else 0.0)
             b.busy_s += dt
             t += dt
             if t > horizon:

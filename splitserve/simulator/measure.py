@@ -2,7 +2,8 @@
 
 Prefill: one batch per size of a token ladder up to the engine's batch budget (piecewise-linear in the profile, so
 the ladder is the model). Decode: a grid of batch sizes x context lengths, fitted to the profile's linear step model
-by least squares. KV transfer: two transfer sizes through each backend this process can run alone, fitted to
+by least squares. Mixed: colocated steps of a prompt chunk beside a few decodes, against what the prefill and decode
+models give for them. KV transfer: two transfer sizes through each backend this process can run alone, fitted to
 latency + bytes / bandwidth.
 
 Engine in, numbers out: no config files and no YAML here (``profile_run`` does those), so anything that built an
@@ -17,11 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitserve.bench.engine_timing import admitted_for_decode, finish, prefill_batch, served_decode_period, timed
+from splitserve.bench.engine_timing import (
+    admitted_for_decode,
+    finish,
+    mixed_step,
+    prefill_batch,
+    served_decode_period,
+    timed,
+)
 from splitserve.bench.kv_timing import PagedKV, time_backend
 from splitserve.engine import Engine
 from splitserve.simulator.errors import SimInputError
-from splitserve.simulator.profile import DecodeSpec, TransferSpec
+from splitserve.simulator.profile import DecodeSpec, MixedSpec, TransferSpec
 
 DECODE_HEADROOM = 64  # tokens of KV each decode sequence may grow by (as the benchmark allocates)
 
@@ -38,10 +46,16 @@ class Sweep:
     decode_steps: int
     transfer_max_bytes: int  # the larger of the two transfer sizes is at most this
     transfer_repeats: int
+    mixed_chunks: tuple[int, ...]  # prompt tokens of a mixed step
+    mixed_decodes: tuple[int, ...]  # sequences decoded beside them
+    mixed_context: int  # tokens each of those holds
+    mixed_repeats: int
 
 
-FULL = Sweep(1, 5, (1, 8, 32, 64, 128, 256), (128, 512, 2048, 8192), 20, 256 << 20, 5)
-QUICK = Sweep(2, 3, (1, 4, 16), (64, 512), 3, 16 << 20, 2)
+FULL = Sweep(
+    1, 5, (1, 8, 32, 64, 128, 256), (128, 512, 2048, 8192), 20, 256 << 20, 5, (128, 512, 2048), (1, 8, 32), 512, 5
+)
+QUICK = Sweep(2, 3, (1, 4, 16), (64, 512), 3, 16 << 20, 2, (16, 64), (1, 4), 32, 3)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,14 @@ class DecodePoint:
 
 
 @dataclass(frozen=True)
+class MixedPoint:
+    chunk: int  # prompt tokens prefilled in the step
+    decodes: int  # sequences decoded beside them
+    context: int  # tokens each decoding sequence holds
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ComputeProfile:
     """Everything the engine itself is measured for; the raw points are kept for the profile's header."""
 
@@ -68,6 +90,9 @@ class ComputeProfile:
     decode_points: list[DecodePoint]
     decode: DecodeSpec
     decode_worst_error: float  # largest |fit - measured| / measured over the grid
+    mixed_points: list[MixedPoint]
+    mixed_modelled: list[float]  # per point: the longer of its prefill and decode step, as the models give them
+    mixed: MixedSpec
 
 
 def prefill_ladder(max_tokens: int, stride: int = 1) -> list[int]:
@@ -117,6 +142,52 @@ def measure_decode(
     return points
 
 
+def measure_mixed(
+    engine: Engine, chunks: tuple[int, ...], decodes: tuple[int, ...], context: int, repeats: int
+) -> list[MixedPoint]:
+    """Median seconds of one mixed step (``engine.step``: a new prompt chunk beside admitted decodes of ``context``
+    tokens) per chunk x decode count that fits the engine. Decode steps are not overlapped meanwhile: the step's own
+    cost is wanted, not its wait for a step in flight."""
+    overlap, engine.overlap_decode = engine.overlap_decode, False
+    points = []
+    try:
+        for count in decodes:
+            fits = [c for c in chunks if c + count <= engine.max_batch_tokens and c < engine.max_model_len]
+            if not fits or count >= engine.config.max_batch_size or context + DECODE_HEADROOM >= engine.max_model_len:
+                continue
+            blocks = engine.blocks.blocks_for(context + DECODE_HEADROOM) * count + engine.blocks.blocks_for(max(fits))
+            if blocks > engine.blocks.num_free:
+                continue
+            seqs = admitted_for_decode(engine, count, context, f"profile-mixed-{count}")
+            try:
+                for chunk in fits:
+                    step = mixed_step(engine, chunk, f"profile-mixed-{count}x{chunk}")
+                    step()  # warm: a new shape allocates
+                    points.append(MixedPoint(chunk, count, context, timed(step, engine.runner.device, repeats)))
+            finally:
+                finish(engine, seqs)
+    finally:
+        engine.overlap_decode = overlap
+    return points
+
+
+def fit_mixed(
+    points: list[MixedPoint], prefill_tokens: list[int], prefill_seconds: list[float], decode: DecodeSpec
+) -> tuple[MixedSpec, list[float]]:
+    """The profile's mixed-step term: the median of what each measured mixed step took beyond the longer of its
+    prefill (chunk + decodes, from the ladder) and its decode step (from the fit), never below 0; and that longer
+    time per point, for the header."""
+    modelled = [
+        max(
+            float(np.interp(p.chunk + p.decodes, prefill_tokens, prefill_seconds)),
+            decode.base_s + decode.per_seq_s * p.decodes + decode.per_context_token_s * p.decodes * (p.context + 1),
+        )
+        for p in points
+    ]
+    excess = [p.seconds - m for p, m in zip(points, modelled, strict=True)]
+    return MixedSpec(extra_s=max(0.0, float(np.median(excess))) if excess else 0.0), modelled
+
+
 def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient ≥ 0: a negative cost means noise, so the most negative term is dropped
     and the rest refitted until none is negative. Columns are scaled first (1 vs ~1e5 context tokens)."""
@@ -161,15 +232,23 @@ def measure_compute(engine: Engine, sweep: Sweep) -> ComputeProfile:
             "decode.max_batch_size or decode.num_kv_blocks in the config)"
         )
     decode, worst = fit_decode(points)
+    prefill_seconds = [float(s) for s in np.maximum.accumulate(measured)]
+    mixed_points = measure_mixed(
+        engine, sweep.mixed_chunks, sweep.mixed_decodes, sweep.mixed_context, sweep.mixed_repeats
+    )
+    mixed, mixed_modelled = fit_mixed(mixed_points, sizes, prefill_seconds, decode)
     return ComputeProfile(
         kv_bytes_per_token=runner.spec.kv_bytes_per_token(runner.dtype.itemsize),
         kv_capacity_tokens=capacity,
         prefill_tokens=sizes,
         prefill_measured=measured,
-        prefill_seconds=[float(s) for s in np.maximum.accumulate(measured)],
+        prefill_seconds=prefill_seconds,
         decode_points=points,
         decode=decode,
         decode_worst_error=worst,
+        mixed_points=mixed_points,
+        mixed_modelled=mixed_modelled,
+        mixed=mixed,
     )
 
 

@@ -51,6 +51,16 @@ class DecodeSpec(_Strict):
     per_context_token_s: float = Field(ge=0, description="Cost per cached token read by attention.")
 
 
+class MixedSpec(_Strict):
+    """A colocated step with both a prompt chunk and decodes, beyond the longer of the two alone.
+
+    Such a step runs eagerly (no CUDA graph), and its host work (the decode rows' attention path next to the
+    chunk's) can outlast the device's: on one H200 a 512-token chunk took 27 ms alone and 40 ms with four decodes
+    beside it. 0 in a profile measured before ``splitserve profile`` measured it."""
+
+    extra_s: float = Field(0.0, ge=0, description="Time added to a step that has a prompt chunk and decodes.")
+
+
 class ServingSpec(_Strict):
     """What a running cluster adds around the engine's own timings (both 0 in a profile of the engine alone).
 
@@ -74,6 +84,7 @@ class Profile(_Strict):
     prefill: PrefillSpec
     decode: DecodeSpec
     kv_transfer: dict[str, TransferSpec] = Field(min_length=1, description="One entry per KV transfer backend.")
+    mixed: MixedSpec = Field(default_factory=MixedSpec, description="A colocated mixed step's own cost.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The cluster's own overheads.")
 
     _pt: np.ndarray = PrivateAttr()

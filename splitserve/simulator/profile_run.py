@@ -131,8 +131,26 @@ def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> lis
     for context in sorted({p.context for p in compute.decode_points}):
         row = [p for p in compute.decode_points if p.context == context]
         lines.append(f"  context {context}: " + ", ".join(f"batch {p.batch} {p.seconds * 1e3:.3g}" for p in row))
+    lines.append(
+        f"  fitted by least squares (coefficients >= 0); worst error over the grid {compute.decode_worst_error:.0%}."
+    )
+    if compute.mixed_points:
+        lines.append(
+            f"mixed: one engine.step with a new prompt chunk beside decodes of {compute.mixed_points[0].context} "
+            f"tokens, not overlapped, median of {sweep.mixed_repeats}; extra_s is the median excess over the longer of "
+            "the chunk's prefill and the decode step (ms, measured / modelled):"
+        )
+        pairs = list(zip(compute.mixed_points, compute.mixed_modelled, strict=True))
+        for count in sorted({point.decodes for point in compute.mixed_points}):
+            cells = [
+                f"chunk {point.chunk} {point.seconds * 1e3:.3g} / {modelled * 1e3:.3g}"
+                for point, modelled in pairs
+                if point.decodes == count
+            ]
+            lines.append(f"  {count} decode(s): " + ", ".join(cells))
+    else:
+        lines.append("mixed: no mixed step fits this engine's batch and cache; extra_s left at 0.")
     lines += [
-        f"  fitted by least squares (coefficients >= 0); worst error over the grid {compute.decode_worst_error:.0%}.",
         f"kv_capacity_tokens: the decode pool's KV cache under this config ({engine.runner.num_kv_blocks} blocks of "
         f"{engine.runner.block_size} tokens); kv_bytes_per_token: 2 x layers x kv heads x head dim x dtype bytes.",
     ]
@@ -206,6 +224,7 @@ def run_profile(
         prefill=PrefillSpec(tokens=compute.prefill_tokens, seconds=compute.prefill_seconds),
         decode=compute.decode,
         kv_transfer=transfers,
+        mixed=compute.mixed,
     )
     header = [
         *_provenance(engine, config, command, quick),

@@ -66,6 +66,23 @@ def test_serving_overhead_adds_its_latency_once_and_its_step_cost_to_every_step(
     np.testing.assert_allclose(r.finish_s - bare.finish_s, request_s + out * step_s)
 
 
+def test_mixed_extra_lengthens_only_steps_with_a_chunk_and_decodes(toy):
+    """A lone prompt is a chunk-only step (no extra); a prompt arriving while another request decodes shares a mixed
+    step, whose extra delays its first token and the running request's next token alike."""
+    mixed = toy.model_copy(update={"mixed": toy.mixed.model_copy(update={"extra_s": 0.004})})
+    lone = Workload(np.arange(5) * 10.0, np.full(5, 500), np.full(5, 20))
+    beside = Workload(np.array([0.0, 0.05]), np.array([500, 500]), np.array([100, 2]))
+
+    def run(profile, wl):
+        return simulate(ClusterSpec("colocated", PoolSpec(1, profile)), wl)
+
+    np.testing.assert_allclose(run(mixed, lone).finish_s, run(toy, lone).finish_s)
+    bare, r = run(toy, beside), run(mixed, beside)
+    assert r.first_token_s[0] == bare.first_token_s[0]  # request 0's prompt ran alone
+    np.testing.assert_allclose(r.first_token_s[1] - bare.first_token_s[1], 0.004)
+    np.testing.assert_allclose(r.finish_s[0] - bare.finish_s[0], 0.004)  # its one mixed step, among 99 decode steps
+
+
 def test_poisson_low_load_ttft_is_prefill_time(h100):
     """Closed form for a lightly loaded M/D/1 prefill server: TTFT ~ prefill time (utilisation ~1%)."""
     wl = _wl(0.5, 2000, prompt="512", output="16", seed=2)

@@ -10,7 +10,16 @@ from splitserve.cli import main
 from splitserve.engine.testing import tiny_config_dict
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.hardware import gpu_slug
-from splitserve.simulator.measure import QUICK, DecodePoint, fit_decode, fit_transfer, prefill_ladder, split_prompts
+from splitserve.simulator.measure import (
+    QUICK,
+    DecodePoint,
+    MixedPoint,
+    fit_decode,
+    fit_mixed,
+    fit_transfer,
+    prefill_ladder,
+    split_prompts,
+)
 from splitserve.simulator.profile import load_profile
 from splitserve.simulator.profile_run import render, write_checked
 from tests.simulator.conftest import make_profile
@@ -47,6 +56,19 @@ def test_decode_fit_recovers_a_linear_model_and_keeps_costs_nonnegative():
     assert spec.per_seq_s == 0 and spec.base_s > 0 and spec.per_context_token_s >= 0
     with pytest.raises(ValueError, match="at least 3"):
         fit_decode(exact[:2])
+
+
+def test_mixed_fit_is_the_median_excess_over_the_longer_of_prefill_and_decode():
+    decode = fit_decode([DecodePoint(b, c, 0.005 + 1e-4 * b) for b in (1, 8, 32) for c in (128, 1024)])[0]
+    ladder, seconds = [1, 1000, 2000], [0.01, 0.02, 0.04]
+    # chunk 998 + 2 decodes: prefill(1000) = 20 ms is the longer; 60 decodes beside a 1-token chunk: decode 11 ms
+    points = [MixedPoint(998, 2, 64, 0.023), MixedPoint(1, 60, 64, 0.0111), MixedPoint(1499, 1, 64, 0.031)]
+    spec, modelled = fit_mixed(points, ladder, seconds, decode)
+    assert modelled == pytest.approx([0.02, 0.011, 0.03], abs=1e-6)
+    assert spec.extra_s == pytest.approx(0.001)  # the median of 3 ms, 0.1 ms and 1 ms
+    faster = [MixedPoint(998, 2, 64, 0.015)]  # noise: a mixed step is never cheaper than its parts
+    assert fit_mixed(faster, ladder, seconds, decode)[0].extra_s == 0
+    assert fit_mixed([], ladder, seconds, decode)[0].extra_s == 0
 
 
 def test_transfer_fit_through_two_sizes():
@@ -143,6 +165,9 @@ def test_quick_cpu_profile_of_the_tiny_model(measured, capsys):
     # the measured decode grid is kept next to its fit, at each run's middle context
     assert f"context {64 + QUICK.decode_steps // 2}: batch 1 " in header
     assert "Measured (tokens: ms): 1: " in header and "\n# decode: mean of" in header  # each note on its line
+    # mixed steps measured beside each decode count of the quick sweep, and the fitted term kept
+    assert all(f"#   {n} decode(s): chunk {QUICK.mixed_chunks[0]} " in header for n in QUICK.mixed_decodes)
+    assert profile.mixed.extra_s >= 0
 
 
 @pytest.mark.slow
