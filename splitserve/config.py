@@ -89,8 +89,8 @@ class DecodePoolConfig(_PoolConfig):
     max_batch_size: int = Field(128, ge=1, description="Sequences decoded together in one step.")
     overlap_decode: bool = Field(
         True,
-        description="On GPU, launch each decode step before the previous one's tokens are read back, so the host's "
-        "work per step hides behind the device's (one token is computed past a stop and thrown away).",
+        description="On GPU, launch each step before the previous one's tokens are read back, so the host's work per "
+        "step hides behind the device's (one token is computed past a stop and thrown away).",
     )
 
 

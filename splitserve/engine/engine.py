@@ -5,8 +5,8 @@ Three ways to drive it, one per role:
 - prefill worker: ``prefill`` runs whole prompts, yields the first token, and holds the pages until ``release``;
 - decode worker: ``reserve`` allocates pages for a prompt's KV, the transfer fills them, ``admit`` starts decoding.
 
-On CUDA, decode-only steps overlap: ``step`` launches the next step before it reads the previous one back
-(``overlap.py``), so a step's outputs come from the call after the one that launched it.
+On CUDA, steps overlap: ``step`` launches the next step before it reads the previous one back (``overlap.py``),
+so a step's outputs come from the call after the one that launched it.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class Engine:
         budget = self.max_batch_tokens
         decodes: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq not in self.running or not self._decodes_next(seq):
                 continue
             if len(decodes) >= self.config.max_batch_size or budget <= 0:
                 break
@@ -209,15 +209,14 @@ class Engine:
     def step(self, layer_hook: LayerHook | None = None) -> list[TokenOutput]:
         """One continuous-batching step: decode every running sequence, fill the rest of the budget with prefill.
 
-        With ``overlap_decode``, a decode-only step is launched and the step before it is read back: the outputs
-        returned are that earlier step's. Any other step first reads back the one in flight, then runs as is.
+        With ``overlap_decode``, the step is launched before the one in flight is read back, and the outputs returned
+        are that earlier step's. A step with a layer hook, or one that must preempt, first reads back the one in
+        flight (it needs every token on the host), then runs as is.
         """
         start, waited = time.perf_counter(), self.step_times.device_wait_s
         read_back = self._in_flight is not None
-        batch = self._overlap_batch() if layer_hook is None else None
-        if batch is not None:
-            launched = bool(batch)
-            outputs = self._launch_overlapped(batch)
+        if self.overlap_decode and layer_hook is None and not self._must_preempt():
+            launched, outputs = self._launch_ahead()
         else:
             outputs = self._drain()
             chunks, decodes = self._schedule()
@@ -233,45 +232,37 @@ class Engine:
     def _timed_wait(self) -> DeviceWait:
         return self.step_times.timed_wait(self.device_wait)
 
-    def _overlap_batch(self) -> list[Sequence] | None:
-        """The decode batch to launch ahead of the step in flight's read-back, with its slots allocated; None when
-        this step must be an ordinary one (overlap off, a prompt to compute, no room to append, no graph)."""
-        if not self.overlap_decode or self._admissible_prompt():
-            return None
-        if any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in self.running):
-            return None  # a prompt chunk to compute
-        limit = min(self.config.max_batch_size, self.max_batch_tokens)
-        # A sequence whose token in flight is its last is left out; the rest in order, as ``_schedule`` takes them.
-        batch = [seq for seq in self.running if not self._ends_by_length(seq)][:limit]
-        new_blocks = sum(not self.blocks.can_append(seq.block_table, seq.num_tokens) for seq in batch)
-        if new_blocks > self.blocks.num_free:
-            return None  # the ordinary scheduler preempts
-        if batch and not self.runner.can_launch_decode(len(batch)):
-            return None
-        for seq in batch:
-            self.blocks.append_slot(seq.block_table, seq.num_tokens)
-        return batch
+    def _must_preempt(self) -> bool:
+        """Whether the next step's decodes need more new pages than are free (``_schedule`` then preempts)."""
+        decodes = [seq for seq in self.running if self._decodes_next(seq)][: self.config.max_batch_size]
+        return (
+            sum(not self.blocks.can_append(seq.block_table, seq.num_tokens) for seq in decodes) > self.blocks.num_free
+        )
 
-    def _admissible_prompt(self) -> bool:
-        """A waiting prompt the ordinary scheduler may start now (roughly: room in the batch and for its pages; with
-        nothing running, always, as its prefix may be cached)."""
-        if not self.waiting or len(self.running) >= self.config.max_batch_size:
+    def _decodes_next(self, seq: Sequence) -> bool:
+        """A running sequence the next step decodes: its prompt is computed, and it has a token to compute that is
+        not its last one already in flight (a sequence is never computed past its ``max_tokens`` or the context)."""
+        if seq.num_tokens - seq.num_computed_tokens != 1:
             return False
-        return not self.running or self.blocks.num_free >= self.blocks.blocks_for(self.waiting[0].num_tokens)
+        in_flight = seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN
+        return not (in_flight and self._ends_by_length(seq))
 
     def _ends_by_length(self, seq: Sequence) -> bool:
         return len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
-    def _launch_overlapped(self, batch: list[Sequence]) -> list[TokenOutput]:
-        previous = self._in_flight
-        self._in_flight = None
-        if batch:
-            feed = previous.feed_for(batch) if previous is not None else None
-            launched = self.runner.launch([], batch, feed=feed)
-            for seq in batch:
+    def _launch_ahead(self) -> tuple[bool, list[TokenOutput]]:
+        """Launch the next step (decodes, and prompt chunks if any) with the tokens of the step in flight taken on
+        the device, then read that step back. Whether a step was launched, and the outputs read back."""
+        previous, self._in_flight = self._in_flight, None
+        chunks, decodes = self._schedule()
+        if chunks or decodes:
+            feed = previous.feed_for(decodes) if previous is not None else None
+            launched = self.runner.launch(chunks, decodes, feed=feed)
+            self._commit_prompt_blocks(seq for seq, _ in chunks)
+            for seq in launched.seqs:
                 seq.output_token_ids.append(PENDING_TOKEN)
-            self._in_flight = InFlight(launched, [len(seq.output_token_ids) - 1 for seq in batch])
-        return self._read_in_flight(previous) if previous is not None else []
+            self._in_flight = InFlight(launched, [len(seq.output_token_ids) - 1 for seq in launched.seqs])
+        return bool(chunks or decodes), self._read_in_flight(previous) if previous is not None else []
 
     def _drain(self) -> list[TokenOutput]:
         """Read back the step in flight, if any: the ordinary scheduler needs every token on the host."""

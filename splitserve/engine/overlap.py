@@ -1,4 +1,4 @@
-"""Overlapped decode steps: step k+1 is launched before step k's tokens are read back.
+"""Overlapped steps: step k+1 is launched before step k's tokens are read back.
 
 A decode step's host work (scheduling, staging inputs, then appending and detokenizing every sampled token) left
 the GPU idle: on two H200s a 45-sequence step served 3.2 of its 11.5 ms on the host (docs/benchmarks.md, seventh
@@ -13,8 +13,11 @@ What that costs the engine, and where it is paid:
 - a sequence that ends (or is aborted) while a step that writes its KV is in flight keeps its pages until that step
   is read back (``InFlight.deferred``): a KV transfer landing in them once they are reserved again would race it.
 
-Everything else (a prompt to prefill, a preemption, a layer hook) runs in an ordinary step after the one in flight
-is read back.
+A step with prompt chunks (a colocated engine's mixed step) is launched ahead too: its decode rows are fed the same
+way, and a prompt that completes in it holds a placeholder for its first token. So a prompt that arrives while a step
+is in flight does not wait for that step's read-back before its own launch (an eager pass, host-bound for short
+prompts). A preemption or a layer hook runs in an ordinary step after the one in flight is read back: preempting
+recomputes a sequence from its tokens, which must all be on the host.
 """
 
 from __future__ import annotations

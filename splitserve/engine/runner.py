@@ -243,10 +243,6 @@ class ModelRunner:
         """
         return self.launch(prefill_chunks, decode_seqs, layer_hook).read(wait)
 
-    def can_launch_decode(self, batch: int) -> bool:
-        """Whether a decode-only step of ``batch`` rows runs without a host sync (a graph, or eager launches)."""
-        return self.graphs is None or self.graphs.rung_for(batch) is not None
-
     @torch.inference_mode()
     def launch(
         self,
@@ -257,7 +253,6 @@ class ModelRunner:
     ) -> LaunchedStep:
         """Launch one forward pass and its sampling, and start the tokens' copy to the host; updates
         ``num_computed_tokens``. ``feed`` gives decode rows whose input token is still on the device."""
-        assert feed is None or not prefill_chunks, "fed inputs are for decode-only steps"
         if (
             not prefill_chunks
             and layer_hook is None
@@ -312,8 +307,8 @@ class ModelRunner:
         # Every input is copied from pinned memory without a host sync, so the host builds the next one meanwhile.
         rows = index_tensor(logit_rows, dev) if prefill_chunks and sampled else None
         input_tensor = index_tensor(input_ids, dev)
-        if feed is not None:
-            feed.write_into(input_tensor)
+        if feed is not None:  # its rows count from the first decode row, after every prompt chunk's tokens
+            feed.write_into(input_tensor[len(input_ids) - len(decode_seqs) :])
         hidden = self.model(
             input_tensor,
             index_tensor(positions, dev),

@@ -30,25 +30,31 @@ def _prompts(seed: int, lengths) -> list[list[int]]:
 
 
 class LaunchLog:
-    """Records every forward the runner launches: which requests, and whether inputs were fed on the device."""
+    """Records every forward the runner launches: which requests, how many prompt chunks, and whether inputs were
+    fed on the device."""
 
     def __init__(self, engine: Engine):
-        self.launches: list[tuple[list[str], bool]] = []
+        self.launches: list[tuple[list[str], int, bool]] = []
         launch = engine.runner.launch
 
         def recorded(prefill_chunks, decode_seqs, layer_hook=None, feed=None):
             ids = [s.request_id for s, _ in prefill_chunks] + [s.request_id for s in decode_seqs]
-            self.launches.append((ids, feed is not None))
+            self.launches.append((ids, len(prefill_chunks), feed is not None))
             return launch(prefill_chunks, decode_seqs, layer_hook, feed)
 
         engine.runner.launch = recorded
 
     def rows_of(self, request_id: str) -> int:
-        return sum(ids.count(request_id) for ids, _ in self.launches)
+        return sum(ids.count(request_id) for ids, _, _ in self.launches)
 
     @property
     def fed(self) -> int:
-        return sum(fed for _, fed in self.launches)
+        return sum(fed for _, _, fed in self.launches)
+
+    @property
+    def fed_mixed(self) -> int:
+        """Steps with prompt chunks launched before the step in flight was read back."""
+        return sum(fed and chunks > 0 for _, chunks, fed in self.launches)
 
 
 def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], arrive_every: int = 0):
@@ -86,6 +92,7 @@ def test_greedy_equals_hf_with_requests_arriving_mid_run(tiny_model_dir, device)
     assert [tokens[f"r{i}"] for i in range(5)] == [ref[: p.max_tokens] for ref, p in zip(hf, params, strict=True)]
     assert set(finished.values()) == {"length"}
     assert log.fed > 5  # most decode steps took their inputs from the step before, on the device
+    assert log.fed_mixed >= 3  # prompts arriving mid-run were launched beside fed decodes, not after a read-back
     # a request that ends by length is never computed past its last token: its prompt, then one row per token
     assert [log.rows_of(f"r{i}") for i in range(5)] == [p.max_tokens for p in params]
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_work()
