@@ -99,10 +99,13 @@ class DecodeWorker(ReportsReleases):
         if batches:
             self._post(list(batches.values()))
 
-    def _end_stream(self, request_id: str, error: ServingError) -> None:
-        attempt = self._streams.pop(request_id, None)
-        if attempt is not None:
-            self._post([StreamFailure(request_id, attempt, error)])
+    def _end_stream(self, request_id: str, error: ServingError, only_attempt: int | None = None) -> None:
+        """End the request's stream with ``error``; with ``only_attempt``, only if it is that attempt's."""
+        attempt = self._streams.get(request_id)
+        if attempt is None or (only_attempt is not None and attempt != only_attempt):
+            return
+        del self._streams[request_id]
+        self._post([StreamFailure(request_id, attempt, error)])
 
     def _post(self, message: ChannelMessage) -> None:
         assert self._outbox is not None  # made in ready(), before the router sends any request
@@ -261,8 +264,8 @@ class DecodeWorker(ReportsReleases):
         This runs on the control group's loop; the streams belong to the default loop, so the stream is ended there.
         """
         self.receiver.abort(request_id)  # at once: the sender is told
+        cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
         if self._loop is not None:
-            cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
             self._loop.call_soon_threadsafe(self._end_stream, request_id, cancelled)
         # A cuda_ipc sender writes the pages itself: they are freed only once it has confirmed it stopped.
         await asyncio.wrap_future(self.receiver.unwritten(request_id))
@@ -279,7 +282,12 @@ class DecodeWorker(ReportsReleases):
                 self._aborted_early.add(request_id, attempt)
             return found
 
-        return await self._on_engine(drop)
+        found = await self._on_engine(drop)
+        # The request may have been admitted after the stream was ended above (its start overtook this abort): the
+        # engine dropped it now, so its stream must end too, or it stays open with nothing left to finish it.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._end_stream, request_id, cancelled, attempt)
+        return found
 
     async def stats(self) -> WorkerStats:
         def collect() -> WorkerStats:

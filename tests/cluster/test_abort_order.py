@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -117,6 +118,49 @@ def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_lo
             assert (ended.request_id, ended.attempt) == ("r1", 0) and ended.error.code == ErrorCode.CANCELLED
             assert produced < 100
             assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+            stats = await worker.stats()
+            assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
+        finally:
+            worker._thread.stop()
+            worker.receiver.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        control.call_soon_threadsafe(control.stop)
+
+
+def test_an_abort_overtaken_by_the_start_it_cancels_still_ends_the_stream(tiny_model_dir):
+    """The abort ends the stream first (none is open yet: the request's start is still on its way), the start then
+    opens it and puts the request in the batch, and only then does the abort drop it from the engine: the stream
+    must end too, not stay open with nothing left to finish it (the chaos suite's abort storm found one left so)."""
+    config = tiny_cluster_config(tiny_model_dir)
+    control = asyncio.new_event_loop()
+    threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
+
+    async def scenario():
+        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
+        try:
+            await worker.ready()
+            free = worker.engine.blocks.num_free
+            channel = worker.outputs()
+            gate: Future[None] = Future()
+            worker.receiver.unwritten = lambda request_id: gate  # fake: the abort waits here until the start is in
+            aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
+            await asyncio.sleep(0.2)  # its first end of the stream has run, with no stream open
+            long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=1000, ignore_eos=True), attempt=0)
+            await worker.start_local(long)
+            gate.set_result(None)
+            assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+
+            async def failure() -> StreamFailure:
+                while True:
+                    for item in await channel.__anext__():
+                        if isinstance(item, StreamFailure):
+                            return item
+
+            ended = await asyncio.wait_for(failure(), 10)
+            assert (ended.request_id, ended.attempt, ended.error.code) == ("r1", 0, ErrorCode.CANCELLED)
             stats = await worker.stats()
             assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
         finally:
