@@ -1,6 +1,6 @@
 """KV transfer throughput per backend, each next to a baseline measured in the same run.
 
-Baselines: a plain TCP socket copy over loopback (for grpc and local), plain NCCL send/recv (nccl, two GPUs), a
+Baselines: a plain TCP socket copy over loopback (for grpc, tcp and local), plain NCCL send/recv (nccl, two GPUs), a
 device-to-device copy (cuda_ipc). nccl and cuda_ipc need the receiver in a second process: ``kv_transfer_pair.py``.
 Compression accuracy (max abs / relative error) is reported for int8 and fp8.
 
@@ -101,6 +101,8 @@ def main() -> None:
             ("grpc", {}, base, "socket"),
             ("grpc", {"compression": "int8"}, base, "socket"),
             ("grpc", {"checksum": True}, base, "socket"),
+            ("tcp", {}, base, "socket"),
+            ("tcp", {"checksum": True}, base, "socket"),
         ]
         for backend, cfg, baseline_s, baseline in runs:
             seconds = time_backend(backend, src, dst, args.repeats, **cfg)

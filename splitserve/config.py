@@ -104,6 +104,7 @@ class KVBackend(StrEnum):
     nccl = "nccl"
     cuda_ipc = "cuda_ipc"
     grpc = "grpc"
+    tcp = "tcp"
     local = "local"
 
 
@@ -111,7 +112,7 @@ class KVTransferConfig(_Section):
     backend: KVBackend = Field(KVBackend.auto, description="How KV pages move from prefill to decode workers.")
     chunk_bytes: int = Field(4 << 20, ge=4096, description="Largest message of the grpc backend.")
     compression: Literal["none", "int8", "fp8"] = Field(
-        "none", description="On-the-wire KV compression of the grpc backend (per-block scales)."
+        "none", description="On-the-wire KV compression of the grpc and tcp backends (per-block scales)."
     )
     checksum: bool = Field(False, description="Verify a checksum of every transfer on the receiving side.")
     timeout_s: float = Field(30.0, gt=0, description="Last resort for a peer that stops answering mid-transfer.")

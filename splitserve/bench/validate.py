@@ -106,12 +106,12 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
 def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
     """The simulator's view of ``config`` in ``mode``, with the limits the workers get (``options_for``): colocated
     is the decode pool alone, chunking prompts by the prefill budget; ``auto`` KV is what it picks between Ray
-    actors (grpc on CPU, nccl on GPUs); the ``mixed`` policy is simulated as ``jsq``, its base."""
+    actors (tcp on CPU, nccl on GPUs); the ``mixed`` policy is simulated as ``jsq``, its base."""
     batch_tokens, batch_size = config.prefill.max_batch_tokens, config.decode.max_batch_size
     decode = PoolSpec(config.decode.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
     backend = config.kv_transfer.backend
     if backend == KVBackend.auto:
-        backend = KVBackend.grpc if config.cluster.device == Device.cpu else KVBackend.nccl
+        backend = KVBackend.tcp if config.cluster.device == Device.cpu else KVBackend.nccl
     policy: Policy = "round_robin" if config.router.policy == RouterPolicy.round_robin else "jsq"
     if mode == ServingMode.colocated:
         return ClusterSpec("colocated", prefill=decode, policy=policy, kv_backend=backend.value)

@@ -29,4 +29,7 @@ def choose_backend(endpoint: ReceiverEndpoint, here: PeerInfo) -> tuple[str, str
         why_not_ipc = "not both on CUDA on one node"
     if both_cuda and "nccl" in offers and nccl_available():
         return "nccl", f"both on CUDA in different processes, NCCL available; no cuda_ipc: {why_not_ipc}"
-    return "grpc", f"fallback: {why_not_ipc}, and NCCL {'not offered' if 'nccl' not in offers else 'unavailable'}"
+    why_not_nccl = f"NCCL {'not offered' if 'nccl' not in offers else 'unavailable'}"
+    if "tcp" in offers and endpoint.tcp_address is not None:
+        return "tcp", f"no cuda_ipc ({why_not_ipc}) and {why_not_nccl}: layers on a TCP connection, control on gRPC"
+    return "grpc", f"fallback: {why_not_ipc}, and {why_not_nccl}"

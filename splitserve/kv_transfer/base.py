@@ -90,6 +90,7 @@ class ReceiverEndpoint:
     gpu_uuid: str | None = None  # physical GPU of the KV cache: indices differ per process under Ray
     ipc_handle: bytes | None = None  # msgpack of the exported KV cache tensor (cuda_ipc)
     nccl_store: str | None = None  # "host:port" of the TCPStore for per-pair NCCL groups
+    tcp_address: str | None = None  # "host:port" where the tcp backend's layer frames go
     backends: tuple[str, ...] = field(default_factory=tuple)  # what this receiver accepts
 
     def in_process(self, here: PeerInfo) -> bool:

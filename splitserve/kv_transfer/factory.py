@@ -33,7 +33,7 @@ def make_receiver(
     device = _sink_device(sink)
     backend = config.backend.value
     if backend == "auto":
-        wanted = ["local", "grpc"]
+        wanted = ["local", "grpc", "tcp"]
         if device.type == "cuda":
             wanted += ["cuda_ipc"] + (["nccl"] if nccl_available() else [])
     else:
@@ -45,6 +45,12 @@ def make_receiver(
 
         extra["ipc_handle"] = cuda_ipc.export_kv_cache(sink.kv_cache)  # type: ignore[union-attr]
         out_of_band["cuda_ipc"] = cuda_ipc.RECEIVE
+    if "tcp" in wanted:
+        from splitserve.kv_transfer import tcp
+
+        tcp_inbox = tcp.TcpInbox(host, config.timeout_s, pin_memory=device.type == "cuda")
+        extra["tcp_address"] = tcp_inbox.address
+        out_of_band["tcp"] = tcp_inbox
     if "nccl" in wanted:
         from splitserve.kv_transfer import nccl
 
@@ -79,11 +85,19 @@ def make_sender(
     if endpoint.address is None:
         raise ValueError(f"kv_transfer: backend {backend!r} needs a receiver with a gRPC address")
     writer: Callable[[TransferSpec], LayerWriter]
+    on_close: Callable[[], None] | None = None
     if backend == "grpc":
 
         def writer(spec: TransferSpec) -> InlineWriter:
             return InlineWriter(config.chunk_bytes, config.compression, config.checksum or spec.checksum)
 
+    elif backend == "tcp":
+        from splitserve.kv_transfer import tcp
+
+        if endpoint.tcp_address is None:
+            raise ValueError("kv_transfer: backend 'tcp' needs a receiver with a tcp address")
+        link = tcp.TcpLink(endpoint.tcp_address, config.compression, config.checksum, config.timeout_s)
+        writer, on_close = link, link.close
     elif backend == "cuda_ipc":
         from splitserve.kv_transfer import cuda_ipc
 
@@ -98,4 +112,5 @@ def make_sender(
         max_message=config.chunk_bytes + _HEADROOM,
         timeout_s=config.timeout_s,
         backend=backend,
+        on_close=on_close,
     )

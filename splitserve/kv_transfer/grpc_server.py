@@ -55,6 +55,12 @@ class OutOfBand:
     def close(self, exp: Expectation, opened: object, end: dict) -> None:
         """At END, before the transfer completes: land or count what the sender moved."""
 
+    def discard(self, opened: object) -> None:
+        """The transfer is over, whether or not ``close`` ran: forget what ``open`` set up."""
+
+    def shutdown(self) -> None:
+        """The receiver closes: stop taking anything in."""
+
 
 def channel_options(max_message: int) -> list[tuple[str, int]]:
     """Both ends: messages up to a chunk plus headers, and keepalives so a dead peer is noticed on a quiet link."""
@@ -176,6 +182,8 @@ class TransferServer:
         abort_wait = asyncio.ensure_future(aborted.wait())
         inbound = _Inbound(requests)
         exp: Expectation | None = None
+        path: OutOfBand | None = None
+        opened: object = None
         holding = False  # the pages are held for a sender that writes them itself
         try:
             begin = await inbound.next(self._timeout_s, abort_wait)
@@ -219,6 +227,8 @@ class TransferServer:
         finally:
             abort_wait.cancel()
             inbound.close()
+            if path is not None:
+                path.discard(opened)
             if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
                 exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
                 if holding:  # it stopped (ABORT or END), went away, or stayed silent past the timeout

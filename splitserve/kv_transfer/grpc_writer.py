@@ -1,4 +1,5 @@
-"""The grpc backend's LayerWriter: a layer's bytes inline, in as few messages as ``chunk_bytes`` allows."""
+"""The grpc backend's LayerWriter: a layer's bytes inline, in as few messages as ``chunk_bytes`` allows; and how a
+layer's bytes reach the host for any writer that sends them from there (grpc, tcp)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,33 @@ from splitserve.kv_transfer.stream_sender import LayerWriter
 
 
 @dataclass
-class _Staged:
-    pages: torch.Tensor  # CPU pages, or their encoded bytes in pinned memory when they came from a GPU
-    ready: torch.cuda.Event | None  # the device-to-host copy's completion
+class StagedLayer:
+    """One layer on its way to the host: CPU pages, or their encoded bytes in pinned memory when they came from a
+    GPU, with the device-to-host copy's completion."""
+
+    pages: torch.Tensor
+    ready: torch.cuda.Event | None
+    codec: str
+
+    @classmethod
+    def stage(cls, pages: torch.Tensor, codec_name: str) -> StagedLayer:
+        """On a GPU: encode there, then start the copy to pinned host memory without waiting for it (this runs in
+        the layer hook, which must not wait for the device)."""
+        if pages.device.type != "cuda":
+            return cls(pages, None, codec_name)
+        encoded = codec.encode_tensor(pages, codec_name)
+        host = torch.empty(encoded.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(encoded, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(host, ready, codec_name)
+
+    def host_bytes(self) -> memoryview:
+        """The encoded bytes, once on the host (waits for the copy)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            return codec.to_host_bytes(self.pages)  # already encoded on the device
+        return codec.encode(self.pages, self.codec)
 
 
 class InlineWriter(LayerWriter):
@@ -32,24 +57,12 @@ class InlineWriter(LayerWriter):
     def begin_fields(self) -> dict:
         return {"codec": self._codec, "checksum": self._checksum}
 
-    def prepare(self, layer: int, pages: torch.Tensor) -> _Staged:
-        """On a GPU: quantize there, then start the copy to pinned host memory without waiting for it."""
-        if pages.device.type != "cuda":
-            return _Staged(pages, None)
-        encoded = codec.encode_tensor(pages, self._codec)
-        host = torch.empty(encoded.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(encoded, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return _Staged(host, ready)
+    def prepare(self, layer: int, pages: torch.Tensor) -> StagedLayer:
+        return StagedLayer.stage(pages, self._codec)
 
     def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
-        assert isinstance(prepared, _Staged)
-        if prepared.ready is not None:
-            prepared.ready.synchronize()
-            data = codec.to_host_bytes(prepared.pages)  # already encoded on the device
-        else:
-            data = codec.encode(prepared.pages, self._codec)
+        assert isinstance(prepared, StagedLayer)
+        data = prepared.host_bytes()
         total = len(data)
         for offset in range(0, total, self._chunk):
             part = data[offset : offset + self._chunk]

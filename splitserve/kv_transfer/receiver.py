@@ -43,6 +43,7 @@ class KVReceiver:
     ):
         self.receiver_id = uuid.uuid4().hex
         self._table = ExpectationTable(sink)
+        self._out_of_band = out_of_band or {}
         self._server: TransferServer | None = None
         if "local" in backends:
             local.register(self.receiver_id, self._table)
@@ -54,7 +55,7 @@ class KVReceiver:
                 port=port,
                 max_message=chunk_bytes + _HEADROOM,
                 timeout_s=timeout_s,
-                out_of_band=out_of_band or {},
+                out_of_band=self._out_of_band,
                 pin_memory=device.type == "cuda",
             )
             address = self._server.address
@@ -97,4 +98,6 @@ class KVReceiver:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        for path in self._out_of_band.values():
+            path.shutdown()
         self._table.fail_all(PeerUnavailable("the receiver closed"))

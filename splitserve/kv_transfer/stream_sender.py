@@ -240,8 +240,10 @@ class StreamSender:
         max_message: int,
         timeout_s: float,
         backend: str,
+        on_close: Callable[[], None] | None = None,
     ):
         self.address = address
+        self._on_close = on_close
         self.backend = backend
         self._writer_factory = writer_factory
         self._timeout_s = timeout_s
@@ -255,3 +257,5 @@ class StreamSender:
 
     def close(self) -> None:
         self._channel.close()
+        if self._on_close is not None:
+            self._on_close()

@@ -255,7 +255,7 @@ def measure_compute(engine: Engine, sweep: Sweep) -> ComputeProfile:
 def local_backends(device: torch.device) -> list[str]:
     """KV transfer backends one process can measure alone: nccl needs a second GPU and process, and cuda_ipc a
     second process (CUDA cannot open an IPC handle in the process that exported it), so neither is here."""
-    return ["local", "grpc"]
+    return ["local", "grpc", "tcp"]
 
 
 def fit_transfer(small_bytes: int, small_s: float, large_bytes: int, large_s: float) -> TransferSpec:

@@ -40,7 +40,8 @@ ON_ONE_GPU = {
     "kv_transfer": {"backend": "cuda_ipc"},
 }
 PLACEMENTS = [
-    pytest.param({}, id="cpu-grpc"),
+    pytest.param({"kv_transfer": {"backend": "grpc"}}, id="cpu-grpc"),
+    pytest.param({"kv_transfer": {"backend": "tcp"}}, id="cpu-tcp"),
     pytest.param(
         ON_ONE_GPU,
         id="gpu-cuda_ipc",

@@ -53,3 +53,12 @@ def test_cpu_or_nccl_not_offered_takes_grpc(gpus_visible):
     assert auto.choose_backend(_endpoint(device="cpu", uuid=None), HERE)[0] == "grpc"
     backend, why = auto.choose_backend(_endpoint(host="node-b", backends=("grpc",)), HERE)
     assert backend == "grpc" and "not offered" in why
+
+
+def test_without_cuda_ipc_or_nccl_tcp_comes_before_grpc(gpus_visible):
+    offers = ("local", "grpc", "tcp")
+    endpoint = ReceiverEndpoint("r", "node-a", 200, "cpu", tcp_address="node-a:7000", backends=offers)
+    backend, why = auto.choose_backend(endpoint, HERE)
+    assert backend == "tcp" and "TCP connection" in why
+    no_address = ReceiverEndpoint("r", "node-b", 200, "cuda", backends=offers)
+    assert auto.choose_backend(no_address, HERE)[0] == "grpc"

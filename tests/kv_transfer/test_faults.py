@@ -37,7 +37,7 @@ def pair():
         r.close()
 
 
-@pytest.mark.parametrize("backend", ["local", "grpc"])
+@pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
 def test_sender_abort_frees_the_expectation(pair, backend):
     src, dst, open_ = pair
     receiver, sender = open_(backend)
@@ -53,7 +53,7 @@ def test_sender_abort_frees_the_expectation(pair, backend):
         handle.finish()
 
 
-@pytest.mark.parametrize("backend", ["local", "grpc"])
+@pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
 def test_receiver_abort_reaches_the_sender(pair, backend):
     src, dst, open_ = pair
     receiver, sender = open_(backend)
@@ -73,9 +73,10 @@ def test_receiver_abort_reaches_the_sender(pair, backend):
     assert dst.kv_cache.equal(before)  # nothing written after abort()
 
 
-def test_abort_before_the_sender_starts(pair):
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_abort_before_the_sender_starts(pair, backend):
     src, dst, open_ = pair
-    receiver, sender = open_()
+    receiver, sender = open_(backend)
     receiver.expect(dst.spec("c", BLOCKS))
     receiver.abort("c")
     handle = sender.begin(src.spec("c", BLOCKS))
@@ -84,18 +85,20 @@ def test_abort_before_the_sender_starts(pair):
         handle.finish()
 
 
-def test_unknown_transfer_is_refused(pair):
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_unknown_transfer_is_refused(pair, backend):
     src, _, open_ = pair
-    _, sender = open_()
+    _, sender = open_(backend)
     handle = sender.begin(src.spec("nobody-expects-me", BLOCKS))
     send_all(handle, src, BLOCKS)
     with pytest.raises(TransferError, match="no transfer expected"):
         handle.finish()
 
 
-def test_receiver_killed_mid_transfer(pair):
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_receiver_killed_mid_transfer(pair, backend):
     src, dst, open_ = pair
-    receiver, sender = open_()
+    receiver, sender = open_(backend)
     receiver.expect(dst.spec("d", BLOCKS))
     handle = sender.begin(src.spec("d", BLOCKS))
     send_all(handle, src, BLOCKS, layers=[0])
@@ -108,12 +111,13 @@ def test_receiver_killed_mid_transfer(pair):
     assert time.monotonic() - t0 < 3
 
 
-def test_no_receiver_at_all():
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_no_receiver_at_all(backend):
     src = FakeRunner()
-    receiver = make_receiver(KVTransferConfig(backend="grpc"), FakeRunner())
+    receiver = make_receiver(KVTransferConfig(backend=backend), FakeRunner())
     endpoint = receiver.endpoint
     receiver.close()
-    handle = make_sender(KVTransferConfig(backend="grpc"), endpoint).begin(src.spec("e", BLOCKS))
+    handle = make_sender(KVTransferConfig(backend=backend), endpoint).begin(src.spec("e", BLOCKS))
     send_all(handle, src, BLOCKS)
     t0 = time.monotonic()
     with pytest.raises(PeerUnavailable):
@@ -121,9 +125,10 @@ def test_no_receiver_at_all():
     assert time.monotonic() - t0 < 3
 
 
-def test_silent_sender_times_out(pair):
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_silent_sender_times_out(pair, backend):
     src, dst, open_ = pair
-    receiver, sender = open_(timeout_s=0.5)
+    receiver, sender = open_(backend, timeout_s=0.5)
     done = receiver.expect(dst.spec("f", BLOCKS))
     handle = sender.begin(src.spec("f", BLOCKS))
     send_all(handle, src, BLOCKS, layers=[0])

@@ -7,13 +7,14 @@ import torch
 
 from splitserve.config import KVTransferConfig
 from splitserve.kv_transfer import IntegrityError, make_receiver, make_sender, wire
+from splitserve.kv_transfer.tcp import TcpLink
 from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
 
 SRC_BLOCKS = [3, 0, 7, 5]
 DST_BLOCKS = [9, 2, 14, 6]  # non-contiguous, unsorted
 
 
-@pytest.mark.parametrize("backend", ["local", "grpc"])
+@pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pages_arrive_bit_exact(backend, dtype):
     src, dst = FakeRunner(dtype=dtype, seed=1), FakeRunner(dtype=dtype, seed=2)
@@ -57,18 +58,35 @@ def test_layer_larger_than_chunk_is_split(monkeypatch):
     assert len(chunks) == src.num_layers * 4 and max(chunks) == 32 << 10
 
 
-def test_corrupted_byte_is_detected(monkeypatch):
-    real_pack = wire.pack_chunk
+def _flip_last_byte_of_layer_1(backend: str, monkeypatch) -> None:
+    """Corrupt the wire: the last byte of layer 1's payload, where each backend hands it to its transport."""
+    if backend == "grpc":
+        real_pack = wire.pack_chunk
 
-    def flip_last_byte(layer, offset, total, payload):
-        data = bytearray(real_pack(layer, offset, total, payload))
-        if layer == 1:
-            data[-1] ^= 0x01
-        return bytes(data)
+        def pack(layer, offset, total, payload):
+            data = bytearray(real_pack(layer, offset, total, payload))
+            if layer == 1:
+                data[-1] ^= 0x01
+            return bytes(data)
 
-    monkeypatch.setattr(wire, "pack_chunk", flip_last_byte)
+        monkeypatch.setattr(wire, "pack_chunk", pack)
+    else:
+        real_send = TcpLink.send
+
+        def send(self, key, layer, payload):
+            data = bytearray(payload)
+            if layer == 1:
+                data[-1] ^= 0x01
+            real_send(self, key, layer, memoryview(data))
+
+        monkeypatch.setattr(TcpLink, "send", send)
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_corrupted_byte_is_detected(backend, monkeypatch):
+    _flip_last_byte_of_layer_1(backend, monkeypatch)
     src, dst = FakeRunner(), FakeRunner()
-    cfg = KVTransferConfig(backend="grpc", checksum=True)
+    cfg = KVTransferConfig(backend=backend, checksum=True)
     receiver = make_receiver(cfg, dst)
     try:
         done = receiver.expect(dst.spec("bad", DST_BLOCKS))
@@ -82,9 +100,10 @@ def test_corrupted_byte_is_detected(monkeypatch):
         receiver.close()
 
 
-def test_layout_mismatch_is_refused():
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_layout_mismatch_is_refused(backend):
     src, dst = FakeRunner(), FakeRunner()
-    cfg = KVTransferConfig(backend="grpc")
+    cfg = KVTransferConfig(backend=backend)
     receiver = make_receiver(cfg, dst)
     try:
         done = receiver.expect(dst.spec("m", DST_BLOCKS))
@@ -98,12 +117,13 @@ def test_layout_mismatch_is_refused():
         receiver.close()
 
 
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
 @pytest.mark.parametrize(("compression", "max_rel"), [("int8", 1 / 127), ("fp8", 1 / 8)])
-def test_compression_error_is_bounded(compression, max_rel):
+def test_compression_error_is_bounded(backend, compression, max_rel):
     if compression == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no float8 in this torch")
     src, dst = FakeRunner(dtype=torch.bfloat16, seed=3), FakeRunner(dtype=torch.bfloat16, seed=4)
-    cfg = KVTransferConfig(backend="grpc", compression=compression, checksum=True)
+    cfg = KVTransferConfig(backend=backend, compression=compression, checksum=True)
     receiver = make_receiver(cfg, dst)
     try:
         done = receiver.expect(dst.spec("q", DST_BLOCKS))
@@ -122,3 +142,25 @@ def test_compression_error_is_bounded(compression, max_rel):
         assert not torch.equal(a, b) or compression == "fp8"
     raw = src.gather_pages(0, SRC_BLOCKS).numel() * 2 * src.num_layers
     assert sent < raw * 0.6  # 1 byte per value instead of 2, plus the scales
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_transfers_of_many_sizes_through_one_receiver(backend):
+    """tcp reuses staging memory across transfers on a CPU sink: larger, smaller and equal ones all land exact."""
+    src, dst = FakeRunner(blocks=64, seed=5), FakeRunner(blocks=64, seed=6)
+    cfg = KVTransferConfig(backend=backend)
+    receiver = make_receiver(cfg, dst)
+    sender = make_sender(cfg, receiver.endpoint)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for i, n in enumerate([20, 5, 30, 7, 7, 3, 40, 12]):
+            blocks = torch.randperm(64, generator=g)[:n].tolist()
+            done = receiver.expect(dst.spec(f"s{i}", blocks))
+            handle = sender.begin(src.spec(f"s{i}", blocks))
+            send_all(handle, src, blocks)
+            handle.finish()
+            done.result(timeout=5)
+            assert pages_equal(src, blocks, dst, blocks), n
+    finally:
+        sender.close()
+        receiver.close()

@@ -155,7 +155,7 @@ def test_quick_cpu_profile_of_the_tiny_model(measured, capsys):
     assert all(s > 0 for s in seconds) and seconds == sorted(seconds) and seconds[-1] > seconds[0]
     # A step costs something; how the fit splits it between base and per-sequence is up to the (noisy) CPU.
     assert profile.decode.base_s + profile.decode.per_seq_s > 0
-    assert set(profile.kv_transfer) == {"local", "grpc", "nccl"}
+    assert set(profile.kv_transfer) == {"local", "grpc", "tcp", "nccl"}
     assert all(t.bandwidth_bytes_per_s > 0 for t in profile.kv_transfer.values())
     assert (profile.kv_transfer["nccl"].latency_s, profile.kv_transfer["nccl"].bandwidth_bytes_per_s) == (5e-4, 2e10)
     header = measured.read_text().split("\nmodel:")[0]
