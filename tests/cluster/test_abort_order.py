@@ -92,82 +92,80 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
 def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_loop(tiny_model_dir):
     """Ray runs aborts on the control concurrency group's own event loop thread, while the token channel lives on
     the default loop: the request's stream must still end on the channel with CANCELLED, and every page come back."""
-    config = tiny_cluster_config(tiny_model_dir)
-    control = asyncio.new_event_loop()
-    threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
 
-    async def scenario():
-        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
-        try:
-            await worker.ready()
-            free = worker.engine.blocks.num_free
-            channel = worker.outputs()
-            long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=100, ignore_eos=True), attempt=0)
-            await worker.start_local(long)
-            first = await channel.__anext__()
-            assert first and all(isinstance(item, TokenBatch) and item.attempt == 0 for item in first)
-            produced = sum(len(item.tokens) for item in first)
-            aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
-            ended: StreamFailure | None = None
-            while ended is None:
-                for item in await channel.__anext__():
-                    if isinstance(item, StreamFailure):
-                        ended = item
-                    else:
-                        produced += len(item.tokens)
-            assert (ended.request_id, ended.attempt) == ("r1", 0) and ended.error.code == ErrorCode.CANCELLED
-            assert produced < 100
-            assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
-            stats = await worker.stats()
-            assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
-        finally:
-            worker._thread.stop()
-            worker.receiver.close()
+    async def scenario(worker: DecodeWorker, control: asyncio.AbstractEventLoop):
+        free = worker.engine.blocks.num_free
+        channel = worker.outputs()
+        long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=100, ignore_eos=True), attempt=0)
+        await worker.start_local(long)
+        first = await channel.__anext__()
+        assert first and all(isinstance(item, TokenBatch) and item.attempt == 0 for item in first)
+        produced = sum(len(item.tokens) for item in first)
+        aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
+        ended: StreamFailure | None = None
+        while ended is None:
+            for item in await channel.__anext__():
+                if isinstance(item, StreamFailure):
+                    ended = item
+                else:
+                    produced += len(item.tokens)
+        assert (ended.request_id, ended.attempt) == ("r1", 0) and ended.error.code == ErrorCode.CANCELLED
+        assert produced < 100
+        assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+        stats = await worker.stats()
+        assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
 
-    try:
-        asyncio.run(asyncio.wait_for(scenario(), 60))
-    finally:
-        control.call_soon_threadsafe(control.stop)
+    _run_beside_a_control_loop(tiny_model_dir, scenario)
 
 
 def test_an_abort_overtaken_by_the_start_it_cancels_still_ends_the_stream(tiny_model_dir):
     """The abort ends the stream first (none is open yet: the request's start is still on its way), the start then
     opens it and puts the request in the batch, and only then does the abort drop it from the engine: the stream
     must end too, not stay open with nothing left to finish it (the chaos suite's abort storm found one left so)."""
-    config = tiny_cluster_config(tiny_model_dir)
+
+    async def scenario(worker: DecodeWorker, control: asyncio.AbstractEventLoop):
+        free = worker.engine.blocks.num_free
+        channel = worker.outputs()
+        gate: Future[None] = Future()
+        worker.receiver.unwritten = lambda request_id: gate  # fake: the abort waits here until the start is in
+        aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
+        await asyncio.sleep(0.2)  # its first end of the stream has run, with no stream open
+        long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=1000, ignore_eos=True), attempt=0)
+        await worker.start_local(long)
+        gate.set_result(None)
+        assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+
+        async def failure() -> StreamFailure:
+            while True:
+                for item in await channel.__anext__():
+                    if isinstance(item, StreamFailure):
+                        return item
+
+        ended = await asyncio.wait_for(failure(), 10)
+        assert (ended.request_id, ended.attempt, ended.error.code) == ("r1", 0, ErrorCode.CANCELLED)
+        stats = await worker.stats()
+        assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
+
+    _run_beside_a_control_loop(tiny_model_dir, scenario)
+
+
+def _run_beside_a_control_loop(model_dir, scenario) -> None:
+    """Run ``scenario(worker, control)`` on an in-process decode worker, with a second event loop on its own thread
+    standing in for the control concurrency group's, where Ray runs aborts."""
+    config = tiny_cluster_config(model_dir)
     control = asyncio.new_event_loop()
     threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
 
-    async def scenario():
-        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
+    async def run() -> None:
+        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(model_dir)))
         try:
             await worker.ready()
-            free = worker.engine.blocks.num_free
-            channel = worker.outputs()
-            gate: Future[None] = Future()
-            worker.receiver.unwritten = lambda request_id: gate  # fake: the abort waits here until the start is in
-            aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
-            await asyncio.sleep(0.2)  # its first end of the stream has run, with no stream open
-            long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=1000, ignore_eos=True), attempt=0)
-            await worker.start_local(long)
-            gate.set_result(None)
-            assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
-
-            async def failure() -> StreamFailure:
-                while True:
-                    for item in await channel.__anext__():
-                        if isinstance(item, StreamFailure):
-                            return item
-
-            ended = await asyncio.wait_for(failure(), 10)
-            assert (ended.request_id, ended.attempt, ended.error.code) == ("r1", 0, ErrorCode.CANCELLED)
-            stats = await worker.stats()
-            assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
+            await scenario(worker, control)
         finally:
             worker._thread.stop()
             worker.receiver.close()
 
     try:
-        asyncio.run(asyncio.wait_for(scenario(), 60))
+        asyncio.run(asyncio.wait_for(run(), 60))
     finally:
         control.call_soon_threadsafe(control.stop)
