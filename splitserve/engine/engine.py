@@ -24,7 +24,7 @@ from splitserve.engine import detokenizer
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks
 from splitserve.engine.host_copy import DeviceWait
 from splitserve.engine.model import LayerHook
-from splitserve.engine.overlap import PENDING_TOKEN, InFlight
+from splitserve.engine.overlap import PENDING_TOKEN, InFlight, awaits_token
 from splitserve.engine.runner import BatchOutput, ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason, SeqStatus, Sequence
@@ -43,8 +43,8 @@ class EngineConfig:
     max_batch_size: int = 128
     enable_prefix_caching: bool = True
     load_tokenizer: bool = True
-    # Launch each decode-only step before reading the previous one back. None: where the device runs ahead of the
-    # host (CUDA); on the CPU a forward pass is synchronous, so True only exercises the pipeline (tests).
+    # Launch each step before reading the previous one back. None: where the device runs ahead of the host (CUDA);
+    # on the CPU a forward pass is synchronous, so True only exercises the pipeline (tests).
     overlap_decode: bool | None = None
 
 
@@ -96,7 +96,7 @@ class Engine:
         self.step_times = StepTimes()
         overlap = config.overlap_decode
         self.overlap_decode = self.runner.device.type == "cuda" if overlap is None else overlap
-        self._in_flight: InFlight | None = None  # the decode step launched and not read back yet
+        self._in_flight: InFlight | None = None  # the step launched and not read back yet
 
     # --- requests ---
 
@@ -244,8 +244,7 @@ class Engine:
         not its last one already in flight (a sequence is never computed past its ``max_tokens`` or the context)."""
         if seq.num_tokens - seq.num_computed_tokens != 1:
             return False
-        in_flight = seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN
-        return not (in_flight and self._ends_by_length(seq))
+        return not (awaits_token(seq) and self._ends_by_length(seq))
 
     def _ends_by_length(self, seq: Sequence) -> bool:
         return len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
@@ -255,14 +254,15 @@ class Engine:
         the device, then read that step back. Whether a step was launched, and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
         chunks, decodes = self._schedule()
-        if chunks or decodes:
+        launching = bool(chunks or decodes)
+        if launching:
             feed = previous.feed_for(decodes) if previous is not None else None
             launched = self.runner.launch(chunks, decodes, feed=feed)
             self._commit_prompt_blocks(seq for seq, _ in chunks)
             for seq in launched.seqs:
                 seq.output_token_ids.append(PENDING_TOKEN)
             self._in_flight = InFlight(launched, [len(seq.output_token_ids) - 1 for seq in launched.seqs])
-        return bool(chunks or decodes), self._read_in_flight(previous) if previous is not None else []
+        return launching, self._read_in_flight(previous) if previous is not None else []
 
     def _drain(self) -> list[TokenOutput]:
         """Read back the step in flight, if any: the ordinary scheduler needs every token on the host."""
@@ -332,7 +332,7 @@ class Engine:
             return
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
-        while seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
+        while awaits_token(seq):
             seq.output_token_ids.pop()  # a token computed in an overlapped step after the one that ended it
         if self._in_flight is not None and self._in_flight.includes(seq):
             self._in_flight.deferred.append(seq)  # the step in flight still writes its KV

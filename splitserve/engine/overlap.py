@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 PENDING_TOKEN = -1  # an output token sampled on the device and not read back yet
 
 
+def awaits_token(seq: Sequence) -> bool:
+    """Whether ``seq``'s newest output token is still on the device (a step in flight sampled it)."""
+    return bool(seq.output_token_ids) and seq.output_token_ids[-1] == PENDING_TOKEN
+
+
 @dataclass
 class TokenFeed:
     """Input ids still on the device: row ``rows[i]`` of a step reads ``source[source_rows[i]]``."""
@@ -54,7 +59,7 @@ class TokenFeed:
 
 @dataclass(eq=False)
 class InFlight:
-    """A launched decode step, not read back yet."""
+    """A launched step, not read back yet."""
 
     step: LaunchedStep
     at: list[int]  # per row: the index of its placeholder in its sequence's output_token_ids
@@ -71,7 +76,7 @@ class InFlight:
         """Where ``batch``'s placeholders will come from: this step's sampled tokens."""
         rows, source_rows = [], []
         for i, seq in enumerate(batch):
-            if seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
+            if awaits_token(seq):
                 rows.append(i)
                 source_rows.append(self._rows[seq])
         if not rows:
