@@ -180,7 +180,7 @@ def fit_mixed(
     modelled = [
         max(
             float(np.interp(p.chunk + p.decodes, prefill_tokens, prefill_seconds)),
-            decode.base_s + decode.per_seq_s * p.decodes + decode.per_context_token_s * p.decodes * (p.context + 1),
+            decode.step_time(p.decodes, p.decodes * (p.context + 1)),
         )
         for p in points
     ]

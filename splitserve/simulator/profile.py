@@ -50,6 +50,9 @@ class DecodeSpec(_Strict):
     per_seq_s: float = Field(ge=0, description="Cost per sequence in the batch: compute, sampling.")
     per_context_token_s: float = Field(ge=0, description="Cost per cached token read by attention.")
 
+    def step_time(self, batch: int, context_tokens: int) -> float:
+        return self.base_s + self.per_seq_s * batch + self.per_context_token_s * context_tokens
+
 
 class MixedSpec(_Strict):
     """A colocated step with both a prompt chunk and decodes, beyond the longer of the two alone.
@@ -121,8 +124,7 @@ class Profile(_Strict):
         return out
 
     def decode_step_time(self, batch: int, context_tokens: int) -> float:
-        d = self.decode
-        return d.base_s + d.per_seq_s * batch + d.per_context_token_s * context_tokens
+        return self.decode.step_time(batch, context_tokens)
 
     def transfer_time(self, tokens: int, backend: str) -> float:
         spec = self.kv_transfer[backend]
