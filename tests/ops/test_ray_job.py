@@ -3,6 +3,7 @@ SDK, `ray job stop`; then the job is STOPPED after a clean drain, its actors are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -27,10 +28,14 @@ SERVE_S = 150
 STOP_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked, so the kernel cannot hand one out twice
+    (one-at-a-time picks collided in CI: Ray refuses two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _wait_for(condition, what: str, timeout: float, details=lambda: ""):
@@ -53,7 +58,8 @@ def ray_head() -> Iterator[str]:
     """
     from ray.job_submission import JobSubmissionClient
 
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    gcs, dashboard_port, agent_http, agent_grpc, metrics, runtime_env, client_server = _free_ports(7)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
     temp_dir = tempfile.mkdtemp(prefix="ssray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "SPLITSERVE_CPU_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -66,14 +72,14 @@ def ray_head() -> Iterator[str]:
             "--block",
             "--disable-usage-stats",
             "--node-ip-address=127.0.0.1",
-            f"--port={_free_port()}",
-            f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard_port}",
             # Every fixed default port too, so a Ray already running here (another test run) cannot clash.
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--ray-client-server-port={client_server}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             "--num-cpus=2",
