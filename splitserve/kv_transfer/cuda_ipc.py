@@ -21,6 +21,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from splitserve.engine.host_copy import index_tensor
 from splitserve.engine.page_copy import scatter_pages
+from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError
 from splitserve.kv_transfer.expectations import Expectation
@@ -143,7 +144,7 @@ class IpcWriter(LayerWriter):
             return None
         return _Pending(pages, event)
 
-    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
+    def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, _Pending)
         self._go.wait()  # READY, STOP or the end of the call sets it
         self._copy(layer, prepared.pages, prepared.event)

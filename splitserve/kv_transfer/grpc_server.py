@@ -1,16 +1,20 @@
 """The receiver's gRPC server: lands grpc payloads, and is the control channel of the out-of-band backends.
 
-It runs grpc.aio on its own event-loop thread so that one handler can wait for "next message", "the receiver
-aborted" and "the sender went silent" at once, and answer the sender (READY, STOP, a result or a status) in each case.
+Each sender holds one call (a session) and runs all its transfers to us on it (``wire.py``). The server runs
+grpc.aio on its own event-loop thread: a session's handler routes each message to its transfer's queue, and each
+transfer is a task of its own that can wait for "next message", "the receiver aborted" and "the sender went silent"
+at once, and answer the sender (READY, STOP, RESULT or ERROR) in each case.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -103,26 +107,29 @@ class _LayerAssembler:
         return codec.decode(self.buf, self.codec, self.spec.torch_dtype, self.spec.layer_shape)
 
 
-class _Inbound:
-    """The sender's messages. A read that a wait gave up on stays pending for the next wait: cancelling it would end
-    the call's stream, and a sender told to STOP must still be heard."""
+_SESSION_OVER = None  # queued to each transfer still open when its session ends
 
-    def __init__(self, requests) -> None:
-        self._messages = requests.__aiter__()
+
+class _Inbound:
+    """One transfer's messages, as its session's handler routes them here. A read that a wait gave up on stays
+    pending for the next wait, so no message is lost to a timeout."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[wire.Message | None] = asyncio.Queue()
         self._read: asyncio.Future | None = None
 
     async def next(self, timeout_s: float, abort_wait: asyncio.Future | None = None) -> wire.Message:
         """The next message; TransferAborted if the receiver aborts first, TransferTimeout if the sender is silent."""
         if self._read is None:
-            self._read = asyncio.ensure_future(self._messages.__anext__())
+            self._read = asyncio.ensure_future(self.queue.get())
         waits = {self._read} if abort_wait is None else {self._read, abort_wait}
         done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if self._read in done:
             read, self._read = self._read, None
-            try:
-                return wire.unpack(read.result())
-            except StopAsyncIteration:
-                raise PeerUnavailable("the sender closed the stream without end or abort") from None
+            msg = read.result()
+            if msg is _SESSION_OVER:
+                raise PeerUnavailable("the sender's session ended without end or abort")
+            return msg
         if abort_wait is not None and abort_wait in done:
             raise TransferAborted("aborted by the receiver")
         raise TransferTimeout(f"the sender sent nothing for {timeout_s:g} s")
@@ -130,6 +137,30 @@ class _Inbound:
     def close(self) -> None:
         if self._read is not None:
             self._read.cancel()
+
+
+Reply = Callable[[dict], Awaitable[None]]  # answers one transfer: the header, tagged with its number on the way out
+
+
+class _Answers:
+    """A session's answers to its sender, one write at a time (a call takes no concurrent writes)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self._lock = asyncio.Lock()
+
+    def to(self, tid: int) -> Reply:
+        async def reply(header: dict) -> None:
+            async with self._lock:
+                await self._context.write(wire.pack({**header, "t": tid}))
+
+        return reply
+
+
+def _forget(inbound: dict[int, _Inbound], tasks: set[asyncio.Task], tid: int, task: asyncio.Task) -> None:
+    """A transfer's task is over: later messages for it are dropped."""
+    inbound.pop(tid, None)
+    tasks.discard(task)
 
 
 class TransferServer:
@@ -158,7 +189,7 @@ class TransferServer:
     async def _start(self, host: str, port: int, max_message: int) -> int:
         self._server = grpc.aio.server(options=channel_options(max_message))
         handler = grpc.stream_stream_rpc_method_handler(
-            self._transfer, request_deserializer=wire.identity, response_serializer=wire.identity
+            self._session, request_deserializer=wire.identity, response_serializer=wire.identity
         )
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(wire.SERVICE, {"Transfer": handler})]
@@ -177,18 +208,44 @@ class TransferServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
-    async def _transfer(self, requests, context: grpc.aio.ServicerContext) -> None:
+    async def _session(self, requests, context: grpc.aio.ServicerContext) -> None:
+        """One sender's session: every message to its transfer's task; BEGIN starts one. When the sender goes (or
+        closes the session), the transfers still open fail with PeerUnavailable."""
+        inbound: dict[int, _Inbound] = {}
+        tasks: set[asyncio.Task] = set()
+        answers = _Answers(context)
+        try:
+            async for data in requests:
+                msg = wire.unpack(data)
+                tid = msg.header.get("t")
+                if not isinstance(tid, int):
+                    await context.abort(grpc.StatusCode.DATA_LOSS, f"a {msg.kind!r} message without a transfer number")
+                    return
+                if msg.kind == wire.BEGIN and tid not in inbound:
+                    inbound[tid] = _Inbound()
+                    task = asyncio.create_task(self._transfer(msg, inbound[tid], answers.to(tid)))
+                    tasks.add(task)
+                    task.add_done_callback(functools.partial(_forget, inbound, tasks, tid))
+                elif tid in inbound:
+                    inbound[tid].queue.put_nowait(msg)
+                # else: a message for a transfer that is over here (refused, failed): nothing waits for it
+        except asyncio.CancelledError:
+            for task in tasks:  # the call is gone: nothing can be answered, fail each transfer now
+                task.cancel()
+            raise
+        finally:
+            for transfer in inbound.values():
+                transfer.queue.put_nowait(_SESSION_OVER)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _transfer(self, begin: wire.Message, inbound: _Inbound, reply: Reply) -> None:
         aborted = asyncio.Event()
         abort_wait = asyncio.ensure_future(aborted.wait())
-        inbound = _Inbound(requests)
         exp: Expectation | None = None
         path: OutOfBand | None = None
         opened: object = None
         holding = False  # the pages are held for a sender that writes them itself
         try:
-            begin = await inbound.next(self._timeout_s, abort_wait)
-            if begin.kind != wire.BEGIN:
-                raise IntegrityError(f"first message is {begin.kind!r}, not begin")
             spec = TransferSpec.from_wire(begin.header["spec"])
             handoff_trace.mark("receiver.begin", spec.request_id)
             path = self._out_of_band.get(begin.header["transport"])
@@ -208,35 +265,37 @@ class TransferServer:
                 exp.on_abort(wake)
                 if exp.done:  # aborted between claim and on_abort: the sender has written nothing, and will not
                     raise TransferAborted(f"{spec.request_id}: aborted by the receiver")
-            await context.write(wire.pack({"kind": wire.READY}))
+            await reply({"kind": wire.READY})
             try:
                 result = await self._receive(exp, begin.header, inbound, abort_wait, path, opened)
             except TransferAborted:
                 if mode is AbortMode.STOP and aborted.is_set():
-                    await self._stop_sender(context, inbound)
+                    await self._stop_sender(reply, inbound)
                 raise
             if holding:  # END or ABORT came after the sender's last write: free before the sender is answered
                 holding = False
                 exp.release_pages()
-            await context.write(wire.pack({"kind": wire.RESULT, **result}))
-        except TransferError as err:
+            await reply({"kind": wire.RESULT, **result})
+        except Exception as err:
+            if not isinstance(err, TransferError):  # a bug, or a BEGIN we cannot read: the sender must still hear
+                log.exception("kv_transfer: a transfer failed")
+                err = TransferError(f"the receiver failed: {err!r}")
             if exp is not None and not isinstance(err, TransferAborted):
                 exp.fail(err)
-            await context.abort(code_for(err), str(err))
-            raise AssertionError("context.abort raises") from err
+            await reply({"kind": wire.ERROR, "code": code_for(err).name, "details": str(err)})
         finally:
             abort_wait.cancel()
             inbound.close()
             if path is not None:
                 path.discard(opened)
-            if exp is not None:  # no-op once done; else the sender vanished (RPC cancelled) mid-transfer
+            if exp is not None:  # no-op once done; else the sender vanished (session gone) mid-transfer
                 exp.fail(PeerUnavailable(f"{exp.spec.request_id}: the sender went away mid-transfer"))
                 if holding:  # it stopped (ABORT or END), went away, or stayed silent past the timeout
                     exp.release_pages()
 
-    async def _stop_sender(self, context: grpc.aio.ServicerContext, inbound: _Inbound) -> None:
+    async def _stop_sender(self, reply: Reply, inbound: _Inbound) -> None:
         """Tell a sender that writes into our pages to stop, and wait until it says it has (ABORT or END)."""
-        await context.write(wire.pack({"kind": wire.STOP}))
+        await reply({"kind": wire.STOP})
         deadline = time.monotonic() + self._timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:

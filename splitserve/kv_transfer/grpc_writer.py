@@ -60,7 +60,7 @@ class InlineWriter(LayerWriter):
     def prepare(self, layer: int, pages: torch.Tensor) -> StagedLayer:
         return StagedLayer.stage(pages, self._codec)
 
-    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
+    def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, StagedLayer)
         data = prepared.host_bytes()
         total = len(data)
@@ -68,7 +68,7 @@ class InlineWriter(LayerWriter):
             part = data[offset : offset + self._chunk]
             if self._checksum:
                 self._crc = codec.crc32(part, self._crc)
-            yield wire.pack_chunk(layer, offset, total, part)
+            yield wire.chunk(layer, offset, total, part)
 
     def end_fields(self) -> dict:
         return {"checksum": self._crc if self._checksum else None}

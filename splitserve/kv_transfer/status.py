@@ -1,4 +1,5 @@
-"""The mapping between gRPC status codes and the typed transfer errors, used by both ends of the wire."""
+"""The mapping between gRPC status codes and the typed transfer errors, used by both ends of the wire: as the
+status of a failed session call, and by name in a transfer's ERROR message."""
 
 from __future__ import annotations
 
@@ -31,5 +32,11 @@ def error_from_rpc(err: grpc.RpcError, peer: str) -> TransferError:
     details = err.details() or code.name
     if code == grpc.StatusCode.CANCELLED:
         return PeerUnavailable(f"{peer}: the receiver went away ({details})")
-    cls = _FROM_CODE.get(code, TransferError)
-    return cls(f"{peer}: {details}")
+    return error_from_code(code, details, peer)
+
+
+def error_from_code(code: grpc.StatusCode | str, details: str, peer: str) -> TransferError:
+    """An ERROR message's code (by name) or a call's status as a typed error; unknown codes are plain TransferError."""
+    if isinstance(code, str):
+        code = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+    return _FROM_CODE.get(code, TransferError)(f"{peer}: {details}")

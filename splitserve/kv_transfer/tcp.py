@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
-from splitserve.kv_transfer import codec
+from splitserve.kv_transfer import codec, wire
 from splitserve.kv_transfer.base import TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError, PeerUnavailable, TransferTimeout
 from splitserve.kv_transfer.expectations import Expectation
@@ -309,7 +309,7 @@ class TcpWriter(LayerWriter):
     def prepare(self, layer: int, pages: torch.Tensor) -> StagedLayer:
         return StagedLayer.stage(pages, self._link.compression)
 
-    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
+    def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, StagedLayer)
         self._ready.wait()  # the receiver knows the key once it answered READY (or the call is over: halt)
         if not self._halted:

@@ -1,10 +1,13 @@
-"""The framing of one transfer's messages: ``[u32 big-endian header length][msgpack header][raw payload]``.
+"""The framing of transfer messages: ``[u32 big-endian header length][msgpack header][raw payload]``.
 
-A transfer is one bidirectional RPC. The sender sends BEGIN (the spec), then per layer the CHUNKs carrying its
-bytes (grpc; the out-of-band backends, cuda_ipc and nccl, send nothing per layer), then END (with the checksum or
-the layers it moved) or ABORT. The receiver answers READY once it has claimed the reserved pages (a sender that
+A sender keeps one bidirectional RPC open to each receiver (a session) and runs every transfer to it on that call;
+each header carries ``t``, the transfer's number in the session (a new call per transfer cost ~2 ms of set-up on
+the CPU box, more than a 16 MB transfer's bytes). Per transfer the sender sends BEGIN (the spec), then per layer
+the CHUNKs carrying its bytes (grpc; the out-of-band backends send nothing per layer), then END (with the checksum
+or the layers it moved) or ABORT. The receiver answers READY once it has claimed the reserved pages (a sender that
 writes into them itself waits for it), STOP when it aborts a transfer whose sender must stop writing and say so
-with ABORT, and RESULT last. Failures are gRPC status codes (see ``status.py``).
+with ABORT, and RESULT last, or ERROR (a gRPC status code's name and details, see ``status.py``) in its place.
+A failed session (a status on the call itself) fails every transfer on it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ SERVICE = "splitserve.kv.KVTransfer"
 METHOD = f"/{SERVICE}/Transfer"
 
 BEGIN, CHUNK, END, ABORT = "begin", "chunk", "end", "abort"  # sender -> receiver
-READY, STOP, RESULT = "ready", "stop", "result"  # receiver -> sender
+READY, STOP, RESULT, ERROR = "ready", "stop", "result", "error"  # receiver -> sender
+
+Outgoing = tuple[dict, "bytes | memoryview"]  # a header and its payload, before framing
 
 _LEN = struct.Struct(">I")
 
@@ -38,9 +43,9 @@ def pack(header: dict, payload: bytes | memoryview = b"") -> bytes:
     return b"".join((_LEN.pack(len(head)), head, payload))
 
 
-def pack_chunk(layer: int, offset: int, total: int, payload: memoryview) -> bytes:
+def chunk(layer: int, offset: int, total: int, payload: memoryview) -> Outgoing:
     """One slice of a layer's encoded bytes (tests patch this to corrupt the wire)."""
-    return pack({"kind": CHUNK, "layer": layer, "offset": offset, "total": total}, payload)
+    return {"kind": CHUNK, "layer": layer, "offset": offset, "total": total}, payload
 
 
 def unpack(data: bytes) -> Message:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from splitserve.kv_transfer import TransferAborted
+from splitserve.kv_transfer import TransferAborted, wire
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand
 from splitserve.kv_transfer.receiver import KVReceiver
@@ -174,7 +174,7 @@ class FakeDirectWriter(LayerWriter):
         self._issue(layer, pages)
         return None
 
-    def messages(self, layer: int, prepared: object) -> Iterator[bytes]:
+    def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, torch.Tensor)
         self.go.wait()
         self._issue(layer, prepared)

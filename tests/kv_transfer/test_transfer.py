@@ -42,8 +42,8 @@ def test_layer_larger_than_chunk_is_split(monkeypatch):
     )
     blocks = list(range(40, 8, -1))  # 32 blocks: 2*32*16*2*16*4 = 131 kB per layer
     chunks = []
-    real_pack = wire.pack_chunk
-    monkeypatch.setattr(wire, "pack_chunk", lambda *a: chunks.append(len(a[3])) or real_pack(*a))
+    real_chunk = wire.chunk
+    monkeypatch.setattr(wire, "chunk", lambda *a: chunks.append(len(a[3])) or real_chunk(*a))
     cfg = KVTransferConfig(backend="grpc", chunk_bytes=32 << 10)
     receiver = make_receiver(cfg, dst)
     try:
@@ -61,15 +61,15 @@ def test_layer_larger_than_chunk_is_split(monkeypatch):
 def _flip_last_byte_of_layer_1(backend: str, monkeypatch) -> None:
     """Corrupt the wire: the last byte of layer 1's payload, where each backend hands it to its transport."""
     if backend == "grpc":
-        real_pack = wire.pack_chunk
+        real_chunk = wire.chunk
 
-        def pack(layer, offset, total, payload):
-            data = bytearray(real_pack(layer, offset, total, payload))
-            if layer == 1:
+        def chunk(layer, offset, total, payload):
+            data = bytearray(payload)
+            if layer == 1 and offset + len(data) == total:
                 data[-1] ^= 0x01
-            return bytes(data)
+            return real_chunk(layer, offset, total, memoryview(data))
 
-        monkeypatch.setattr(wire, "pack_chunk", pack)
+        monkeypatch.setattr(wire, "chunk", chunk)
     else:
         real_send = TcpLink.send
 
