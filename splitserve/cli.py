@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     sc = sub.add_parser("scale", help="resize a pool at run time (scale prefill 3), or --rebalance the phases")
-    sc.add_argument("role", nargs="?", choices=["prefill", "decode"])
+    sc.add_argument("role", nargs="?", choices=["prefill", "decode", "mixed"])
     sc.add_argument("replicas", nargs="?", type=int)
     sc.add_argument("--rebalance", action="store_true", help="move one worker to the phase with sustained overload")
     _admin_arguments(sc)

@@ -95,7 +95,12 @@ class DecodePoolConfig(_PoolConfig):
 
 
 class MixedPoolConfig(DecodePoolConfig):
-    replicas: int = Field(0, ge=0, description="Workers that serve either phase (Splitwise's mixed pool).")
+    replicas: int = Field(
+        0,
+        ge=0,
+        description="Splitwise's mixed pool: decode workers that also run whole requests (prompt and decode, "
+        "chunked) whenever every prefill worker is backed up or full, under any router policy.",
+    )
     max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one prefill chunk.")
 
 

@@ -89,7 +89,7 @@ class ScaleResult:
 @dataclass
 class _Worker:
     worker_id: str
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "mixed"
     actor: Any
     info: dict[str, Any] = field(default_factory=dict)
     stats: WorkerStats | None = None
@@ -136,10 +136,12 @@ class Cluster:
         return opts
 
     def _roles(self) -> list[str]:
-        return ["prefill", "decode"] if self.config.mode == ServingMode.disaggregated else ["decode"]
+        """The pools this cluster runs; ``mixed`` workers are decode workers that also take prompt overflow."""
+        split = ["prefill"] if self.config.mode == ServingMode.disaggregated else []
+        return [*split, "decode", "mixed"]
 
     def _pool(self, role: str) -> _PoolConfig:
-        return self.config.prefill if role == "prefill" else self.config.decode
+        return {"prefill": self.config.prefill, "decode": self.config.decode, "mixed": self.config.mixed}[role]
 
     def _spawn(self, role: str, worker_id: str) -> _Worker:
         from splitserve.decode_worker.worker import DecodeWorker
@@ -222,7 +224,7 @@ class Cluster:
         else:
             worker.channel = TokenChannel(worker.worker_id, worker.actor, on_broken=lambda: self._replace(worker))
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
-            self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue)
+            self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, mixed=worker.role == "mixed")
         return worker
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -248,8 +250,9 @@ class Cluster:
                 ErrorCode.INVALID_ARGUMENT,
                 f"role: {role!r} is not a pool of this {self.config.mode.value} cluster; use one of {self._roles()}",
             )
-        if replicas < 1:
-            raise ServingError(ErrorCode.INVALID_ARGUMENT, "replicas: must be at least 1 (a pool cannot be empty)")
+        least = 0 if role == "mixed" else 1  # the mixed pool is optional; the others carry every request
+        if replicas < least:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"replicas: the {role} pool needs at least {least}")
         if self._draining:
             raise ServingError(ErrorCode.UNAVAILABLE, "the cluster is shutting down")
         async with self._scale_lock:
@@ -560,14 +563,14 @@ class Cluster:
         so a Prometheus collector can read it at scrape time."""
         return [
             {
+                **(w.stats.__dict__ if w.stats else {}),
                 "worker_id": w.worker_id,
-                "role": w.role,
+                "role": w.role,  # the pool (a mixed-pool worker's own stats say "decode", the actor it runs)
                 "healthy": w.healthy,
                 "restarts": w.restarts,
                 "draining": w.worker_id in self._retiring,
                 "device": w.info.get("device"),
                 "gpu_uuid": w.info.get("gpu_uuid"),
-                **(w.stats.__dict__ if w.stats else {}),
             }
             for w in list(self.workers.values())
         ]

@@ -7,7 +7,11 @@ Policies:
 - ``jsq``: join the shortest queue, by pending prefill tokens for prompts and by KV occupancy for decoding
   (Splitwise's scheduler);
 - ``mixed``: jsq, and when every prefill worker is backed up while a decode worker is lightly loaded, that decode
-  worker runs the prompt itself (Splitwise's mixed pool).
+  worker runs the prompt itself.
+
+Workers of the ``mixed`` pool (Splitwise's mixed pool) are decode workers that also take prompt overflow under any
+policy: they decode like the others, and when every prefill worker is backed up (or none can take the request) the
+least-loaded of them runs the whole request itself, before the ``mixed`` policy would turn to an idle decode worker.
 
 A worker being removed (scale down, role switch) is marked draining: it keeps its running requests and gets no new
 ones. The router also samples each phase's pressure, so ``rebalance_move`` can suggest moving one worker from the
@@ -41,10 +45,15 @@ class _WorkerLoad:
     max_queue: int = 1 << 30
     healthy: bool = True
     draining: bool = False
+    mixed: bool = False  # decode: a mixed-pool worker, which also runs whole requests when prefill is backed up
 
     @property
     def occupancy(self) -> float:
         return self.held_tokens / self.capacity_tokens if self.capacity_tokens else 0.0
+
+
+def _decode_key(w: _WorkerLoad) -> tuple[float, int]:
+    return w.occupancy, w.requests
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Router:
     _decode: dict[str, _WorkerLoad] = field(default_factory=dict)
     _rr_prefill: itertools.count = field(default_factory=itertools.count)
     _rr_decode: itertools.count = field(default_factory=itertools.count)
+    _rr_mixed: itertools.count = field(default_factory=itertools.count)
     balance: PhaseBalance = field(default_factory=PhaseBalance)
 
     # --- membership ---
@@ -103,8 +113,10 @@ class Router:
     def add_prefill_worker(self, worker_id: str, max_queue: int) -> None:
         self._prefill[worker_id] = _WorkerLoad(worker_id, max_queue=max_queue)
 
-    def add_decode_worker(self, worker_id: str, capacity_tokens: int, max_queue: int) -> None:
-        self._decode[worker_id] = _WorkerLoad(worker_id, capacity_tokens=capacity_tokens, max_queue=max_queue)
+    def add_decode_worker(self, worker_id: str, capacity_tokens: int, max_queue: int, mixed: bool = False) -> None:
+        self._decode[worker_id] = _WorkerLoad(
+            worker_id, capacity_tokens=capacity_tokens, max_queue=max_queue, mixed=mixed
+        )
 
     def remove_worker(self, worker_id: str) -> None:
         self._prefill.pop(worker_id, None)
@@ -145,30 +157,41 @@ class Router:
     def place(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> Placement:
         """Pick the workers for a request and book its load on them."""
         excluded = set(exclude)
-        decode = self._choose(self._decode, lambda w: (w.occupancy, w.requests), self._rr_decode, excluded)
+        decode = self._choose(self._decode, _decode_key, self._rr_decode, excluded)
         prefill: _WorkerLoad | None = None
         if self._prefill:
+            refused: ServingError | None = None
             try:
                 prefill = self._choose(
                     self._prefill, lambda w: (w.pending_tokens, w.requests), self._rr_prefill, excluded
                 )
-            except ServingError:
-                if self.policy != RouterPolicy.mixed:
-                    raise
-        if (
-            self.policy == RouterPolicy.mixed
-            and (prefill is None or prefill.pending_tokens >= MIXED_PREFILL_BACKLOG_TOKENS)
-            and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY
-        ):
-            prefill = None
-        elif prefill is None and self._prefill:
-            raise ServingError(ErrorCode.UNAVAILABLE, "no prefill worker can take the request; retry later")
+            except ServingError as err:
+                refused = err
+            if prefill is None or prefill.pending_tokens >= MIXED_PREFILL_BACKLOG_TOKENS:
+                local = self._overflow(decode, excluded)
+                if local is not None:
+                    prefill, decode = None, local
+                elif refused is not None:
+                    raise refused
         if prefill is not None:
             prefill.pending_tokens += prompt_tokens
             prefill.requests += 1
         decode.held_tokens += prompt_tokens + max_tokens
         decode.requests += 1
         return Placement(prefill.worker_id if prefill else None, decode.worker_id)
+
+    def _overflow(self, decode: _WorkerLoad, excluded: set[str]) -> _WorkerLoad | None:
+        """Who runs a whole request while prefill is backed up: a mixed-pool worker, else (``mixed`` policy) the
+        chosen decode worker if it is nearly idle, else nobody (the request waits in a prefill queue)."""
+        mixed = {k: w for k, w in self._decode.items() if w.mixed}
+        if mixed:
+            try:
+                return self._choose(mixed, _decode_key, self._rr_mixed, excluded)
+            except ServingError:
+                pass  # every mixed worker is full or down
+        if self.policy == RouterPolicy.mixed and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY:
+            return decode
+        return None
 
     # --- bookkeeping as requests move on ---
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "mixed")
 WORKER_COLUMNS = ("WORKER", "ROLE", "HEALTHY", "RESTARTS", "DEVICE", "QUEUED", "ACTIVE", "BATCH", "KV USED", "ROUTED")
 
 
