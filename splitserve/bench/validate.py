@@ -21,7 +21,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.metrics import Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
-from splitserve.config import ConfigError, Device, KVBackend, RouterPolicy, ServingMode, SplitserveConfig, load_config
+from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
@@ -106,17 +106,25 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
 def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
     """The simulator's view of ``config`` in ``mode``, with the limits the workers get (``options_for``): colocated
     is the decode pool alone, chunking prompts by the prefill budget; ``auto`` KV is what it picks between Ray
-    actors (tcp on CPU, nccl on GPUs); the ``mixed`` policy is simulated as ``jsq``, its base."""
+    actors (tcp on CPU, nccl on GPUs); the mixed pool joins a disaggregated cluster."""
     batch_tokens, batch_size = config.prefill.max_batch_tokens, config.decode.max_batch_size
     decode = PoolSpec(config.decode.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
     backend = config.kv_transfer.backend
     if backend == KVBackend.auto:
         backend = KVBackend.tcp if config.cluster.device == Device.cpu else KVBackend.nccl
-    policy: Policy = "round_robin" if config.router.policy == RouterPolicy.round_robin else "jsq"
+    policy = cast(Policy, config.router.policy.value)  # the same three names
     if mode == ServingMode.colocated:
         return ClusterSpec("colocated", prefill=decode, policy=policy, kv_backend=backend.value)
     prefill = PoolSpec(config.prefill.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
-    return ClusterSpec("disaggregated", prefill=prefill, decode=decode, policy=policy, kv_backend=backend.value)
+    mixed = config.mixed
+    overflow = (
+        PoolSpec(mixed.replicas, profile, max_batch_tokens=mixed.max_batch_tokens, max_batch_size=mixed.max_batch_size)
+        if mixed.replicas
+        else None
+    )
+    return ClusterSpec(
+        "disaggregated", prefill=prefill, decode=decode, policy=policy, kv_backend=backend.value, mixed=overflow
+    )
 
 
 def as_workload(requests: Sequence[BenchRequest]) -> Workload:

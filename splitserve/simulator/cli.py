@@ -42,7 +42,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--num-requests", type=int, default=5000, help="synthetic count, or the first N rows of --trace")
     w.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("cluster")
-    c.add_argument("--router", choices=["jsq", "round_robin"], default="jsq")
+    c.add_argument(
+        "--router",
+        choices=["jsq", "round_robin", "mixed"],
+        default="jsq",
+        help="as router.policy: mixed lets an idle decode worker prefill while prefill is backed up",
+    )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
     c.add_argument("--max-batch-tokens", type=int, default=8192, help="prefill batch (colocated: step) token budget")
     c.add_argument("--max-batch-size", type=int, default=256, help="decode sequences per step")
@@ -60,6 +65,12 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
     sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: mixed replicas)")
     sim.add_argument("--decode", type=int, default=1, help="decode replicas")
+    sim.add_argument(
+        "--mixed",
+        type=int,
+        default=0,
+        help="mixed-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
+    )
     sim.set_defaults(func=_guarded(_simulate))
     pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")
     _add_common(pl)
@@ -138,8 +149,9 @@ def _positive(args: argparse.Namespace, *flags: str) -> None:
 
 
 def _cluster(
-    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int
+    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int, n_mixed: int = 0
 ) -> ClusterSpec:
+    """The last profile runs the decode (and mixed) pool."""
     limits = {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size}
     return ClusterSpec(
         mode=mode,  # type: ignore[arg-type]
@@ -147,6 +159,7 @@ def _cluster(
         decode=PoolSpec(n_decode, profiles[-1], **limits),
         policy=args.router,
         kv_backend=args.kv_backend,
+        mixed=PoolSpec(n_mixed, profiles[-1], **limits) if n_mixed else None,
     )
 
 
@@ -168,7 +181,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from splitserve.simulator.planner import Evaluated, table
 
     profiles, wl, slo = _inputs(args)
-    cluster = _cluster(args, profiles, args.mode, args.prefill, args.decode)
+    if args.mixed < 0:
+        raise SimInputError(f"--mixed: must be >= 0, got {args.mixed}")
+    cluster = _cluster(args, profiles, args.mode, args.prefill, args.decode, args.mixed)
     result = simulate(cluster, wl)
     m = summarize(result, slo)
     print(table([Evaluated(cluster, m, True)]))

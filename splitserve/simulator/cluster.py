@@ -9,7 +9,7 @@ from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile
 
 Mode = Literal["disaggregated", "colocated"]
-Policy = Literal["round_robin", "jsq"]
+Policy = Literal["round_robin", "jsq", "mixed"]  # as the runtime's router.policy
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,16 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there."""
+    """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there.
+    ``mixed`` (disaggregated only) is the runtime's mixed pool: decode workers that also run whole requests while
+    every prefill worker is backed up (what a colocated replica does all the time, hence the same pool name)."""
 
     mode: Mode
     prefill: PoolSpec
     decode: PoolSpec | None = None
     policy: Policy = "jsq"
     kv_backend: str = "nccl"
+    mixed: PoolSpec | None = None
 
     def __post_init__(self) -> None:
         pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
@@ -40,6 +43,8 @@ class ClusterSpec:
         for name, pool in zip(("prefill", "decode"), pools, strict=False):
             if pool.replicas < 1:  # type: ignore[union-attr]
                 raise SimInputError(f"--{name}: needs >= 1 replica, got {pool.replicas}")  # type: ignore[union-attr]
+        if self.mixed is not None and (self.mode == "colocated" or self.mixed.replicas < 1):
+            raise SimInputError("--mixed: a mixed pool needs disaggregated mode and >= 1 replica (fix: drop --mixed)")
         if self.mode == "disaggregated" and self.kv_backend not in self.prefill.profile.kv_transfer:
             known = ", ".join(self.prefill.profile.kv_transfer)
             raise SimInputError(f"--kv-backend: {self.kv_backend!r} is not in the profile (fix: one of {known})")
@@ -48,7 +53,9 @@ class ClusterSpec:
     def pools(self) -> dict[str, PoolSpec]:
         if self.mode == "colocated":
             return {"mixed": self.prefill}
-        return {"prefill": self.prefill, "decode": self.decode}  # type: ignore[dict-item]
+        assert self.decode is not None  # __post_init__
+        pools = {"prefill": self.prefill, "decode": self.decode}
+        return pools if self.mixed is None else {**pools, "mixed": self.mixed}
 
     @property
     def gpus(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitserve.cluster.router import MIXED_DECODE_IDLE_OCCUPANCY, MIXED_PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.batch import DecodeBatch
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.router import Router
@@ -90,51 +91,173 @@ class _Sim:
     def busy(self) -> dict[str, float]:
         raise NotImplementedError
 
-    def decode_time_fn(self, pool: PoolSpec):  # type: ignore[no-untyped-def]
-        """A decode step's time, the worker loop's own overhead included."""
-        d = pool.profile.decode
-        base, per_seq, per_ctx = d.base_s + pool.profile.serving.step_s, d.per_seq_s, d.per_context_token_s
-        return lambda n, ctx: base + per_seq * n + per_ctx * ctx
+    def init_workers(self, pools: list[PoolSpec]) -> None:
+        """The workers that step continuous batches (decode and mixed pools, or the colocated replicas), in order
+        of ``pools``; each step runs every decoding sequence plus prompt chunks that fill the worker's token
+        budget (Sarathi). A request either joins decoding directly (its KV arrived: ``left`` is 0) or is prefilled
+        there first, chunk by chunk."""
+        self.batches: list[DecodeBatch] = []
+        self.step_fns: list[tuple] = []  # per worker: (decode step time, chunk time, mixed extra, token budget)
+        for pool in pools:
+            d, serving = pool.profile.decode, pool.profile.serving
+            base, per_seq, per_ctx = d.base_s + serving.step_s, d.per_seq_s, d.per_context_token_s
+            fns = (
+                lambda n, ctx, base=base, per_seq=per_seq, per_ctx=per_ctx: base + per_seq * n + per_ctx * ctx,
+                self.prefill_time_fn(pool),
+                pool.profile.mixed.extra_s,
+                pool.max_batch_tokens,
+            )
+            for _ in range(pool.replicas):
+                self.batches.append(DecodeBatch(pool))
+                self.step_fns.append(fns)
+        workers = len(self.batches)
+        self.prefilling: list[deque[int]] = [deque() for _ in range(workers)]
+        self.completing: list[list[int]] = [[] for _ in range(workers)]
+        self.load = [0] * workers  # reserved KV tokens of assigned, unfinished requests
+        self.worker_of = [0] * len(self.wl)
+        self.left = [0] * len(self.wl)  # prompt tokens a stepping worker has still to prefill
 
     def prefill_time_fn(self, pool: PoolSpec):  # type: ignore[no-untyped-def]
         """A prefill pass's time, the worker loop's own overhead included."""
         prefill_time, step = pool.profile.prefill_time, pool.profile.serving.step_s
         return lambda tokens: prefill_time(tokens) + step
 
+    def assign(self, r: int, w: int, t: float, prefill_here: bool) -> None:
+        """Book request ``r`` on stepping worker ``w``; ``prefill_here``: it is prefilled there too."""
+        self.worker_of[r] = w
+        self.load[w] += self.need[r]
+        if prefill_here:
+            self.left[r] = self.prompt[r]
+            self.enqueue(r, t)
+
+    def enqueue(self, r: int, t: float) -> None:
+        """``r`` waits for admission on its worker (its KV arrived, or it is to be prefilled there)."""
+        w = self.worker_of[r]
+        b = self.batches[w]
+        b.waiting.append(r)
+        if not b.busy:
+            self.run_steps(w, t)
+
+    def run_steps(self, w: int, t: float) -> None:
+        """Admit waiting requests and run steps until one would end past the horizon (then it becomes an event).
+        Step time = max(decode_step(n, ctx), prefill(chunk + n)): whichever of memory-bound decode and
+        compute-bound prefill dominates, plus the profile's ``mixed.extra_s`` when the step has both; a step with
+        no chunk is a plain decode step."""
+        b, pre, need, left, prompt, out, offsets = (
+            self.batches[w],
+            self.prefilling[w],
+            self.need,
+            self.left,
+            self.prompt,
+            self.out,
+            self.offsets,
+        )
+        decode_time, chunk_time, mixed_extra, budget_max = self.step_fns[w]
+        horizon, wq, completing = self.horizon(), b.waiting, self.completing[w]
+        while True:
+            while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
+                r = wq.popleft()
+                b.kv_used += need[r]
+                if left[r]:
+                    pre.append(r)
+                else:
+                    b.join(r, prompt[r], out[r] - 1, offsets)
+            if b.n == 0 and not pre:
+                b.busy = False
+                return
+            chunk = 0
+            if pre:
+                budget = budget_max - b.n
+                for r in pre:
+                    if budget <= 0:
+                        break
+                    take = min(left[r], budget)
+                    left[r] -= take
+                    chunk += take
+                    budget -= take
+                    if left[r] == 0:
+                        completing.append(r)
+                for _ in completing:
+                    pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
+            dt = decode_time(b.n, b.context_tokens()) if b.n else 0.0
+            if chunk:
+                dt = max(dt, chunk_time(chunk + b.n)) + (mixed_extra if b.n else 0.0)
+            b.busy_s += dt
+            t += dt
+            if t > horizon:
+                b.busy = True
+                self.push(t, STEP_DONE, w)
+                return
+            self.step_done(w, t)
+
+    def step_done(self, w: int, t: float) -> None:
+        b, need, finish, load = self.batches[w], self.need, self.finish, self.load
+        for r in b.complete_step(self.offsets):
+            finish[r] = t
+            b.kv_used -= need[r]
+            load[w] -= need[r]
+        completing = self.completing[w]
+        for r in completing:  # prompts prefilled here: their first token came with this step
+            self.first[r] = t
+            if self.out[r] == 1:
+                finish[r] = t
+                b.kv_used -= need[r]
+                load[w] -= need[r]
+            else:
+                b.join(r, self.prompt[r], self.out[r] - 1, self.offsets)
+        completing.clear()
+
 
 class _Disaggregated(_Sim):
-    """Prefill pool batches prompts (prepacking up to max_batch_tokens); KV moves; decode pool runs batches."""
+    """Prefill pool batches prompts (prepacking up to max_batch_tokens); KV moves; decode pool runs batches. While
+    every prefill worker is backed up, a mixed-pool worker (or, under the ``mixed`` policy, an idle decode worker)
+    runs the whole request, as the runtime's router does."""
 
     def __init__(self, cluster: ClusterSpec, wl: Workload) -> None:
         super().__init__(cluster, wl)
         pre, dec = cluster.prefill, cluster.decode
         assert dec is not None
-        self.pre_pool, self.dec_pool = pre, dec
+        self.pre_pool = pre
         xfer = pre.profile.kv_transfer[cluster.kv_backend]
         self.xfer = (
             xfer.latency_s + wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)
         ).tolist()
         self.prefill_time = self.prefill_time_fn(pre)
-        self.decode_time = self.decode_time_fn(dec)
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas
         self.pf_busy = 0.0
-        self.batches = [DecodeBatch(dec) for _ in range(dec.replicas)]
-        self.dec_load = [0] * dec.replicas  # reserved KV tokens of assigned, unfinished requests
-        self.decode_of = [0] * len(wl)
+        mixed = cluster.mixed
+        self.init_workers([dec] if mixed is None else [dec, mixed])
+        self.n_decode = dec.replicas  # decode workers first, then the mixed pool's
         self.pf_router = Router(cluster.policy, pre.replicas)
-        self.dec_router = Router(cluster.policy, dec.replicas)
+        self.dec_router = Router(cluster.policy, len(self.batches))
+        self.mixed_router = Router(cluster.policy, mixed.replicas) if mixed is not None else None
+        self.idle_fallback = cluster.policy == "mixed"
 
     def arrive(self, r: int, t: float) -> None:
         w = self.pf_router.choose(self.pf_load)
-        d = self.dec_router.choose(self.dec_load)
-        self.decode_of[r] = d
-        self.dec_load[d] += self.need[r]
+        d = self.dec_router.choose(self.load)
+        if self.pf_load[w] >= MIXED_PREFILL_BACKLOG_TOKENS:
+            local = self.overflow(d)
+            if local is not None:
+                self.assign(r, local, t, prefill_here=True)
+                return
+        self.assign(r, d, t, prefill_here=False)
         self.pf_load[w] += self.prompt[r]
         self.queues[w].append(r)
         if self.pf_batch[w] is None:
             self.start_prefill(w, t)
+
+    def overflow(self, d: int) -> int | None:
+        """The worker that runs a whole request while prefill is backed up (``Router._overflow`` of the runtime)."""
+        if self.mixed_router is not None:
+            mixed = self.load[self.n_decode :]
+            return self.n_decode + self.mixed_router.choose(mixed)
+        b = self.batches[d]
+        if self.idle_fallback and self.load[d] <= MIXED_DECODE_IDLE_OCCUPANCY * b.cap:
+            return d
+        return None
 
     def start_prefill(self, w: int, t: float) -> None:
         q, prompt = self.queues[w], self.prompt
@@ -155,13 +278,9 @@ class _Disaggregated(_Sim):
     def handle(self, kind: int, x: int, t: float) -> None:
         if kind == STEP_DONE:
             self.step_done(x, t)
-            self.run_decode(x, t)
+            self.run_steps(x, t)
         elif kind == KV_ARRIVED:
-            w = self.decode_of[x]
-            b = self.batches[w]
-            b.waiting.append(x)
-            if not b.busy:
-                self.run_decode(w, t)
+            self.enqueue(x, t)
         else:
             self.prefill_done(x, t)
 
@@ -174,131 +293,34 @@ class _Disaggregated(_Sim):
             load[w] -= self.prompt[r]
             if out[r] == 1:
                 self.finish[r] = t
-                self.dec_load[self.decode_of[r]] -= self.need[r]
+                self.load[self.worker_of[r]] -= self.need[r]
             else:
                 self.push(t + xfer[r], KV_ARRIVED, r)
         self.pf_batch[w] = None
         if self.queues[w]:
             self.start_prefill(w, t)
 
-    def run_decode(self, w: int, t: float) -> None:
-        """Admit waiting requests and run steps until one would end past the horizon (then it becomes an event)."""
-        b, need, prompt, out, offsets = self.batches[w], self.need, self.prompt, self.out, self.offsets
-        horizon, decode_time, wq = self.horizon(), self.decode_time, b.waiting
-        while True:
-            while wq and b.fits(need[wq[0]]):
-                r = wq.popleft()
-                b.kv_used += need[r]
-                b.join(r, prompt[r], out[r] - 1, offsets)
-            if b.n == 0:
-                b.busy = False
-                return
-            dt = decode_time(b.n, b.context_tokens())
-            b.busy_s += dt
-            t += dt
-            if t > horizon:
-                b.busy = True
-                self.push(t, STEP_DONE, w)
-                return
-            self.step_done(w, t)
-
-    def step_done(self, w: int, t: float) -> None:
-        b = self.batches[w]
-        for r in b.complete_step(self.offsets):
-            self.finish[r] = t
-            b.kv_used -= self.need[r]
-            self.dec_load[w] -= self.need[r]
-
     def busy(self) -> dict[str, float]:
-        return {"prefill": self.pf_busy, "decode": sum(b.busy_s for b in self.batches)}
+        busy = {"prefill": self.pf_busy, "decode": sum(b.busy_s for b in self.batches[: self.n_decode])}
+        if self.mixed_router is not None:
+            busy["mixed"] = sum(b.busy_s for b in self.batches[self.n_decode :])
+        return busy
 
 
 class _Colocated(_Sim):
-    """One pool, chunked prefill (Sarathi): each step runs every decoding sequence plus prompt chunks that fill
-    the token budget. Step time = max(decode_step(n, ctx), prefill(chunk + n)): whichever of memory-bound decode
-    and compute-bound prefill dominates, plus the profile's ``mixed.extra_s`` when the step has both; a step with
-    no chunk is a plain decode step."""
+    """One pool of replicas, each prefilling its own requests in chunks beside its decodes (``run_steps``)."""
 
     def __init__(self, cluster: ClusterSpec, wl: Workload) -> None:
         super().__init__(cluster, wl)
-        pool = cluster.prefill
-        self.pool = pool
-        self.prefill_time = self.prefill_time_fn(pool)
-        self.decode_time = self.decode_time_fn(pool)
-        self.mixed_extra = pool.profile.mixed.extra_s
-        self.batches = [DecodeBatch(pool) for _ in range(pool.replicas)]
-        self.prefilling: list[deque[int]] = [deque() for _ in range(pool.replicas)]
-        self.completing: list[list[int]] = [[] for _ in range(pool.replicas)]
-        self.left = list(self.prompt)  # prompt tokens not yet prefilled
-        self.load = [0] * pool.replicas
-        self.worker_of = [0] * len(wl)
-        self.router = Router(cluster.policy, pool.replicas)
+        self.init_workers([cluster.prefill])
+        self.router = Router(cluster.policy, cluster.prefill.replicas)
 
     def arrive(self, r: int, t: float) -> None:
-        w = self.router.choose(self.load)
-        self.worker_of[r] = w
-        self.load[w] += self.need[r]
-        b = self.batches[w]
-        b.waiting.append(r)
-        if not b.busy:
-            self.run_mixed(w, t)
+        self.assign(r, self.router.choose(self.load), t, prefill_here=True)
 
     def handle(self, kind: int, x: int, t: float) -> None:
         self.step_done(x, t)
-        self.run_mixed(x, t)
-
-    def run_mixed(self, w: int, t: float) -> None:
-        b, pre, need, left = self.batches[w], self.prefilling[w], self.need, self.left
-        horizon, wq, budget_max = self.horizon(), b.waiting, self.pool.max_batch_tokens
-        while True:
-            while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
-                r = wq.popleft()
-                b.kv_used += need[r]
-                pre.append(r)
-            if b.n == 0 and not pre:
-                b.busy = False
-                return
-            budget = budget_max - b.n
-            chunk = 0
-            completing = self.completing[w]
-            for r in pre:
-                if budget <= 0:
-                    break
-                take = min(left[r], budget)
-                left[r] -= take
-                chunk += take
-                budget -= take
-                if left[r] == 0:
-                    completing.append(r)
-            for _ in completing:
-                pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
-            dt = self.decode_time(b.n, b.context_tokens()) if b.n else 0.0
-            if chunk:
-                dt = max(dt, self.prefill_time(chunk + b.n)) + (self.mixed_extra if b.n else 0.0)
-            b.busy_s += dt
-            t += dt
-            if t > horizon:
-                b.busy = True
-                self.push(t, STEP_DONE, w)
-                return
-            self.step_done(w, t)
-
-    def step_done(self, w: int, t: float) -> None:
-        b, need, finish = self.batches[w], self.need, self.finish
-        for r in b.complete_step(self.offsets):
-            finish[r] = t
-            b.kv_used -= need[r]
-            self.load[w] -= need[r]
-        completing = self.completing[w]
-        for r in completing:
-            self.first[r] = t
-            if self.out[r] == 1:
-                finish[r] = t
-                b.kv_used -= need[r]
-                self.load[w] -= need[r]
-            else:
-                b.join(r, self.prompt[r], self.out[r] - 1, self.offsets)
-        completing.clear()
+        self.run_steps(x, t)
 
     def busy(self) -> dict[str, float]:
         return {"mixed": sum(b.busy_s for b in self.batches)}

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import simulate
 from splitserve.simulator.metrics import summarize
@@ -157,3 +158,38 @@ def test_summary_accounts_cost_and_energy(toy):
     busy_s = sum(r.busy_s.values())
     assert m.joules_per_output_token * wl.output_tokens.sum() == pytest.approx(idle_j + busy_s * 450)
     assert 0 < m.slo_attainment <= 1 and m.goodput_rps <= m.requests_per_s
+
+
+def _burst(n: int = 30, prompt: int = 1000, out: int = 20) -> Workload:
+    """Prompts arriving together: the prefill backlog passes the router's overload line after 9 of them."""
+    return Workload(np.zeros(n), np.full(n, prompt), np.full(n, out))
+
+
+def test_a_mixed_pool_runs_the_prompts_a_backed_up_prefill_pool_would_queue(toy):
+    wl = _burst()
+    split = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy))
+    with_mixed = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), mixed=PoolSpec(1, toy))
+    plain, r = simulate(split, wl), simulate(with_mixed, wl)
+    backlog = MIXED_PREFILL_BACKLOG_TOKENS // 1000 + 1  # prompts queued at the prefill worker before overflow
+    assert not np.isnan(r.finish_s).any()
+    assert r.busy_s["mixed"] > 0 and r.busy_s["prefill"] < plain.busy_s["prefill"]
+    # The first `backlog` prompts went through prefill exactly as without the mixed pool; the rest did not wait
+    # for them.
+    np.testing.assert_allclose(r.first_token_s[:backlog], plain.first_token_s[:backlog])
+    assert r.first_token_s[backlog:].max() < plain.first_token_s[backlog:].max()
+    m = summarize(r, SLO())
+    assert set(m.utilisation) == {"prefill", "decode", "mixed"} and m.gpus == 3
+
+
+def test_the_mixed_policy_lets_an_idle_decode_worker_prefill_and_changes_nothing_below_the_line(toy):
+    def run(policy, wl):
+        return simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), policy=policy), wl)
+
+    burst = _burst()
+    jsq, mixed = run("jsq", burst), run("mixed", burst)
+    assert mixed.first_token_s.max() < jsq.first_token_s.max()
+    assert mixed.busy_s["prefill"] < jsq.busy_s["prefill"]  # some prompts ran on the decode worker instead
+    calm = _wl(2, 2000, prompt="500", output="20", seed=4)  # the backlog never nears 8192 tokens
+    base, same = run("jsq", calm), run("mixed", calm)
+    np.testing.assert_array_equal(base.first_token_s, same.first_token_s)
+    np.testing.assert_array_equal(base.finish_s, same.finish_s)
