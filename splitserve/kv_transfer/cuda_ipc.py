@@ -100,6 +100,7 @@ def open_kv_cache(blob: bytes) -> torch.Tensor:
 
 class IpcInbox(OutOfBand):
     on_receiver_abort = AbortMode.STOP
+    hooks_block = False
 
     def close(self, exp: Expectation, opened: object, end: dict) -> None:
         """The sender already wrote the pages it names; just count them."""

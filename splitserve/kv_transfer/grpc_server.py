@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -35,6 +36,7 @@ from splitserve.kv_transfer.status import code_for
 from splitserve.netaddr import join_host_port
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AbortMode(enum.Enum):
@@ -48,9 +50,14 @@ class AbortMode(enum.Enum):
 
 
 class OutOfBand:
-    """How a backend that moves bytes outside gRPC takes part in a transfer; each hook runs in a worker thread."""
+    """How a backend that moves bytes outside gRPC takes part in a transfer."""
 
     on_receiver_abort = AbortMode.CUT
+    hooks_block = True  # open/close wait on I/O or a device, so they run in a worker thread; a backend whose hooks
+    # only count (cuda_ipc) runs them on the event loop and saves the thread hop on the END -> RESULT path
+
+    async def run(self, hook: Callable[..., T], *args: object) -> T:
+        return await asyncio.to_thread(hook, *args) if self.hooks_block else hook(*args)
 
     def open(self, spec: TransferSpec, begin: dict) -> object:
         """At BEGIN, before the expectation is claimed, so it runs for a transfer about to be refused too."""
@@ -250,7 +257,7 @@ class TransferServer:
             handoff_trace.mark("receiver.begin", spec.request_id)
             path = self._out_of_band.get(begin.header["transport"])
             mode = AbortMode.CUT if path is None else path.on_receiver_abort
-            opened = None if path is None else await asyncio.to_thread(path.open, spec, begin.header)
+            opened = None if path is None else await path.run(path.open, spec, begin.header)
             exp = self._table.claim(spec)
             handoff_trace.mark("receiver.claimed", spec.request_id)
             holding = mode is AbortMode.STOP
@@ -328,7 +335,7 @@ class TransferServer:
             elif msg.kind == wire.END:
                 handoff_trace.mark("receiver.end", exp.spec.request_id)
                 if path is not None:
-                    await asyncio.to_thread(path.close, exp, opened, msg.header)
+                    await path.run(path.close, exp, opened, msg.header)
                 if exp.done:  # aborted while draining: report that abort
                     exp.future.result()
                 if begin.get("checksum") and transport == "grpc" and msg.header["checksum"] != checksum:
