@@ -26,7 +26,8 @@ EVENTS = (
     "prefill.last_layer",  # the engine thread has queued the last layer's send (host time: the GPU is behind)
     "prefill.first_token",  # the prompt's first token is sampled (the GPU finished the pass)
     "router.first_token",  # ... and reached the router, which tells the decode worker to start
-    "sender.end",  # END leaves the prefill worker
+    "sender.end",  # the prefill worker's session takes END up
+    "sender.drained",  # ... and, all its writes done (device copies, sends), puts it on the wire
     "decode.start",  # the router's start reached the decode worker
     "receiver.end",  # END reached the decode worker
     "receiver.pages_in",  # out-of-band bytes are in (nccl: the receives completed)

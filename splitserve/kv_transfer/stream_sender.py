@@ -143,6 +143,8 @@ class StreamHandle:
         self._session: _Session | None = None
         self._tid = -1
         self._outbox = _Outbox(self._wake, interruptible=writer.interruptible)
+        self._layers_sent: set[int] = set()
+        self._ended = False  # END is queued: every layer was sent, or finish() came first
         self._result: Future[dict] = Future()
         self._settle_lock = threading.Lock()
         self.last_progress = time.monotonic()
@@ -159,16 +161,23 @@ class StreamHandle:
         prepared = self._writer.prepare(layer, pages)
         if prepared is not None:  # None: the layer went out of band with nothing to announce (no wake-up of gRPC)
             self._outbox.put(lambda: self._writer.messages(layer, prepared))
+        self._layers_sent.add(layer)
+        if len(self._layers_sent) == self.spec.num_layers:
+            self._queue_end()  # the receiver can complete while this pass still computes its logits and samples
 
     def finish(self) -> int:
-        if self._aborted is None:
-            self._writer.seal()
-            self._outbox.put(self._end)
-            self._outbox.close()
+        self._queue_end()
         reply = self._wait()
         if self._aborted is not None or not reply.get("ok", False):
             raise TransferAborted(f"{self.spec.request_id}: aborted by the sender ({self._aborted})")
         return int(reply["bytes"])
+
+    def _queue_end(self) -> None:
+        if self._aborted is None and not self._ended:
+            self._ended = True
+            self._writer.seal()
+            self._outbox.put(self._end)
+            self._outbox.close()
 
     def abort(self, reason: str) -> None:
         if self._aborted is not None:
@@ -247,6 +256,7 @@ class StreamHandle:
     def _end(self) -> Iterator[wire.Outgoing]:
         handoff_trace.mark("sender.end", self.spec.request_id)
         self._writer.drain()
+        handoff_trace.mark("sender.drained", self.spec.request_id)
         yield {"kind": wire.END, **self._writer.end_fields()}, b""
 
     def _abort_message(self, reason: str) -> Iterator[wire.Outgoing]:

@@ -164,3 +164,25 @@ def test_transfers_of_many_sizes_through_one_receiver(backend):
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_the_receiver_completes_once_every_layer_is_sent(backend):
+    """The decode side may admit while the prefill pass still samples: END follows the last layer, not finish()."""
+    src, dst = FakeRunner(seed=1), FakeRunner(seed=2)
+    cfg = KVTransferConfig(backend=backend)
+    receiver = make_receiver(cfg, dst)
+    sender = make_sender(cfg, receiver.endpoint)
+    try:
+        done = receiver.expect(dst.spec("r1", DST_BLOCKS))
+        handle = sender.begin(src.spec("r1", DST_BLOCKS))
+        send_all(handle, src, SRC_BLOCKS, layers=range(src.num_layers - 1))
+        with pytest.raises(TimeoutError):
+            done.result(timeout=0.3)  # a layer is still missing
+        send_all(handle, src, SRC_BLOCKS, layers=[src.num_layers - 1])
+        done.result(timeout=5)  # no finish() yet
+        assert pages_equal(src, SRC_BLOCKS, dst, DST_BLOCKS)
+        assert handle.finish() > 0
+    finally:
+        sender.close()
+        receiver.close()
