@@ -10,6 +10,7 @@ This process sends from cuda:0; a spawned one receives (on cuda:1 for nccl, cuda
 from __future__ import annotations
 
 import queue
+import statistics
 import time
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from splitserve import handoff_trace
 from splitserve.bench.kv_timing import PagedKV
 from splitserve.config import KVTransferConfig
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
@@ -233,9 +235,10 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
         layers = runner.spec.num_layers
         return TransferSpec(request_id, layers, prompt_len, list(range(blocks)), runner.page_shape, "bfloat16")
 
-    def prefill(stream: bool, only_transfer: bool = False) -> tuple[float, float]:
-        """Seconds until the sender's finish() returned, and until the receiver's expectation resolved (the
-        moment decode could admit the request, one control message before finish() hears of it)."""
+    def prefill(stream: bool, only_transfer: bool = False) -> tuple[float, float, float]:
+        """Seconds until the sender's finish() returned, until the receiver's expectation resolved (the moment
+        decode could admit the request, one control message before finish() hears of it), and until the layers were
+        all sent (prefill returned, or the last send_layer did)."""
         seq = engine.make_sequence("p", prompt, SamplingParams(max_tokens=2, ignore_eos=True))  # 1 frees at once
         handle = None
         spec = None
@@ -256,44 +259,57 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
                 nonlocal handle
                 if not stream:
                     return None
+                handoff_trace.mark("prefill.transfer_begin", spec.request_id)
                 handle = sender.begin(spec)
                 index = runner.block_index(seq.block_table)
-                return lambda layer: handle.send_layer(layer, runner.gather_pages(layer, index))
+
+                def on_layer(layer: int) -> None:
+                    handle.send_layer(layer, runner.gather_pages(layer, index))
+                    if layer == runner.spec.num_layers - 1:
+                        handoff_trace.mark("prefill.last_layer", spec.request_id)
+
+                return on_layer
 
             engine.prefill([seq], hook_for=hook_for)
+            if spec is not None:
+                handoff_trace.mark("prefill.first_token", spec.request_id)
+        sent = time.perf_counter() - t0
         if handle is not None:
             handle.finish()
+            handoff_trace.mark("prefill.transfer_done", spec.request_id)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         admit = seconds if spec is None else pair.ask("landed", spec.request_id) - t0
         engine.release(seq.request_id)
-        return seconds, admit
-
-    def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
-        return min(r[0] for r in runs), min(r[1] for r in runs)
+        return seconds, admit, sent
 
     try:
         for warm in (False, True):
             prefill(warm)
-        alone, _ = best([prefill(False) for _ in range(repeats)])
-        transfer, transfer_admit = best([prefill(False, only_transfer=True) for _ in range(repeats)])
-        streamed, streamed_admit = best([prefill(True) for _ in range(repeats)])
+        # Interleaved rounds, medians: the GPU's prefill time drifts by ~2 ms between minutes, as much as what is
+        # measured, so phases run one after the other (all alone, then all streamed) compare different clocks.
+        rounds = [(prefill(False), prefill(False, only_transfer=True), prefill(True)) for _ in range(repeats)]
     finally:
         sender.close()
-    exposed = max(streamed - alone, 0.0)
-    exposed_admit = max(streamed_admit - alone, 0.0)
+    alone = statistics.median(a[0] for a, _, _ in rounds)
+    transfer, transfer_admit = (statistics.median(t[i] for _, t, _ in rounds) for i in (0, 1))
+    streamed, streamed_admit, streamed_sent = (statistics.median(s[i] for _, _, s in rounds) for i in (0, 1, 2))
+    exposed = max(statistics.median(s[0] - a[0] for a, _, s in rounds), 0.0)
+    exposed_admit = max(statistics.median(s[1] - a[0] for a, _, s in rounds), 0.0)
     result = {
         "prompt_tokens": prompt_len,
         "kv_mb": blocks * runner.spec.num_layers * 2 * block * heads * dim * 2 / 1e6,
         "prefill_ms": alone * 1e3,
         "transfer_alone_ms": transfer * 1e3,
         "prefill_plus_stream_ms": streamed * 1e3,
+        "prefill_with_stream_returned_ms": streamed_sent * 1e3,
         "exposed_ms": exposed * 1e3,
         "hidden_fraction": 1 - exposed / transfer,
         "transfer_alone_to_admit_ms": transfer_admit * 1e3,
         "prefill_plus_stream_to_admit_ms": streamed_admit * 1e3,
         "exposed_to_admit_ms": exposed_admit * 1e3,
         "hidden_fraction_to_admit": 1 - exposed_admit / transfer_admit,
+        "rounds_ms": [[[x * 1e3 for x in run] for run in r] for r in rounds],  # (alone, transfer, streamed) each
     }
     print(
         f"\noverlap, {prompt_len}-token prompt on llama3-8b ({result['kv_mb']:.0f} MB of KV): prefill "
@@ -301,6 +317,8 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
         f"{result['prefill_plus_stream_ms']:.1f} ms -> {result['hidden_fraction']:.0%} of the transfer hidden"
         f"\n  until decode can admit: transfer alone {result['transfer_alone_to_admit_ms']:.1f} ms, prefill+stream "
         f"{result['prefill_plus_stream_to_admit_ms']:.1f} ms -> {result['hidden_fraction_to_admit']:.0%} hidden"
+        f"\n  first token (TTFT on the prefill side): {result['prefill_ms']:.1f} ms alone, "
+        f"{result['prefill_with_stream_returned_ms']:.1f} ms while streaming"
     )
     return result
 
