@@ -148,21 +148,23 @@ def backend_seconds(pair: Pair, endpoint: Any, src: PagedKV, repeats: int) -> fl
     return min(times[1:])
 
 
-def ipc_copy_seconds(endpoint: Any, src: PagedKV, repeats: int) -> float:
+def ipc_copy_seconds(endpoint: Any, src: PagedKV, repeats: int, by_index: bool = False) -> float:
     """cuda_ipc's data path alone: the same per-layer scatter into the receiver's pages through its IPC handle,
-    without the protocol around it (what ``backend_seconds`` adds on top is the control path)."""
+    without the protocol around it (what ``backend_seconds`` adds on top is the control path). ``by_index``
+    selects the (consecutive) blocks with an index tensor, as every transfer did before runs became slices."""
     from splitserve.engine.host_copy import index_tensor
-    from splitserve.engine.page_copy import scatter_pages
+    from splitserve.engine.page_copy import scatter_pages, select_blocks
     from splitserve.kv_transfer.cuda_ipc import open_kv_cache
 
     remote = open_kv_cache(endpoint.ipc_handle)
-    index = index_tensor(list(range(src.blocks)), remote.device)
+    ids = list(range(src.blocks))
+    blocks = index_tensor(ids, remote.device) if by_index else select_blocks(ids, remote.device)
     times = []
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for layer in range(src.layers):
-            scatter_pages(remote[layer], index, src.kv_layers[layer])
+            scatter_pages(remote[layer], blocks, src.kv_layers[layer])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return min(times[1:])
@@ -196,10 +198,17 @@ def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats
         )
         if pair.backend == "cuda_ipc":
             path = ipc_copy_seconds(endpoint, src, repeats)
+            indexed = ipc_copy_seconds(endpoint, src, repeats, by_index=True)
             row.update(
-                data_path_gb_per_s=nbytes / path / 1e9, data_path_ratio=base / path, control_ms=(ours - path) * 1e3
+                data_path_gb_per_s=nbytes / path / 1e9,
+                data_path_ratio=base / path,
+                data_path_by_index_ratio=base / indexed,
+                control_ms=(ours - path) * 1e3,
             )
-            line += f"   data path alone {row['data_path_gb_per_s']:7.1f} GB/s (ratio {row['data_path_ratio']:.2f})"
+            line += (
+                f"   data path alone {row['data_path_gb_per_s']:7.1f} GB/s (ratio {row['data_path_ratio']:.2f}; "
+                f"by index {row['data_path_by_index_ratio']:.2f})"
+            )
         rows.append(row)
         print(line, flush=True)
     return rows

@@ -11,7 +11,6 @@ import torch
 
 from splitserve.config import KVTransferConfig
 from splitserve.engine import page_copy
-from splitserve.engine.host_copy import as_index, index_tensor
 from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 
 # The benchmark's default layout: one block-layer (K and V) is 64 KiB in bf16.
@@ -38,11 +37,11 @@ class PagedKV:
     def nbytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    def block_index(self, block_ids: list[int]) -> torch.Tensor:
-        return index_tensor(block_ids, self.device)
+    def block_index(self, block_ids: list[int]) -> page_copy.Blocks:
+        return page_copy.select_blocks(block_ids, self.device)
 
-    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
-        index = as_index(block_ids, self.device)
+    def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
+        index = page_copy.select_blocks(block_ids, self.device)
         pages = pages.to(self.device, non_blocking=True)
         page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)
 

@@ -29,11 +29,6 @@ def index_tensor(
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def as_index(ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An index already on the device (built once per transfer) as is; a list copied as ``index_tensor`` does."""
-    return ids if isinstance(ids, torch.Tensor) else index_tensor(ids, device)
-
-
 class HostLists:
     """Device tensors on their way into pinned memory (on CUDA; on the CPU they are already there): ``wait`` gives
     them as Python lists once the copy is done, so the host can launch more work between the two."""

@@ -17,7 +17,7 @@ import torch
 from splitserve.engine import page_copy
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.cuda_graphs import DecodeGraphs
-from splitserve.engine.host_copy import DeviceWait, HostLists, as_index, index_tensor
+from splitserve.engine.host_copy import DeviceWait, HostLists, index_tensor
 from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
@@ -338,17 +338,17 @@ class ModelRunner:
 
     # --- KV pages in and out, for the transfer layer ---
 
-    def block_index(self, block_ids: list[int]) -> torch.Tensor:
-        """Block ids as a device tensor, copied without a host sync; build it once per transfer, not per layer."""
-        return index_tensor(block_ids, self.device)
+    def block_index(self, block_ids: list[int]) -> page_copy.Blocks:
+        """Which blocks, for ``gather_pages`` and ``scatter_layers``: build it once per transfer, not per layer."""
+        return page_copy.select_blocks(block_ids, self.device)
 
-    def gather_pages(self, layer: int, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    def gather_pages(self, layer: int, block_ids: list[int] | page_copy.Blocks) -> torch.Tensor:
         """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        return page_copy.gather_pages(self.kv_layers[layer], as_index(block_ids, self.device))
+        return page_copy.gather_pages(self.kv_layers[layer], page_copy.select_blocks(block_ids, self.device))
 
-    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+    def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
         """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
-        index = as_index(block_ids, self.device)
+        index = page_copy.select_blocks(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
         pages = pages.to(self.device, self.dtype, non_blocking=True)
         page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from splitserve.engine.page_copy import Blocks
 from splitserve.kv_transfer.peer import PeerInfo
 
 
@@ -111,10 +112,10 @@ class TransferResult:
 class PageSink(Protocol):
     """Where received pages go: ``ModelRunner`` is one."""
 
-    def block_index(self, block_ids: list[int]) -> torch.Tensor:
-        """The ids as an index on the sink's device, built once per transfer (without a host sync)."""
+    def block_index(self, block_ids: list[int]) -> Blocks:
+        """The ids as a selector of the sink's blocks (``page_copy.select_blocks``), built once per transfer."""
 
-    def scatter_layers(self, first: int, block_ids: list[int] | torch.Tensor, pages: torch.Tensor) -> None:
+    def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
         """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards.
 
         One call for a whole run of layers: a receiver thread that lands layer by layer pays a Python-level round of

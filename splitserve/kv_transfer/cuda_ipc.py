@@ -19,8 +19,7 @@ import msgpack
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from splitserve.engine.host_copy import index_tensor
-from splitserve.engine.page_copy import scatter_pages
+from splitserve.engine.page_copy import scatter_pages, select_blocks
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError
@@ -125,7 +124,7 @@ class IpcWriter(LayerWriter):
 
     def __init__(self, remote_kv: torch.Tensor, spec: TransferSpec, stream: torch.cuda.Stream):
         self._remote = remote_kv
-        self._index = index_tensor(spec.dst_block_ids, remote_kv.device)
+        self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._stream = stream
         self._go = threading.Event()  # READY came, or the transfer is over
         self._lock = threading.Lock()  # a copy is issued entirely before or after ``halt``
@@ -157,7 +156,7 @@ class IpcWriter(LayerWriter):
                 return
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(produced)
-                scatter_pages(self._remote[layer], self._index, pages.to(self._remote.device))
+                scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device))
             pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
             self._written.append(layer)
 

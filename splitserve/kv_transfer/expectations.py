@@ -14,6 +14,7 @@ from concurrent.futures import Future
 
 import torch
 
+from splitserve.engine.page_copy import Blocks
 from splitserve.kv_transfer.base import PageSink, TransferResult, TransferSpec
 from splitserve.kv_transfer.errors import IntegrityError, TransferAborted, TransferError
 
@@ -30,7 +31,7 @@ class Expectation:
         self.started = time.perf_counter()
         self.landed: set[int] = set()
         self.bytes = 0
-        self._index: torch.Tensor | None = None  # dst_block_ids on the sink's device, built at the first landing
+        self._blocks: Blocks | None = None  # dst_block_ids as the sink selects them, built at the first landing
         self._lock = threading.Lock()
         self._on_abort: list[Callable[[str], None]] = []
         self._holds = 0  # senders that may be writing into the pages themselves (cuda_ipc)
@@ -84,10 +85,10 @@ class Expectation:
         with self._lock:
             if self.future.done():
                 return
-            if self._index is None:
-                self._index = self.sink.block_index(self.spec.dst_block_ids)
+            if self._blocks is None:
+                self._blocks = self.sink.block_index(self.spec.dst_block_ids)
             if count:
-                self.sink.scatter_layers(first, self._index, pages)
+                self.sink.scatter_layers(first, self._blocks, pages)
             self.landed.update(range(first, first + count))
             self.bytes += wire_bytes_each * count
             if settle is not None:

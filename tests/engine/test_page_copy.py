@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.page_copy import gather_pages, scatter_pages
+from splitserve.engine.page_copy import gather_pages, scatter_pages, select_blocks
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,32 @@ def test_a_run_of_layers_is_written_in_one_call():
     scatter_pages(cache[1:3], index, pages)
     assert torch.equal(cache, expected)
     assert torch.equal(gather_pages(cache[1:3], index), pages)
+
+
+def test_a_consecutive_run_is_a_slice_and_moves_the_same_bytes_as_an_index():
+    cpu = torch.device("cpu")
+    assert select_blocks([3, 4, 5], cpu) == slice(3, 6)
+    assert isinstance(select_blocks([3, 5, 4], cpu), torch.Tensor)
+    gen = torch.Generator().manual_seed(2)
+    cache = torch.randn(3, 2, 8, 4, 2, 8, generator=gen).to(torch.bfloat16)
+    by_index, by_run = cache.clone(), cache.clone()
+    pages = torch.randn(2, 2, 3, 4, 2, 8, generator=gen).to(torch.bfloat16)
+    scatter_pages(by_index[1:], torch.tensor([3, 4, 5]), pages)
+    scatter_pages(by_run[1:], select_blocks([3, 4, 5], cpu), pages)
+    assert torch.equal(by_run, by_index) and not torch.equal(by_run, cache)
+    assert torch.equal(gather_pages(by_run[1:], slice(3, 6)), pages)
+
+
+def test_a_run_gathered_is_a_copy_even_of_a_whole_layer():
+    """The sender may release the source blocks once a layer is gathered."""
+    cache = torch.zeros(2, 4, 4, 2, 8, dtype=torch.bfloat16)
+    pages = gather_pages(cache, slice(0, 4))
+    cache.fill_(1)
+    assert pages.eq(0).all()
+
+
+def test_pages_that_do_not_fill_the_run_are_refused_not_broadcast():
+    cache = torch.zeros(2, 6, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fill"):
+        scatter_pages(cache, slice(0, 3), torch.ones(2, 1, 4, 2, 8, dtype=torch.bfloat16))
+    assert cache.eq(0).all()
