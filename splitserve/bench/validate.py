@@ -42,8 +42,9 @@ from splitserve.config import ConfigError, Device, KVBackend, ServingMode, Split
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
+from splitserve.simulator.engine import RunResult
 from splitserve.simulator.errors import SimInputError
-from splitserve.simulator.metrics import Metrics
+from splitserve.simulator.metrics import Metrics, Percentiles
 from splitserve.simulator.profile import ServingSpec
 from splitserve.simulator.profile_run import render, write_checked
 from splitserve.slo import SLO
@@ -51,6 +52,10 @@ from splitserve.slo import SLO
 GOAL = 0.10  # predicted within 10% of measured
 DEFAULT_OUT_DIR = "results/sim_validate"
 METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "throughput_tok_s")
+
+
+# How close the fitted TTFT p90 must come to the measured one.
+_FIT_TOLERANCE_S = 1e-7
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -188,18 +193,34 @@ def fit_serving(
     slo: SLO,
 ) -> ServingSpec:
     """The cluster's own overheads from a live run at low load: per step, the excess of the measured median TPOT
-    over the engine-only prediction; then, with that step cost in, the excess of the median TTFT per request."""
+    over the engine-only prediction; then, with that step cost in, the per-request latency and the per-prompt-token
+    one that together match the measured TTFT p50 and p90 (the prompt-length term widens the spread)."""
 
-    def predict(serving: ServingSpec) -> dict[str, float | None]:
-        with_serving = profile.model_copy(update={"serving": serving})
-        return predicted_figures(summarize(simulate(cluster_for(with_serving), workload), slo))
+    def run(serving: ServingSpec) -> RunResult:
+        return simulate(cluster_for(profile.model_copy(update={"serving": serving})), workload)
 
-    def excess_s(metric: str, predicted: dict[str, float | None]) -> float:
-        m, p = measured[metric], predicted[metric]
-        return 0.0 if m is None or p is None else max(0.0, (m - p) / 1e3)
+    m50, p50 = measured["tpot_p50_ms"], predicted_figures(summarize(run(ServingSpec()), slo))["tpot_p50_ms"]
+    step = ServingSpec(step_s=0.0 if m50 is None or p50 is None else max(0.0, (m50 - p50) / 1e3))
+    ttft_p50, ttft_p90 = measured["ttft_p50_ms"], measured["ttft_p90_ms"]
+    if ttft_p50 is None or ttft_p90 is None:
+        return step
+    want_p50, want_p90 = ttft_p50 / 1e3, ttft_p90 / 1e3
+    ttft = run(step).first_token_s - workload.arrival_s
+    prompt = workload.prompt_tokens.astype(np.float64)
 
-    step = ServingSpec(step_s=excess_s("tpot_p50_ms", predict(ServingSpec())))
-    return step.model_copy(update={"request_s": excess_s("ttft_p50_ms", predict(step))})
+    def request_s(per_token_s: float) -> float:
+        return max(0.0, want_p50 - Percentiles.of(ttft + per_token_s * prompt).p50)
+
+    def p90_short_s(per_token_s: float) -> float:
+        return want_p90 - Percentiles.of(ttft + request_s(per_token_s) + per_token_s * prompt).p90
+
+    lo, hi = 0.0, want_p50 / max(1.0, float(np.median(prompt)))  # at hi the prompt term alone is the p50
+    if p90_short_s(lo) <= _FIT_TOLERANCE_S:
+        hi = 0.0  # the prediction is already as wide as the run (one prompt length, or spread from queueing)
+    while hi - lo > _FIT_TOLERANCE_S / max(1.0, float(prompt.max())):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p90_short_s(mid) > 0 else (lo, mid)
+    return step.model_copy(update={"prompt_token_s": hi, "request_s": request_s(hi)})
 
 
 def validate_rate(
@@ -281,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = cluster_spec(config, mode, profile)
         print(
             f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request, "
-            f"{serving.step_s * 1e3:.2f} ms per step; wrote {fitted}"
+            f"{serving.prompt_token_s * 1e6:.1f} us per prompt token, {serving.step_s * 1e3:.2f} ms per step; "
+            f"wrote {fitted}"
         )
     rows = [
         validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo)

@@ -77,8 +77,9 @@ class _Sim:
             else:
                 break
             self.handled += 1
-        # The cluster's per-request latency (hops, admission) delays every token of a request alike.
-        late = self.cluster.prefill.profile.serving.request_s
+        # The cluster's per-request latency (hops, admission, the prompt's own) delays every token of a request alike.
+        serving = self.cluster.prefill.profile.serving
+        late = serving.request_s + serving.prompt_token_s * self.wl.prompt_tokens
         first, finish = np.asarray(self.first) + late, np.asarray(self.finish) + late
         return RunResult(self.cluster, self.wl, first, finish, self.busy(), self.handled)
 

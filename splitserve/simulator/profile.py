@@ -68,10 +68,17 @@ class ServingSpec(_Strict):
     """What a running cluster adds around the engine's own timings (both 0 in a profile of the engine alone).
 
     Fitted from a live run at low load (``sim_validate --fit-serving``): the router and worker hops, admission and
-    token streaming through Ray and gRPC."""
+    token streaming through Ray and gRPC. The per-request latencies shift a request's tokens without holding a GPU:
+    modelled as engine time instead, the per-prompt-token part overshot TTFT at high load by 12-13% on an H200."""
 
     request_s: float = Field(0.0, ge=0, description="Latency added once per request, before its first token.")
     step_s: float = Field(0.0, ge=0, description="Time added to every engine step: the worker loop around it.")
+    prompt_token_s: float = Field(
+        0.0,
+        ge=0,
+        description="Latency added once per request per prompt token, before its first token: what grows with the "
+        "prompt outside the engine's profiled passes (fitted on TTFT's spread, p50 to p90; its cause not isolated).",
+    )
 
 
 class TransferSpec(_Strict):

@@ -89,3 +89,28 @@ def test_fit_serving_recovers_known_overheads():
     fitted = fit_serving(cluster_for, bare, wl, measured, SLO())
     assert fitted.step_s == pytest.approx(true.step_s, rel=1e-6)
     assert fitted.request_s == pytest.approx(true.request_s, rel=1e-6)
+    assert fitted.prompt_token_s == 0.0  # one prompt length: nothing to spread
+
+
+def test_fit_serving_recovers_a_per_prompt_token_latency_from_the_ttft_spread():
+    from splitserve.bench.validate import fit_serving, predicted_figures
+    from splitserve.simulator import ClusterSpec, PoolSpec, simulate, summarize
+    from splitserve.simulator.profile import ServingSpec
+    from splitserve.simulator.workload import Workload
+    from splitserve.slo import SLO
+    from tests.simulator.conftest import make_profile
+
+    bare = make_profile()
+    true = ServingSpec(request_s=0.01, step_s=0.002, prompt_token_s=2e-5)
+
+    def cluster_for(profile):
+        return ClusterSpec("colocated", PoolSpec(1, profile))
+
+    prompts = np.random.default_rng(0).integers(100, 1000, 60)
+    wl = Workload(np.arange(60) * 2.0, prompts, np.full(60, 20))
+    measured = predicted_figures(summarize(simulate(cluster_for(bare.model_copy(update={"serving": true})), wl), SLO()))
+    fitted = fit_serving(cluster_for, bare, wl, measured, SLO())
+    assert fitted.step_s == pytest.approx(true.step_s, rel=1e-6)
+    # p50 and p90 pin two unknowns only up to the percentiles' interpolation between requests
+    assert fitted.prompt_token_s == pytest.approx(true.prompt_token_s, rel=0.05)
+    assert fitted.request_s == pytest.approx(true.request_s, rel=0.05)

@@ -193,3 +193,16 @@ def test_the_mixed_policy_lets_an_idle_decode_worker_prefill_and_changes_nothing
     base, same = run("jsq", calm), run("mixed", calm)
     np.testing.assert_array_equal(base.first_token_s, same.first_token_s)
     np.testing.assert_array_equal(base.finish_s, same.finish_s)
+
+
+def test_a_per_prompt_token_latency_delays_each_request_by_its_own_prompt(toy):
+    prompts = np.array([100, 400, 1600])
+    wl = Workload(np.arange(3) * 10.0, prompts, np.full(3, 4))
+    served = toy.model_copy(update={"serving": toy.serving.model_copy(update={"prompt_token_s": 1e-5})})
+
+    def run(profile):
+        return simulate(ClusterSpec("colocated", PoolSpec(1, profile)), wl)
+
+    bare, r = run(toy), run(served)
+    np.testing.assert_allclose(r.first_token_s - bare.first_token_s, prompts * 1e-5)
+    np.testing.assert_allclose(r.finish_s - bare.finish_s, prompts * 1e-5)
