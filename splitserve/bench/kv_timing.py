@@ -41,9 +41,9 @@ class PagedKV:
         return page_copy.select_blocks(block_ids, self.device)
 
     def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
-        index = page_copy.select_blocks(block_ids, self.device)
+        blocks = page_copy.select_blocks(block_ids, self.device)
         pages = pages.to(self.device, non_blocking=True)
-        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)
+        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)
 
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(

@@ -199,8 +199,10 @@ def fit_serving(
     def run(serving: ServingSpec) -> RunResult:
         return simulate(cluster_for(profile.model_copy(update={"serving": serving})), workload)
 
-    m50, p50 = measured["tpot_p50_ms"], predicted_figures(summarize(run(ServingSpec()), slo))["tpot_p50_ms"]
-    step = ServingSpec(step_s=0.0 if m50 is None or p50 is None else max(0.0, (m50 - p50) / 1e3))
+    tpot_live, tpot_bare = measured["tpot_p50_ms"], predicted_figures(summarize(run(ServingSpec()), slo))["tpot_p50_ms"]
+    step = ServingSpec(
+        step_s=0.0 if tpot_live is None or tpot_bare is None else max(0.0, (tpot_live - tpot_bare) / 1e3)
+    )
     ttft_p50, ttft_p90 = measured["ttft_p50_ms"], measured["ttft_p90_ms"]
     if ttft_p50 is None or ttft_p90 is None:
         return step
@@ -214,9 +216,9 @@ def fit_serving(
     def p90_short_s(per_token_s: float) -> float:
         return want_p90 - Percentiles.of(ttft + request_s(per_token_s) + per_token_s * prompt).p90
 
+    if p90_short_s(0.0) <= _FIT_TOLERANCE_S:  # already as wide as the run (one prompt length, or queueing)
+        return step.model_copy(update={"request_s": request_s(0.0)})
     lo, hi = 0.0, want_p50 / max(1.0, float(np.median(prompt)))  # at hi the prompt term alone is the p50
-    if p90_short_s(lo) <= _FIT_TOLERANCE_S:
-        hi = 0.0  # the prediction is already as wide as the run (one prompt length, or spread from queueing)
     while hi - lo > _FIT_TOLERANCE_S / max(1.0, float(prompt.max())):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if p90_short_s(mid) > 0 else (lo, mid)

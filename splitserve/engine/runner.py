@@ -348,10 +348,10 @@ class ModelRunner:
 
     def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
         """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
-        index = page_copy.select_blocks(block_ids, self.device)
+        blocks = page_copy.select_blocks(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
         pages = pages.to(self.device, self.dtype, non_blocking=True)
-        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], index, pages)
+        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)
 
     @property
     def page_shape(self) -> tuple[int, ...]:
