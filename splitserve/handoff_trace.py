@@ -9,10 +9,9 @@ processes of one host share. ``python -m splitserve.bench.handoff_report DIR`` t
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-from typing import TextIO
+
+from splitserve.trace_file import TraceFile
 
 ENV = "SPLITSERVE_HANDOFF_TRACE"
 
@@ -40,33 +39,15 @@ EVENTS = (
     "router.second_token",  # the first decoded token reached the router
 )
 
-_dir = os.environ.get(ENV) or None
-_lock = threading.Lock()
-_log: tuple[str, int, TextIO] | None = None  # (directory, pid, the open file) of this process's log
+_trace = TraceFile(ENV)
 
 
 def directory() -> str | None:
     """Where this process writes its trace; None while tracing is off."""
-    return _dir
+    return _trace.directory
 
 
 def mark(event: str, request_id: str) -> None:
     """Record ``event`` for ``request_id`` now (a no-op unless tracing is on)."""
-    if _dir is None:
-        return
-    line = f"{time.perf_counter():.6f} {event} {request_id}\n"
-    with _lock:
-        _open_log(_dir).write(line)
-
-
-def _open_log(directory: str) -> TextIO:
-    """This process's log, opened once rather than per event (marks sit on the engine thread's path); line-buffered,
-    so a worker that is killed has written every event it marked."""
-    global _log
-    pid = os.getpid()
-    if _log is None or _log[:2] != (directory, pid):
-        if _log is not None:
-            _log[2].close()
-        os.makedirs(directory, exist_ok=True)
-        _log = (directory, pid, open(os.path.join(directory, f"{pid}.log"), "a", buffering=1))  # noqa: SIM115
-    return _log[2]
+    if _trace.directory is not None:
+        _trace.write(f"{time.perf_counter():.6f} {event} {request_id}\n")

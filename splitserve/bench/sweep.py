@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,7 @@ from splitserve.slo import SLO
 class RateRun:
     summary: Summary
     records: list[RequestRecord]
+    clock_s: tuple[float, float] = (0.0, 0.0)  # time.perf_counter() as the run began and ended (the host's clock)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,12 @@ async def run_sweep(
             requests = make_requests(workload, max_model_len, seed=spec.seed, run=i)
             if i == 0 and warmup:
                 await run_load(client, warmup_requests(requests, warmup), timeout_s)
+            began = time.perf_counter()
             records, duration = await run_load(client, requests, timeout_s)
             offered = rate if rate is not None else workload.rate
-            runs.append(RateRun(summarize(records, duration, slo, label, offered), records))
+            runs.append(
+                RateRun(summarize(records, duration, slo, label, offered), records, (began, time.perf_counter()))
+            )
     return SweepResult(label, max_model_len, runs)
 
 

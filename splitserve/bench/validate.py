@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from splitserve.bench import step_report
 from splitserve.bench.cli import (
     add_workload_args,
     device_name,
@@ -39,6 +40,7 @@ from splitserve.bench.metrics import Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
+from splitserve.engine import step_trace
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
@@ -96,7 +98,12 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
                 f"--measured: {path} is itself a re-prediction (fix: pass the live run's file, {then.measured})"
             )
         runs = [
-            RateRun(Summary(**{**run["measured"], "slo": SLO(**run["measured"]["slo"])}), []) for run in saved["runs"]
+            RateRun(
+                Summary(**{**run["measured"], "slo": SLO(**run["measured"]["slo"])}),
+                [],
+                tuple(run.get("clock_s", (0.0, 0.0))),
+            )
+            for run in saved["runs"]
         ]
         sweep = SweepResult(saved["mode"], int(saved["workload"]["max_model_len"]), runs)
         device = str(saved["device"])
@@ -262,6 +269,20 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([note, *lines])
 
 
+def _served_steps(rows: list[dict[str, Any]], profile: Profile) -> list[tuple[float, str]]:
+    """With a step trace on (``SPLITSERVE_STEP_TRACE``; the workers inherit it), each rate's served steps beside
+    the profile's prices, into its row (``steps``); the tables to print."""
+    directory = step_trace.directory()
+    steps = step_trace.load(directory) if directory is not None else []
+    tables = []
+    for row in rows:
+        if steps:
+            groups = step_report.compare(step_report.within(steps, *row["clock_s"]), profile)
+            row["steps"] = step_report.to_json(groups)
+            tables.append((row["rate"], step_report.format_table(groups)))
+    return tables
+
+
 async def _live(config: SplitserveConfig, mode: ServingMode, spec, rates, slo, args) -> SweepResult:  # type: ignore[no-untyped-def]
     async with local_cluster(config, mode) as address:
         print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
@@ -308,9 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"wrote {fitted}"
         )
     rows = [
-        validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo)
+        {**validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo), "clock_s": list(run.clock_s)}
         for rate, run in zip(rates, sweep.runs, strict=True)
     ]
+    step_tables = _served_steps(rows, profile)
 
     out = out_dir / "sim_validate.json"
     meta = run_meta(
@@ -331,5 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out.write_text(json.dumps({**meta, "runs": rows}, indent=2))
     print(format_table(rows))
+    for rate, table in step_tables:
+        print(f"served steps at rate {rate:g} against the profile's step prices:\n{table}")
     print(f"wrote {out}")
     return 0

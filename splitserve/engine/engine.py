@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from splitserve.engine import detokenizer
+from splitserve.engine import detokenizer, step_trace
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks
 from splitserve.engine.host_copy import DeviceWait
 from splitserve.engine.model import LayerHook
@@ -216,18 +216,25 @@ class Engine:
         start, waited = time.perf_counter(), self.step_times.device_wait_s
         read_back = self._in_flight is not None
         if self.overlap_decode and layer_hook is None and not self._must_preempt():
-            launched, outputs = self._launch_ahead()
+            chunks, decodes, outputs = self._launch_ahead()
         else:
             outputs = self._drain()
             chunks, decodes = self._schedule()
-            launched = bool(chunks or decodes)
-            if launched:
+            if chunks or decodes:
                 out = self.runner.execute(chunks, decodes, layer_hook, self._timed_wait())
                 self._commit_prompt_blocks(seq for seq, _ in chunks)
                 outputs += self._apply(out)
-        if launched or read_back:
-            self.step_times.add_step(time.perf_counter() - start, waited)
+        if chunks or decodes or read_back:
+            self._count_step(start, waited, chunks, decodes, read_back)
         return outputs
+
+    def _count_step(
+        self, start: float, waited: float, chunks: list[tuple[Sequence, int]], decodes: list[Sequence], read_back: bool
+    ) -> None:
+        seconds = time.perf_counter() - start
+        self.step_times.add_step(seconds, waited)
+        if step_trace.enabled():
+            step_trace.record(start, seconds, self.step_times.device_wait_s - waited, chunks, decodes, read_back)
 
     def _timed_wait(self) -> DeviceWait:
         return self.step_times.timed_wait(self.device_wait)
@@ -249,9 +256,9 @@ class Engine:
     def _ends_by_length(self, seq: Sequence) -> bool:
         return len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
-    def _launch_ahead(self) -> tuple[bool, list[TokenOutput]]:
+    def _launch_ahead(self) -> tuple[list[tuple[Sequence, int]], list[Sequence], list[TokenOutput]]:
         """Launch the next step (decodes, and prompt chunks if any) with the tokens of the step in flight taken on
-        the device, then read that step back. Whether a step was launched, and the outputs read back."""
+        the device, then read that step back. The chunks and decodes launched, and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
         chunks, decodes = self._schedule()
         launching = bool(chunks or decodes)
@@ -262,7 +269,7 @@ class Engine:
             for seq in launched.seqs:
                 seq.output_token_ids.append(PENDING_TOKEN)
             self._in_flight = InFlight(launched, [len(seq.output_token_ids) - 1 for seq in launched.seqs])
-        return launching, self._read_in_flight(previous) if previous is not None else []
+        return chunks, decodes, self._read_in_flight(previous) if previous is not None else []
 
     def _drain(self) -> list[TokenOutput]:
         """Read back the step in flight, if any: the ordinary scheduler needs every token on the host."""
@@ -416,7 +423,7 @@ class Engine:
                 out = self.runner.execute(chunks, [], hook, self._timed_wait())
                 self._commit_prompt_blocks(s for s, _ in chunks)
                 outputs += self._apply(out)
-                self.step_times.add_step(time.perf_counter() - start, waited)
+                self._count_step(start, waited, chunks, [], read_back=False)
                 pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
         except BaseException:
             for seq in seqs:

@@ -98,30 +98,17 @@ class _Sim:
         budget (Sarathi). A request either joins decoding directly (its KV arrived: ``left`` is 0) or is prefilled
         there first, chunk by chunk."""
         self.batches: list[DecodeBatch] = []
-        self.step_fns: list[tuple] = []  # per worker: (decode step time, chunk time, mixed extra, token budget)
+        self.step_fns: list[tuple] = []  # per worker: (step time of a shape, token budget)
         for pool in pools:
-            d, serving = pool.profile.decode, pool.profile.serving
-            base, per_seq, per_ctx = d.base_s + serving.step_s, d.per_seq_s, d.per_context_token_s
-            fns = (
-                lambda n, ctx, base=base, per_seq=per_seq, per_ctx=per_ctx: base + per_seq * n + per_ctx * ctx,
-                self.prefill_time_fn(pool),
-                pool.profile.mixed.extra_s,
-                pool.max_batch_tokens,
-            )
             for _ in range(pool.replicas):
                 self.batches.append(DecodeBatch(pool))
-                self.step_fns.append(fns)
+                self.step_fns.append((pool.profile.step_time, pool.max_batch_tokens))
         workers = len(self.batches)
         self.prefilling: list[deque[int]] = [deque() for _ in range(workers)]
         self.completing: list[list[int]] = [[] for _ in range(workers)]
         self.load = [0] * workers  # reserved KV tokens of assigned, unfinished requests
         self.worker_of = [0] * len(self.wl)
         self.left = [0] * len(self.wl)  # prompt tokens a stepping worker has still to prefill
-
-    def prefill_time_fn(self, pool: PoolSpec):  # type: ignore[no-untyped-def]
-        """A prefill pass's time, the worker loop's own overhead included."""
-        prefill_time, step = pool.profile.prefill_time, pool.profile.serving.step_s
-        return lambda tokens: prefill_time(tokens) + step
 
     def assign(self, r: int, w: int, t: float, prefill_here: bool) -> None:
         """Book request ``r`` on stepping worker ``w``; ``prefill_here``: it is prefilled there too."""
@@ -141,9 +128,7 @@ class _Sim:
 
     def run_steps(self, w: int, t: float) -> None:
         """Admit waiting requests and run steps until one would end past the horizon (then it becomes an event).
-        Step time = max(decode_step(n, ctx), prefill(chunk + n)): whichever of memory-bound decode and
-        compute-bound prefill dominates, plus the profile's ``mixed.extra_s`` when the step has both; a step with
-        no chunk is a plain decode step."""
+        A step's time is the profile's for its shape (``Profile.step_time``)."""
         b, pre, need, left, prompt, out, offsets = (
             self.batches[w],
             self.prefilling[w],
@@ -153,7 +138,7 @@ class _Sim:
             self.out,
             self.offsets,
         )
-        decode_time, chunk_time, mixed_extra, budget_max = self.step_fns[w]
+        step_time, budget_max = self.step_fns[w]
         horizon, wq, completing = self.horizon(), b.waiting, self.completing[w]
         while True:
             while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
@@ -180,9 +165,7 @@ class _Sim:
                         completing.append(r)
                 for _ in completing:
                     pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
-            dt = decode_time(b.n, b.context_tokens()) if b.n else 0.0
-            if chunk:
-                dt = max(dt, chunk_time(chunk + b.n)) + (mixed_extra if b.n else 0.0)
+            dt = step_time(chunk, b.n, b.context_tokens() if b.n else 0)
             b.busy_s += dt
             t += dt
             if t > horizon:
@@ -223,7 +206,8 @@ class _Disaggregated(_Sim):
         self.xfer = (
             xfer.latency_s + wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)
         ).tolist()
-        self.prefill_time = self.prefill_time_fn(pre)
+        step_time = pre.profile.step_time
+        self.prefill_time = lambda tokens: step_time(tokens, 0, 0)  # a prefill pass: a step with no decodes
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas

@@ -133,6 +133,17 @@ class Profile(_Strict):
     def decode_step_time(self, batch: int, context_tokens: int) -> float:
         return self.decode.step_time(batch, context_tokens)
 
+    def step_time(self, prefill_tokens: int, decodes: int, context_tokens: int) -> float:
+        """One continuous-batching step, the worker loop's ``serving.step_s`` included: the longer of the decode
+        step (memory-bound) and the prefill of every row (compute-bound), plus ``mixed.extra_s`` when it has both."""
+        step_s = self.serving.step_s
+        seconds = self.decode.step_time(decodes, context_tokens) + step_s if decodes else 0.0
+        if prefill_tokens:
+            seconds = max(seconds, self.prefill_time(prefill_tokens + decodes) + step_s)
+            if decodes:
+                seconds += self.mixed.extra_s
+        return seconds
+
     def transfer_time(self, tokens: int, backend: str) -> float:
         spec = self.kv_transfer[backend]
         return spec.latency_s + tokens * self.kv_bytes_per_token / spec.bandwidth_bytes_per_s

@@ -37,9 +37,9 @@ OUT_OF_BAND_ONLY = {"receiver.pages_in", "receiver.land_issued", "receiver.lande
 
 
 def test_nothing_is_written_while_off(tmp_path, monkeypatch):
-    monkeypatch.setattr(handoff_trace, "_dir", None)
+    monkeypatch.setattr(handoff_trace._trace, "directory", None)
     handoff_trace.mark("router.reserve", "r1")
-    monkeypatch.setattr(handoff_trace, "_dir", str(tmp_path / "on"))
+    monkeypatch.setattr(handoff_trace._trace, "directory", str(tmp_path / "on"))
     handoff_trace.mark("router.reserve", "r1")
     assert [p.name for p in tmp_path.iterdir()] == ["on"]
 
@@ -64,7 +64,7 @@ def test_a_disaggregated_request_leaves_every_event_in_causal_order(tmp_path, ti
     import ray
 
     trace = tmp_path / "trace"
-    monkeypatch.setattr(handoff_trace, "_dir", str(trace))  # the router runs in this process
+    monkeypatch.setattr(handoff_trace._trace, "directory", str(trace))  # the router runs in this process
     env = {"env_vars": {**RAY_TEST_ENV["env_vars"], handoff_trace.ENV: str(trace)}}  # the workers, in theirs
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     try:

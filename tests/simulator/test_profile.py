@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from splitserve.simulator.errors import SimInputError
-from splitserve.simulator.profile import load_profile
+from splitserve.simulator.profile import MixedSpec, ServingSpec, load_profile
 from tests.simulator.conftest import PROFILES
 
 
@@ -61,3 +61,13 @@ def test_unsorted_prefill_points_are_rejected(tmp_path, h100):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SimInputError, match=r"prefill\.tokens"):
         load_profile(path)
+
+
+def test_a_steps_price_follows_its_shape(toy):
+    mixed = toy.model_copy(update={"mixed": MixedSpec(extra_s=0.002), "serving": ServingSpec(step_s=0.001)})
+    decode = toy.decode_step_time(8, 4000)
+    assert mixed.step_time(0, 8, 4000) == pytest.approx(decode + 0.001)
+    assert mixed.step_time(500, 0, 0) == pytest.approx(toy.prefill_time(500) + 0.001)  # no decodes: no mixed extra
+    # Both: the longer of the two (here the prefill of every row), plus the extra.
+    assert mixed.step_time(500, 8, 4000) == pytest.approx(toy.prefill_time(508) + 0.001 + 0.002)
+    assert mixed.step_time(1, 8, 4000) == pytest.approx(max(decode, toy.prefill_time(9)) + 0.001 + 0.002)
