@@ -41,6 +41,7 @@ from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
 from splitserve.engine import step_trace
+from splitserve.engine.step_trace import StepRecord
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
@@ -78,6 +79,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="fit the profile's serving overheads (per request, per step) on the first rate's live run, predict "
         "every rate with them, and write the fitted profile next to the JSON (make the first rate a low one)",
+    )
+    p.add_argument(
+        "--step-trace",
+        metavar="DIR",
+        default=step_trace.directory(),
+        help="the run's step trace (default: $SPLITSERVE_STEP_TRACE, which a live run's workers then write): each "
+        "rate's served steps are set beside the profile's step prices (with --measured: the trace of that run)",
     )
     add_workload_args(p)
     p.set_defaults(out_dir=DEFAULT_OUT_DIR)
@@ -225,8 +233,16 @@ def fit_serving(
 
     if p90_short_s(0.0) <= _FIT_TOLERANCE_S:  # already as wide as the run (one prompt length, or queueing)
         return step.model_copy(update={"request_s": request_s(0.0)})
-    lo, hi = 0.0, want_p50 / max(1.0, float(np.median(prompt)))  # at hi the prompt term alone is the p50
-    while hi - lo > _FIT_TOLERANCE_S / max(1.0, float(prompt.max())):
+    resolution = _FIT_TOLERANCE_S / max(1.0, float(prompt.max()))
+    # The prompt term may take the whole median but no more (request_s is never negative): bound it there first.
+    lo, hi = 0.0, want_p50 / max(1.0, float(np.median(prompt)))
+    while hi - lo > resolution:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if request_s(mid) > 0 else (lo, mid)
+    lo, hi = 0.0, lo
+    if p90_short_s(hi) > 0:  # even then the spread is short: the widest that still keeps the median
+        return step.model_copy(update={"prompt_token_s": hi, "request_s": request_s(hi)})
+    while hi - lo > resolution:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if p90_short_s(mid) > 0 else (lo, mid)
     return step.model_copy(update={"prompt_token_s": hi, "request_s": request_s(hi)})
@@ -269,11 +285,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([note, *lines])
 
 
-def _served_steps(rows: list[dict[str, Any]], profile: Profile) -> list[tuple[float, str]]:
-    """With a step trace on (``SPLITSERVE_STEP_TRACE``; the workers inherit it), each rate's served steps beside
-    the profile's prices, into its row (``steps``); the tables to print."""
-    directory = step_trace.directory()
-    steps = step_trace.load(directory) if directory is not None else []
+def _served_steps(rows: list[dict[str, Any]], steps: Sequence[StepRecord], profile: Profile) -> list[tuple[float, str]]:
+    """With a step trace, each rate's served steps beside the profile's prices, into its row (``steps``); the
+    tables to print."""
     tables = []
     for row in rows:
         if steps:
@@ -310,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    steps = step_trace.load(args.step_trace) if args.step_trace else []
     if args.fit_serving:
         first = as_workload(make_requests(spec.workload(rates[0]), sweep.max_model_len, seed=spec.seed))
         serving = fit_serving(
@@ -332,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {**validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo), "clock_s": list(run.clock_s)}
         for rate, run in zip(rates, sweep.runs, strict=True)
     ]
-    step_tables = _served_steps(rows, profile)
+    step_tables = _served_steps(rows, steps, profile)
 
     out = out_dir / "sim_validate.json"
     meta = run_meta(

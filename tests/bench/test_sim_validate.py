@@ -114,3 +114,28 @@ def test_fit_serving_recovers_a_per_prompt_token_latency_from_the_ttft_spread():
     # p50 and p90 pin two unknowns only up to the percentiles' interpolation between requests
     assert fitted.prompt_token_s == pytest.approx(true.prompt_token_s, rel=0.05)
     assert fitted.request_s == pytest.approx(true.request_s, rel=0.05)
+
+
+def test_fit_serving_keeps_the_median_when_the_spread_asks_for_more_than_it():
+    """A TTFT p90 far above the p50 (a tail the model lacks): the prompt term widens the spread only as far as the
+    median allows (no negative per-request latency), and the median still matches."""
+    from splitserve.bench.validate import fit_serving, predicted_figures
+    from splitserve.simulator import ClusterSpec, PoolSpec, simulate, summarize
+    from splitserve.simulator.workload import Workload
+    from splitserve.slo import SLO
+    from tests.simulator.conftest import make_profile
+
+    bare = make_profile()
+
+    def cluster_for(profile):
+        return ClusterSpec("colocated", PoolSpec(1, profile))
+
+    prompts = np.random.default_rng(0).integers(100, 1000, 60)
+    wl = Workload(np.arange(60) * 2.0, prompts, np.full(60, 20))
+    measured = predicted_figures(summarize(simulate(cluster_for(bare), wl), SLO()))
+    measured = {**measured, "ttft_p50_ms": measured["ttft_p50_ms"] + 5.0, "ttft_p90_ms": measured["ttft_p90_ms"] + 80}
+    fitted = fit_serving(cluster_for, bare, wl, measured, SLO())
+    assert fitted.request_s >= 0 and fitted.prompt_token_s > 0
+    again = predicted_figures(summarize(simulate(cluster_for(bare.model_copy(update={"serving": fitted})), wl), SLO()))
+    assert again["ttft_p50_ms"] == pytest.approx(measured["ttft_p50_ms"], abs=0.01)
+    assert again["ttft_p90_ms"] < measured["ttft_p90_ms"]

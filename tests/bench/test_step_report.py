@@ -42,16 +42,15 @@ def test_a_validation_run_gets_each_rates_steps(tmp_path, monkeypatch):
     for start, decodes in ((1.0, 1), (1.5, 2), (2.5, 4), (9.0, 8)):  # the last is after both runs
         step_trace._trace.write(f"{start} 0.006 0.004 0 0 {decodes} {decodes * 100} 1\n")
     rows = [{"rate": 4.0, "clock_s": [0.5, 2.0]}, {"rate": 8.0, "clock_s": [2.0, 3.0]}]
-    tables = _served_steps(rows, make_profile())
+    tables = _served_steps(rows, step_trace.load(tmp_path), make_profile())
     assert [rate for rate, _ in tables] == [4.0, 8.0]
     assert [g["steps"] for g in rows[0]["steps"]] == [1, 1, 2]  # <=1 row, <=4 rows, all
     assert [g["size"] for g in rows[1]["steps"]] == ["<=4 rows", ""]
 
 
-def test_without_a_trace_the_rows_are_left_alone(monkeypatch):
-    monkeypatch.setattr(step_trace._trace, "directory", None)
+def test_without_a_trace_the_rows_are_left_alone():
     rows = [{"rate": 4.0, "clock_s": [0.0, 1.0]}]
-    assert _served_steps(rows, make_profile()) == [] and "steps" not in rows[0]
+    assert _served_steps(rows, [], make_profile()) == [] and "steps" not in rows[0]
 
 
 def test_the_cli_reads_a_trace_directory(tmp_path, capsys):
