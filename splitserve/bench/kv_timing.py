@@ -17,7 +17,7 @@ from splitserve.kv_transfer import TransferSpec, make_receiver, make_sender
 LAYERS, BLOCK, HEADS, DIM = 8, 16, 8, 128
 
 
-class PagedKV:
+class PagedKV(page_copy.PagedKVCache):
     """A bare KV cache of the engine's layout: ``layers`` x (K, V) x ``blocks`` pages of ``page`` (block, heads,
     head dim). ``sized`` picks the block count that holds ``mb`` MB for one request."""
 
@@ -36,14 +36,6 @@ class PagedKV:
     @property
     def nbytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
-
-    def block_index(self, block_ids: list[int]) -> page_copy.Blocks:
-        return page_copy.select_blocks(block_ids, self.device)
-
-    def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
-        blocks = page_copy.select_blocks(block_ids, self.device)
-        pages = pages.to(self.device, non_blocking=True)
-        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)
 
     def spec(self, request_id: str) -> TransferSpec:
         return TransferSpec(

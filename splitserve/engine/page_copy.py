@@ -70,3 +70,29 @@ def scatter_pages(cache: torch.Tensor, blocks: Blocks, pages: torch.Tensor) -> N
         run.copy_(src)
     else:
         dst.index_copy_(_BLOCKS, blocks, src)
+
+
+class PagedKVCache:
+    """Block-wise access to a KV cache ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` for the transfer
+    layer, whose senders read pages from it and whose receivers land pages in it: the engine's runner, or a
+    benchmark's bare cache. The class sets ``kv_cache``, ``kv_layers`` (its views per layer), ``device``, ``dtype``."""
+
+    kv_cache: torch.Tensor
+    kv_layers: list[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+
+    def block_index(self, block_ids: list[int]) -> Blocks:
+        """Which blocks, for ``gather_pages`` and ``scatter_layers``: build it once per transfer, not per layer."""
+        return select_blocks(block_ids, self.device)
+
+    def gather_pages(self, layer: int, block_ids: list[int] | Blocks) -> torch.Tensor:
+        """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
+        return gather_pages(self.kv_layers[layer], select_blocks(block_ids, self.device))
+
+    def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
+        """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
+        blocks = select_blocks(block_ids, self.device)
+        # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
+        pages = pages.to(self.device, self.dtype, non_blocking=True)
+        scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)

@@ -93,7 +93,7 @@ class LaunchedStep:
         return BatchOutput(self.seqs, lists[0], lists[1] if self._with_logprobs else None)
 
 
-class ModelRunner:
+class ModelRunner(page_copy.PagedKVCache):
     def __init__(self, config: RunnerConfig, hf_config=None):
         self.config = config
         self.device = resolve_device(config.device)
@@ -336,22 +336,7 @@ class ModelRunner:
             seq.num_computed_tokens += 1
         return LaunchedStep(list(decode_seqs), *sample(logits, decode_seqs))
 
-    # --- KV pages in and out, for the transfer layer ---
-
-    def block_index(self, block_ids: list[int]) -> page_copy.Blocks:
-        """Which blocks, for ``gather_pages`` and ``scatter_layers``: build it once per transfer, not per layer."""
-        return page_copy.select_blocks(block_ids, self.device)
-
-    def gather_pages(self, layer: int, block_ids: list[int] | page_copy.Blocks) -> torch.Tensor:
-        """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        return page_copy.gather_pages(self.kv_layers[layer], page_copy.select_blocks(block_ids, self.device))
-
-    def scatter_layers(self, first: int, block_ids: list[int] | page_copy.Blocks, pages: torch.Tensor) -> None:
-        """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
-        blocks = page_copy.select_blocks(block_ids, self.device)
-        # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
-        pages = pages.to(self.device, self.dtype, non_blocking=True)
-        page_copy.scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)
+    # --- KV pages in and out, for the transfer layer (block_index, gather_pages, scatter_layers: PagedKVCache) ---
 
     @property
     def page_shape(self) -> tuple[int, ...]:
