@@ -85,7 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         default=step_trace.directory(),
         help="the run's step trace (default: $SPLITSERVE_STEP_TRACE, which a live run's workers then write): each "
-        "rate's served steps are set beside the profile's step prices (with --measured: the trace of that run)",
+        "rate's served steps are set beside the profile's step prices, and --fit-serving fits the served floor of a "
+        "step with a prompt chunk on the first rate's (with --measured: the trace of that run)",
     )
     add_workload_args(p)
     p.set_defaults(out_dir=DEFAULT_OUT_DIR)
@@ -126,9 +127,17 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
 def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
     """The simulator's view of ``config`` in ``mode``, with the limits the workers get (``options_for``): colocated
     is the decode pool alone, chunking prompts by the prefill budget; ``auto`` KV is what it picks between Ray
-    actors (tcp on CPU, nccl on GPUs); the mixed pool joins a disaggregated cluster."""
+    actors (tcp on CPU, nccl on GPUs); the mixed pool joins a disaggregated cluster; steps overlap where the engine
+    overlaps them (on CUDA, unless the pool turns it off)."""
     batch_tokens, batch_size = config.prefill.max_batch_tokens, config.decode.max_batch_size
-    decode = PoolSpec(config.decode.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
+    on_gpu = config.cluster.device != Device.cpu
+    decode = PoolSpec(
+        config.decode.replicas,
+        profile,
+        max_batch_tokens=batch_tokens,
+        max_batch_size=batch_size,
+        overlap_decode=on_gpu and config.decode.overlap_decode,
+    )
     backend = config.kv_transfer.backend
     if backend == KVBackend.auto:
         backend = KVBackend.tcp if config.cluster.device == Device.cpu else KVBackend.nccl
@@ -138,7 +147,13 @@ def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) 
     prefill = PoolSpec(config.prefill.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
     mixed = config.mixed
     overflow = (
-        PoolSpec(mixed.replicas, profile, max_batch_tokens=mixed.max_batch_tokens, max_batch_size=mixed.max_batch_size)
+        PoolSpec(
+            mixed.replicas,
+            profile,
+            max_batch_tokens=mixed.max_batch_tokens,
+            max_batch_size=mixed.max_batch_size,
+            overlap_decode=on_gpu and mixed.overlap_decode,
+        )
         if mixed.replicas
         else None
     )
@@ -200,23 +215,40 @@ def compare(measured: dict[str, float | None], predicted: dict[str, float | None
     return out
 
 
+def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> float:
+    """The served floor of a step with a prompt chunk: the value (0, or one of those steps' times) for which
+    ``max(profile price, floor)`` is off the served steps with a chunk by the least summed log ratio. A short
+    chunk's eager pass is host-bound, and a serving worker's host is busier than the profile's engine alone."""
+    prompt_steps = [s for s in steps if s.prefill_tokens and s.seconds > 0]
+    if not prompt_steps:
+        return 0.0
+    measured = np.asarray([s.seconds for s in prompt_steps])
+    price = np.asarray([profile.step_time(s.prefill_tokens, s.decodes, s.decode_context) for s in prompt_steps])
+    floors = np.unique(np.concatenate([[0.0], measured]))
+    errors = np.abs(np.log(np.maximum(price[None, :], floors[:, None]) / measured[None, :])).sum(axis=1)
+    return float(floors[int(np.argmin(errors))])
+
+
 def fit_serving(
     cluster_for: Callable[[Profile], ClusterSpec],
     profile: Profile,
     workload: Workload,
     measured: dict[str, float | None],
     slo: SLO,
+    steps: Sequence[StepRecord] = (),
 ) -> ServingSpec:
-    """The cluster's own overheads from a live run at low load: per step, the excess of the measured median TPOT
-    over the engine-only prediction; then, with that step cost in, the per-request latency and the per-prompt-token
-    one that together match the measured TTFT p50 and p90 (the prompt-length term widens the spread)."""
+    """The cluster's own overheads from a live run at low load: with its step trace, the served floor of a step
+    with a prompt chunk; per step, the excess of the measured median TPOT over the prediction so far; then, with
+    those in, the per-request latency and the per-prompt-token one that together match the measured TTFT p50 and
+    p90 (the prompt-length term widens the spread)."""
 
     def run(serving: ServingSpec) -> RunResult:
         return simulate(cluster_for(profile.model_copy(update={"serving": serving})), workload)
 
-    tpot_live, tpot_bare = measured["tpot_p50_ms"], predicted_figures(summarize(run(ServingSpec()), slo))["tpot_p50_ms"]
-    step = ServingSpec(
-        step_s=0.0 if tpot_live is None or tpot_bare is None else max(0.0, (tpot_live - tpot_bare) / 1e3)
+    floor = ServingSpec(prompt_step_floor_s=fit_prompt_step_floor(steps, profile))
+    tpot_live, tpot_bare = measured["tpot_p50_ms"], predicted_figures(summarize(run(floor), slo))["tpot_p50_ms"]
+    step = floor.model_copy(
+        update={"step_s": 0.0 if tpot_live is None or tpot_bare is None else max(0.0, (tpot_live - tpot_bare) / 1e3)}
     )
     ttft_p50, ttft_p90 = measured["ttft_p50_ms"], measured["ttft_p90_ms"]
     if ttft_p50 is None or ttft_p90 is None:
@@ -328,7 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fit_serving:
         first = as_workload(make_requests(spec.workload(rates[0]), sweep.max_model_len, seed=spec.seed))
         serving = fit_serving(
-            lambda p: cluster_spec(config, mode, p), profile, first, measured_figures(sweep.runs[0].summary), slo
+            lambda p: cluster_spec(config, mode, p),
+            profile,
+            first,
+            measured_figures(sweep.runs[0].summary),
+            slo,
+            step_report.within(steps, *sweep.runs[0].clock_s),
         )
         fitted = out_dir / "profile_fitted.yaml"
         note = (
@@ -340,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = cluster_spec(config, mode, profile)
         print(
             f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request, "
-            f"{serving.prompt_token_s * 1e6:.1f} us per prompt token, {serving.step_s * 1e3:.2f} ms per step; "
-            f"wrote {fitted}"
+            f"{serving.prompt_token_s * 1e6:.1f} us per prompt token, {serving.step_s * 1e3:.2f} ms per step, "
+            f"a step with a prompt chunk at least {serving.prompt_step_floor_s * 1e3:.1f} ms; wrote {fitted}"
         )
     rows = [
         {**validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo), "clock_s": list(run.clock_s)}

@@ -21,6 +21,9 @@ class PoolSpec:
     max_batch_tokens: int = 8192  # prefill: prompt tokens per batch; colocated: tokens per step (Sarathi budget)
     max_batch_requests: int = 1 << 30  # prefill: prompts per batch (1 turns a prefill worker into an M/G/1 server)
     max_batch_size: int = 256  # decode: running sequences per step
+    # Each step launched before the previous one is read back (the runtime's ``overlap_decode``): a step with a
+    # prompt chunk, host-bound to launch, then holds back the tokens of the step before it until it ends.
+    overlap_decode: bool = True
 
 
 @dataclass(frozen=True)

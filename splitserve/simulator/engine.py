@@ -98,12 +98,15 @@ class _Sim:
         budget (Sarathi). A request either joins decoding directly (its KV arrived: ``left`` is 0) or is prefilled
         there first, chunk by chunk."""
         self.batches: list[DecodeBatch] = []
-        self.step_fns: list[tuple] = []  # per worker: (step time of a shape, token budget)
+        self.step_fns: list[tuple] = []  # per worker: (step time of a shape, token budget, overlapped steps)
         for pool in pools:
             for _ in range(pool.replicas):
                 self.batches.append(DecodeBatch(pool))
-                self.step_fns.append((pool.profile.step_time, pool.max_batch_tokens))
+                self.step_fns.append((pool.profile.step_time, pool.max_batch_tokens, pool.overlap_decode))
         workers = len(self.batches)
+        # Per worker: the requests whose first or last token the step that just ended produced (a step with a
+        # prompt chunk launched right after it holds them back until it ends, when steps overlap).
+        self.delivered: list[list[int]] = [[] for _ in range(workers)]
         self.prefilling: list[deque[int]] = [deque() for _ in range(workers)]
         self.completing: list[list[int]] = [[] for _ in range(workers)]
         self.load = [0] * workers  # reserved KV tokens of assigned, unfinished requests
@@ -128,7 +131,9 @@ class _Sim:
 
     def run_steps(self, w: int, t: float) -> None:
         """Admit waiting requests and run steps until one would end past the horizon (then it becomes an event).
-        A step's time is the profile's for its shape (``Profile.step_time``)."""
+        A step's time is the profile's for its shape (``Profile.step_time``). With overlapped steps, the tokens of a
+        step are read back once the next step is launched: after a step with a prompt chunk, whose eager launch
+        takes about its whole time, so the first and last tokens of the step before count from its end."""
         b, pre, need, left, prompt, out, offsets = (
             self.batches[w],
             self.prefilling[w],
@@ -138,8 +143,9 @@ class _Sim:
             self.out,
             self.offsets,
         )
-        step_time, budget_max = self.step_fns[w]
-        horizon, wq, completing = self.horizon(), b.waiting, self.completing[w]
+        step_time, budget_max, overlap = self.step_fns[w]
+        horizon, wq, completing, delivered = self.horizon(), b.waiting, self.completing[w], self.delivered[w]
+        first, finish = self.first, self.finish
         while True:
             while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
                 r = wq.popleft()
@@ -150,6 +156,7 @@ class _Sim:
                     b.join(r, prompt[r], out[r] - 1, offsets)
             if b.n == 0 and not pre:
                 b.busy = False
+                delivered.clear()
                 return
             chunk = 0
             if pre:
@@ -166,6 +173,13 @@ class _Sim:
                 for _ in completing:
                     pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
             dt = step_time(chunk, b.n, b.context_tokens() if b.n else 0)
+            if chunk and overlap:
+                for r in delivered:  # stamped at t by the step that just ended
+                    if first[r] == t:
+                        first[r] = t + dt
+                    if finish[r] == t:
+                        finish[r] = t + dt
+            delivered.clear()
             b.busy_s += dt
             t += dt
             if t > horizon:
@@ -175,12 +189,14 @@ class _Sim:
             self.step_done(w, t)
 
     def step_done(self, w: int, t: float) -> None:
-        b, need, finish, load = self.batches[w], self.need, self.finish, self.load
+        b, need, finish, load, delivered = self.batches[w], self.need, self.finish, self.load, self.delivered[w]
         for r in b.complete_step(self.offsets):
             finish[r] = t
             b.kv_used -= need[r]
             load[w] -= need[r]
+            delivered.append(r)
         completing = self.completing[w]
+        delivered += completing
         for r in completing:  # prompts prefilled here: their first token came with this step
             self.first[r] = t
             if self.out[r] == 1:

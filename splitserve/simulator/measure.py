@@ -174,9 +174,10 @@ def measure_mixed(
 def fit_mixed(
     points: list[MixedPoint], prefill_tokens: list[int], prefill_seconds: list[float], decode: DecodeSpec
 ) -> tuple[MixedSpec, list[float]]:
-    """The profile's mixed-step term: the median of what each measured mixed step took beyond the longer of its
-    prefill (chunk + decodes, from the ladder) and its decode step (from the fit), never below 0; and that longer
-    time per point, for the header."""
+    """The profile's mixed-step terms: the ``extra_s`` and ``floor_s`` (each 0 or one of the measured excesses or
+    times) whose ``max(longer + extra_s, floor_s)`` is off the points by the least summed log ratio, ``longer``
+    being the longer of a point's prefill (chunk + decodes, from the ladder) and its decode step (from the fit); and
+    ``longer`` per point, for the header."""
     modelled = [
         max(
             float(np.interp(p.chunk + p.decodes, prefill_tokens, prefill_seconds)),
@@ -184,8 +185,17 @@ def fit_mixed(
         )
         for p in points
     ]
-    excess = [p.seconds - m for p, m in zip(points, modelled, strict=True)]
-    return MixedSpec(extra_s=max(0.0, float(np.median(excess))) if excess else 0.0), modelled
+    if not points:
+        return MixedSpec(), modelled
+    measured, longer = np.asarray([p.seconds for p in points]), np.asarray(modelled)
+    extras = sorted({0.0, *(max(0.0, float(e)) for e in measured - longer)})
+    floors = sorted({0.0, *(float(t) for t in measured)})
+
+    def error(extra: float, floor: float) -> float:
+        return float(np.abs(np.log(np.maximum(longer + extra, floor) / measured)).sum())
+
+    extra, floor = min(((e, f) for e in extras for f in floors), key=lambda ef: error(*ef))
+    return MixedSpec(extra_s=extra, floor_s=floor), modelled
 
 
 def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

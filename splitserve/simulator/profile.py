@@ -55,13 +55,16 @@ class DecodeSpec(_Strict):
 
 
 class MixedSpec(_Strict):
-    """A colocated step with both a prompt chunk and decodes, beyond the longer of the two alone.
+    """A colocated step with both a prompt chunk and decodes: the longer of the two alone plus ``extra_s``, and
+    never less than ``floor_s``.
 
-    Such a step runs eagerly (no CUDA graph), and its host work (the decode rows' attention path next to the
-    chunk's) can outlast the device's: on one H200 a 512-token chunk took 27 ms alone and 40 ms with four decodes
-    beside it. 0 in a profile measured before ``splitserve profile`` measured it."""
+    Such a step runs eagerly (no CUDA graph): for a short chunk its host work outlasts the device's, so it costs
+    about the same whatever the chunk (on one H200, 22-30 ms for chunks of 128 and 512 tokens beside 1-32 decodes,
+    against 14 ms for their prefill alone); a long chunk is device-bound and costs little more than its prefill
+    (53.5-56 ms against 52-53 ms at 2048). 0 in a profile measured before ``splitserve profile`` measured them."""
 
-    extra_s: float = Field(0.0, ge=0, description="Time added to a step that has a prompt chunk and decodes.")
+    extra_s: float = Field(0.0, ge=0, description="Time added to the longer of a mixed step's prefill and decode.")
+    floor_s: float = Field(0.0, ge=0, description="The least a mixed step takes: its eager pass's host work.")
 
 
 class ServingSpec(_Strict):
@@ -73,6 +76,12 @@ class ServingSpec(_Strict):
 
     request_s: float = Field(0.0, ge=0, description="Latency added once per request, before its first token.")
     step_s: float = Field(0.0, ge=0, description="Time added to every engine step: the worker loop around it.")
+    prompt_step_floor_s: float = Field(
+        0.0,
+        ge=0,
+        description="The least a served step with a prompt chunk (prefill or mixed) takes: its eager pass's host "
+        "work, slower in a busy serving worker than in the profile's engine alone (fitted on a step trace).",
+    )
     prompt_token_s: float = Field(
         0.0,
         ge=0,
@@ -135,14 +144,16 @@ class Profile(_Strict):
 
     def step_time(self, prefill_tokens: int, decodes: int, context_tokens: int) -> float:
         """One continuous-batching step, the worker loop's ``serving.step_s`` included: the longer of the decode
-        step (memory-bound) and the prefill of every row (compute-bound), plus ``mixed.extra_s`` when it has both."""
-        step_s = self.serving.step_s
-        seconds = self.decode.step_time(decodes, context_tokens) + step_s if decodes else 0.0
-        if prefill_tokens:
-            seconds = max(seconds, self.prefill_time(prefill_tokens + decodes) + step_s)
-            if decodes:
-                seconds += self.mixed.extra_s
-        return seconds
+        step (memory-bound) and the prefill of every row (compute-bound); with both, plus ``mixed.extra_s`` and at
+        least ``mixed.floor_s``; with a prompt chunk, at least ``serving.prompt_step_floor_s``."""
+        serving = self.serving
+        decode = self.decode.step_time(decodes, context_tokens) + serving.step_s if decodes else 0.0
+        if not prefill_tokens:
+            return decode
+        seconds = max(decode, self.prefill_time(prefill_tokens + decodes) + serving.step_s)
+        if decodes:
+            seconds = max(seconds + self.mixed.extra_s, self.mixed.floor_s + serving.step_s)
+        return max(seconds, serving.prompt_step_floor_s)
 
     def transfer_time(self, tokens: int, backend: str) -> float:
         spec = self.kv_transfer[backend]

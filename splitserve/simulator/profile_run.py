@@ -137,8 +137,9 @@ def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> lis
     if compute.mixed_points:
         lines.append(
             f"mixed: one engine.step with a new prompt chunk beside decodes of {compute.mixed_points[0].context} "
-            f"tokens, not overlapped, median of {sweep.mixed_repeats}; extra_s is the median excess over the longer of "
-            "the chunk's prefill and the decode step (ms, measured / modelled):"
+            f"tokens, not overlapped, median of {sweep.mixed_repeats}; extra_s and floor_s fit max(longer + extra_s, "
+            "floor_s) to them, longer being the longer of the chunk's prefill and the decode step (ms, measured / "
+            "longer):"
         )
         pairs = list(zip(compute.mixed_points, compute.mixed_modelled, strict=True))
         for count in sorted({point.decodes for point in compute.mixed_points}):
@@ -149,7 +150,7 @@ def _compute_notes(engine: Engine, compute: ComputeProfile, sweep: Sweep) -> lis
             ]
             lines.append(f"  {count} decode(s): " + ", ".join(cells))
     else:
-        lines.append("mixed: no mixed step fits this engine's batch and cache; extra_s left at 0.")
+        lines.append("mixed: no mixed step fits this engine's batch and cache; extra_s and floor_s left at 0.")
     lines += [
         f"kv_capacity_tokens: the decode pool's KV cache under this config ({engine.runner.num_kv_blocks} blocks of "
         f"{engine.runner.block_size} tokens); kv_bytes_per_token: 2 x layers x kv heads x head dim x dtype bytes.",

@@ -206,3 +206,21 @@ def test_a_per_prompt_token_latency_delays_each_request_by_its_own_prompt(toy):
     bare, r = run(toy), run(served)
     np.testing.assert_allclose(r.first_token_s - bare.first_token_s, prompts * 1e-5)
     np.testing.assert_allclose(r.finish_s - bare.finish_s, prompts * 1e-5)
+
+
+def test_with_overlapped_steps_a_prompt_step_holds_back_the_tokens_of_the_step_before_it(toy):
+    """The runtime reads a step's tokens back once the next step is launched, and a step with a prompt chunk takes
+    about its whole time to launch: a request that ends in the step before one waits for it to end."""
+    # Request 0 (10-token prompt, 2 tokens) ends in its one decode step; request 1 arrives during that step.
+    wl = Workload(np.array([0.0, 0.012]), np.array([10, 500]), np.array([2, 2]))
+
+    def run(overlap: bool):
+        return simulate(ClusterSpec("colocated", PoolSpec(1, toy, overlap_decode=overlap)), wl)
+
+    plain, overlapped = run(False), run(True)
+    prefill, decode = toy.prefill_time(10), toy.decode_step_time(1, 11)
+    np.testing.assert_allclose(plain.first_token_s[0], prefill)
+    np.testing.assert_allclose(plain.finish_s[0], prefill + decode)
+    assert overlapped.first_token_s[0] == plain.first_token_s[0]  # the step after the prompt's was a decode step
+    np.testing.assert_allclose(overlapped.finish_s[0], prefill + decode + toy.prefill_time(500))
+    np.testing.assert_allclose(overlapped.first_token_s[1], plain.first_token_s[1])  # its own step is unchanged

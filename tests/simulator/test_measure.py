@@ -20,7 +20,7 @@ from splitserve.simulator.measure import (
     prefill_ladder,
     split_prompts,
 )
-from splitserve.simulator.profile import load_profile
+from splitserve.simulator.profile import MixedSpec, load_profile
 from splitserve.simulator.profile_run import render, write_checked
 from tests.simulator.conftest import make_profile
 
@@ -58,17 +58,21 @@ def test_decode_fit_recovers_a_linear_model_and_keeps_costs_nonnegative():
         fit_decode(exact[:2])
 
 
-def test_mixed_fit_is_the_median_excess_over_the_longer_of_prefill_and_decode():
+def test_mixed_fit_finds_the_host_bound_floor_and_the_excess_of_a_device_bound_step():
     decode = fit_decode([DecodePoint(b, c, 0.005 + 1e-4 * b) for b in (1, 8, 32) for c in (128, 1024)])[0]
     ladder, seconds = [1, 1000, 2000], [0.01, 0.02, 0.04]
-    # chunk 998 + 2 decodes: prefill(1000) = 20 ms is the longer; 60 decodes beside a 1-token chunk: decode 11 ms
-    points = [MixedPoint(998, 2, 64, 0.023), MixedPoint(1, 60, 64, 0.0111), MixedPoint(1499, 1, 64, 0.031)]
+    # Short chunks cost the floor (25 ms) whatever their prefill; long ones their prefill + 2 ms.
+    points = [MixedPoint(100, 4, 64, 0.025), MixedPoint(500, 8, 64, 0.025), MixedPoint(1, 60, 64, 0.025)]
+    points += [MixedPoint(1496, 4, 64, 0.032), MixedPoint(1992, 8, 64, 0.042)]
     spec, modelled = fit_mixed(points, ladder, seconds, decode)
-    assert modelled == pytest.approx([0.02, 0.011, 0.03], abs=1e-6)
-    assert spec.extra_s == pytest.approx(0.001)  # the median of 3 ms, 0.1 ms and 1 ms
+    # the longer of prefill(chunk + decodes) and the decode step: 60 decodes beside a 1-token chunk, decode's 11 ms
+    assert modelled == pytest.approx([0.01 + 103e-2 / 999, 0.01 + 507e-2 / 999, 0.011, 0.03, 0.04], abs=1e-6)
+    assert spec.floor_s == pytest.approx(0.025) and spec.extra_s == pytest.approx(0.002)
+    # One extra alone cannot fit both kinds of step; with the floor they fit exactly.
+    assert [max(m + spec.extra_s, spec.floor_s) for m in modelled] == pytest.approx([p.seconds for p in points])
     faster = [MixedPoint(998, 2, 64, 0.015)]  # noise: a mixed step is never cheaper than its parts
-    assert fit_mixed(faster, ladder, seconds, decode)[0].extra_s == 0
-    assert fit_mixed([], ladder, seconds, decode)[0].extra_s == 0
+    assert fit_mixed(faster, ladder, seconds, decode)[0] == MixedSpec()
+    assert fit_mixed([], ladder, seconds, decode)[0] == MixedSpec()
 
 
 def test_transfer_fit_through_two_sizes():

@@ -71,3 +71,15 @@ def test_a_steps_price_follows_its_shape(toy):
     # Both: the longer of the two (here the prefill of every row), plus the extra.
     assert mixed.step_time(500, 8, 4000) == pytest.approx(toy.prefill_time(508) + 0.001 + 0.002)
     assert mixed.step_time(1, 8, 4000) == pytest.approx(max(decode, toy.prefill_time(9)) + 0.001 + 0.002)
+
+
+def test_a_step_with_a_prompt_chunk_costs_at_least_its_floors(toy):
+    floors = toy.model_copy(
+        update={"mixed": MixedSpec(extra_s=0.002, floor_s=0.03), "serving": ServingSpec(prompt_step_floor_s=0.04)}
+    )
+    mixed_only = toy.model_copy(update={"mixed": MixedSpec(extra_s=0.002, floor_s=0.03)})
+    assert mixed_only.step_time(100, 8, 4000) == pytest.approx(0.03)  # short chunk: host-bound, the floor
+    assert mixed_only.step_time(5000, 8, 4000) == pytest.approx(toy.prefill_time(5008) + 0.002)  # device-bound
+    assert mixed_only.step_time(100, 0, 0) == pytest.approx(toy.prefill_time(100))  # no decodes: no mixed floor
+    assert floors.step_time(100, 0, 0) == pytest.approx(0.04)  # the served floor holds for any prompt chunk
+    assert floors.step_time(0, 8, 4000) == pytest.approx(toy.decode_step_time(8, 4000))  # but not for decodes
