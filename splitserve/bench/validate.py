@@ -20,6 +20,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +37,7 @@ from splitserve.bench.cli import (
     workload_spec,
 )
 from splitserve.bench.local_cluster import local_cluster
-from splitserve.bench.metrics import Summary
+from splitserve.bench.metrics import RequestRecord, Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
@@ -109,7 +110,7 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
         runs = [
             RateRun(
                 Summary(**{**run["measured"], "slo": SLO(**run["measured"]["slo"])}),
-                [],
+                [RequestRecord(**record) for record in run.get("records", [])],
                 tuple(run.get("clock_s", (0.0, 0.0))),
             )
             for run in saved["runs"]
@@ -197,6 +198,8 @@ def _finite(x: Any) -> Any:
     """NaN (no sample, e.g. TPOT when every output is one token) as None, so the JSON is standard."""
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
@@ -281,17 +284,27 @@ def fit_serving(
 
 
 def validate_rate(
-    cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, summary: Summary, max_model_len: int, slo: SLO
+    cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, run: RateRun, max_model_len: int, slo: SLO
 ) -> dict[str, Any]:
-    """Simulate the requests the live run at ``rate`` sent (rebuilt as ``run_sweep`` built them) and compare."""
+    """Simulate the requests the live run at ``rate`` sent (rebuilt as ``run_sweep`` built them) and compare; with
+    the run's request records, each request's measured and predicted TTFT and TPOT side by side as well."""
     requests = make_requests(spec.workload(rate), max_model_len, seed=spec.seed)  # lengths and arrivals: as run
-    metrics = summarize(simulate(cluster, as_workload(requests)), slo)
-    return {
-        "rate": summary.rate,
-        "metrics": compare(measured_figures(summary), predicted_figures(metrics)),
-        "measured": summary.to_json(),
+    result = simulate(cluster, as_workload(requests))
+    metrics = summarize(result, slo)
+    row = {
+        "rate": run.summary.rate,
+        "metrics": compare(measured_figures(run.summary), predicted_figures(metrics)),
+        "measured": run.summary.to_json(),
         "predicted": _finite(metrics.to_dict()),
+        "clock_s": list(run.clock_s),
     }
+    if run.records:
+        ttft = (result.first_token_s - result.workload.arrival_s) * 1e3
+        decoded = result.workload.output_tokens - 1
+        tpot = np.where(decoded > 0, (result.finish_s - result.first_token_s) * 1e3 / np.maximum(decoded, 1), np.nan)
+        row["records"] = [asdict(record) for record in run.records]
+        row["predicted_per_request"] = _finite({"ttft_ms": ttft.tolist(), "tpot_ms": tpot.tolist()})
+    return row
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -381,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"a step with a prompt chunk at least {serving.prompt_step_floor_s * 1e3:.1f} ms; wrote {fitted}"
         )
     rows = [
-        {**validate_rate(cluster, spec, rate, run.summary, sweep.max_model_len, slo), "clock_s": list(run.clock_s)}
+        validate_rate(cluster, spec, rate, run, sweep.max_model_len, slo)
         for rate, run in zip(rates, sweep.runs, strict=True)
     ]
     step_tables = _served_steps(rows, steps, profile)

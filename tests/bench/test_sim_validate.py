@@ -46,6 +46,12 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
     (run,) = saved["runs"]
     assert run["rate"] == 2.0 and run["measured"]["sent"] == run["measured"]["ok"] == 6
     assert run["predicted"]["requests"] == 6
+    # Each request, measured and predicted, for a look at which ones the model misses; the run's clock window.
+    assert [r["index"] for r in run["records"]] == list(range(6))
+    predicted = run["predicted_per_request"]
+    assert len(predicted["ttft_ms"]) == len(predicted["tpot_ms"]) == 6 and all(t > 0 for t in predicted["ttft_ms"])
+    assert np.median(predicted["ttft_ms"]) == pytest.approx(run["metrics"]["ttft_p50_ms"]["predicted"])
+    assert run["clock_s"][0] < run["clock_s"][1]
     for key in METRICS:
         fig = run["metrics"][key]
         measured, predicted = fig["measured"], fig["predicted"]
