@@ -46,12 +46,19 @@ class StepGroup:
         return self.predicted_s / self.measured_s if self.measured_s > 0 else float("nan")
 
 
-def _bucket(step: StepRecord) -> str:
-    if step.kind == "decode":
-        bound = next((b for b in DECODE_BUCKETS if step.decodes <= b), None)
-        return f"<={bound} rows" if bound else f">{DECODE_BUCKETS[-1]} rows"
-    bound = next((b for b in PROMPT_BUCKETS if step.prefill_tokens <= b), None)
-    return f"<={bound} tok" if bound else f">{PROMPT_BUCKETS[-1]} tok"
+_KINDS = ("decode", "prefill", "mixed")  # in the tables' order
+
+
+def _bucket(step: StepRecord) -> tuple[int, int, str]:
+    """Where ``step`` sorts (its kind, then its size bucket's bound) and the bucket's label."""
+    size, bounds, unit = (
+        (step.decodes, DECODE_BUCKETS, "rows")
+        if step.kind == "decode"
+        else (step.prefill_tokens, PROMPT_BUCKETS, "tok")
+    )
+    bound = next((b for b in bounds if size <= b), None)
+    kind = _KINDS.index(step.kind)
+    return (kind, bound, f"<={bound} {unit}") if bound else (kind, bounds[-1] + 1, f">{bounds[-1]} {unit}")
 
 
 def _group(kind: str, size: str, measured: list[float], predicted: list[float]) -> StepGroup:
@@ -68,21 +75,14 @@ def _group(kind: str, size: str, measured: list[float], predicted: list[float]) 
 
 def compare(steps: Iterable[StepRecord], profile: Profile) -> list[StepGroup]:
     """One group per kind and size present, in size order, then every step together."""
-    groups: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    groups: dict[tuple[int, int, str], tuple[list[float], list[float]]] = {}
     every: tuple[list[float], list[float]] = ([], [])
     for step in steps:
         price = profile.step_time(step.prefill_tokens, step.decodes, step.decode_context)
-        for measured, predicted in (groups.setdefault((step.kind, _bucket(step)), ([], [])), every):
+        for measured, predicted in (groups.setdefault(_bucket(step), ([], [])), every):
             measured.append(step.seconds)
             predicted.append(price)
-    order = {"decode": 0, "prefill": 1, "mixed": 2}
-
-    def key(item: tuple[tuple[str, str], object]) -> tuple[int, int]:
-        (kind, size), _ = item
-        bound = size.split()[0]
-        return order[kind], int(bound.lstrip("<=>")) + (bound[0] == ">")
-
-    out = [_group(kind, size, m, p) for (kind, size), (m, p) in sorted(groups.items(), key=key)]
+    out = [_group(_KINDS[kind], size, m, p) for (kind, _, size), (m, p) in sorted(groups.items())]
     if every[0]:
         out.append(_group("all", "", *every))
     return out

@@ -48,6 +48,7 @@ from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
 from splitserve.simulator.engine import RunResult
 from splitserve.simulator.errors import SimInputError
+from splitserve.simulator.measure import best_floor
 from splitserve.simulator.metrics import Metrics, Percentiles
 from splitserve.simulator.profile import ServingSpec
 from splitserve.simulator.profile_run import render, write_checked
@@ -227,9 +228,7 @@ def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> floa
         return 0.0
     measured = np.asarray([s.seconds for s in prompt_steps])
     price = np.asarray([profile.step_time(s.prefill_tokens, s.decodes, s.decode_context) for s in prompt_steps])
-    floors = np.unique(np.concatenate([[0.0], measured]))
-    errors = np.abs(np.log(np.maximum(price[None, :], floors[:, None]) / measured[None, :])).sum(axis=1)
-    return float(floors[int(np.argmin(errors))])
+    return best_floor(price, measured)[0]
 
 
 def fit_serving(
@@ -333,12 +332,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def _served_steps(rows: list[dict[str, Any]], steps: Sequence[StepRecord], profile: Profile) -> list[tuple[float, str]]:
     """With a step trace, each rate's served steps beside the profile's prices, into its row (``steps``); the
     tables to print."""
-    tables = []
+    tables: list[tuple[float, str]] = []
+    if not steps:
+        return tables
     for row in rows:
-        if steps:
-            groups = step_report.compare(step_report.within(steps, *row["clock_s"]), profile)
-            row["steps"] = step_report.to_json(groups)
-            tables.append((row["rate"], step_report.format_table(groups)))
+        groups = step_report.compare(step_report.within(steps, *row["clock_s"]), profile)
+        row["steps"] = step_report.to_json(groups)
+        tables.append((row["rate"], step_report.format_table(groups)))
     return tables
 
 

@@ -233,7 +233,7 @@ class Engine:
     ) -> None:
         seconds = time.perf_counter() - start
         self.step_times.add_step(seconds, waited)
-        if step_trace.enabled():
+        if step_trace.directory() is not None:
             step_trace.record(start, seconds, self.step_times.device_wait_s - waited, chunks, decodes, read_back)
 
     def _timed_wait(self) -> DeviceWait:

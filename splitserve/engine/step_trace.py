@@ -40,10 +40,7 @@ class StepRecord:
 
 
 _trace = TraceFile(ENV, PREFIX)
-
-
-def enabled() -> bool:
-    return _trace.directory is not None
+_WRITTEN_FIELDS = len(fields(StepRecord)) - 1  # all but pid, in their order
 
 
 def directory() -> str | None:
@@ -59,7 +56,7 @@ def record(
     decodes: list[Sequence],
     read_back: bool,
 ) -> None:
-    """Append one step (callers check ``enabled()`` first: the shape costs a pass over the batch)."""
+    """Append one step (callers check ``directory()`` first: the shape costs a pass over the batch)."""
     context = sum(seq.num_tokens for seq in decodes)
     _trace.write(
         f"{start:.6f} {seconds:.6f} {device_wait_s:.6f} {sum(n for _, n in chunks)} {len(chunks)} {len(decodes)} "
@@ -69,26 +66,14 @@ def record(
 
 def load(directory: str | os.PathLike[str]) -> list[StepRecord]:
     """Every process's steps under ``directory``, in time order."""
-    names = [f.name for f in fields(StepRecord)][:-1]
     steps = []
     for path in Path(directory).glob(f"{PREFIX}*.log"):
         pid = int(path.stem.removeprefix(PREFIX))
         for line in path.read_text().splitlines():
             values = line.split()
-            if len(values) != len(names):
+            if len(values) != _WRITTEN_FIELDS:
                 continue  # a line cut short by a killed worker
-            raw = dict(zip(names, values, strict=True))
-            steps.append(
-                StepRecord(
-                    start=float(raw["start"]),
-                    seconds=float(raw["seconds"]),
-                    device_wait_s=float(raw["device_wait_s"]),
-                    prefill_tokens=int(raw["prefill_tokens"]),
-                    prefill_seqs=int(raw["prefill_seqs"]),
-                    decodes=int(raw["decodes"]),
-                    decode_context=int(raw["decode_context"]),
-                    read_back=raw["read_back"] == "1",
-                    pid=pid,
-                )
-            )
+            start, seconds, waited = (float(v) for v in values[:3])
+            tokens, chunks, decodes, context = (int(v) for v in values[3:7])
+            steps.append(StepRecord(start, seconds, waited, tokens, chunks, decodes, context, values[7] == "1", pid))
     return sorted(steps, key=lambda s: s.start)

@@ -189,13 +189,18 @@ def fit_mixed(
         return MixedSpec(), modelled
     measured, longer = np.asarray([p.seconds for p in points]), np.asarray(modelled)
     extras = sorted({0.0, *(max(0.0, float(e)) for e in measured - longer)})
-    floors = sorted({0.0, *(float(t) for t in measured)})
-
-    def error(extra: float, floor: float) -> float:
-        return float(np.abs(np.log(np.maximum(longer + extra, floor) / measured)).sum())
-
-    extra, floor = min(((e, f) for e in extras for f in floors), key=lambda ef: error(*ef))
+    fits = [(best_floor(longer + extra, measured), extra) for extra in extras]
+    (floor, _), extra = min(fits, key=lambda fit: fit[0][1])
     return MixedSpec(extra_s=extra, floor_s=floor), modelled
+
+
+def best_floor(price: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+    """The floor (0, or one of the measured times) for which ``max(price, floor)`` is off ``measured`` by the least
+    summed log ratio, and that sum: host-bound steps cost a floor whatever their shape, others their price."""
+    floors = np.unique(np.concatenate([[0.0], measured]))
+    errors = np.abs(np.log(np.maximum(price[None, :], floors[:, None]) / measured[None, :])).sum(axis=1)
+    best = int(np.argmin(errors))
+    return float(floors[best]), float(errors[best])
 
 
 def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
