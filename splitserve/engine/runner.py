@@ -4,7 +4,8 @@ A batch is a list of prefill chunks (a sequence and how many of its next tokens 
 sequences (one token each). Packing everything into one token stream means no padding is ever computed.
 
 On CUDA, decode attention runs as a Triton kernel over the pages, and decode-only steps replay a CUDA graph (padded
-to the next graph size) instead of launching every kernel from Python; mixed steps stay eager.
+to the next graph size) instead of launching every kernel from Python; in a mixed step the decode rows replay their
+graph and only the prompt chunks run eager.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class RunnerConfig:
     seed: int = 0
     use_cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; CUDA only, False keeps them eager
     max_decode_batch: int = 256  # the largest decode batch a graph is captured for (the engine's max_batch_size)
+    graph_decodes_beside_prompts: bool = True  # a mixed step's decode rows replay their graph (False: all eager)
 
 
 @dataclass
@@ -252,14 +254,40 @@ class ModelRunner(page_copy.PagedKVCache):
         feed: TokenFeed | None = None,
     ) -> LaunchedStep:
         """Launch one forward pass and its sampling, and start the tokens' copy to the host; updates
-        ``num_computed_tokens``. ``feed`` gives decode rows whose input token is still on the device."""
-        if (
-            not prefill_chunks
-            and layer_hook is None
+        ``num_computed_tokens``. ``feed`` gives decode rows whose input token is still on the device.
+
+        Decode rows replay their CUDA graph even beside prompt chunks (then first, so the device runs it while the
+        host launches the prompt's eager pass): eager, each row costs every layer its decode-attention launches,
+        and a short prompt's pass is bound by the host's launches, not the device.
+        """
+        graph_decodes = (
+            layer_hook is None
             and self.graphs is not None
+            and bool(decode_seqs)
             and self.graphs.rung_for(len(decode_seqs)) is not None
-        ):
-            return self._launch_graph(decode_seqs, feed)
+            and (not prefill_chunks or self.config.graph_decodes_beside_prompts)
+        )
+        if not graph_decodes:
+            sampled, logits = self._eager_logits(prefill_chunks, decode_seqs, layer_hook, feed)
+        else:
+            decode_logits = self._graph_logits(decode_seqs, feed)
+            prompts_sampled, prompt_logits = self._eager_logits(prefill_chunks, [], None, None)
+            sampled = prompts_sampled + decode_seqs
+            logits = decode_logits if prompt_logits is None else torch.cat([prompt_logits, decode_logits])
+        if logits is None:
+            return LaunchedStep([], None, None)
+        return LaunchedStep(sampled, *sample(logits, sampled))
+
+    def _eager_logits(
+        self,
+        prefill_chunks: list[tuple[Sequence, int]],
+        decode_seqs: list[Sequence],
+        layer_hook: LayerHook | None,
+        feed: TokenFeed | None,
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """One eager forward pass over the packed batch: the sequences to sample and their logits (None: none)."""
+        if not prefill_chunks and not decode_seqs:
+            return [], None
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -322,19 +350,18 @@ class ModelRunner(page_copy.PagedKVCache):
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
         if not sampled:
-            return LaunchedStep([], None, None)
-        logits = self.model.logits(hidden if rows is None else hidden[rows])
-        return LaunchedStep(sampled, *sample(logits, sampled))
+            return [], None
+        return sampled, self.model.logits(hidden if rows is None else hidden[rows])
 
-    def _launch_graph(self, decode_seqs: list[Sequence], feed: TokenFeed | None) -> LaunchedStep:
-        """A decode-only step through a CUDA graph."""
+    def _graph_logits(self, decode_seqs: list[Sequence], feed: TokenFeed | None) -> torch.Tensor:
+        """A decode step's logits through a CUDA graph (overwritten by the graph's next replay)."""
         assert self.graphs is not None
         input_ids, positions, slots = self._decode_inputs(decode_seqs)
         context_lens = [p + 1 for p in positions]
         logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens, feed)
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
-        return LaunchedStep(list(decode_seqs), *sample(logits, decode_seqs))
+        return logits
 
     # --- KV pages in and out, for the transfer layer (block_index, gather_pages, scatter_layers: PagedKVCache) ---
 

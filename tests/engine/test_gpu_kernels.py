@@ -178,6 +178,58 @@ def test_graph_engine_float32_equals_cpu_engine(tiny_model_dir):
     assert [r.token_ids for r in eager.generate(prompts, p)] == want
 
 
+def _staggered(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Serve ``prompts``, one arriving every other step, so most prompt chunks are launched beside decodes."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    steps = 0
+    while steps < 2 * len(prompts) or engine.has_work():
+        if steps % 2 == 0 and steps // 2 < len(prompts):
+            engine.add_request(str(steps // 2), prompts[steps // 2], params)
+        for out in engine.step():
+            tokens[int(out.request_id)].append(out.token_id)
+        steps += 1
+    return tokens
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph_decodes", [True, False])
+def test_mixed_steps_replay_the_decode_graph_and_equal_the_cpu_engine(tiny_model_dir, graph_decodes):
+    """A step with prompt chunks launches its decode rows through their CUDA graph (or, switched off, eagerly with
+    the chunks); in float32 both give the CPU engine's greedy tokens exactly."""
+    p = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    prompts = _prompts(seed=3)
+    cpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cpu", num_kv_blocks=128)))
+    want = _staggered(cpu, prompts, p)
+    gpu = Engine(
+        EngineConfig(
+            RunnerConfig(
+                str(tiny_model_dir),
+                device="cuda",
+                dtype="float32",
+                num_kv_blocks=128,
+                graph_decodes_beside_prompts=graph_decodes,
+            )
+        )
+    )
+    runner, graphs = gpu.runner, gpu.runner.graphs
+    assert graphs is not None
+    mixed_replays: list[int] = []
+    launch = runner.launch
+
+    def recorded(prefill_chunks, decode_seqs, layer_hook=None, feed=None):
+        before = graphs.replays
+        step = launch(prefill_chunks, decode_seqs, layer_hook, feed)
+        if prefill_chunks and decode_seqs:
+            mixed_replays.append(graphs.replays - before)
+        return step
+
+    runner.launch = recorded
+    assert _staggered(gpu, prompts, p) == want
+    assert len(mixed_replays) >= 4
+    assert mixed_replays == [int(graph_decodes)] * len(mixed_replays)
+    assert gpu.blocks.num_free == gpu.blocks.num_blocks
+
+
 @needs_cuda
 def test_graph_engine_bf16_mostly_matches_hf_bf16(tiny_model_dir):
     """bf16 greedy against HF transformers in bf16, first few tokens, most prompts.
