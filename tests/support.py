@@ -1,4 +1,5 @@
-"""Test support shared by the suites that start a real cluster: one way to write a tiny CPU cluster config."""
+"""Test support shared by several suites: one way to write a tiny CPU cluster config, and one way to serve
+requests through an engine as they arrive."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import socket
 from typing import Any
 
 from splitserve.config import SplitserveConfig, parse_config
+from splitserve.engine import Engine, SamplingParams
+from splitserve.engine.overlap import PENDING_TOKEN
 
 RAY_TEST_ENV = {"env_vars": {"SPLITSERVE_CPU_THREADS": "1"}}
 
@@ -34,3 +37,27 @@ def nobody_listens(address: str) -> bool:
         probe.settimeout(2)
         host, port = address.rsplit(":", 1)
         return probe.connect_ex((host, int(port))) != 0
+
+
+def serve_arriving(engine: Engine, requests: list[tuple[list[int], SamplingParams]], arrive_every: int = 0):
+    """Serve ``requests`` (one arriving every ``arrive_every`` steps, or all at once); outputs per request."""
+    tokens: dict[str, list[int]] = {}
+    finished: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    queue = list(enumerate(requests))
+    steps = 0
+    while queue or engine.has_work():
+        while queue and (arrive_every == 0 or steps % arrive_every == 0):
+            i, (prompt, params) = queue.pop(0)
+            engine.add_request(f"r{i}", prompt, params)
+            tokens[f"r{i}"], texts[f"r{i}"] = [], ""
+            if arrive_every:
+                break
+        for out in engine.step():
+            assert out.token_id != PENDING_TOKEN
+            tokens[out.request_id].append(out.token_id)
+            texts[out.request_id] += out.text
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+        steps += 1
+    return tokens, finished, texts

@@ -17,6 +17,7 @@ import torch
 
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 from splitserve.engine.attention import AttentionMetadata, decode_attention, paged_attention
+from tests.support import serve_arriving
 
 pytestmark = pytest.mark.gpu
 
@@ -178,28 +179,16 @@ def test_graph_engine_float32_equals_cpu_engine(tiny_model_dir):
     assert [r.token_ids for r in eager.generate(prompts, p)] == want
 
 
-def _staggered(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Serve ``prompts``, one arriving every other step, so most prompt chunks are launched beside decodes."""
-    tokens: list[list[int]] = [[] for _ in prompts]
-    steps = 0
-    while steps < 2 * len(prompts) or engine.has_work():
-        if steps % 2 == 0 and steps // 2 < len(prompts):
-            engine.add_request(str(steps // 2), prompts[steps // 2], params)
-        for out in engine.step():
-            tokens[int(out.request_id)].append(out.token_id)
-        steps += 1
-    return tokens
-
-
 @needs_cuda
 @pytest.mark.parametrize("graph_decodes", [True, False])
 def test_mixed_steps_replay_the_decode_graph_and_equal_the_cpu_engine(tiny_model_dir, graph_decodes):
-    """A step with prompt chunks launches its decode rows through their CUDA graph (or, switched off, eagerly with
-    the chunks); in float32 both give the CPU engine's greedy tokens exactly."""
+    """Prompts arriving every other step: a step with prompt chunks launches its decode rows through their CUDA
+    graph (or, switched off, eagerly with the chunks); in float32 both give the CPU engine's greedy tokens exactly."""
     p = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
     prompts = _prompts(seed=3)
     cpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cpu", num_kv_blocks=128)))
-    want = _staggered(cpu, prompts, p)
+    requests = [(prompt, p) for prompt in prompts]
+    want = serve_arriving(cpu, requests, arrive_every=2)[0]
     gpu = Engine(
         EngineConfig(
             RunnerConfig(
@@ -224,7 +213,7 @@ def test_mixed_steps_replay_the_decode_graph_and_equal_the_cpu_engine(tiny_model
         return step
 
     runner.launch = recorded
-    assert _staggered(gpu, prompts, p) == want
+    assert serve_arriving(gpu, requests, arrive_every=2)[0] == want
     assert len(mixed_replays) >= 4
     assert mixed_replays == [int(graph_decodes)] * len(mixed_replays)
     assert gpu.blocks.num_free == gpu.blocks.num_blocks

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
-from splitserve.engine.overlap import PENDING_TOKEN
 from splitserve.engine.testing import hf_greedy_reference
+from tests.support import serve_arriving
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -57,37 +57,13 @@ class LaunchLog:
         return sum(fed and chunks > 0 for _, chunks, fed in self.launches)
 
 
-def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], arrive_every: int = 0):
-    """Serve ``requests`` (one arriving every ``arrive_every`` steps, or all at once); outputs per request."""
-    tokens: dict[str, list[int]] = {}
-    finished: dict[str, str] = {}
-    texts: dict[str, str] = {}
-    queue = list(enumerate(requests))
-    steps = 0
-    while queue or engine.has_work():
-        while queue and (arrive_every == 0 or steps % arrive_every == 0):
-            i, (prompt, params) = queue.pop(0)
-            engine.add_request(f"r{i}", prompt, params)
-            tokens[f"r{i}"], texts[f"r{i}"] = [], ""
-            if arrive_every:
-                break
-        for out in engine.step():
-            assert out.token_id != PENDING_TOKEN
-            tokens[out.request_id].append(out.token_id)
-            texts[out.request_id] += out.text
-            if out.finished:
-                finished[out.request_id] = out.finish_reason
-        steps += 1
-    return tokens, finished, texts
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_greedy_equals_hf_with_requests_arriving_mid_run(tiny_model_dir, device):
+def test_greedy_equals_hf_with_requests_arriving_midserve_arriving(tiny_model_dir, device):
     prompts = _prompts(seed=21, lengths=(3, 17, 40, 9, 28))
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 1, 7, 12, 2)]
     engine = _engine(tiny_model_dir, overlap=True, device=device)
     log = LaunchLog(engine)
-    tokens, finished, _ = _run(engine, list(zip(prompts, params, strict=True)), arrive_every=3)
+    tokens, finished, _ = serve_arriving(engine, list(zip(prompts, params, strict=True)), arrive_every=3)
     hf = hf_greedy_reference(tiny_model_dir, prompts, 12)
     assert [tokens[f"r{i}"] for i in range(5)] == [ref[: p.max_tokens] for ref, p in zip(hf, params, strict=True)]
     assert set(finished.values()) == {"length"}
@@ -113,10 +89,10 @@ def test_same_tokens_text_and_endings_as_ordinary_steps(tiny_model_dir, device):
     ]
     if len(visible) >= 4:
         requests.append((prompt, SamplingParams(max_tokens=20, ignore_eos=True, stop=(visible[2:4],))))
-    expected = _run(_engine(tiny_model_dir, overlap=False, device=device), requests, arrive_every=2)
+    expected = serve_arriving(_engine(tiny_model_dir, overlap=False, device=device), requests, arrive_every=2)
     overlapped = _engine(tiny_model_dir, overlap=True, device=device)
     log = LaunchLog(overlapped)
-    assert _run(overlapped, requests, arrive_every=2) == expected
+    assert serve_arriving(overlapped, requests, arrive_every=2) == expected
     assert expected[1]["r0"] == "stop" and log.fed > 0
     assert overlapped.blocks.num_free == overlapped.blocks.num_blocks
 
