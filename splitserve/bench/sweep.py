@@ -14,6 +14,7 @@ from splitserve.bench.loadgen import run_load
 from splitserve.bench.metrics import RequestRecord, Summary, max_goodput, summarize
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.client import AsyncClient
+from splitserve.simulator.workload import Workload
 from splitserve.slo import SLO
 
 
@@ -46,9 +47,14 @@ class SweepResult:
         }
 
 
-def warmup_requests(requests: Sequence[BenchRequest], n: int) -> list[BenchRequest]:
-    """The first ``n`` requests, all sent at once: compiles kernels and fills allocators before anything counts."""
-    return [replace(r, arrival_s=0.0) for r in requests[:n]]
+_WARMUP_RUN = 2**31  # the warmup's prompts: a run number no sweep reaches
+
+
+def warmup_requests(workload: Workload, max_model_len: int, seed: int, n: int) -> list[BenchRequest]:
+    """``n`` requests shaped as the workload's first ones, all sent at once: compiles kernels and fills allocators
+    before anything counts. Their prompts are their own (a run number no rate uses): the first run's requests
+    would otherwise hit the prefix cache and compute a few tokens of their prompts (11 of 731 on an H200 once)."""
+    return [replace(r, arrival_s=0.0) for r in make_requests(workload, max_model_len, seed=seed, run=_WARMUP_RUN)[:n]]
 
 
 async def run_sweep(
@@ -70,7 +76,7 @@ async def run_sweep(
             workload = spec.workload(rate)
             requests = make_requests(workload, max_model_len, seed=spec.seed, run=i)
             if i == 0 and warmup:
-                await run_load(client, warmup_requests(requests, warmup), timeout_s)
+                await run_load(client, warmup_requests(workload, max_model_len, spec.seed, warmup), timeout_s)
             began = time.perf_counter()
             records, duration = await run_load(client, requests, timeout_s)
             offered = rate if rate is not None else workload.rate

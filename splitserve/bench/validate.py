@@ -19,7 +19,7 @@ import asyncio
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
@@ -39,6 +39,7 @@ from splitserve.bench.cli import (
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.metrics import RequestRecord, Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
+from splitserve.bench.serving_fit import fit_serving
 from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
 from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
 from splitserve.engine import step_trace
@@ -46,21 +47,14 @@ from splitserve.engine.step_trace import StepRecord
 from splitserve.simulator import ClusterSpec, PoolSpec, Profile, Workload, load_profile, simulate, summarize
 from splitserve.simulator.cli import cluster_dict
 from splitserve.simulator.cluster import Policy
-from splitserve.simulator.engine import RunResult
 from splitserve.simulator.errors import SimInputError
-from splitserve.simulator.measure import best_floor
-from splitserve.simulator.metrics import Metrics, Percentiles
-from splitserve.simulator.profile import ServingSpec
+from splitserve.simulator.metrics import Metrics
 from splitserve.simulator.profile_run import render, write_checked
 from splitserve.slo import SLO
 
 GOAL = 0.10  # predicted within 10% of measured
 DEFAULT_OUT_DIR = "results/sim_validate"
 METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "throughput_tok_s")
-
-
-# How close the fitted TTFT p90 must come to the measured one.
-_FIT_TOLERANCE_S = 1e-7
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -219,69 +213,6 @@ def compare(measured: dict[str, float | None], predicted: dict[str, float | None
     return out
 
 
-def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> float:
-    """The served floor of a step with a prompt chunk: the value (0, or one of those steps' times) for which
-    ``max(profile price, floor)`` is off the served steps with a chunk by the least summed log ratio. A short
-    chunk's eager pass is host-bound, and a serving worker's host is busier than the profile's engine alone."""
-    prompt_steps = [s for s in steps if s.prefill_tokens and s.seconds > 0]
-    if not prompt_steps:
-        return 0.0
-    measured = np.asarray([s.seconds for s in prompt_steps])
-    price = np.asarray([profile.step_time(s.prefill_tokens, s.decodes, s.decode_context) for s in prompt_steps])
-    return best_floor(price, measured)[0]
-
-
-def fit_serving(
-    cluster_for: Callable[[Profile], ClusterSpec],
-    profile: Profile,
-    workload: Workload,
-    measured: dict[str, float | None],
-    slo: SLO,
-    steps: Sequence[StepRecord] = (),
-) -> ServingSpec:
-    """The cluster's own overheads from a live run at low load: with its step trace, the served floor of a step
-    with a prompt chunk; per step, the excess of the measured median TPOT over the prediction so far; then, with
-    those in, the per-request latency and the per-prompt-token one that together match the measured TTFT p50 and
-    p90 (the prompt-length term widens the spread)."""
-
-    def run(serving: ServingSpec) -> RunResult:
-        return simulate(cluster_for(profile.model_copy(update={"serving": serving})), workload)
-
-    floor = ServingSpec(prompt_step_floor_s=fit_prompt_step_floor(steps, profile))
-    tpot_live, tpot_bare = measured["tpot_p50_ms"], predicted_figures(summarize(run(floor), slo))["tpot_p50_ms"]
-    step = floor.model_copy(
-        update={"step_s": 0.0 if tpot_live is None or tpot_bare is None else max(0.0, (tpot_live - tpot_bare) / 1e3)}
-    )
-    ttft_p50, ttft_p90 = measured["ttft_p50_ms"], measured["ttft_p90_ms"]
-    if ttft_p50 is None or ttft_p90 is None:
-        return step
-    want_p50, want_p90 = ttft_p50 / 1e3, ttft_p90 / 1e3
-    ttft = run(step).first_token_s - workload.arrival_s
-    prompt = workload.prompt_tokens.astype(np.float64)
-
-    def request_s(per_token_s: float) -> float:
-        return max(0.0, want_p50 - Percentiles.of(ttft + per_token_s * prompt).p50)
-
-    def p90_short_s(per_token_s: float) -> float:
-        return want_p90 - Percentiles.of(ttft + request_s(per_token_s) + per_token_s * prompt).p90
-
-    if p90_short_s(0.0) <= _FIT_TOLERANCE_S:  # already as wide as the run (one prompt length, or queueing)
-        return step.model_copy(update={"request_s": request_s(0.0)})
-    resolution = _FIT_TOLERANCE_S / max(1.0, float(prompt.max()))
-    # The prompt term may take the whole median but no more (request_s is never negative): bound it there first.
-    lo, hi = 0.0, want_p50 / max(1.0, float(np.median(prompt)))
-    while hi - lo > resolution:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if request_s(mid) > 0 else (lo, mid)
-    lo, hi = 0.0, lo
-    if p90_short_s(hi) > 0:  # even then the spread is short: the widest that still keeps the median
-        return step.model_copy(update={"prompt_token_s": hi, "request_s": request_s(hi)})
-    while hi - lo > resolution:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if p90_short_s(mid) > 0 else (lo, mid)
-    return step.model_copy(update={"prompt_token_s": hi, "request_s": request_s(hi)})
-
-
 def validate_rate(
     cluster: ClusterSpec, spec: WorkloadSpec, rate: float | None, run: RateRun, max_model_len: int, slo: SLO
 ) -> dict[str, Any]:
@@ -379,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             measured_figures(sweep.runs[0].summary),
             slo,
             step_report.within(steps, *sweep.runs[0].clock_s),
+            trace_start_s=sweep.runs[0].clock_s[0],
         )
         fitted = out_dir / "profile_fitted.yaml"
         note = (
@@ -389,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = write_checked(render(profile.model_copy(update={"serving": serving}), [note]), fitted)
         cluster = cluster_spec(config, mode, profile)
         print(
-            f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request, "
+            f"serving overheads fitted on rate {rates[0]:g}: {serving.request_s * 1e3:.1f} ms per request after an "
+            f"ingress of {serving.ingress_s * 1e3:.1f} ms, "
             f"{serving.prompt_token_s * 1e6:.1f} us per prompt token, {serving.step_s * 1e3:.2f} ms per step, "
             f"a step with a prompt chunk at least {serving.prompt_step_floor_s * 1e3:.1f} ms; wrote {fitted}"
         )

@@ -1,8 +1,9 @@
 """The discrete-event simulation: one heap of timed events, the runtime's scheduling replayed on a profile.
 
-Events are per batch, not per token: a prefill batch end, a KV transfer end, a decode (or mixed) step end.
-A decode worker runs its steps inline, without the heap, until its next step would end after the earliest
-pending event or arrival, the only things that could change its batch.
+Events are per batch, not per token: a prefill batch end, a KV transfer end, a decode (or mixed) step end, and
+(with ``serving.ingress_s``) a request reaching its worker's engine. A decode worker runs its steps inline, without
+the heap, until its next step would end after the earliest pending event or arrival, the only things that could
+change its batch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.router import Router
 from splitserve.simulator.workload import Workload
 
-PREFILL_DONE, KV_ARRIVED, STEP_DONE = 0, 1, 2
+PREFILL_DONE, KV_ARRIVED, STEP_DONE, INGRESSED = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class _Sim:
         self.seq = 0
         self.next_i = 0
         self.handled = 0
+        self.ingress_s = cluster.prefill.profile.serving.ingress_s
 
     def push(self, t: float, kind: int, x: int) -> None:
         self.seq += 1
@@ -86,6 +88,30 @@ class _Sim:
     def arrive(self, r: int, t: float) -> None:
         raise NotImplementedError
 
+    def send(self, r: int, t: float) -> None:
+        """``r`` leaves the router for its worker's engine, which it reaches ``ingress_s`` later (0: at once)."""
+        if self.ingress_s:
+            self.push(t + self.ingress_s, INGRESSED, r)
+        else:
+            self.land(r, t)
+
+    def ingressed(self, r: int, t: float) -> None:
+        """``r`` is at its worker. On a stepping worker its admission runs beside a step, while the engine waits for
+        the device, which a step with a prompt chunk (an eager launch) never does: during one, it is admitted once
+        that step ends, after the next step has been launched (this event is then pushed after that step's)."""
+        end = self.admission_blocked_until(r)
+        if end > t:
+            self.push(end, INGRESSED, r)
+        else:
+            self.land(r, t)
+
+    def admission_blocked_until(self, r: int) -> float:
+        return self.prompt_launch_end[self.worker_of[r]]
+
+    def land(self, r: int, t: float) -> None:
+        """``r`` reached its engine: it waits to be prefilled on its stepping worker."""
+        self.enqueue(r, t)
+
     def handle(self, kind: int, x: int, t: float) -> None:
         raise NotImplementedError
 
@@ -104,6 +130,7 @@ class _Sim:
                 self.batches.append(DecodeBatch(pool))
                 self.step_fns.append((pool.profile.step_time, pool.max_batch_tokens, pool.overlap_decode))
         workers = len(self.batches)
+        self.prompt_launch_end = [-math.inf] * workers  # when each worker's latest step with a prompt chunk ends
         # Per worker: the requests whose first or last token the step that just ended produced (a step with a
         # prompt chunk launched right after it holds them back until it ends, when steps overlap).
         self.delivered: list[list[int]] = [[] for _ in range(workers)]
@@ -119,7 +146,7 @@ class _Sim:
         self.load[w] += self.need[r]
         if prefill_here:
             self.left[r] = self.prompt[r]
-            self.enqueue(r, t)
+            self.send(r, t)
 
     def enqueue(self, r: int, t: float) -> None:
         """``r`` waits for admission on its worker (its KV arrived, or it is to be prefilled there)."""
@@ -133,7 +160,8 @@ class _Sim:
         """Admit waiting requests and run steps until one would end past the horizon (then it becomes an event).
         A step's time is the profile's for its shape (``Profile.step_time``). With overlapped steps, the tokens of a
         step are read back once the next step is launched: after a step with a prompt chunk, whose eager launch
-        takes about its whole time, so the first and last tokens of the step before count from its end."""
+        takes about its whole time, so the first and last tokens of the step before count from its end (and a
+        request reaching the worker meanwhile waits for it to end: ``ingressed``)."""
         b, pre, need, left, prompt, out, offsets = (
             self.batches[w],
             self.prefilling[w],
@@ -146,6 +174,7 @@ class _Sim:
         step_time, budget_max, overlap = self.step_fns[w]
         horizon, wq, completing, delivered = self.horizon(), b.waiting, self.completing[w], self.delivered[w]
         first, finish = self.first, self.finish
+        launch_end = self.prompt_launch_end
         while True:
             while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
                 r = wq.popleft()
@@ -180,6 +209,8 @@ class _Sim:
                     if finish[r] == t:
                         finish[r] = t + dt
             delivered.clear()
+            if chunk:
+                launch_end[w] = t + dt
             b.busy_s += dt
             t += dt
             if t > horizon:
@@ -227,6 +258,7 @@ class _Disaggregated(_Sim):
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas
+        self.prefill_of = [-1] * len(wl)  # the prefill worker of each request (-1: prefilled where it decodes)
         self.pf_busy = 0.0
         mixed = cluster.mixed
         self.init_workers([dec] if mixed is None else [dec, mixed])
@@ -245,7 +277,19 @@ class _Disaggregated(_Sim):
                 self.assign(r, local, t, prefill_here=True)
                 return
         self.assign(r, d, t, prefill_here=False)
-        self.pf_load[w] += self.prompt[r]
+        self.pf_load[w] += self.prompt[r]  # the router counts it as it sends it
+        self.prefill_of[r] = w
+        self.send(r, t)
+
+    def admission_blocked_until(self, r: int) -> float:
+        # A prefill worker queues a request between its batches, so one that comes during a batch joins the next.
+        return -math.inf if self.prefill_of[r] >= 0 else super().admission_blocked_until(r)
+
+    def land(self, r: int, t: float) -> None:
+        w = self.prefill_of[r]
+        if w < 0:
+            super().land(r, t)
+            return
         self.queues[w].append(r)
         if self.pf_batch[w] is None:
             self.start_prefill(w, t)
@@ -282,6 +326,8 @@ class _Disaggregated(_Sim):
             self.run_steps(x, t)
         elif kind == KV_ARRIVED:
             self.enqueue(x, t)
+        elif kind == INGRESSED:
+            self.ingressed(x, t)
         else:
             self.prefill_done(x, t)
 
@@ -320,6 +366,9 @@ class _Colocated(_Sim):
         self.assign(r, self.router.choose(self.load), t, prefill_here=True)
 
     def handle(self, kind: int, x: int, t: float) -> None:
+        if kind == INGRESSED:
+            self.ingressed(x, t)
+            return
         self.step_done(x, t)
         self.run_steps(x, t)
 

@@ -75,6 +75,13 @@ class ServingSpec(_Strict):
     modelled as engine time instead, the per-prompt-token part overshot TTFT at high load by 12-13% on an H200."""
 
     request_s: float = Field(0.0, ge=0, description="Latency added once per request, before its first token.")
+    ingress_s: float = Field(
+        0.0,
+        ge=0,
+        description="A request's way from its arrival into its worker's engine, before it can be scheduled; it "
+        "makes no progress while that worker launches a step with prompt tokens, whose eager pass holds the "
+        "worker's interpreter (fitted on a step trace: the median wait of a request that wakes an idle engine).",
+    )
     step_s: float = Field(0.0, ge=0, description="Time added to every engine step: the worker loop around it.")
     prompt_step_floor_s: float = Field(
         0.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from splitserve.bench.requests import PROMPT_VOCAB, WorkloadSpec, make_requests
+from splitserve.bench.sweep import warmup_requests
 from splitserve.simulator.workload import LengthDist
 
 
@@ -43,6 +44,16 @@ def test_each_run_of_a_sweep_gets_its_own_prompt_tokens():
     first, second = (make_requests(workload, max_model_len=4096, seed=0, run=i) for i in (0, 1))
     assert [len(r.prompt_token_ids) for r in first] == [len(r.prompt_token_ids) for r in second]
     assert all(a.prompt_token_ids[:16] != b.prompt_token_ids[:16] for a, b in zip(first, second, strict=True))
+
+
+def test_the_warmup_shares_its_requests_shapes_not_their_prompts():
+    """Else the first run's first requests would be prefix-cache hits of the warmup's, prefilling a few tokens."""
+    workload = _spec().workload(1.0)
+    warm = warmup_requests(workload, max_model_len=4096, seed=0, n=2)
+    first = make_requests(workload, max_model_len=4096, seed=0, run=0)[:2]
+    assert [r.arrival_s for r in warm] == [0.0, 0.0]
+    assert [len(r.prompt_token_ids) for r in warm] == [len(r.prompt_token_ids) for r in first]
+    assert all(w.prompt_token_ids[:16] != r.prompt_token_ids[:16] for w, r in zip(warm, first, strict=True))
 
 
 def test_requests_have_the_workload_lengths_and_fit_the_context():

@@ -60,18 +60,3 @@ def test_the_cli_reads_a_trace_directory(tmp_path, capsys):
     assert step_report.main([str(tmp_path), "--profile", str(profile)]) == 0
     assert "prefill" in capsys.readouterr().out
     assert step_report.main([str(tmp_path / "none"), "--profile", str(profile)]) == 2
-
-
-def test_the_served_floor_of_prompt_steps_is_fitted_where_the_profile_prices_them_below_it():
-    from splitserve.bench.validate import fit_prompt_step_floor
-
-    toy = make_profile()  # prefill 10 ms + 10 us per token
-    short = [_step(i, 0.030 + 1e-4 * (i % 3), prefill=100 + 50 * i, decodes=2, context=300) for i in range(9)]
-    long = [
-        _step(10 + i, toy.step_time(4000 + 500 * i, 2, 300), prefill=4000 + 500 * i, decodes=2, context=300)
-        for i in range(5)
-    ]
-    decodes = [_step(20, 0.001, decodes=4, context=100)]  # no prompt chunk: no say in the floor
-    assert fit_prompt_step_floor(short + long + decodes, toy) == pytest.approx(0.0301)
-    assert fit_prompt_step_floor(long, toy) == 0.0  # steps the profile already prices: no floor
-    assert fit_prompt_step_floor(decodes, toy) == 0.0

@@ -224,3 +224,46 @@ def test_with_overlapped_steps_a_prompt_step_holds_back_the_tokens_of_the_step_b
     assert overlapped.first_token_s[0] == plain.first_token_s[0]  # the step after the prompt's was a decode step
     np.testing.assert_allclose(overlapped.finish_s[0], prefill + decode + toy.prefill_time(500))
     np.testing.assert_allclose(overlapped.first_token_s[1], plain.first_token_s[1])  # its own step is unchanged
+
+
+def _with_serving(profile, **serving):
+    return profile.model_copy(update={"serving": profile.serving.model_copy(update=serving)})
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_an_ingress_delays_a_request_that_finds_its_worker_idle_by_itself(toy, mode):
+    wl = Workload(np.arange(5) * 10.0, np.full(5, 700), np.full(5, 4))
+
+    def run(profile):
+        return simulate(ClusterSpec(mode, PoolSpec(1, profile, overlap_decode=True), PoolSpec(1, profile)), wl)
+
+    bare, late = run(toy), run(_with_serving(toy, ingress_s=0.004))
+    np.testing.assert_allclose(late.first_token_s - bare.first_token_s, 0.004)
+    np.testing.assert_allclose(late.finish_s - bare.finish_s, 0.004)
+
+
+def test_a_request_reaching_a_colocated_worker_during_a_prompt_step_waits_for_the_step_after_it(toy):
+    """Admission into a stepping worker runs while the engine waits for the device, which an eager prompt launch
+    never does: a request that comes during one is admitted once it ends, after the next step has been launched."""
+    ingress = 0.002
+    wl = Workload(np.array([0.0, 0.005]), np.array([500, 100]), np.array([4, 4]))
+
+    def run(profile):
+        return simulate(ClusterSpec("colocated", PoolSpec(1, profile, overlap_decode=True)), wl)
+
+    late, bare = run(_with_serving(toy, ingress_s=ingress)), run(toy)
+    prompt_end = ingress + toy.prefill_time(500)  # request 1 reached the worker at 7 ms, during it
+    decode = toy.decode_step_time(1, 501)  # the step after it: request 0's first decode, alone
+    assert late.first_token_s[0] == pytest.approx(prompt_end)  # not held back: the step after it had no prompt
+    np.testing.assert_allclose(late.first_token_s[1], prompt_end + decode + toy.step_time(100, 1, 502), rtol=1e-6)
+    # With no ingress it would have joined the step right after request 0's, holding request 0's first token back.
+    assert bare.first_token_s[0] == pytest.approx(toy.prefill_time(500) + toy.step_time(100, 1, 501))
+
+
+def test_a_request_reaching_a_prefill_worker_during_a_batch_joins_the_next_one(toy):
+    """A prefill worker queues requests between its batches: no wait beyond the batch in flight."""
+    wl = Workload(np.array([0.0, 0.005]), np.array([1000, 100]), np.array([4, 4]))
+    served = _with_serving(toy, ingress_s=0.002)
+    r = simulate(ClusterSpec("disaggregated", PoolSpec(1, served), PoolSpec(1, served)), wl)
+    batch_end = 0.002 + toy.prefill_time(1000)
+    np.testing.assert_allclose(r.first_token_s, [batch_end, batch_end + toy.prefill_time(100)])
