@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from splitserve.engine.attention import AttentionMetadata, DecodeKernel
 from splitserve.engine.overlap import TokenFeed
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -142,21 +146,26 @@ class DecodeGraphs:
         )
 
     def _capture(self, rung: int) -> None:
-        """Record the forward for ``rung`` rows on the padding rows just staged.
-
-        The warm-up run first compiles the Triton kernels and creates cuBLAS handles, which must not happen
-        during capture. Padding rows write their KV only to the scratch slot, so running it touches no sequence.
-        """
+        """Record the forward for ``rung`` rows on the padding rows just staged (they write their KV only to the
+        scratch slot, so the warm-up run touches no sequence)."""
         began = time.perf_counter()
         ids, pos, meta = self._tokens[0, :rung], self._tokens[1, :rung], self._metadata(rung)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.forward(ids, pos, meta)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a worker's other threads (KV transfer, server) may touch CUDA while this one captures.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self.forward(ids, pos, meta)
-        self._graphs[rung] = (graph, logits)
+        self._graphs[rung] = capture(lambda: self.forward(ids, pos, meta), self._pool, self.device)
         self.capture_seconds += time.perf_counter() - began
+
+
+def capture(
+    forward: Callable[[], torch.Tensor], pool: _POOL_HANDLE, device: torch.device
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A graph of ``forward`` in ``pool``, and its output (overwritten by each replay). A warm-up run first compiles
+    the Triton kernels and creates cuBLAS handles, which must not happen during capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a worker's other threads (KV transfer, server) may touch CUDA while this one captures.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = forward()
+    return graph, out

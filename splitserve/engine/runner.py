@@ -3,9 +3,9 @@
 A batch is a list of prefill chunks (a sequence and how many of its next tokens to compute) followed by decode
 sequences (one token each). Packing everything into one token stream means no padding is ever computed.
 
-On CUDA, decode attention runs as a Triton kernel over the pages, and decode-only steps replay a CUDA graph (padded
-to the next graph size) instead of launching every kernel from Python; in a mixed step the decode rows replay their
-graph and only the prompt chunks run eager.
+On CUDA, decode attention runs as a Triton kernel over the pages, and decode rows replay a CUDA graph (padded to the
+next graph size) instead of launching every kernel from Python, as does a whole prompt of up to
+``prompt_graph_tokens`` (``prompt_graphs.py``); the other prompt chunks run eager.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from splitserve.engine.loader import build_model, load_hf_config
 from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import ModelSpec, spec_from_hf_config
 from splitserve.engine.overlap import TokenFeed
+from splitserve.engine.prompt_graphs import PromptGraphs
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.engine.sampler import sample
 from splitserve.engine.sequence import Sequence
@@ -64,6 +65,7 @@ class RunnerConfig:
     use_cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; CUDA only, False keeps them eager
     max_decode_batch: int = 256  # the largest decode batch a graph is captured for (the engine's max_batch_size)
     graph_decodes_beside_prompts: bool = True  # a mixed step's decode rows replay their graph (False: all eager)
+    prompt_graph_tokens: int = 1024  # whole prompts up to this long replay a CUDA graph, with graphs on (0: eager)
 
 
 @dataclass
@@ -145,6 +147,17 @@ class ModelRunner(page_copy.PagedKVCache):
                 max_batch=config.max_decode_batch,
             )
             self.graphs.capture_all()
+        self.prompt_graphs: PromptGraphs | None = None
+        graph_tokens = min(config.prompt_graph_tokens, config.max_batch_tokens, self.max_model_len)
+        if use_graphs and graph_tokens > 0:
+            self.prompt_graphs = PromptGraphs(
+                self._prompt_logits,
+                block_size=self.block_size,
+                scratch_slot=self.num_kv_blocks * self.block_size,
+                device=self.device,
+                max_tokens=graph_tokens,
+            )
+            self.prompt_graphs.capture_all()
         log.info(
             "model %s on %s (%s): %d KV blocks of %d tokens",
             self.spec.model_type,
@@ -232,6 +245,23 @@ class ModelRunner(page_copy.PagedKVCache):
         """What a decode graph records: the model, final norm and LM head over every row."""
         return self.model.logits(self.model(input_ids, positions, self.rope, self.kv_layers, meta))
 
+    def _prompt_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, row: torch.Tensor
+    ) -> torch.Tensor:
+        """What a prompt graph records: the model over every row, the final norm and LM head over ``row``."""
+        hidden = self.model(input_ids, positions, self.rope, self.kv_layers, meta)
+        return self.model.logits(hidden.index_select(0, row))
+
+    def _graphs_prompt(self, seq: Sequence, n: int) -> bool:
+        """Whether chunk ``n`` of ``seq`` is a whole prompt from its first token that a prompt graph holds."""
+        graphs = self.prompt_graphs
+        return (
+            graphs is not None
+            and seq.num_computed_tokens == 0
+            and n == seq.num_tokens
+            and graphs.rung_for(n) is not None
+        )
+
     def execute(
         self,
         prefill_chunks: list[tuple[Sequence, int]],
@@ -256,9 +286,9 @@ class ModelRunner(page_copy.PagedKVCache):
         """Launch one forward pass and its sampling, and start the tokens' copy to the host; updates
         ``num_computed_tokens``. ``feed`` gives decode rows whose input token is still on the device.
 
-        Decode rows replay their CUDA graph even beside prompt chunks (then first, so the device runs it while the
-        host launches the prompt's eager pass): eager, each row costs every layer its decode-attention launches,
-        and a short prompt's pass is bound by the host's launches, not the device.
+        Decode rows replay their CUDA graph even beside prompt chunks, and whole short prompts replay theirs (graphs
+        first, so the device runs them while the host launches what is left eager): eager, each decode row costs
+        every layer its decode-attention launches, and a short prompt's pass is bound by the host's launches.
         """
         graph_decodes = (
             layer_hook is None
@@ -267,15 +297,24 @@ class ModelRunner(page_copy.PagedKVCache):
             and self.graphs.rung_for(len(decode_seqs)) is not None
             and (not prefill_chunks or self.config.graph_decodes_beside_prompts)
         )
-        if not graph_decodes:
-            sampled, logits = self._eager_logits(prefill_chunks, decode_seqs, layer_hook, feed)
-        else:
-            decode_logits = self._graph_logits(decode_seqs, feed)
-            prompts_sampled, prompt_logits = self._eager_logits(prefill_chunks, [], None, None)
-            sampled = prompts_sampled + decode_seqs
-            logits = decode_logits if prompt_logits is None else torch.cat([prompt_logits, decode_logits])
-        if logits is None:
+        graphed = [layer_hook is None and self._graphs_prompt(seq, n) for seq, n in prefill_chunks]
+        pieces: list[tuple[list[Sequence], torch.Tensor]] = []
+        if graph_decodes:
+            pieces.append((decode_seqs, self._graph_logits(decode_seqs, feed)))
+        for (seq, n), whole in zip(prefill_chunks, graphed, strict=True):
+            if whole:
+                pieces.append(([seq], self._prompt_graph_logits(seq, n)))
+        eager_chunks = [chunk for chunk, whole in zip(prefill_chunks, graphed, strict=True) if not whole]
+        eager_decodes = [] if graph_decodes else decode_seqs
+        eager_sampled, eager_logits = self._eager_logits(
+            eager_chunks, eager_decodes, layer_hook, None if graph_decodes else feed
+        )
+        if eager_logits is not None:
+            pieces.append((eager_sampled, eager_logits))
+        if not pieces:
             return LaunchedStep([], None, None)
+        sampled = [seq for seqs, _ in pieces for seq in seqs]
+        logits = pieces[0][1] if len(pieces) == 1 else torch.cat([part for _, part in pieces])
         return LaunchedStep(sampled, *sample(logits, sampled))
 
     def _eager_logits(
@@ -352,6 +391,13 @@ class ModelRunner(page_copy.PagedKVCache):
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden if rows is None else hidden[rows])
+
+    def _prompt_graph_logits(self, seq: Sequence, n: int) -> torch.Tensor:
+        """A whole prompt's last-token logits through a prompt graph."""
+        assert self.prompt_graphs is not None
+        logits = self.prompt_graphs.run(seq.all_token_ids[:n], [self._slot(seq, p) for p in range(n)])
+        seq.num_computed_tokens += n
+        return logits
 
     def _graph_logits(self, decode_seqs: list[Sequence], feed: TokenFeed | None) -> torch.Tensor:
         """A decode step's logits through a CUDA graph (overwritten by the graph's next replay)."""

@@ -220,6 +220,38 @@ def test_mixed_steps_replay_the_decode_graph_and_equal_the_cpu_engine(tiny_model
 
 
 @needs_cuda
+def test_whole_prompts_replay_a_prompt_graph_and_equal_the_cpu_engine(tiny_model_dir):
+    """Prompts padded to their rung (two on one rung in one step, so a replay must not overwrite the logits of the
+    one before), one longer than the ladder (eager), and a prefix-cache hit (eager: it starts past its first token):
+    in float32 the CPU engine's greedy tokens exactly; with prompt graphs off, the same."""
+    p = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 63, 64, 65, 128, 129, 200)]
+    prompts.append([*prompts[-1][:48], 7, 8, 9])  # shares three full pages with the 200-token prompt
+    cpu = Engine(EngineConfig(RunnerConfig(str(tiny_model_dir), device="cpu", num_kv_blocks=128)))
+    want = [r.token_ids for r in cpu.generate(prompts[:-1], p)] + [r.token_ids for r in cpu.generate(prompts[-1:], p)]
+
+    def gpu(graph_tokens: int) -> Engine:
+        config = RunnerConfig(
+            str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=128, prompt_graph_tokens=graph_tokens
+        )
+        return Engine(EngineConfig(config))
+
+    graphed = gpu(128)
+    graphs = graphed.runner.prompt_graphs
+    assert graphs is not None and graphs.captured == [64, 128] and graphs.rungs == [64, 128]
+    got = [r.token_ids for r in graphed.generate(prompts[:-1], p)] + [
+        r.token_ids for r in graphed.generate(prompts[-1:], p)
+    ]
+    assert got == want
+    assert graphs.replays == 5  # 1, 63, 64, 65 and 128 tokens; not 129, 200, nor the prefix-cache hit
+    assert graphed.blocks.num_free == graphed.blocks.num_blocks
+    eager = gpu(0)
+    assert eager.runner.prompt_graphs is None
+    assert [r.token_ids for r in eager.generate(prompts[:-1], p)] == want[:-1]
+
+
+@needs_cuda
 def test_graph_engine_bf16_mostly_matches_hf_bf16(tiny_model_dir):
     """bf16 greedy against HF transformers in bf16, first few tokens, most prompts.
 
