@@ -23,6 +23,7 @@ from splitserve.slo import SLO
 
 # How close the fitted TTFT p90 must come to the measured one.
 _FIT_TOLERANCE_S = 1e-7
+_MAX_SLOWDOWN = 0.95  # a decode step beside a prefill pass keeps at least 5% of its speed (the model needs < 1)
 
 
 def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> float:
@@ -59,6 +60,36 @@ def fit_ingress(steps: Sequence[StepRecord], arrivals_s: Sequence[float]) -> flo
     return float(np.median(waits)) if waits else 0.0
 
 
+def fit_shared_gpu_slowdown(steps: Sequence[StepRecord]) -> float:
+    """Seconds a decode step gains per second of it beside a prefill pass: the least-squares slope of the decode
+    steps' times on their overlap with the prefill worker's passes, for a trace of one prefill and one decode
+    worker sharing a GPU (0 for any other trace: which worker shares with which is not in it)."""
+    by_worker: dict[int, list[StepRecord]] = defaultdict(list)
+    for s in steps:
+        by_worker[s.pid].append(s)
+    prefill = [ws for ws in by_worker.values() if any(s.prefill_tokens for s in ws)]
+    decode = [ws for ws in by_worker.values() if not any(s.prefill_tokens for s in ws)]
+    if len(prefill) != 1 or len(decode) != 1:
+        return 0.0
+    passes = sorted((s.start, s.start + s.seconds) for s in prefill[0])
+    starts = [a for a, _ in passes]
+    seconds, overlap = [], []
+    for s in decode[0]:
+        if not s.decodes:
+            continue
+        end, beside = s.start + s.seconds, 0.0
+        i = max(0, bisect_right(starts, s.start) - 1)
+        while i < len(passes) and passes[i][0] < end:
+            beside += max(0.0, min(passes[i][1], end) - max(passes[i][0], s.start))
+            i += 1
+        seconds.append(s.seconds)
+        overlap.append(beside)
+    x, y = np.asarray(overlap), np.asarray(seconds)
+    if len(x) < 2 or x.var() == 0:
+        return 0.0
+    return min(_MAX_SLOWDOWN, max(0.0, float(np.cov(x, y, bias=True)[0, 1] / x.var())))
+
+
 def fit_serving(
     cluster_for: Callable[[Profile], ClusterSpec],
     profile: Profile,
@@ -69,7 +100,8 @@ def fit_serving(
     trace_start_s: float = 0.0,
 ) -> ServingSpec:
     """The cluster's own overheads from a live run at low load: with its step trace (``trace_start_s``: the
-    trace's clock as the workload's arrivals began), the served floor of a step with a prompt chunk and the ingress;
+    trace's clock as the workload's arrivals began), the served floor of a step with a prompt chunk, the ingress and
+    (pools sharing GPUs) the decode steps' slowdown beside prefill passes;
     per step, the excess of the measured median TPOT over the prediction so far; then, with those in, the
     per-request latency and the per-prompt-token one that together match the measured TTFT p50 and p90 (the
     prompt-length term widens the spread)."""
@@ -80,6 +112,7 @@ def fit_serving(
     traced = ServingSpec(
         prompt_step_floor_s=fit_prompt_step_floor(steps, profile),
         ingress_s=fit_ingress(steps, (workload.arrival_s + trace_start_s).tolist()),
+        shared_gpu_slowdown=fit_shared_gpu_slowdown(steps) if cluster_for(profile).shared_gpus else 0.0,
     )
     tpot_live, tpot_bare = measured["tpot_p50_ms"], summarize(run(traced), slo).tpot_s.p50 * 1e3
     step = traced.model_copy(

@@ -153,8 +153,23 @@ def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) 
         if mixed.replicas
         else None
     )
+    # Fractional pools that whole GPUs could not hold apart share them: one prefill and one decode worker a GPU.
+    apart = sum(pool.replicas * math.ceil(pool.gpus_per_replica) for pool in (config.prefill, config.decode))
+    shared = (
+        on_gpu
+        and overflow is None
+        and config.prefill.replicas == config.decode.replicas
+        and config.cluster.total_gpus is not None
+        and apart > config.cluster.total_gpus
+    )
     return ClusterSpec(
-        "disaggregated", prefill=prefill, decode=decode, policy=policy, kv_backend=backend.value, mixed=overflow
+        "disaggregated",
+        prefill=prefill,
+        decode=decode,
+        policy=policy,
+        kv_backend=backend.value,
+        mixed=overflow,
+        shared_gpus=shared,
     )
 
 

@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,12 @@ def register(subparsers: Any) -> None:
         type=int,
         default=0,
         help="mixed-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
+    )
+    sim.add_argument(
+        "--shared-gpus",
+        action="store_true",
+        help="one prefill and one decode replica per GPU (fractional gpus_per_replica); slowed as the profile's "
+        "serving.shared_gpu_slowdown says",
     )
     sim.set_defaults(func=_guarded(_simulate))
     pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")
@@ -183,7 +189,9 @@ def _simulate(args: argparse.Namespace) -> int:
     profiles, wl, slo = _inputs(args)
     if args.mixed < 0:
         raise SimInputError(f"--mixed: must be >= 0, got {args.mixed}")
-    cluster = _cluster(args, profiles, args.mode, args.prefill, args.decode, args.mixed)
+    cluster = replace(
+        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.mixed), shared_gpus=args.shared_gpus
+    )
     result = simulate(cluster, wl)
     m = summarize(result, slo)
     print(table([Evaluated(cluster, m, True)]))
@@ -320,6 +328,7 @@ def cluster_dict(c: ClusterSpec) -> dict:
         "policy": c.policy,
         "kv_backend": c.kv_backend,
         "gpus": c.gpus,
+        "shared_gpus": c.shared_gpus,
         "cost_per_hour": c.cost_per_hour,
         "pools": {
             name: {**{k: v for k, v in asdict(p).items() if k != "profile"}, "gpu": p.profile.gpu.name}

@@ -30,7 +30,10 @@ class PoolSpec:
 class ClusterSpec:
     """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there.
     ``mixed`` (disaggregated only) is the runtime's mixed pool: decode workers that also run whole requests while
-    every prefill worker is backed up (what a colocated replica does all the time, hence the same pool name)."""
+    every prefill worker is backed up (what a colocated replica does all the time, hence the same pool name).
+    ``shared_gpus`` (disaggregated, equal pools, no mixed pool): prefill replica i and decode replica i share one GPU
+    (fractional ``gpus_per_replica``), counted once, and a decode step slows while its GPU runs a prefill pass
+    (``serving.shared_gpu_slowdown``)."""
 
     mode: Mode
     prefill: PoolSpec
@@ -38,6 +41,7 @@ class ClusterSpec:
     policy: Policy = "jsq"
     kv_backend: str = "nccl"
     mixed: PoolSpec | None = None
+    shared_gpus: bool = False
 
     def __post_init__(self) -> None:
         pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
@@ -51,6 +55,13 @@ class ClusterSpec:
         if self.mode == "disaggregated" and self.kv_backend not in self.prefill.profile.kv_transfer:
             known = ", ".join(self.prefill.profile.kv_transfer)
             raise SimInputError(f"--kv-backend: {self.kv_backend!r} is not in the profile (fix: one of {known})")
+        if self.shared_gpus and (
+            self.mode != "disaggregated" or self.mixed is not None or self.prefill.replicas != self.decode.replicas  # type: ignore[union-attr]
+        ):
+            raise SimInputError(
+                "--shared-gpus: pairs one prefill and one decode replica per GPU (fix: disaggregated, as many decode "
+                "as prefill replicas, no --mixed)"
+            )
 
     @property
     def pools(self) -> dict[str, PoolSpec]:
@@ -62,10 +73,12 @@ class ClusterSpec:
 
     @property
     def gpus(self) -> int:
-        return sum(p.replicas for p in self.pools.values())
+        return self.prefill.replicas if self.shared_gpus else sum(p.replicas for p in self.pools.values())
 
     @property
     def cost_per_hour(self) -> float:
+        if self.shared_gpus:  # one GPU per pair, of the prefill pool's type (one GPU has one type)
+            return self.prefill.replicas * self.prefill.profile.gpu.cost_per_hour
         return sum(p.replicas * p.profile.gpu.cost_per_hour for p in self.pools.values())
 
     def with_replicas(self, prefill: int, decode: int | None = None) -> ClusterSpec:

@@ -115,6 +115,10 @@ class _Sim:
     def handle(self, kind: int, x: int, t: float) -> None:
         raise NotImplementedError
 
+    def beside_prefill_s(self, w: int, t: float, dt: float) -> float:
+        """What a step of ``dt`` from ``t`` on worker ``w`` gains from sharing its GPU with a prefill worker."""
+        raise NotImplementedError
+
     def busy(self) -> dict[str, float]:
         raise NotImplementedError
 
@@ -131,6 +135,7 @@ class _Sim:
                 self.step_fns.append((pool.profile.step_time, pool.max_batch_tokens, pool.overlap_decode))
         workers = len(self.batches)
         self.prompt_launch_end = [-math.inf] * workers  # when each worker's latest step with a prompt chunk ends
+        self.gpu_mate = [-1] * workers  # the prefill worker sharing each stepping worker's GPU (-1: none)
         # Per worker: the requests whose first or last token the step that just ended produced (a step with a
         # prompt chunk launched right after it holds them back until it ends, when steps overlap).
         self.delivered: list[list[int]] = [[] for _ in range(workers)]
@@ -175,6 +180,7 @@ class _Sim:
         horizon, wq, completing, delivered = self.horizon(), b.waiting, self.completing[w], self.delivered[w]
         first, finish = self.first, self.finish
         launch_end = self.prompt_launch_end
+        shared = self.gpu_mate[w] >= 0
         while True:
             while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
                 r = wq.popleft()
@@ -202,6 +208,8 @@ class _Sim:
                 for _ in completing:
                     pre.popleft()  # prompts fill in FIFO order, so the finished ones are a prefix
             dt = step_time(chunk, b.n, b.context_tokens() if b.n else 0)
+            if shared:
+                dt += self.beside_prefill_s(w, t, dt)
             if chunk and overlap:
                 for r in delivered:  # stamped at t by the step that just ended
                     if first[r] == t:
@@ -258,11 +266,15 @@ class _Disaggregated(_Sim):
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas
+        self.pf_span = [(-math.inf, -math.inf)] * pre.replicas  # each prefill worker's latest batch
         self.prefill_of = [-1] * len(wl)  # the prefill worker of each request (-1: prefilled where it decodes)
         self.pf_busy = 0.0
         mixed = cluster.mixed
         self.init_workers([dec] if mixed is None else [dec, mixed])
         self.n_decode = dec.replicas  # decode workers first, then the mixed pool's
+        if cluster.shared_gpus:
+            self.gpu_mate[: dec.replicas] = range(dec.replicas)
+            self.shared_slowdown = dec.profile.serving.shared_gpu_slowdown
         self.pf_router = Router(cluster.policy, pre.replicas)
         self.dec_router = Router(cluster.policy, len(self.batches))
         self.mixed_router = Router(cluster.policy, mixed.replicas) if mixed is not None else None
@@ -316,9 +328,16 @@ class _Disaggregated(_Sim):
             batch.append(q.popleft())
             tokens += p
         dt = self.prefill_time(tokens)
+        self.pf_span[w] = (t, t + dt)
         self.pf_busy += dt
         self.pf_batch[w] = batch
         self.push(t + dt, PREFILL_DONE, w)
+
+    def beside_prefill_s(self, w: int, t: float, dt: float) -> float:
+        # The step runs at (1 - slowdown) of its speed until the prefill batch running at its launch ends (one
+        # started meanwhile is not known yet): it gains slowdown x the time it spends beside that batch.
+        end, slow = self.pf_span[self.gpu_mate[w]][1], self.shared_slowdown
+        return slow * min(end - t, dt / (1.0 - slow)) if end > t else 0.0
 
     def handle(self, kind: int, x: int, t: float) -> None:
         if kind == STEP_DONE:

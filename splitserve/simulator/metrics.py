@@ -63,12 +63,17 @@ def summarize(result: RunResult, slo: SLO) -> Metrics:
     makespan = float(np.nanmax(result.finish_s) - wl.arrival_s[0])
     ok = (ttft <= slo.ttft_s) & (np.isnan(per_tok) | (per_tok <= slo.tpot_s))
     out_tokens = float(wl.output_tokens.sum())
-    util, joules = {}, 0.0
+    util, busy_j, idle_j = {}, 0.0, 0.0
     for name, pool in cluster.pools.items():
         gpu_s = pool.replicas * makespan
         busy = result.busy_s[name]
         util[name] = busy / gpu_s
-        joules += busy * pool.profile.gpu.power_w + (gpu_s - busy) * pool.profile.gpu.idle_power_w
+        busy_j += busy * pool.profile.gpu.power_w
+        idle_j += (gpu_s - busy) * pool.profile.gpu.idle_power_w
+    if cluster.shared_gpus:  # each pair's GPU idles once, while neither of its pools is busy
+        idle_s = max(0.0, cluster.gpus * makespan - sum(result.busy_s.values()))
+        idle_j = idle_s * cluster.prefill.profile.gpu.idle_power_w
+    joules = busy_j + idle_j
     dollars = cluster.cost_per_hour * makespan / 3600.0
     return Metrics(
         requests=len(wl),

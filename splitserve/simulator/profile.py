@@ -89,6 +89,13 @@ class ServingSpec(_Strict):
         description="The least a served step with a prompt chunk (prefill or mixed) takes: its eager pass's host "
         "work, slower in a busy serving worker than in the profile's engine alone (fitted on a step trace).",
     )
+    shared_gpu_slowdown: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The share of its speed a decode step loses while a prefill pass runs on its GPU, where pools "
+        "share GPUs: it gains this many seconds per second beside one (fitted on a step trace of such a cluster).",
+    )
     prompt_token_s: float = Field(
         0.0,
         ge=0,

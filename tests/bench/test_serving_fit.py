@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitserve.bench.serving_fit import fit_ingress, fit_prompt_step_floor, fit_serving
+from splitserve.bench.serving_fit import fit_ingress, fit_prompt_step_floor, fit_serving, fit_shared_gpu_slowdown
 from splitserve.bench.validate import predicted_figures
 from splitserve.engine.step_trace import StepRecord
 from splitserve.simulator import ClusterSpec, PoolSpec, simulate, summarize
@@ -123,3 +123,14 @@ def test_fit_serving_takes_the_ingress_from_the_trace_and_leaves_the_rest_to_the
     assert fitted.request_s == pytest.approx(true.request_s, rel=1e-6)
     without = fit_serving(cluster_for, bare, wl, measured, SLO())  # no trace: the whole wait is per-request latency
     assert without.ingress_s == 0 and without.request_s == pytest.approx(true.request_s + true.ingress_s, rel=1e-6)
+
+
+def test_the_shared_gpu_slowdown_is_the_decode_steps_slope_on_their_time_beside_prefill_passes():
+    passes = [_step(1.0, 0.1, prefill=2000, pid=1), _step(2.0, 0.1, prefill=2000, pid=1)]
+    alone = [_step(0.5 + 0.01 * i, 0.005, decodes=2, context=100, pid=2) for i in range(10)]
+    beside = [_step(1.01 + 0.02 * i, 0.010, decodes=2, context=100, pid=2) for i in range(4)]  # half their speed
+    half = [_step(1.095, 0.0075, decodes=2, context=100, pid=2)]  # 5 ms beside, then 2.5 ms alone
+    assert fit_shared_gpu_slowdown(passes + alone + beside + half) == pytest.approx(0.5)
+    assert fit_shared_gpu_slowdown(passes + alone) == 0.0  # never beside a pass: nothing to fit
+    second_prefill = [_step(3.0, 0.1, prefill=100, pid=3)]
+    assert fit_shared_gpu_slowdown(passes + alone + beside + second_prefill) == 0.0  # which pairs with which?

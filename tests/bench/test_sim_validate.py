@@ -12,7 +12,7 @@ import yaml
 
 from splitserve.bench.validate import METRICS, cluster_spec, main
 from splitserve.cli import main as splitserve_main
-from splitserve.config import ServingMode
+from splitserve.config import ServingMode, load_config
 from splitserve.simulator import load_profile
 from tests.support import tiny_cluster_config
 
@@ -29,6 +29,7 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
     assert (cluster.mode, cluster.kv_backend, cluster.prefill.max_batch_tokens) == ("disaggregated", "grpc", 256)
     assert cluster.decode is not None and cluster.decode.max_batch_size == 16
     assert cluster_spec(config, ServingMode.colocated, load_profile(profile_path)).pools.keys() == {"mixed"}
+    assert not cluster.shared_gpus  # a CPU cluster: no GPU to share
 
     workload = ["--num-requests", "6", "--prompt-len", "uniform:8:48", "--output-len", "uniform:4:10", "--seed", "2"]
     argv = ["--config", str(config_path), "--profile", str(profile_path), "--rates", "2", *workload]
@@ -72,3 +73,13 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
     assert refit["serving"] == saved["serving"] and refit["runs"] == saved["runs"]
     assert main(["--measured", str(again / "sim_validate.json"), "--profile", str(profile_path)]) == 2
     assert "itself a re-prediction" in capsys.readouterr().err
+
+
+def test_pools_on_fractions_of_too_few_gpus_share_them():
+    """The 1-GPU 1P1D benchmark config: a prefill and a decode worker at half the GPU each."""
+    config = load_config("benchmarks/configs/llama3-8b-random-1gpu.yaml")
+    profile = load_profile("configs/profiles/llama3-8b-h200.yaml")
+    shared = cluster_spec(config, ServingMode.disaggregated, profile)
+    assert shared.shared_gpus and shared.gpus == 1
+    two = config.model_copy(update={"cluster": config.cluster.model_copy(update={"total_gpus": 2})})
+    assert not cluster_spec(two, ServingMode.disaggregated, profile).shared_gpus  # room for each on a GPU

@@ -24,6 +24,16 @@ def test_simulate_prints_a_table_and_writes_json(tmp_path, capsys):
     assert 0 <= m["slo_attainment"] <= 1
 
 
+def test_simulate_a_prefill_and_a_decode_replica_sharing_one_gpu(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    args = ["simulate", "--profile", H200, *SMALL, "--kv-backend", "local", "--shared-gpus"]
+    assert main([*args, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["cluster"]["gpus"] == 1 and data["cluster"]["shared_gpus"] is True
+    assert main(["simulate", "--profile", H200, *SMALL, "--decode", "2", "--shared-gpus"]) == 2
+    assert "--shared-gpus: pairs one prefill and one decode replica per GPU" in capsys.readouterr().err
+
+
 def test_plan_with_two_gpu_types_and_plots(tmp_path, capsys):
     args = [
         "plan",

@@ -10,6 +10,7 @@ import pytest
 from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import simulate
+from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.metrics import summarize
 from splitserve.simulator.workload import LengthDist, Workload, synthetic
 from splitserve.slo import SLO
@@ -267,3 +268,29 @@ def test_a_request_reaching_a_prefill_worker_during_a_batch_joins_the_next_one(t
     r = simulate(ClusterSpec("disaggregated", PoolSpec(1, served), PoolSpec(1, served)), wl)
     batch_end = 0.002 + toy.prefill_time(1000)
     np.testing.assert_allclose(r.first_token_s, [batch_end, batch_end + toy.prefill_time(100)])
+
+
+def test_pools_sharing_gpus_count_each_gpu_once_and_slow_a_decode_step_beside_a_prefill_pass(toy):
+    """Request 0 decodes while request 1's long prompt is prefilled on the same GPU: each of its decode steps runs
+    at (1 - slowdown) of its speed, so its decode takes 1 / (1 - slowdown) as long; apart, nothing changes."""
+    wl = Workload(np.array([0.0, 0.0105]), np.array([10, 9000]), np.array([3, 3]))
+    slowed = _with_serving(toy, shared_gpu_slowdown=0.5)
+
+    def run(profile, shared):
+        cluster = ClusterSpec("disaggregated", PoolSpec(1, profile), PoolSpec(1, profile), shared_gpus=shared)
+        return cluster, simulate(cluster, wl)
+
+    (apart_spec, apart), (shared_spec, shared) = run(slowed, False), run(slowed, True)
+    assert toy.prefill_time(9000) > 0.09  # request 1's prefill covers request 0's two decode steps
+    np.testing.assert_allclose(shared.first_token_s, apart.first_token_s)
+    xfer = 0.001 + 10 * 1000 / 1e9  # its KV's way to the decode worker, before its first decode step
+    steps_apart = apart.finish_s[0] - apart.first_token_s[0] - xfer
+    np.testing.assert_allclose(shared.finish_s[0] - shared.first_token_s[0] - xfer, steps_apart / (1 - 0.5))
+    assert (shared_spec.gpus, apart_spec.gpus) == (1, 2)
+    assert shared_spec.cost_per_hour == pytest.approx(apart_spec.cost_per_hour / 2)
+    m = summarize(shared, SLO())
+    busy_s = sum(shared.busy_s.values())
+    idle_j = max(0.0, m.makespan_s - busy_s) * 50  # one GPU idles once, while neither pool is busy
+    assert m.joules_per_output_token * wl.output_tokens.sum() == pytest.approx(idle_j + busy_s * 500)
+    with pytest.raises(SimInputError, match="shared-gpus"):
+        ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(2, toy), shared_gpus=True)
