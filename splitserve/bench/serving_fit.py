@@ -38,21 +38,30 @@ def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> floa
     return best_floor(price, measured)[0]
 
 
+def _workers(steps: Sequence[StepRecord]) -> tuple[list[list[StepRecord]], list[list[StepRecord]]]:
+    """The trace's steps per worker: those that ran prompt chunks, and those that ran none."""
+    by_worker: dict[int, list[StepRecord]] = defaultdict(list)
+    for s in steps:
+        by_worker[s.pid].append(s)
+    prompting: list[list[StepRecord]] = []
+    others: list[list[StepRecord]] = []
+    for ws in by_worker.values():
+        (prompting if any(s.prefill_tokens for s in ws) else others).append(ws)
+    return prompting, others
+
+
 def fit_ingress(steps: Sequence[StepRecord], arrivals_s: Sequence[float]) -> float:
     """The median wait, from its arrival to the start of the step that takes it, of a request that wakes an idle
     engine: the first arrival after a worker's step ended, where that worker's next step has a prompt chunk and no
     decodes (nothing else was running). ``arrivals_s`` on the trace's clock. 0 where there is no such step, or where
     more than one worker ran prompt steps (the trace does not say which worker an arrival went to)."""
-    by_worker: dict[int, list[StepRecord]] = defaultdict(list)
-    for s in steps:
-        by_worker[s.pid].append(s)
-    prompting = [w for w, ws in by_worker.items() if any(s.prefill_tokens for s in ws)]
+    prompting, _ = _workers(steps)
     if len(prompting) != 1:
         return 0.0
     arrivals = sorted(arrivals_s)
     waits = []
     idle_since = -np.inf  # a run starts on an idle cluster
-    for s in sorted(by_worker[prompting[0]], key=lambda s: s.start):
+    for s in sorted(prompting[0], key=lambda s: s.start):
         k = bisect_right(arrivals, idle_since)
         if s.prefill_tokens and not s.decodes and k < len(arrivals) and arrivals[k] <= s.start:
             waits.append(s.start - arrivals[k])
@@ -64,11 +73,7 @@ def fit_shared_gpu_slowdown(steps: Sequence[StepRecord]) -> float:
     """Seconds a decode step gains per second of it beside a prefill pass: the least-squares slope of the decode
     steps' times on their overlap with the prefill worker's passes, for a trace of one prefill and one decode
     worker sharing a GPU (0 for any other trace: which worker shares with which is not in it)."""
-    by_worker: dict[int, list[StepRecord]] = defaultdict(list)
-    for s in steps:
-        by_worker[s.pid].append(s)
-    prefill = [ws for ws in by_worker.values() if any(s.prefill_tokens for s in ws)]
-    decode = [ws for ws in by_worker.values() if not any(s.prefill_tokens for s in ws)]
+    prefill, decode = _workers(steps)
     if len(prefill) != 1 or len(decode) != 1:
         return 0.0
     passes = sorted((s.start, s.start + s.seconds) for s in prefill[0])

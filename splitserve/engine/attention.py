@@ -41,6 +41,20 @@ class AttentionMetadata:
     decode_max_context: int = 0
     decode_kernel: DecodeKernel | None = None  # None: the torch decode_attention below
 
+    @classmethod
+    def whole_prompt(cls, slot_mapping: torch.Tensor, block_size: int) -> AttentionMetadata:
+        """One prompt from its first token, nothing else: its attention is its own causal block."""
+        tokens = slot_mapping.shape[0]
+        return cls(
+            slot_mapping=slot_mapping,
+            block_size=block_size,
+            prefill_query_lens=[tokens],
+            prefill_context_lens=[tokens],
+            prefill_block_tables=None,
+            decode_block_tables=None,
+            decode_context_lens=None,
+        )
+
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.prefill_query_lens)

@@ -41,7 +41,48 @@ class _HostInputs:
         self.tokens_np, self.tables_np, self.lens_np = self.tokens.numpy(), self.tables.numpy(), self.lens.numpy()
 
 
-class DecodeGraphs:
+class GraphLadder:
+    """Graphs of one forward, one per rung of a ladder of sizes, in one memory pool: an input is padded up to the
+    smallest rung that holds it. Subclasses stage inputs and record each rung (``_capture``)."""
+
+    def __init__(self, rungs: list[int], device: torch.device):
+        self.rungs = rungs
+        self.device = device
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def rung_for(self, size: int) -> int | None:
+        """The smallest rung that holds ``size``; None when it is larger than the ladder."""
+        return next((r for r in self.rungs if r >= size), None)
+
+    def capture_all(self) -> None:
+        """Capture every rung on padding only, largest first (the smaller ones reuse its memory)."""
+        for rung in reversed(self.rungs):
+            self._capture(rung)
+
+    def _capture(self, rung: int) -> None:
+        raise NotImplementedError
+
+    def _record(self, rung: int, forward: Callable[[], torch.Tensor]) -> None:
+        began = time.perf_counter()
+        self._graphs[rung] = capture(forward, self._pool, self.device)
+        self.capture_seconds += time.perf_counter() - began
+
+    def _replay(self, rung: int) -> torch.Tensor:
+        """Replay ``rung``'s graph; its output, overwritten by the next replay in the pool."""
+        graph, out = self._graphs[rung]
+        graph.replay()
+        self.replays += 1
+        return out
+
+
+class DecodeGraphs(GraphLadder):
     def __init__(
         self,
         forward: DecodeForward,
@@ -52,12 +93,11 @@ class DecodeGraphs:
         device: torch.device,
         max_batch: int,
     ):
+        super().__init__(sorted({r for r in LADDER if r < max_batch} | {max_batch}), device)
         self.forward = forward
         self.kernel = kernel
         self.block_size = block_size
         self.scratch_slot = scratch_slot
-        self.device = device
-        self.rungs = sorted({r for r in LADDER if r < max_batch} | {max_batch})
         top = self.rungs[-1]
         # Two sets of pinned host buffers, used in turn (see _stage); rows of tokens: input ids, positions, KV slots.
         self._host = [_HostInputs(top, max_blocks_per_seq) for _ in range(2)]
@@ -65,18 +105,6 @@ class DecodeGraphs:
         self._tokens = torch.zeros(3, top, dtype=torch.long, device=device)
         self._tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._lens = torch.zeros(top, dtype=torch.int32, device=device)
-        self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
-        self.replays = 0
-
-    @property
-    def captured(self) -> list[int]:
-        return sorted(self._graphs)
-
-    def rung_for(self, batch: int) -> int | None:
-        """The smallest graph size that holds ``batch`` rows; None when the batch is larger than the ladder."""
-        return next((r for r in self.rungs if r >= batch), None)
 
     def run(
         self,
@@ -95,16 +123,7 @@ class DecodeGraphs:
         self._stage(input_ids, positions, slots, block_tables, context_lens, rung)
         if feed is not None:
             feed.write_into(self._tokens[0, :rung])
-        graph, logits = self._graphs[rung]
-        graph.replay()
-        self.replays += 1
-        return logits[:n]
-
-    def capture_all(self) -> None:
-        """Capture every rung on padding rows only, largest first (the smaller ones reuse its memory)."""
-        for rung in reversed(self.rungs):
-            self._stage([], [], [], [], [], rung)
-            self._capture(rung)
+        return self._replay(rung)[:n]
 
     def _stage(self, input_ids, positions, slots, block_tables, context_lens, rung: int) -> None:
         """Fill pinned host buffers (no tensor is allocated) and start their copies to the device.
@@ -146,12 +165,11 @@ class DecodeGraphs:
         )
 
     def _capture(self, rung: int) -> None:
-        """Record the forward for ``rung`` rows on the padding rows just staged (they write their KV only to the
-        scratch slot, so the warm-up run touches no sequence)."""
-        began = time.perf_counter()
+        """Record the forward for ``rung`` padding rows (they write their KV only to the scratch slot, so the
+        warm-up run touches no sequence)."""
+        self._stage([], [], [], [], [], rung)
         ids, pos, meta = self._tokens[0, :rung], self._tokens[1, :rung], self._metadata(rung)
-        self._graphs[rung] = capture(lambda: self.forward(ids, pos, meta), self._pool, self.device)
-        self.capture_seconds += time.perf_counter() - began
+        self._record(rung, lambda: self.forward(ids, pos, meta))
 
 
 def capture(

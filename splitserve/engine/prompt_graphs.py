@@ -14,13 +14,12 @@ their own (a decode graph's output must survive a prompt graph's replay in the s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.cuda_graphs import capture
+from splitserve.engine.cuda_graphs import GraphLadder
 from splitserve.engine.host_copy import index_tensor
 
 LADDER = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
@@ -29,30 +28,17 @@ PromptForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.T
 """(input_ids [L], positions [L], metadata, row [1]) -> float32 logits [1, vocab] of hidden row ``row``."""
 
 
-class PromptGraphs:
+class PromptGraphs(GraphLadder):
     def __init__(
         self, forward: PromptForward, block_size: int, scratch_slot: int, device: torch.device, max_tokens: int
     ):
+        super().__init__([r for r in LADDER if r <= max_tokens], device)
         self.forward = forward
         self.block_size = block_size
         self.scratch_slot = scratch_slot
-        self.device = device
-        self.rungs = [r for r in LADDER if r <= max_tokens]
         top = self.rungs[-1] if self.rungs else 0
         self._tokens = torch.zeros(3, top, dtype=torch.long, device=device)  # input ids, positions, KV slots
         self._row = torch.zeros(1, dtype=torch.long, device=device)
-        self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
-        self.replays = 0
-
-    @property
-    def captured(self) -> list[int]:
-        return sorted(self._graphs)
-
-    def rung_for(self, tokens: int) -> int | None:
-        """The shortest graph that holds a prompt of ``tokens``; None when it is longer than the ladder."""
-        return next((r for r in self.rungs if r >= tokens), None)
 
     def run(self, input_ids: list[int], slots: list[int]) -> torch.Tensor:
         """Logits [1, vocab] of the prompt's last token: a copy, as the next replay reuses the graphs' memory."""
@@ -60,31 +46,14 @@ class PromptGraphs:
         rung = self.rung_for(n)
         assert rung is not None and n > 0, f"a prompt of {n} tokens has no graph (the longest is {self.rungs[-1]})"
         self._stage(input_ids, list(range(n)), slots, rung)
-        graph, logits = self._graphs[rung]
-        graph.replay()
-        self.replays += 1
-        return logits.clone()
-
-    def capture_all(self) -> None:
-        for rung in reversed(self.rungs):
-            self._capture(rung)
+        return self._replay(rung).clone()
 
     def _capture(self, rung: int) -> None:
         """Record a ``rung``-token prompt on padding rows only (their KV goes to the scratch slot)."""
-        began = time.perf_counter()
         self._stage([], [], [], rung)
         ids, pos, slots = self._tokens[0, :rung], self._tokens[1, :rung], self._tokens[2, :rung]
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            block_size=self.block_size,
-            prefill_query_lens=[rung],
-            prefill_context_lens=[rung],
-            prefill_block_tables=None,
-            decode_block_tables=None,
-            decode_context_lens=None,
-        )
-        self._graphs[rung] = capture(lambda: self.forward(ids, pos, meta, self._row), self._pool, self.device)
-        self.capture_seconds += time.perf_counter() - began
+        meta = AttentionMetadata.whole_prompt(slots, self.block_size)
+        self._record(rung, lambda: self.forward(ids, pos, meta, self._row))
 
     def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], rung: int) -> None:
         """Copy one prompt, padded to ``rung`` rows, into the graphs' inputs (from fresh pinned memory: several

@@ -206,15 +206,7 @@ class ModelRunner(page_copy.PagedKVCache):
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(tokens, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=pos,
-            block_size=self.block_size,
-            prefill_query_lens=[tokens],
-            prefill_context_lens=[tokens],
-            prefill_block_tables=None,
-            decode_block_tables=None,
-            decode_context_lens=None,
-        )
+        meta = AttentionMetadata.whole_prompt(pos, self.block_size)
         hidden = self.model(ids, pos, self.rope, list(scratch.unbind(0)), meta)
         self.model.logits(hidden[-1:])
         peak = torch.cuda.max_memory_allocated(self.device) - before
