@@ -6,8 +6,8 @@ second process: ``kv_transfer_pair.py``.
 Compression accuracy (max abs / relative error) is reported for int8 and fp8.
 
     python benchmarks/kv_transfer.py [--sizes-mb 1 16 256] [--with-1gb] [--out results/kv_transfer.json]
-    python benchmarks/kv_transfer.py --nccl [--overlap-prompt 2048]    # two GPUs: see kv_transfer_pair.py
-    python benchmarks/kv_transfer.py --cuda-ipc [--overlap-prompt 2048] # one GPU, receiver in a second process
+    python benchmarks/kv_transfer.py --nccl [--overlap-prompt 1024 2048]    # two GPUs: see kv_transfer_pair.py
+    python benchmarks/kv_transfer.py --cuda-ipc [--overlap-prompt 1024 2048 [--overlap-eager]]  # one GPU, 2 processes
 """
 
 from __future__ import annotations
@@ -79,7 +79,14 @@ def main() -> None:
     ap.add_argument("--nccl", action="store_true", help="the nccl backend between two GPUs vs plain NCCL p2p")
     ap.add_argument("--cuda-ipc", action="store_true", help="cuda_ipc to a second process on one GPU vs a device copy")
     ap.add_argument(
-        "--overlap-prompt", type=int, help="with --nccl or --cuda-ipc: prefill+stream overlap for this prompt (8B)"
+        "--overlap-prompt",
+        type=int,
+        nargs="+",
+        default=[],
+        help="with --nccl or --cuda-ipc: prefill+stream overlap for prompts of these lengths (8B)",
+    )
+    ap.add_argument(
+        "--overlap-eager", action="store_true", help="also measure each overlap prompt with prompt graphs off"
     )
     ap.add_argument("--out", default="results/kv_transfer.json")
     args = ap.parse_args()
@@ -89,7 +96,8 @@ def main() -> None:
         import kv_transfer_pair
 
         backend = "nccl" if args.nccl else "cuda_ipc"
-        _write(args.out, kv_transfer_pair.run(backend, sizes, dtype, args.repeats, args.overlap_prompt))
+        result = kv_transfer_pair.run(backend, sizes, dtype, args.repeats, args.overlap_prompt, args.overlap_eager)
+        _write(args.out, result)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

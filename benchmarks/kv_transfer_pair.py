@@ -214,9 +214,11 @@ def transfer_rows(pair: Pair, sizes_mb: list[float], dtype: torch.dtype, repeats
     return rows
 
 
-def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
+def overlap(pair: Pair, prompt_len: int, repeats: int, prompt_graphs: bool = True) -> dict:
     """Prefill of one ``prompt_len`` prompt on an 8B Llama-3 shape, alone and with its KV streamed layer by layer to
-    the receiver: the share of the transfer that stays hidden behind compute."""
+    the receiver: the share of the transfer that stays hidden behind compute. Prompts up to the engine's
+    ``prompt_graph_tokens`` replay a CUDA graph (the layer hook runs on each layer's event), unless ``prompt_graphs``
+    is off (an eager pass, the hook called between layers)."""
     from splitserve.bench.make_random_checkpoint import llama_config
     from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 
@@ -227,7 +229,8 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
                 device=SENDER,
                 max_batch_tokens=max(prompt_len, 2048),
                 num_kv_blocks=2 * -(-prompt_len // 16),
-                use_cuda_graphs=False,
+                decode_graphs=False,  # as on a prefill worker: prompts up to prompt_graph_tokens replay a graph
+                prompt_graph_tokens=RunnerConfig.prompt_graph_tokens if prompt_graphs else 0,
             ),
             enable_prefix_caching=False,
         ),
@@ -305,8 +308,10 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     streamed, streamed_admit, streamed_sent = (statistics.median(s[i] for _, _, s in rounds) for i in (0, 1, 2))
     exposed = max(statistics.median(s[0] - a[0] for a, _, s in rounds), 0.0)
     exposed_admit = max(statistics.median(s[1] - a[0] for a, _, s in rounds), 0.0)
+    graphed = engine.runner.prompt_graphs is not None and engine.runner.prompt_graphs.replays > 0
     result = {
         "prompt_tokens": prompt_len,
+        "prompt_graph": graphed,
         "kv_mb": blocks * runner.spec.num_layers * 2 * block * heads * dim * 2 / 1e6,
         "prefill_ms": alone * 1e3,
         "transfer_alone_ms": transfer * 1e3,
@@ -321,7 +326,8 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
         "rounds_ms": [[[x * 1e3 for x in run] for run in r] for r in rounds],  # (alone, transfer, streamed) each
     }
     print(
-        f"\noverlap, {prompt_len}-token prompt on llama3-8b ({result['kv_mb']:.0f} MB of KV): prefill "
+        f"\noverlap, {prompt_len}-token prompt on llama3-8b ({result['kv_mb']:.0f} MB of KV, "
+        f"{'graph' if graphed else 'eager'}): prefill "
         f"{result['prefill_ms']:.1f} ms, transfer alone {result['transfer_alone_ms']:.1f} ms, prefill+stream "
         f"{result['prefill_plus_stream_ms']:.1f} ms -> {result['hidden_fraction']:.0%} of the transfer hidden"
         f"\n  until decode can admit: transfer alone {result['transfer_alone_to_admit_ms']:.1f} ms, prefill+stream "
@@ -332,14 +338,23 @@ def overlap(pair: Pair, prompt_len: int, repeats: int) -> dict:
     return result
 
 
-def run(backend: str, sizes_mb: list[float], dtype: torch.dtype, repeats: int, overlap_prompt: int | None) -> dict:
-    """``nccl`` (two GPUs) or ``cuda_ipc`` (one GPU), and with ``overlap_prompt`` the overlap with a prefill."""
+def run(
+    backend: str,
+    sizes_mb: list[float],
+    dtype: torch.dtype,
+    repeats: int,
+    overlap_prompts: list[int],
+    overlap_eager: bool = False,
+) -> dict:
+    """``nccl`` (two GPUs) or ``cuda_ipc`` (one GPU), and the overlap with a prefill of each of ``overlap_prompts``
+    (with ``overlap_eager``, also with prompt graphs off)."""
     if backend == "nccl" and torch.cuda.device_count() < 2:
         raise SystemExit("--nccl needs two GPUs")
     pair = Pair(backend, "cuda:1" if backend == "nccl" else SENDER)
     try:
         rows = transfer_rows(pair, sizes_mb, dtype, repeats)
-        hidden = overlap(pair, overlap_prompt, repeats) if overlap_prompt else None
+        modes = (True, False) if overlap_eager else (True,)
+        hidden = [overlap(pair, n, repeats, graphs) for n in overlap_prompts for graphs in modes]
     finally:
         pair.close()
     return {"device": torch.cuda.get_device_name(0), "rows": rows, "overlap": hidden}

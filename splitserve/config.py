@@ -79,6 +79,13 @@ class _PoolConfig(_Section):
     gpu_memory_fraction: float = Field(
         0.85, gt=0, le=0.95, description="Share of its GPU a worker may fill with weights, activations and KV cache."
     )
+    prompt_graph_tokens: int = Field(
+        1024,
+        ge=0,
+        description="On GPU, whole prompts up to this many tokens replay a CUDA graph captured at start (a short "
+        "prompt's eager pass is bound by the host's kernel launches); 0 runs every prompt eager, saving the graphs' "
+        "memory and start time.",
+    )
 
 
 class PrefillPoolConfig(_PoolConfig):

@@ -23,8 +23,9 @@ class WorkerOptions:
     max_model_len: int | None
     kv_transfer: KVTransferConfig
     max_queue: int
-    decode_graphs: bool  # a prefill-only worker never runs a decode step: its graphs would only cost start time
+    decode_graphs: bool  # a prefill-only worker never runs a decode step: its decode graphs would only cost start time
     overlap_decode: bool  # on where the device runs ahead of the host (CUDA)
+    prompt_graph_tokens: int
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -37,7 +38,8 @@ class WorkerOptions:
                 gpu_memory_fraction=self.gpu_memory_fraction,
                 max_batch_tokens=self.max_batch_tokens,
                 max_model_len=self.max_model_len,
-                use_cuda_graphs=self.decode_graphs,
+                decode_graphs=self.decode_graphs,
+                prompt_graph_tokens=self.prompt_graph_tokens,
             ),
             max_batch_size=self.max_batch_size,
             enable_prefix_caching=self.prefix_caching,
@@ -61,4 +63,5 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         max_queue=pool.max_queue,
         decode_graphs=not isinstance(pool, PrefillPoolConfig),
         overlap_decode=getattr(pool, "overlap_decode", config.decode.overlap_decode),
+        prompt_graph_tokens=pool.prompt_graph_tokens,
     )

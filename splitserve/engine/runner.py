@@ -62,7 +62,8 @@ class RunnerConfig:
     max_batch_tokens: int = 8192
     max_model_len: int | None = None
     seed: int = 0
-    use_cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; CUDA only, False keeps them eager
+    use_cuda_graphs: bool = True  # decode steps and short prompts replay CUDA graphs; CUDA only, False: all eager
+    decode_graphs: bool = True  # False: no decode graphs (a prefill-only worker, which never decodes), prompt ones kept
     max_decode_batch: int = 256  # the largest decode batch a graph is captured for (the engine's max_batch_size)
     graph_decodes_beside_prompts: bool = True  # a mixed step's decode rows replay their graph (False: all eager)
     prompt_graph_tokens: int = 1024  # whole prompts up to this long replay a CUDA graph, with graphs on (0: eager)
@@ -135,7 +136,7 @@ class ModelRunner(page_copy.PagedKVCache):
 
             self.decode_kernel = paged_decode_attention
         self.graphs: DecodeGraphs | None = None
-        if use_graphs:
+        if use_graphs and config.decode_graphs:
             assert self.decode_kernel is not None
             self.graphs = DecodeGraphs(
                 self._decode_logits,
@@ -156,6 +157,7 @@ class ModelRunner(page_copy.PagedKVCache):
                 scratch_slot=self.num_kv_blocks * self.block_size,
                 device=self.device,
                 max_tokens=graph_tokens,
+                num_layers=self.spec.num_layers,
             )
             self.prompt_graphs.capture_all()
         log.info(
@@ -238,10 +240,16 @@ class ModelRunner(page_copy.PagedKVCache):
         return self.model.logits(self.model(input_ids, positions, self.rope, self.kv_layers, meta))
 
     def _prompt_logits(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, row: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        row: torch.Tensor,
+        layer_hook: LayerHook,
     ) -> torch.Tensor:
-        """What a prompt graph records: the model over every row, the final norm and LM head over ``row``."""
-        hidden = self.model(input_ids, positions, self.rope, self.kv_layers, meta)
+        """What a prompt graph records: the model over every row (``layer_hook`` after each layer), the final norm
+        and LM head over ``row``."""
+        hidden = self.model(input_ids, positions, self.rope, self.kv_layers, meta, layer_hook)
         return self.model.logits(hidden.index_select(0, row))
 
     def _graphs_prompt(self, seq: Sequence, n: int) -> bool:
@@ -281,6 +289,8 @@ class ModelRunner(page_copy.PagedKVCache):
         Decode rows replay their CUDA graph even beside prompt chunks, and whole short prompts replay theirs (graphs
         first, so the device runs them while the host launches what is left eager): eager, each decode row costs
         every layer its decode-attention launches, and a short prompt's pass is bound by the host's launches.
+        ``layer_hook`` runs after each layer of the eager pass, which follows every replay on the stream; with no
+        eager pass, after each layer's end in the replays (``PromptGraphs.run_layer_hook``).
         """
         graph_decodes = (
             layer_hook is None
@@ -289,7 +299,7 @@ class ModelRunner(page_copy.PagedKVCache):
             and self.graphs.rung_for(len(decode_seqs)) is not None
             and (not prefill_chunks or self.config.graph_decodes_beside_prompts)
         )
-        graphed = [layer_hook is None and self._graphs_prompt(seq, n) for seq, n in prefill_chunks]
+        graphed = [self._graphs_prompt(seq, n) for seq, n in prefill_chunks]
         pieces: list[tuple[list[Sequence], torch.Tensor]] = []
         if graph_decodes:
             pieces.append((decode_seqs, self._graph_logits(decode_seqs, feed)))
@@ -298,6 +308,9 @@ class ModelRunner(page_copy.PagedKVCache):
                 pieces.append(([seq], self._prompt_graph_logits(seq, n)))
         eager_chunks = [chunk for chunk, whole in zip(prefill_chunks, graphed, strict=True) if not whole]
         eager_decodes = [] if graph_decodes else decode_seqs
+        if layer_hook is not None and any(graphed) and not eager_chunks and not eager_decodes:
+            assert self.prompt_graphs is not None
+            self.prompt_graphs.run_layer_hook(layer_hook)
         eager_sampled, eager_logits = self._eager_logits(
             eager_chunks, eager_decodes, layer_hook, None if graph_decodes else feed
         )

@@ -252,6 +252,42 @@ def test_whole_prompts_replay_a_prompt_graph_and_equal_the_cpu_engine(tiny_model
 
 
 @needs_cuda
+def test_a_graphed_prompt_calls_the_layer_hook_once_each_layer_is_in_the_cache(tiny_model_dir):
+    """A prefill worker's prompts replay their graph and still stream layer by layer: the hook runs for each layer
+    in order, on a stream that waits for that layer's end in the replay, so pages it gathers there hold the layer's
+    final KV (a gather that ran ahead of the graph would read the zeros of a fresh cache). Two prompts in one pass:
+    the hook follows the later replay, and the earlier one's pages are complete too."""
+    config = RunnerConfig(str(tiny_model_dir), device="cuda", dtype="float32", num_kv_blocks=64, decode_graphs=False)
+    engine = Engine(EngineConfig(config))
+    runner = engine.runner
+    assert runner.graphs is None and runner.prompt_graphs is not None
+    g = torch.Generator().manual_seed(9)
+    seqs = [
+        engine.make_sequence(f"p{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_tokens=4))
+        for i, n in enumerate((100, 60))
+    ]
+    gathered: list[tuple[int, list[torch.Tensor]]] = []
+
+    def hook_for(completing):
+        indexes = [runner.block_index(s.block_table) for s in completing]
+
+        def on_layer(layer: int) -> None:
+            gathered.append((layer, [runner.gather_pages(layer, index) for index in indexes]))
+
+        return on_layer
+
+    engine.prefill(seqs, hook_for=hook_for)
+    torch.cuda.synchronize()
+    assert runner.prompt_graphs.replays == 2
+    assert [layer for layer, _ in gathered] == list(range(runner.spec.num_layers))
+    for layer, pages in gathered:
+        for seq, got in zip(seqs, pages, strict=True):
+            final = runner.gather_pages(layer, runner.block_index(seq.block_table))
+            assert got.abs().sum() > 0
+            assert torch.equal(got, final), (seq.request_id, layer)
+
+
+@needs_cuda
 def test_graph_engine_bf16_mostly_matches_hf_bf16(tiny_model_dir):
     """bf16 greedy against HF transformers in bf16, first few tokens, most prompts.
 
