@@ -23,7 +23,8 @@ from splitserve.slo import SLO
 
 # How close the fitted TTFT p90 must come to the measured one.
 _FIT_TOLERANCE_S = 1e-7
-_MAX_SLOWDOWN = 0.95  # a decode step beside a prefill pass keeps at least 5% of its speed (the model needs < 1)
+_MAX_SLOWDOWN = 0.95  # a step beside the other pool's keeps at least 5% of its speed (the model needs < 1)
+_ALONE, _BESIDE = 0.5, 0.9  # a prefill pass with less / at least this share of its time beside decode steps
 
 
 def fit_prompt_step_floor(steps: Sequence[StepRecord], profile: Profile) -> float:
@@ -69,30 +70,70 @@ def fit_ingress(steps: Sequence[StepRecord], arrivals_s: Sequence[float]) -> flo
     return float(np.median(waits)) if waits else 0.0
 
 
+def _beside_s(steps: Sequence[StepRecord], others: Sequence[StepRecord]) -> np.ndarray:
+    """Seconds of each of ``steps`` spent beside any of ``others`` (another worker's steps, which never overlap
+    one another)."""
+    spans = sorted((s.start, s.start + s.seconds) for s in others)
+    starts = [a for a, _ in spans]
+    beside = np.zeros(len(steps))
+    for k, s in enumerate(steps):
+        end = s.start + s.seconds
+        i = max(0, bisect_right(starts, s.start) - 1)
+        while i < len(spans) and spans[i][0] < end:
+            beside[k] += max(0.0, min(spans[i][1], end) - max(spans[i][0], s.start))
+            i += 1
+    return beside
+
+
+def _shared_pair(steps: Sequence[StepRecord]) -> tuple[list[StepRecord], list[StepRecord]] | None:
+    """A trace of one prefill and one decode worker (sharing a GPU, where the caller says so): their prefill
+    passes and decode steps. None for any other trace: which worker shares with which is not in it."""
+    prefill, decode = _workers(steps)
+    if len(prefill) != 1 or len(decode) != 1:
+        return None
+    return [s for s in prefill[0] if s.prefill_tokens and s.seconds > 0], [s for s in decode[0] if s.decodes]
+
+
 def fit_shared_gpu_slowdown(steps: Sequence[StepRecord]) -> float:
     """Seconds a decode step gains per second of it beside a prefill pass: the least-squares slope of the decode
     steps' times on their overlap with the prefill worker's passes, for a trace of one prefill and one decode
-    worker sharing a GPU (0 for any other trace: which worker shares with which is not in it)."""
-    prefill, decode = _workers(steps)
-    if len(prefill) != 1 or len(decode) != 1:
+    worker sharing a GPU (0 for any other trace)."""
+    pair = _shared_pair(steps)
+    if pair is None:
         return 0.0
-    passes = sorted((s.start, s.start + s.seconds) for s in prefill[0])
-    starts = [a for a, _ in passes]
-    seconds, overlap = [], []
-    for s in decode[0]:
-        if not s.decodes:
-            continue
-        end, beside = s.start + s.seconds, 0.0
-        i = max(0, bisect_right(starts, s.start) - 1)
-        while i < len(passes) and passes[i][0] < end:
-            beside += max(0.0, min(passes[i][1], end) - max(passes[i][0], s.start))
-            i += 1
-        seconds.append(s.seconds)
-        overlap.append(beside)
-    x, y = np.asarray(overlap), np.asarray(seconds)
+    passes, decodes = pair
+    x, y = _beside_s(decodes, passes), np.asarray([s.seconds for s in decodes])
     if len(x) < 2 or x.var() == 0:
         return 0.0
     return min(_MAX_SLOWDOWN, max(0.0, float(np.cov(x, y, bias=True)[0, 1] / x.var())))
+
+
+def passes_alone(steps: Sequence[StepRecord]) -> list[StepRecord]:
+    """The prefill passes of a shared-GPU pair's trace that ran mostly without decode steps beside them: what the
+    served floor of a prompt step is fitted on once the slowdown beside decode is modelled apart. The whole trace
+    where there is no such pair, or no such pass."""
+    pair = _shared_pair(steps)
+    if pair is None:
+        return list(steps)
+    passes, decodes = pair
+    alone = [s for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b < _ALONE * s.seconds]
+    return alone or list(steps)
+
+
+def fit_shared_gpu_prefill_slowdown(steps: Sequence[StepRecord], profile: Profile, floor_s: float) -> float:
+    """The share of its device speed a prefill pass loses beside the decode steps on its GPU: 1 − the median, over
+    the passes that had decode steps beside them throughout, of what the pass would take alone (its price, at
+    least ``floor_s``) over what it took. 0 where no pass was beside decode steps throughout, or for a trace that
+    is not of one prefill and one decode worker."""
+    pair = _shared_pair(steps)
+    if pair is None:
+        return 0.0
+    passes, decodes = pair
+    kept = [(s, b) for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b >= _BESIDE * s.seconds]
+    if not kept:
+        return 0.0
+    alone_over_served = [max(profile.prefill_time(s.prefill_tokens), floor_s) / s.seconds for s, _ in kept]
+    return min(_MAX_SLOWDOWN, max(0.0, 1.0 - float(np.median(alone_over_served))))
 
 
 def fit_serving(
@@ -106,7 +147,8 @@ def fit_serving(
 ) -> ServingSpec:
     """The cluster's own overheads from a live run at low load: with its step trace (``trace_start_s``: the
     trace's clock as the workload's arrivals began), the served floor of a step with a prompt chunk, the ingress and
-    (pools sharing GPUs) the decode steps' slowdown beside prefill passes;
+    (pools sharing GPUs) the decode steps' slowdown beside prefill passes and the passes' beside decode steps (the
+    floor then fitted on the passes that ran alone);
     per step, the excess of the measured median TPOT over the prediction so far; then, with those in, the
     per-request latency and the per-prompt-token one that together match the measured TTFT p50 and p90 (the
     prompt-length term widens the spread)."""
@@ -114,10 +156,13 @@ def fit_serving(
     def run(serving: ServingSpec) -> RunResult:
         return simulate(cluster_for(profile.model_copy(update={"serving": serving})), workload)
 
+    shared = cluster_for(profile).shared_gpus
+    floor_s = fit_prompt_step_floor(passes_alone(steps) if shared else steps, profile)
     traced = ServingSpec(
-        prompt_step_floor_s=fit_prompt_step_floor(steps, profile),
+        prompt_step_floor_s=floor_s,
         ingress_s=fit_ingress(steps, (workload.arrival_s + trace_start_s).tolist()),
-        shared_gpu_slowdown=fit_shared_gpu_slowdown(steps) if cluster_for(profile).shared_gpus else 0.0,
+        shared_gpu_slowdown=fit_shared_gpu_slowdown(steps) if shared else 0.0,
+        shared_gpu_prefill_slowdown=fit_shared_gpu_prefill_slowdown(steps, profile, floor_s) if shared else 0.0,
     )
     tpot_live, tpot_bare = measured["tpot_p50_ms"], summarize(run(traced), slo).tpot_s.p50 * 1e3
     step = traced.model_copy(

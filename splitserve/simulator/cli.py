@@ -74,8 +74,8 @@ def register(subparsers: Any) -> None:
     sim.add_argument(
         "--shared-gpus",
         action="store_true",
-        help="one prefill and one decode replica per GPU (fractional gpus_per_replica); slowed as the profile's "
-        "serving.shared_gpu_slowdown says",
+        help="one prefill and one decode replica per GPU (fractional gpus_per_replica); each slowed beside the other "
+        "as the profile's serving.shared_gpu_slowdown and shared_gpu_prefill_slowdown say",
     )
     sim.set_defaults(func=_guarded(_simulate))
     pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")

@@ -32,8 +32,9 @@ class ClusterSpec:
     ``mixed`` (disaggregated only) is the runtime's mixed pool: decode workers that also run whole requests while
     every prefill worker is backed up (what a colocated replica does all the time, hence the same pool name).
     ``shared_gpus`` (disaggregated, equal pools, no mixed pool): prefill replica i and decode replica i share one GPU
-    (fractional ``gpus_per_replica``), counted once, and a decode step slows while its GPU runs a prefill pass
-    (``serving.shared_gpu_slowdown``)."""
+    (fractional ``gpus_per_replica``), counted once; a decode step slows while its GPU runs a prefill pass
+    (``serving.shared_gpu_slowdown``), and a prefill pass that starts while the decode worker steps slows too
+    (``serving.shared_gpu_prefill_slowdown``)."""
 
     mode: Mode
     prefill: PoolSpec

@@ -261,8 +261,11 @@ class _Disaggregated(_Sim):
         self.xfer = (
             xfer.latency_s + wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)
         ).tolist()
-        step_time = pre.profile.step_time
+        step_time, pre_profile = pre.profile.step_time, pre.profile
         self.prefill_time = lambda tokens: step_time(tokens, 0, 0)  # a prefill pass: a step with no decodes
+        # Beside decode steps on a shared GPU, a pass gets only part of the device; its host-bound floor stays.
+        self.device_prefill_time = lambda tokens: pre_profile.prefill_time(tokens) + pre_profile.serving.step_s
+        self.prefill_slowdown = 0.0
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
         self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas
@@ -275,6 +278,7 @@ class _Disaggregated(_Sim):
         if cluster.shared_gpus:
             self.gpu_mate[: dec.replicas] = range(dec.replicas)
             self.shared_slowdown = dec.profile.serving.shared_gpu_slowdown
+            self.prefill_slowdown = pre.profile.serving.shared_gpu_prefill_slowdown
         self.pf_router = Router(cluster.policy, pre.replicas)
         self.dec_router = Router(cluster.policy, len(self.batches))
         self.mixed_router = Router(cluster.policy, mixed.replicas) if mixed is not None else None
@@ -328,6 +332,8 @@ class _Disaggregated(_Sim):
             batch.append(q.popleft())
             tokens += p
         dt = self.prefill_time(tokens)
+        if self.prefill_slowdown and self.batches[w].busy:  # decode worker w shares prefill worker w's GPU
+            dt = max(dt, self.device_prefill_time(tokens) / (1.0 - self.prefill_slowdown))
         self.pf_span[w] = (t, t + dt)
         self.pf_busy += dt
         self.pf_batch[w] = batch

@@ -96,6 +96,14 @@ class ServingSpec(_Strict):
         description="The share of its speed a decode step loses while a prefill pass runs on its GPU, where pools "
         "share GPUs: it gains this many seconds per second beside one (fitted on a step trace of such a cluster).",
     )
+    shared_gpu_prefill_slowdown: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The share of its device speed a prefill pass loses when it starts while the decode worker on "
+        "its GPU steps, where pools share GPUs (the GPU time-slices the two processes); a host-bound pass keeps "
+        "its floor (fitted on a step trace of such a cluster).",
+    )
     prompt_token_s: float = Field(
         0.0,
         ge=0,

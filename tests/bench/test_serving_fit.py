@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitserve.bench.serving_fit import fit_ingress, fit_prompt_step_floor, fit_serving, fit_shared_gpu_slowdown
+from splitserve.bench.serving_fit import (
+    fit_ingress,
+    fit_prompt_step_floor,
+    fit_serving,
+    fit_shared_gpu_prefill_slowdown,
+    fit_shared_gpu_slowdown,
+    passes_alone,
+)
 from splitserve.bench.validate import predicted_figures
 from splitserve.engine.step_trace import StepRecord
 from splitserve.simulator import ClusterSpec, PoolSpec, simulate, summarize
@@ -134,3 +141,22 @@ def test_the_shared_gpu_slowdown_is_the_decode_steps_slope_on_their_time_beside_
     assert fit_shared_gpu_slowdown(passes + alone) == 0.0  # never beside a pass: nothing to fit
     second_prefill = [_step(3.0, 0.1, prefill=100, pid=3)]
     assert fit_shared_gpu_slowdown(passes + alone + beside + second_prefill) == 0.0  # which pairs with which?
+
+
+def test_a_prefill_pass_beside_decode_steps_throughout_gives_the_share_of_device_speed_it_lost():
+    """Passes that had decode steps beside them all along took twice their price: half the device. Passes alone
+    set the floor's fit apart; a host-bound pass (its floor above its price) counts from its floor."""
+    profile = make_profile()
+    price = profile.prefill_time(500)
+    alone = [_step(1.0 + i, price, prefill=500, pid=1) for i in range(3)]
+    beside = [_step(10.0 + i, 2 * price, prefill=500, pid=1) for i in range(5)]
+    decodes = [_step(10.0 + i + 0.004 * k, 0.004, decodes=2, context=100, pid=2) for i in range(5) for k in range(60)]
+    trace = alone + beside + decodes
+    assert 2 * price < 60 * 0.004  # each slowed pass lies inside its run of decode steps
+    assert fit_shared_gpu_prefill_slowdown(trace, profile, 0.0) == pytest.approx(0.5)
+    assert fit_shared_gpu_prefill_slowdown(trace, profile, 2 * price) == 0.0  # host-bound: nothing lost beside
+    assert sorted(s.start for s in passes_alone(trace)) == [1.0, 2.0, 3.0]
+    assert fit_shared_gpu_prefill_slowdown(alone + decodes, profile, 0.0) == 0.0  # never beside: nothing to fit
+    other = [_step(30.0, 0.1, prefill=100, pid=3)]
+    assert fit_shared_gpu_prefill_slowdown(trace + other, profile, 0.0) == 0.0  # which pairs with which?
+    assert passes_alone(trace + other) == trace + other

@@ -270,6 +270,27 @@ def test_a_request_reaching_a_prefill_worker_during_a_batch_joins_the_next_one(t
     np.testing.assert_allclose(r.first_token_s, [batch_end, batch_end + toy.prefill_time(100)])
 
 
+def test_a_prefill_pass_that_starts_while_its_gpus_decode_worker_steps_gets_part_of_the_device(toy):
+    """Request 1's prompt comes while request 0 decodes on the same GPU: its pass takes its device time over
+    (1 - slowdown), at least the prompt-step floor; request 0's came to an idle GPU and took its price. Apart, or
+    with the floor above the slowed pass (host-bound), the pass takes what it takes alone."""
+    price = toy.prefill_time(1000)
+
+    def first_tokens(later, shared, **serving):
+        wl = Workload(np.array([0.0, later]), np.array([1000, 1000]), np.array([50, 2]))
+        profile = _with_serving(toy, shared_gpu_prefill_slowdown=0.5, **serving)
+        cluster = ClusterSpec("disaggregated", PoolSpec(1, profile), PoolSpec(1, profile), shared_gpus=shared)
+        return simulate(cluster, wl).first_token_s
+
+    decoding_until = 3 * price + toy.transfer_time(1000, "nccl") + 49 * toy.decode_step_time(1, 1000)
+    assert 4 * price < decoding_until  # request 0 still decodes when request 1 comes, in every case below
+    later = 2 * price
+    np.testing.assert_allclose(first_tokens(later, True), [price, later + price / 0.5])
+    np.testing.assert_allclose(first_tokens(later, False), [price, later + price])
+    floor, later = 3 * price, 4 * price
+    np.testing.assert_allclose(first_tokens(later, True, prompt_step_floor_s=floor), [floor, later + floor])
+
+
 def test_pools_sharing_gpus_count_each_gpu_once_and_slow_a_decode_step_beside_a_prefill_pass(toy):
     """Request 0 decodes while request 1's long prompt is prefilled on the same GPU: each of its decode steps runs
     at (1 - slowdown) of its speed, so its decode takes 1 / (1 - slowdown) as long; apart, nothing changes."""
