@@ -263,12 +263,16 @@ class DecodeWorker(ReportsReleases):
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
         This runs on the control group's loop; the streams belong to the default loop, so the stream is ended there.
         """
+        # What to wait for is taken before the abort: a reservation made in between (its call racing this one on
+        # the engine's side thread) is aborted by ``drop`` below. Taken after, it would be that reservation's, never
+        # done: this abort would wait on it forever and nothing else would free it (the chaos suite found one so).
+        unwritten = self.receiver.unwritten(request_id)
         self.receiver.abort(request_id)  # at once: the sender is told
         cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._end_stream, request_id, cancelled)
         # A cuda_ipc sender writes the pages itself: they are freed only once it has confirmed it stopped.
-        await asyncio.wrap_future(self.receiver.unwritten(request_id))
+        await asyncio.wrap_future(unwritten)
 
         def drop() -> bool:
             # Again on the engine thread, after any reservation submitted before this abort: that one is freed too.

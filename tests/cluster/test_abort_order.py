@@ -149,6 +149,35 @@ def test_an_abort_overtaken_by_the_start_it_cancels_still_ends_the_stream(tiny_m
     _run_beside_a_control_loop(tiny_model_dir, scenario)
 
 
+def test_a_reservation_made_while_its_abort_runs_is_freed_by_that_abort(tiny_model_dir):
+    """The reservation lands right after the abort told the receiver, before the abort looks at what it waits for:
+    the abort must still free it, not wait for a transfer that nobody will send (found by the chaos suite: one such
+    reservation stayed held, with its expectation, forever)."""
+
+    async def scenario(worker: DecodeWorker, control: asyncio.AbstractEventLoop):
+        free = worker.engine.blocks.num_free
+        real_abort = worker.receiver.abort
+        reserved: list[list[int]] = []
+
+        def abort_then_reserve(request_id: str, *args) -> bool:  # fake: forces the interleaving
+            told = real_abort(request_id, *args)
+            if not reserved:  # the abort's first word to the receiver: the reservation comes in right after it
+                helper = threading.Thread(target=lambda: reserved.append(asyncio.run(worker.reserve(_request(0)))))
+                helper.start()
+                helper.join()
+            return told
+
+        worker.receiver.abort = abort_then_reserve
+        aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
+        assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
+        assert reserved and reserved[0]  # the reservation was made, and then freed
+        stats = await worker.stats()
+        assert stats.kv_blocks_free == free
+        assert (stats.extra["expected"], stats.extra["held"], stats.extra["pending_transfers"]) == (0, 0, 0)
+
+    _run_beside_a_control_loop(tiny_model_dir, scenario)
+
+
 def _run_beside_a_control_loop(model_dir, scenario) -> None:
     """Run ``scenario(worker, control)`` on an in-process decode worker, with a second event loop on its own thread
     standing in for the control concurrency group's, where Ray runs aborts."""
