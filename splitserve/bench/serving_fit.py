@@ -129,10 +129,10 @@ def fit_shared_gpu_prefill_slowdown(steps: Sequence[StepRecord], profile: Profil
     if pair is None:
         return 0.0
     passes, decodes = pair
-    kept = [(s, b) for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b >= _BESIDE * s.seconds]
-    if not kept:
+    beside = [s for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b >= _BESIDE * s.seconds]
+    if not beside:
         return 0.0
-    alone_over_served = [max(profile.prefill_time(s.prefill_tokens), floor_s) / s.seconds for s, _ in kept]
+    alone_over_served = [max(profile.prefill_time(s.prefill_tokens), floor_s) / s.seconds for s in beside]
     return min(_MAX_SLOWDOWN, max(0.0, 1.0 - float(np.median(alone_over_served))))
 
 
