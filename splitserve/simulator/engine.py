@@ -258,9 +258,10 @@ class _Disaggregated(_Sim):
         assert dec is not None
         self.pre_pool = pre
         xfer = pre.profile.kv_transfer[cluster.kv_backend]
-        self.xfer = (
-            xfer.latency_s + wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)
-        ).tolist()
+        self.xfer_latency = xfer.latency_s
+        # The seconds each request's KV bytes hold a link (see prefill_done).
+        self.xfer_bytes_s = (wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)).tolist()
+        self.egress_free = [-math.inf] * pre.replicas  # when each prefill worker's link is next free
         step_time, pre_profile = pre.profile.step_time, pre.profile
         self.prefill_time = lambda tokens: step_time(tokens, 0, 0)  # a prefill pass: a step with no decodes
         # Beside decode steps on a shared GPU, a pass gets only part of the device; its host-bound floor stays.
@@ -275,6 +276,7 @@ class _Disaggregated(_Sim):
         mixed = cluster.mixed
         self.init_workers([dec] if mixed is None else [dec, mixed])
         self.n_decode = dec.replicas  # decode workers first, then the mixed pool's
+        self.ingress_free = [-math.inf] * len(self.batches)  # when each stepping worker's link is next free
         if cluster.shared_gpus:
             self.gpu_mate[: dec.replicas] = range(dec.replicas)
             self.shared_slowdown = dec.profile.serving.shared_gpu_slowdown
@@ -357,17 +359,26 @@ class _Disaggregated(_Sim):
             self.prefill_done(x, t)
 
     def prefill_done(self, w: int, t: float) -> None:
+        """The batch's first tokens, and its KV on the way. Its KV streams layer by layer while the batch computes
+        (as in the runtime): each request's bytes hold the prefill worker's link and its decode worker's for
+        ``bytes / bandwidth``, from the batch's start or once both links are free (the batch's requests in order,
+        after earlier transfers), and land ``latency_s`` after the later of their last byte and the batch's end."""
         batch = self.pf_batch[w]
         assert batch is not None
-        first, out, xfer, load = self.first, self.out, self.xfer, self.pf_load
+        first, out, load, worker_of = self.first, self.out, self.pf_load, self.worker_of
+        egress, ingress, bytes_s = self.egress_free, self.ingress_free, self.xfer_bytes_s
+        start = self.pf_span[w][0]
         for r in batch:
             first[r] = t
             load[w] -= self.prompt[r]
             if out[r] == 1:
                 self.finish[r] = t
-                self.load[self.worker_of[r]] -= self.need[r]
+                self.load[worker_of[r]] -= self.need[r]
             else:
-                self.push(t + xfer[r], KV_ARRIVED, r)
+                d = worker_of[r]
+                sent = max(start, egress[w], ingress[d]) + bytes_s[r]
+                egress[w] = ingress[d] = sent
+                self.push(max(sent, t) + self.xfer_latency, KV_ARRIVED, r)
         self.pf_batch[w] = None
         if self.queues[w]:
             self.start_prefill(w, t)

@@ -113,8 +113,12 @@ class ServingSpec(_Strict):
 
 
 class TransferSpec(_Strict):
-    latency_s: float = Field(ge=0, description="Fixed cost of one request's KV transfer.")
-    bandwidth_bytes_per_s: float = Field(gt=0, description="Achieved bandwidth of the transfer.")
+    latency_s: float = Field(
+        ge=0, description="Fixed cost of one request's KV transfer, after its last byte and its prefill pass's end."
+    )
+    bandwidth_bytes_per_s: float = Field(
+        gt=0, description="Achieved bandwidth of the transfer: how long its bytes hold the links they cross."
+    )
 
 
 class Profile(_Strict):

@@ -42,13 +42,42 @@ def test_same_seed_same_metrics_and_every_request_finishes(h100, mode):
 
 
 def test_low_load_has_no_queueing(toy):
-    """Requests 10 s apart never meet: TTFT = prefill(L); the last token = + transfer + (out - 1) decode steps."""
+    """Requests 10 s apart never meet: TTFT = prefill(L); the last token = + the transfer's latency (its 1 ms of
+    bytes stream during the 20 ms pass) + (out - 1) decode steps."""
     L, out = 1000, 5
     wl = Workload(np.arange(50) * 10.0, np.full(50, L), np.full(50, out))
     r = simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy)), wl)
     np.testing.assert_allclose(r.first_token_s - wl.arrival_s, toy.prefill_time(L))
     decode = sum(toy.decode_step_time(1, L + k) for k in range(1, out))
-    np.testing.assert_allclose(r.finish_s - wl.arrival_s, toy.prefill_time(L) + toy.transfer_time(L, "nccl") + decode)
+    latency = toy.kv_transfer["nccl"].latency_s
+    assert toy.transfer_time(L, "nccl") - latency < toy.prefill_time(L)
+    np.testing.assert_allclose(r.finish_s - wl.arrival_s, toy.prefill_time(L) + latency + decode)
+
+
+def _slow_link(profile, bandwidth_bytes_per_s: float):
+    link = profile.kv_transfer["nccl"].model_copy(update={"bandwidth_bytes_per_s": bandwidth_bytes_per_s})
+    return profile.model_copy(update={"kv_transfer": {"nccl": link}})
+
+
+def test_kv_bytes_stream_during_the_pass_and_queue_on_the_links_they_share(toy):
+    """A link slower than the pass: a request's KV lands its bytes' time after the pass began (plus the latency),
+    not after it ended; transfers that share a link, the prefill worker's (one batch, two decode workers) or the
+    decode worker's (two prefill workers), go one after the other."""
+    slow = _slow_link(toy, 1e7)  # 1000 tokens x 1000 B: 0.1 s on the link, against a 20 ms pass of one prompt
+    latency, bytes_s = 0.001, 0.1
+    wl = Workload(np.zeros(2), np.full(2, 1000), np.full(2, 2))
+
+    def kv_landed(prefill: int, decode: int) -> np.ndarray:
+        r = simulate(ClusterSpec("disaggregated", PoolSpec(prefill, slow), PoolSpec(decode, slow)), wl)
+        return np.sort(r.finish_s - slow.decode_step_time(1, 1001))  # each decodes its one token alone
+
+    np.testing.assert_allclose(kv_landed(1, 2), [bytes_s + latency, 2 * bytes_s + latency])  # one egress link
+    np.testing.assert_allclose(kv_landed(2, 1), [bytes_s + latency, 2 * bytes_s + latency])  # one ingress link
+    np.testing.assert_allclose(kv_landed(2, 2), [bytes_s + latency] * 2)  # links of their own
+    fast = _slow_link(toy, 1e12)
+    r = simulate(ClusterSpec("disaggregated", PoolSpec(1, fast), PoolSpec(2, fast)), wl)
+    pass_s = fast.prefill_time(1000)  # one pass after the other; each one's bytes are out long before it ends
+    np.testing.assert_allclose(r.finish_s - fast.decode_step_time(1, 1001), [pass_s + latency, 2 * pass_s + latency])
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
@@ -304,7 +333,7 @@ def test_pools_sharing_gpus_count_each_gpu_once_and_slow_a_decode_step_beside_a_
     (apart_spec, apart), (shared_spec, shared) = run(slowed, False), run(slowed, True)
     assert toy.prefill_time(9000) > 0.09  # request 1's prefill covers request 0's two decode steps
     np.testing.assert_allclose(shared.first_token_s, apart.first_token_s)
-    xfer = 0.001 + 10 * 1000 / 1e9  # its KV's way to the decode worker, before its first decode step
+    xfer = 0.001  # its KV's way to the decode worker, before its first decode step (its bytes went during the pass)
     steps_apart = apart.finish_s[0] - apart.first_token_s[0] - xfer
     np.testing.assert_allclose(shared.finish_s[0] - shared.first_token_s[0] - xfer, steps_apart / (1 - 0.5))
     assert (shared_spec.gpus, apart_spec.gpus) == (1, 2)
