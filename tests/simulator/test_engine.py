@@ -54,16 +54,16 @@ def test_low_load_has_no_queueing(toy):
     np.testing.assert_allclose(r.finish_s - wl.arrival_s, toy.prefill_time(L) + latency + decode)
 
 
-def _slow_link(profile, bandwidth_bytes_per_s: float):
+def _with_link(profile, bandwidth_bytes_per_s: float):
     link = profile.kv_transfer["nccl"].model_copy(update={"bandwidth_bytes_per_s": bandwidth_bytes_per_s})
     return profile.model_copy(update={"kv_transfer": {"nccl": link}})
 
 
 def test_kv_bytes_stream_during_the_pass_and_queue_on_the_links_they_share(toy):
     """A link slower than the pass: a request's KV lands its bytes' time after the pass began (plus the latency),
-    not after it ended; transfers that share a link, the prefill worker's (one batch, two decode workers) or the
-    decode worker's (two prefill workers), go one after the other."""
-    slow = _slow_link(toy, 1e7)  # 1000 tokens x 1000 B: 0.1 s on the link, against a 20 ms pass of one prompt
+    not after it ended; transfers that share a link, the prefill worker's (its two passes in a row, to two decode
+    workers) or the decode worker's (from two prefill workers), go one after the other."""
+    slow = _with_link(toy, 1e7)  # 1000 tokens x 1000 B: 0.1 s on the link, against a 20 ms pass of one prompt
     latency, bytes_s = 0.001, 0.1
     wl = Workload(np.zeros(2), np.full(2, 1000), np.full(2, 2))
 
@@ -74,7 +74,7 @@ def test_kv_bytes_stream_during_the_pass_and_queue_on_the_links_they_share(toy):
     np.testing.assert_allclose(kv_landed(1, 2), [bytes_s + latency, 2 * bytes_s + latency])  # one egress link
     np.testing.assert_allclose(kv_landed(2, 1), [bytes_s + latency, 2 * bytes_s + latency])  # one ingress link
     np.testing.assert_allclose(kv_landed(2, 2), [bytes_s + latency] * 2)  # links of their own
-    fast = _slow_link(toy, 1e12)
+    fast = _with_link(toy, 1e12)
     r = simulate(ClusterSpec("disaggregated", PoolSpec(1, fast), PoolSpec(2, fast)), wl)
     pass_s = fast.prefill_time(1000)  # one pass after the other; each one's bytes are out long before it ends
     np.testing.assert_allclose(r.finish_s - fast.decode_step_time(1, 1001), [pass_s + latency, 2 * pass_s + latency])
