@@ -360,9 +360,11 @@ class _Disaggregated(_Sim):
 
     def prefill_done(self, w: int, t: float) -> None:
         """The batch's first tokens, and its KV on the way. Its KV streams layer by layer while the batch computes
-        (as in the runtime): each request's bytes hold the prefill worker's link and its decode worker's for
-        ``bytes / bandwidth``, from the batch's start or once both links are free (the batch's requests in order,
-        after earlier transfers), and land ``latency_s`` after the later of their last byte and the batch's end."""
+        (as in the runtime). Each link, the prefill worker's out and the decode worker's in, carries one request's
+        bytes at a time, in order (the batch's requests after earlier transfers), for ``bytes / bandwidth`` from the
+        batch's start or once it is free; the KV lands ``latency_s`` after the later of the two links' last byte
+        and the batch's end. A link is busy only for its own bytes: a transfer waiting for the other link does not
+        hold it."""
         batch = self.pf_batch[w]
         assert batch is not None
         first, out, load, worker_of = self.first, self.out, self.pf_load, self.worker_of
@@ -376,9 +378,9 @@ class _Disaggregated(_Sim):
                 self.load[worker_of[r]] -= self.need[r]
             else:
                 d = worker_of[r]
-                sent = max(start, egress[w], ingress[d]) + bytes_s[r]
-                egress[w] = ingress[d] = sent
-                self.push(max(sent, t) + self.xfer_latency, KV_ARRIVED, r)
+                egress[w] = max(start, egress[w]) + bytes_s[r]
+                ingress[d] = max(start, ingress[d]) + bytes_s[r]
+                self.push(max(egress[w], ingress[d], t) + self.xfer_latency, KV_ARRIVED, r)
         self.pf_batch[w] = None
         if self.queues[w]:
             self.start_prefill(w, t)
