@@ -108,16 +108,22 @@ def fit_shared_gpu_slowdown(steps: Sequence[StepRecord]) -> float:
     return min(_MAX_SLOWDOWN, max(0.0, float(np.cov(x, y, bias=True)[0, 1] / x.var())))
 
 
+def _passes_with_company(steps: Sequence[StepRecord]) -> list[tuple[StepRecord, float]] | None:
+    """Each prefill pass of a shared-GPU pair's trace, with the share of its time that decode steps ran beside it;
+    None where the trace is not of such a pair."""
+    pair = _shared_pair(steps)
+    if pair is None:
+        return None
+    passes, decodes = pair
+    return [(s, b / s.seconds) for s, b in zip(passes, _beside_s(passes, decodes), strict=True)]
+
+
 def passes_alone(steps: Sequence[StepRecord]) -> list[StepRecord]:
     """The prefill passes of a shared-GPU pair's trace that ran mostly without decode steps beside them: what the
     served floor of a prompt step is fitted on once the slowdown beside decode is modelled apart. The whole trace
     where there is no such pair, or no such pass."""
-    pair = _shared_pair(steps)
-    if pair is None:
-        return list(steps)
-    passes, decodes = pair
-    alone = [s for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b < _ALONE * s.seconds]
-    return alone or list(steps)
+    passes = _passes_with_company(steps) or []
+    return [s for s, share in passes if share < _ALONE] or list(steps)
 
 
 def fit_shared_gpu_prefill_slowdown(steps: Sequence[StepRecord], profile: Profile, floor_s: float) -> float:
@@ -125,11 +131,7 @@ def fit_shared_gpu_prefill_slowdown(steps: Sequence[StepRecord], profile: Profil
     the passes that had decode steps beside them throughout, of what the pass would take alone (its price, at
     least ``floor_s``) over what it took. 0 where no pass was beside decode steps throughout, or for a trace that
     is not of one prefill and one decode worker."""
-    pair = _shared_pair(steps)
-    if pair is None:
-        return 0.0
-    passes, decodes = pair
-    beside = [s for s, b in zip(passes, _beside_s(passes, decodes), strict=True) if b >= _BESIDE * s.seconds]
+    beside = [s for s, share in _passes_with_company(steps) or [] if share >= _BESIDE]
     if not beside:
         return 0.0
     alone_over_served = [max(profile.prefill_time(s.prefill_tokens), floor_s) / s.seconds for s in beside]
