@@ -17,9 +17,10 @@ ENV = "SPLITSERVE_HANDOFF_TRACE"
 
 # In the order a request normally meets them; the report lists them so.
 EVENTS = (
-    "router.reserve",  # the router asks the decode worker for pages
-    "router.reserved",  # ... and has them
-    "prefill.transfer_begin",  # the prompt's last prefill pass opens its transfer
+    "router.reserve",  # the router asks the decode worker for pages (and the prefill worker to start meanwhile)
+    "decode.reserved",  # the decode worker has reserved them and expects the transfer
+    "router.reserved",  # ... the router has its answer
+    "prefill.transfer_begin",  # the prompt's last prefill pass, the pages known, opens its transfer
     "receiver.begin",  # the decode worker's transfer server has BEGIN
     "receiver.claimed",  # ... has set up the receive (nccl: receives posted) and claimed the pages
     "prefill.last_layer",  # the engine thread has queued the last layer's send (host time: the GPU is behind)

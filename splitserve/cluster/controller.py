@@ -18,10 +18,10 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -30,6 +30,7 @@ from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
+    PendingPages,
     RequestTiming,
     ServingError,
     TokenBatch,
@@ -52,6 +53,7 @@ READY_TIMEOUT_S = 600.0
 SCALE_DRAIN_TIMEOUT_S = 120.0
 RETIRE_POLL_S = 0.1
 WorkerGone = (RayActorError, asyncio.TimeoutError)
+T = TypeVar("T")
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -59,6 +61,12 @@ def _cause(err: BaseException) -> BaseException:
     if isinstance(err, RayTaskError) and err.cause is not None:
         return err.cause
     return err
+
+
+async def _traced(awaitable: Awaitable[T], event: str, request_id: str) -> T:
+    result = await awaitable
+    handoff_trace.mark(event, request_id)
+    return result
 
 
 def ray_init_args(cluster: ClusterSection, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -475,15 +483,17 @@ class Cluster:
     async def _split_flow(
         self, request: GenerateRequest, timing: RequestTiming, prefill: _Worker, decode: _Worker
     ) -> AsyncIterator[TokenBatch]:
-        """D reserves pages, P computes the prompt and streams its KV into them, D decodes the rest."""
+        """D reserves pages while P computes the prompt and streams its KV into them; D decodes the rest.
+
+        P gets D's reservation as a pending reference and starts at once, so the reservation's round trip is off the
+        first token's path. The first token waits for the reservation, though: a request D cannot take fails with
+        D's error before the client sees any token, as if it had been asked first."""
         handoff_trace.mark("router.reserve", request.request_id)
-        reservation = await self._call(decode, decode.actor.reserve.remote(request))
-        handoff_trace.mark("router.reserved", request.request_id)
+        reserve = decode.actor.reserve.remote(request)
         prefill_stream = prefill.actor.prefill.options(num_returns="streaming").remote(
-            request, decode.info["endpoint"], reservation
+            request, decode.info["endpoint"], PendingPages(reserve)
         )
-        first = await self._next(prefill_stream, prefill)
-        handoff_trace.mark("router.first_token", request.request_id)
+        first = await self._first_token(request, prefill_stream, prefill, self._call(decode, reserve))
         if first.finished:  # done at its first token: D's reservation is not needed, free it now (before the yield:
             await self._abort_everywhere(request, [decode])  # a client that closes on this token ends us there)
             yield first
@@ -504,6 +514,25 @@ class Cluster:
                 yield batch
         finally:
             transfer.cancel()
+
+    async def _first_token(
+        self, request: GenerateRequest, prefill_stream: Any, prefill: _Worker, reservation: Awaitable[Any]
+    ) -> TokenBatch:
+        """P's first token once D has reserved the pages; whichever fails first ends the wait, D's failure winning
+        where both did (it is the cause: P's transfer ends for want of pages)."""
+        reserved = asyncio.ensure_future(_traced(reservation, "router.reserved", request.request_id))
+        first = asyncio.ensure_future(
+            _traced(self._next(prefill_stream, prefill), "router.first_token", request.request_id)
+        )
+        try:
+            await asyncio.wait((reserved, first), return_when=asyncio.FIRST_EXCEPTION)
+            for task in (reserved, first):
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return first.result()
+        finally:
+            for task in (reserved, first):
+                task.cancel()
 
     async def _alive(self, worker: _Worker) -> bool:
         try:

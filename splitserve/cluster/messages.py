@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from splitserve.engine.sampling_params import SamplingParams
@@ -64,6 +65,14 @@ class StreamFailure:
 
 ChannelMessage = list[TokenBatch | StreamFailure]
 """One message of a decode worker's token channel: every stream's news since the last message, in order."""
+
+
+@dataclass(frozen=True)
+class PendingPages:
+    """The decode worker's pages for a request's KV, handed to the prefill worker while they are still being
+    reserved, so the prompt computes meanwhile: Ray passes a reference nested in an argument over unresolved."""
+
+    block_ids: Awaitable[list[int]]  # the ObjectRef of the decode worker's ``reserve``
 
 
 @dataclass(frozen=True)

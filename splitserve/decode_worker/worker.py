@@ -171,6 +171,7 @@ class DecodeWorker(ReportsReleases):
                 raise
             self._failed.pop(request.request_id, None)
             self._expected[request.request_id] = waiter
+            handoff_trace.mark("decode.reserved", request.request_id)
             # Not on the waiter itself: a cuda_ipc sender may still be writing the pages when the transfer fails.
             self.receiver.unwritten(request.request_id).add_done_callback(
                 lambda _: self._thread.submit(lambda: self._drop_failed(request.request_id, waiter))

@@ -1,6 +1,9 @@
 """The prompt-phase worker: packs queued prompts into batches of at most ``max_batch_tokens``, computes them, and
 streams each layer's KV pages to the request's decode worker as soon as that layer is done.
 
+A prompt is queued while its decode worker still reserves the pages for it (the router asks both at once): layers
+done before the pages are known wait in the transfer (``DeferredSend``) and go the moment they are.
+
 Per request it streams two messages back to the router: the first token (as soon as the prompt is computed), then
 a ``TransferReport`` once the KV has landed. Source pages are held until the transfer has finished or been aborted,
 never less, so no send can read a page that was reused.
@@ -16,7 +19,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import ray
 
@@ -24,6 +28,7 @@ from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
+    PendingPages,
     ServingError,
     Token,
     TokenBatch,
@@ -36,7 +41,16 @@ from splitserve.engine.engine import Engine, RequestError
 from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.sequence import Sequence
 from splitserve.gpu_stats import GpuReader
-from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
+from splitserve.kv_transfer import (
+    PeerUnavailable,
+    ReceiverEndpoint,
+    Sender,
+    SendHandle,
+    TransferError,
+    TransferSpec,
+    make_sender,
+)
+from splitserve.kv_transfer.deferred import DeferredSend
 from splitserve.worker_common import (
     CONTROL_GROUP,
     AbortedAttempts,
@@ -52,17 +66,21 @@ log = logging.getLogger(__name__)
 _job_ids = itertools.count()
 
 
+def _begin(sender: Sender, spec: TransferSpec, dst_block_ids: list[int]) -> SendHandle:
+    return sender.begin(replace(spec, dst_block_ids=dst_block_ids))
+
+
 @dataclass(eq=False)
 class _Job:
     request: GenerateRequest
     endpoint: ReceiverEndpoint
-    dst_blocks: list[int]
     # The engine's id for this job: unique per attempt, so a retry of the same request arriving while the aborted
     # attempt's transfer is still winding down never shares (and never frees) the other's pages.
     key: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
+    pages: Future = field(default_factory=Future)  # the decode worker's reserved block ids, once it has them
     first: Future = field(default_factory=Future)  # TokenBatch with the first token
     transferred: Future = field(default_factory=Future)  # TransferReport
-    handle: SendHandle | None = None
+    handle: DeferredSend | None = None
     backend: str = ""
     started: float = 0.0  # the transfer's begin
     sampled: float = 0.0  # the first token's
@@ -154,30 +172,50 @@ class PrefillWorker(ReportsReleases):
             job = jobs[seq.request_id]
             sender = self._sender(job.endpoint)
             job.backend = sender.backend
-            handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
-            job.handle = sender.begin(
-                TransferSpec(
-                    request_id=job.request.request_id,
-                    num_layers=runner.spec.num_layers,
-                    num_tokens=seq.num_prompt_tokens,
-                    dst_block_ids=job.dst_blocks,
-                    page_shape=runner.page_shape,
-                    dtype=str(runner.dtype).removeprefix("torch."),
-                )
+            spec = TransferSpec(
+                request_id=job.request.request_id,
+                num_layers=runner.spec.num_layers,
+                num_tokens=seq.num_prompt_tokens,
+                dst_block_ids=[],
+                page_shape=runner.page_shape,
+                dtype=str(runner.dtype).removeprefix("torch."),
             )
+            handle = job.handle = DeferredSend(partial(_begin, sender, spec), self.options.kv_transfer.timeout_s)
             job.started = time.perf_counter()
-            sends.append((job.request.request_id, job.handle, runner.block_index(seq.block_table)))
+            self._open_transfer(job)
+            sends.append((job, handle, runner.block_index(seq.block_table)))
 
         last_layer = runner.spec.num_layers - 1
 
         def on_layer(layer: int) -> None:
-            for request_id, handle, blocks in sends:
+            for job, handle, blocks in sends:
                 handle.send_layer(layer, runner.gather_pages(layer, blocks))
                 if layer == last_layer:
-                    handoff_trace.mark("prefill.last_layer", request_id)
+                    handoff_trace.mark("prefill.last_layer", job.request.request_id)
             self._free_finished_transfers()
 
         return on_layer
+
+    def _open_transfer(self, job: _Job) -> None:
+        """Begin the job's transfer if its pass began and its pages are known (or end it if they never will be).
+        Called by both, the engine thread's layer hook and the pages' arrival: whichever comes second opens it."""
+        handle = job.handle
+        if handle is None or handle.settled or not job.pages.done():
+            return
+        error = job.pages.exception()
+        if error is None:
+            handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
+            handle.open(job.pages.result())
+        else:
+            handle.fail(PeerUnavailable(f"the decode worker reserved no pages: {error}"))
+
+    async def _await_pages(self, job: _Job, pending: PendingPages) -> None:
+        """The reservation's answer. Its failure is the router's to report: here it only ends the transfer."""
+        try:
+            job.pages.set_result(list(await pending.block_ids))
+        except Exception as err:  # a Ray error wrapping the decode worker's, or the worker gone
+            job.pages.set_exception(err)
+        self._open_transfer(job)
 
     def _sender(self, endpoint: ReceiverEndpoint) -> Sender:
         sender = self._senders.get(endpoint)
@@ -259,10 +297,10 @@ class PrefillWorker(ReportsReleases):
         }
 
     async def prefill(
-        self, request: GenerateRequest, endpoint: ReceiverEndpoint, dst_blocks: list[int]
+        self, request: GenerateRequest, endpoint: ReceiverEndpoint, pages: PendingPages
     ) -> AsyncIterator[TokenBatch | TransferReport]:
         """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker."""
-        job = _Job(request, endpoint, list(dst_blocks))
+        job = _Job(request, endpoint)
         with self._bookkeeping:
             if self._aborted_early.claim(request.request_id, request.attempt):
                 raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
@@ -273,6 +311,7 @@ class PrefillWorker(ReportsReleases):
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
             self._jobs[request.request_id] = job
         await asyncio.wrap_future(self._thread.submit(lambda: self._queue.append(job)))
+        awaiting_pages = asyncio.ensure_future(self._await_pages(job, pages))
         completed = False
         try:
             try:
@@ -289,6 +328,7 @@ class PrefillWorker(ReportsReleases):
                     return
                 raise
         finally:
+            awaiting_pages.cancel()
             if not completed:  # the router went away, or something failed: free everything now
                 await self._abort_job(job)
 

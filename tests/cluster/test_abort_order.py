@@ -10,7 +10,14 @@ from concurrent.futures import Future
 
 import pytest
 
-from splitserve.cluster.messages import ErrorCode, GenerateRequest, ServingError, StreamFailure, TokenBatch
+from splitserve.cluster.messages import (
+    ErrorCode,
+    GenerateRequest,
+    PendingPages,
+    ServingError,
+    StreamFailure,
+    TokenBatch,
+)
 from splitserve.cluster.worker_options import options_for
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine import SamplingParams
@@ -22,6 +29,13 @@ from tests.support import tiny_cluster_config
 
 def _request(attempt: int) -> GenerateRequest:
     return GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True), attempt=attempt)
+
+
+def _reserved(block_ids: list[int]) -> asyncio.Future[list[int]]:
+    """What a decode worker's answered reservation looks like to the prefill worker (a resolved ObjectRef)."""
+    future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+    future.set_result(block_ids)
+    return future
 
 
 def test_aborted_attempts_are_claimed_once_and_bounded():
@@ -79,7 +93,7 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
             assert not await worker.abort("r1", 0)
             endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
             with pytest.raises(ServingError) as refused:
-                async for _ in worker.prefill(_request(0), endpoint, [0]):
+                async for _ in worker.prefill(_request(0), endpoint, PendingPages(_reserved([0]))):
                     pass
             assert refused.value.code == ErrorCode.CANCELLED
             assert (await worker.stats()).extra["jobs"] == 0

@@ -149,6 +149,38 @@ def test_overload_is_resource_exhausted(ray_local, tiny_model_dir):
     assert _run(scenario()) == ErrorCode.RESOURCE_EXHAUSTED
 
 
+def test_a_reservation_the_decode_worker_refuses_fails_before_any_token_and_frees_the_prefill(
+    ray_local, tiny_model_dir
+):
+    """P computes while D reserves: where D has no room, the client gets D's RESOURCE_EXHAUSTED and no token, and
+    P's pages (its pass ran, its transfer never opened) come back."""
+    config = _config(tiny_model_dir, decode={"num_kv_blocks": 16})  # 128 tokens of KV (blocks of 8)
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            before = await _free_blocks(cluster)
+            long = GenerateRequest("long", list(range(3, 63)), SamplingParams(max_tokens=200, ignore_eos=True))
+            holding = cluster.generate(long)  # 60 tokens and growing: 8 of the 16 blocks, then more
+            await holding.__anext__()
+            tokens: list[int] = []
+            with pytest.raises(ServingError) as refused:
+                async for batch in cluster.generate(GenerateRequest("big", list(range(3, 73)), SamplingParams())):
+                    tokens.extend(t.token_id for t in batch.tokens)
+            await holding.aclose()
+            fits = await _collect(cluster, "fits", list(range(3, 20)))
+            await asyncio.sleep(0.2)
+            return refused.value, tokens, fits, before, await _free_blocks(cluster)
+        finally:
+            await cluster.shutdown()
+
+    refused, tokens, fits, before, after = _run(scenario())
+    assert refused.code == ErrorCode.RESOURCE_EXHAUSTED and "KV cache full" in str(refused), str(refused)
+    assert tokens == [] and len(fits) == MAX_NEW
+    assert after == before
+
+
 def test_a_mixed_pool_worker_runs_the_prompts_prefill_cannot_take(ray_local, tiny_model_dir):
     """The prefill worker queues one request at a time: without the mixed pool the rest would be refused."""
     prompts = _prompts(6)

@@ -16,8 +16,10 @@ from tests.support import RAY_TEST_ENV, tiny_cluster_config
 
 # Each pair must be in this order for every request: a cause before its effect (same host clock everywhere).
 CAUSAL = [
-    ("router.reserve", "router.reserved"),
-    ("router.reserved", "prefill.transfer_begin"),
+    ("router.reserve", "decode.reserved"),
+    ("decode.reserved", "router.reserved"),
+    ("decode.reserved", "prefill.transfer_begin"),
+    ("router.reserved", "decode.start"),
     ("prefill.transfer_begin", "receiver.begin"),
     ("receiver.begin", "receiver.claimed"),
     ("receiver.claimed", "receiver.end"),
