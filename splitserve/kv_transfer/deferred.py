@@ -4,11 +4,12 @@ The decode worker reserves pages while the prefill worker already computes the p
 trip is not on the time to first token. Layers computed before the pages are known are kept (they are the gathered
 copies every backend is handed anyway) and sent, in order, the moment ``open`` gives the pages.
 
-Threads: ``send_layer`` on the engine's; the rest on any. A kept CUDA layer carries an event recorded where it was
-gathered, and the thread that sends it later makes its own stream wait for it (a backend orders its device work
-after the calling thread's current stream): from a replayed prompt graph the layer hooks all run right after the
-launch, long before the pass ends, so the pages usually come while the pass still computes and the kept layers
-go from the thread that learnt them, not after the pass.
+Threads: ``send_layer`` on the engine's; the rest on any. From a replayed prompt graph the layer hooks all run right
+after the launch, long before the pass ends, so the pages usually come while the pass still computes, on another
+thread. A backend orders its device work after the calling thread's current stream, which there is the engine's
+default stream, behind the whole pass. So kept CUDA layers go on a stream of their own that waits only for each
+layer's gather (an event recorded where it was gathered), and the next layer sent from the engine waits for that
+stream, so every layer's device work stays in order.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DeferredSend:
         self._handle: SendHandle | None = None
         self._closed: TransferError | None = None  # ended before it opened: why
         self._settled = threading.Event()  # opened, or closed
+        self._kept_sent: torch.cuda.Event | None = None  # the kept layers' device work, for the next layer to follow
 
     @property
     def opened(self) -> bool:
@@ -44,11 +46,13 @@ class DeferredSend:
 
     def send_layer(self, layer: int, pages: torch.Tensor) -> None:
         with self._lock:
-            handle = self._handle
+            handle, kept_sent, self._kept_sent = self._handle, self._kept_sent, None
             if handle is None:
                 if self._closed is None:
                     self._layers.append((layer, pages, _gathered(pages)))
                 return
+        if kept_sent is not None:
+            torch.cuda.current_stream(pages.device).wait_event(kept_sent)
         handle.send_layer(layer, pages)
 
     def open(self, dst_block_ids: list[int]) -> None:
@@ -57,15 +61,12 @@ class DeferredSend:
             if self._closed is not None or self._handle is not None:
                 return
             self._handle = self._begin(dst_block_ids)
-            for layer, pages, gathered in self._layers:
-                if gathered is not None:
-                    stream = torch.cuda.current_stream(pages.device)
-                    stream.wait_event(gathered)
-                    pages.record_stream(
-                        stream
-                    )  # the allocator must not hand the pages out before this stream used them
-                self._handle.send_layer(layer, pages)
-            self._layers.clear()
+            kept, self._layers = self._layers, []
+            if kept and kept[0][2] is not None:
+                self._kept_sent = _send_on_own_stream(self._handle, kept)
+            else:
+                for layer, pages, _ in kept:
+                    self._handle.send_layer(layer, pages)
         self._settled.set()
 
     def fail(self, error: TransferError) -> None:
@@ -98,6 +99,23 @@ class DeferredSend:
                 self._layers.clear()
         self._settled.set()
         return True
+
+
+def _send_on_own_stream(
+    handle: SendHandle, kept: list[tuple[int, torch.Tensor, torch.cuda.Event | None]]
+) -> torch.cuda.Event:
+    """Send kept CUDA layers from a stream that waits only for their gathers; an event after their device work."""
+    device = kept[0][1].device
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        for layer, pages, gathered in kept:
+            assert gathered is not None
+            stream.wait_event(gathered)
+            pages.record_stream(stream)  # the allocator must not hand the pages out before this stream read them
+            handle.send_layer(layer, pages)
+    done = torch.cuda.Event()
+    done.record(stream)
+    return done
 
 
 def _gathered(pages: torch.Tensor) -> torch.cuda.Event | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import pytest
 import torch
 
 from splitserve.config import KVTransferConfig
 from splitserve.kv_transfer import make_receiver, make_sender
+from splitserve.kv_transfer.deferred import DeferredSend
 from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
 
 pytestmark = pytest.mark.gpu
@@ -36,14 +38,33 @@ def _send(backend: str, endpoint, device: str, results) -> None:
     results.put(handle.finish())
 
 
-def _roundtrip(backend: str, src_device: str, dst_device: str) -> None:
+def _send_deferred(backend: str, endpoint, device: str, results) -> None:
+    """Child process: the prefill side before the pages are known. Two layers are gathered on a side stream behind
+    a ~50 ms kernel (as a replayed prompt graph's hooks run long before its layers are done) and kept; another
+    thread opens the transfer meanwhile; the engine's thread sends the rest."""
+    torch.cuda.set_device(torch.device(device))
+    src = _on(device, seed=1)
+    sender = make_sender(KVTransferConfig(backend=backend), endpoint, device)
+    handle = DeferredSend(lambda blocks: sender.begin(src.spec("g", blocks)), timeout_s=60)
+    late = torch.cuda.Stream()
+    with torch.cuda.stream(late):
+        torch.cuda._sleep(100_000_000)
+        send_all(handle, src, BLOCKS, layers=[0, 1])
+    opener = threading.Thread(target=handle.open, args=(BLOCKS,))
+    opener.start()
+    opener.join()
+    send_all(handle, src, BLOCKS, layers=range(2, src.num_layers))
+    results.put(handle.finish())
+
+
+def _roundtrip(backend: str, src_device: str, dst_device: str, send=_send) -> None:
     dst = _on(dst_device, seed=2)
     receiver = make_receiver(KVTransferConfig(backend=backend), dst)
     try:
         done = receiver.expect(dst.spec("g", BLOCKS))
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
-        child = ctx.Process(target=_send, args=(backend, receiver.endpoint, src_device, results))
+        child = ctx.Process(target=send, args=(backend, receiver.endpoint, src_device, results))
         child.start()
         assert results.get(timeout=120) > 0
         child.join(timeout=30)
@@ -73,6 +94,11 @@ def test_same_process_on_gpu(backend):
 @needs_cuda
 def test_cuda_ipc_across_processes():
     _roundtrip("cuda_ipc", "cuda:0", "cuda:0")
+
+
+@needs_cuda
+def test_layers_kept_until_the_pages_are_known_land_intact_over_cuda_ipc():
+    _roundtrip("cuda_ipc", "cuda:0", "cuda:0", send=_send_deferred)
 
 
 def _send_slowly(endpoint, device: str, results, go_on) -> None:
@@ -123,6 +149,12 @@ def test_cuda_ipc_receiver_abort_frees_pages_only_once_the_sender_stopped():
 @pytest.mark.multigpu
 def test_nccl_across_gpus():
     _roundtrip("nccl", "cuda:1", "cuda:0")
+
+
+@needs_two_gpus
+@pytest.mark.multigpu
+def test_layers_kept_until_the_pages_are_known_land_intact_over_nccl():
+    _roundtrip("nccl", "cuda:1", "cuda:0", send=_send_deferred)
 
 
 # One pair carries every scenario in turn, so each one also proves the pair is still in step after the last.
