@@ -124,8 +124,12 @@ class IpcWriter(LayerWriter):
 
     def __init__(self, remote_kv: torch.Tensor, spec: TransferSpec, stream: torch.cuda.Stream):
         self._remote = remote_kv
-        self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._stream = stream
+        # The index goes to the device on the stream that reads it: a deferred transfer is begun on the actor's
+        # loop thread, whose current stream can be queued behind a whole prefill pass, and an index copied there
+        # was read stale by this stream (on an H100, a prefill worker died of an index_copy_ assert).
+        with torch.cuda.stream(stream):
+            self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._go = threading.Event()  # READY came, or the transfer is over
         self._lock = threading.Lock()  # a copy is issued entirely before or after ``halt``
         self._halted = False

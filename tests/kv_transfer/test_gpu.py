@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from splitserve.config import KVTransferConfig
+from splitserve.engine.host_copy import index_tensor
 from splitserve.kv_transfer import make_receiver, make_sender
+from splitserve.kv_transfer.cuda_ipc import IpcWriter
 from splitserve.kv_transfer.deferred import DeferredSend
 from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
 
@@ -99,6 +101,31 @@ def test_cuda_ipc_across_processes():
 @needs_cuda
 def test_layers_kept_until_the_pages_are_known_land_intact_over_cuda_ipc():
     _roundtrip("cuda_ipc", "cuda:0", "cuda:0", send=_send_deferred)
+
+
+@needs_cuda
+def test_cuda_ipc_writer_scatters_with_an_index_ready_on_its_own_stream():
+    """A deferred transfer is begun on a worker's loop thread, whose current stream may be queued behind a whole
+    prefill pass: the writer's scatter must not read a destination index still on its way through that stream (a
+    prefill worker on an H100 died of an index_copy_ assert)."""
+    src, dst = _on("cuda", 1), _on("cuda", 2)
+    gather, side = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(gather):
+        pages = src.gather_pages(0, BLOCKS)
+    stale = [index_tensor([0] * len(BLOCKS), dst.device) for _ in range(256)]
+    untouched = dst.gather_pages(0, [0])  # block 0 is no destination: a stale index of zeros would write it
+    torch.cuda.synchronize()
+    del stale  # an index allocated on the default stream now likely reads zeros until its copy lands
+    torch.cuda._sleep(2_000_000_000)  # on the default stream, this thread's current one
+    writer = IpcWriter(dst.kv_cache, dst.spec("w", BLOCKS), side)
+    writer.ready()
+    with torch.cuda.stream(gather):
+        assert writer.prepare(0, pages) is None  # READY came: copied at once
+    writer.drain()
+    assert not torch.cuda.default_stream().query(), "the default stream was idle: nothing was tested"
+    torch.cuda.synchronize()
+    assert torch.equal(dst.gather_pages(0, BLOCKS), src.gather_pages(0, BLOCKS))
+    assert torch.equal(dst.gather_pages(0, [0]), untouched)
 
 
 def _send_slowly(endpoint, device: str, results, go_on) -> None:
