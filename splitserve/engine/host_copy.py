@@ -22,7 +22,8 @@ def index_tensor(
     ids: list[int] | list[list[int]], device: torch.device, dtype: torch.dtype = torch.long
 ) -> torch.Tensor:
     """``ids`` (a list, or a list of equal-length rows) as an integer tensor on ``device``, copied asynchronously on
-    the current stream from pinned memory."""
+    the current stream from pinned memory: build it on the stream that reads it (or one that stream waits for),
+    since another stream can read it before the copy lands."""
     host = torch.tensor(ids, dtype=dtype)
     if device.type != "cuda":
         return host
