@@ -73,15 +73,26 @@ class OutOfBand:
         """The receiver closes: stop taking anything in."""
 
 
-def channel_options(max_message: int) -> list[tuple[str, int]]:
-    """Both ends: messages up to a chunk plus headers, and keepalives so a dead peer is noticed on a quiet link."""
+KEEPALIVE_MS = 10_000
+
+
+def channel_options(max_message: int, keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """Both ends: messages up to a chunk plus headers, and keepalives so a dead peer is noticed on a quiet link.
+
+    The server's ping policy must accept the client's keepalive, or it answers GOAWAY ``too_many_pings`` and drops
+    the connection: a ping closer than ``min_ping_interval_without_data_ms`` to the last one is a strike. Strikes
+    are not counted (``max_ping_strikes`` 0): both ends are ours, and on an idle link they never reset, so a busy
+    host's late timers would add up to a GOAWAY over hours.
+    """
     return [
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_receive_message_length", max_message),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", max(keepalive_ms // 2, 1)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
