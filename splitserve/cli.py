@@ -111,7 +111,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from splitserve.launcher import run_server
+    from splitserve.cluster.ray_init import pin_local_ray_auth
     from splitserve.ops.logs import configure_logging
 
     configure_logging(args.log_format)
@@ -120,6 +120,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_USAGE
+    pin_local_ray_auth(config.cluster, os.environ)
+    from splitserve.launcher import run_server  # imports Ray, which reads the auth mode just pinned
     return asyncio.run(
         run_server(
             config,

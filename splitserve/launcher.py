@@ -4,16 +4,25 @@ Runs the same way in the foreground (``splitserve serve``, a local Ray when no a
 Ray job (``ray job submit -- python -m splitserve serve CONFIG``, or ``splitserve submit``): it joins the job's
 cluster, the job logs carry the listening addresses, and ``ray job stop`` sends SIGTERM, which drains (in-flight
 requests finish, new ones get UNAVAILABLE), stops every actor and closes both ports.
+
+When the Ray cluster under the server goes away (its GCS stops answering, or this node is declared dead), the server
+cannot serve again: it closes both APIs and exits with EXIT_RAY_GONE (3), so that its supervisor (systemd, Ray's job
+manager, Kubernetes) restarts it, at most RAY_GONE_EXIT_BOUND_S (28 s) after Ray went away: the loss is detected
+within splitserve.cluster.ray_watch.RAY_GONE_BOUND_S (18 s), and the process ends RAY_GONE_EXIT_GRACE_S (10 s)
+later at the latest, however the shutdown went.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
+from splitserve.cluster.ray_watch import RAY_GONE_BOUND_S
 from splitserve.config import SplitserveConfig
 
 if TYPE_CHECKING:
@@ -24,6 +33,11 @@ log = logging.getLogger("splitserve")
 DEMO_PROMPT = "Disaggregated serving splits prefill from decode."
 # In-flight gRPC calls left when the drain ends get this long before the server closes them.
 STOP_GRACE_S = 1.0
+EXIT_RAY_GONE = 3
+# Once Ray is found gone: time to close the APIs before the process ends regardless (a Ray call blocked on the dead
+# GCS, or Ray's own exit hook, must not keep the ports).
+RAY_GONE_EXIT_GRACE_S = 10.0
+RAY_GONE_EXIT_BOUND_S = RAY_GONE_BOUND_S + RAY_GONE_EXIT_GRACE_S
 
 
 async def run_server(
@@ -37,7 +51,14 @@ async def run_server(
     from splitserve.server.app import serve
 
     started = time.monotonic()
-    cluster = Cluster(config)
+    loop = asyncio.get_running_loop()
+    ray_gone = asyncio.Event()
+
+    def on_ray_gone(reason: str) -> None:  # from the watch thread
+        _exit_after(RAY_GONE_EXIT_GRACE_S)
+        loop.call_soon_threadsafe(ray_gone.set)
+
+    cluster = Cluster(config, on_ray_gone=on_ray_gone)
     servers: Servers | None = None
     try:
         await cluster.start()
@@ -47,11 +68,46 @@ async def run_server(
         log.info("splitserve ready in %.1f s: %s", time.monotonic() - started, _pool_summary(config))
         if demo:
             await _demo(f"{servers.host}:{servers.grpc_port}", config.server.effective_auth_token)
-        await stop.wait()
+        await _first_of(stop, ray_gone)
+        if ray_gone.is_set():
+            log.error("closing both APIs; exiting with code %d for a supervisor to restart the server", EXIT_RAY_GONE)
+            return EXIT_RAY_GONE
         log.info("stopping: draining in-flight requests (up to %.0f s); new requests get UNAVAILABLE", drain_timeout_s)
     finally:
-        await drain_and_stop(cluster, servers, drain_timeout_s)
+        if ray_gone.is_set():
+            await _close_without_ray(cluster, servers)
+        else:
+            await drain_and_stop(cluster, servers, drain_timeout_s)
     return 0
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def _close_without_ray(cluster: Cluster, servers: Servers | None) -> None:
+    """Ray is gone, and its workers with it: close the ports, make no Ray call (it could block on the dead GCS)."""
+    cluster.abandon()
+    if servers is not None:
+        await servers.stop(grace=STOP_GRACE_S)
+
+
+def _exit_after(seconds: float) -> None:
+    """End the process with EXIT_RAY_GONE in ``seconds`` if it has not ended by then."""
+
+    def hard_exit() -> None:
+        log.error("still running %.0f s after Ray went away: exiting now with code %d", seconds, EXIT_RAY_GONE)
+        logging.shutdown()
+        os._exit(EXIT_RAY_GONE)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -9,6 +9,9 @@ already streamed appended to its prompt, so the client sees no duplicate and no 
 
 Pools can be resized while serving (``scale``): new workers join the router once ready; removed ones are drained
 first (no new requests, running ones finish), so no request is dropped.
+
+With no worker able to serve (all down, restarts failing) or the Ray cluster gone, ``unavailable_reason`` says why,
+and every request is refused UNAVAILABLE with that reason instead of failing inside.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,10 +39,12 @@ from splitserve.cluster.messages import (
     TokenBatch,
     WorkerStats,
 )
+from splitserve.cluster.ray_init import ray_init_args
+from splitserve.cluster.ray_watch import RayWatch
 from splitserve.cluster.router import Move, Router
 from splitserve.cluster.token_channel import TokenChannel, WorkerDied
 from splitserve.cluster.worker_options import options_for
-from splitserve.config import ClusterSection, Device, ServingMode, SplitserveConfig, _PoolConfig
+from splitserve.config import Device, RouterPolicy, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.resolve import resolve_model_path
 from splitserve.worker_common import CONCURRENCY_GROUPS
 
@@ -63,20 +68,16 @@ def _cause(err: BaseException) -> BaseException:
     return err
 
 
+def _last_line(err: BaseException) -> str:
+    """The line that names the cause: Ray's error text is the worker's whole traceback, ending with it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 async def _traced(awaitable: Awaitable[T], event: str, request_id: str) -> T:
     result = await awaitable
     handoff_trace.mark(event, request_id)
     return result
-
-
-def ray_init_args(cluster: ClusterSection, environ: Mapping[str, str]) -> dict[str, Any]:
-    """How the driver finds Ray: ``cluster.address`` when set; inside a Ray job (Ray sets RAY_ADDRESS for the job's
-    entrypoint) the job's cluster; otherwise a fresh local Ray."""
-    if cluster.address:
-        return {"address": cluster.address, "namespace": cluster.namespace}
-    if environ.get("RAY_ADDRESS"):
-        return {"address": "auto", "namespace": cluster.namespace}
-    return {"namespace": cluster.namespace, "include_dashboard": False, "log_to_driver": True}
 
 
 @dataclass
@@ -102,6 +103,7 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     stats: WorkerStats | None = None
     healthy: bool = True
+    problem: str | None = None  # why it cannot serve, while it cannot
     restarts: int = 0
     channel: TokenChannel | None = None  # decode workers: their tokens, once ready
 
@@ -112,7 +114,9 @@ class _Worker:
 
 
 class Cluster:
-    def __init__(self, config: SplitserveConfig):
+    def __init__(self, config: SplitserveConfig, on_ray_gone: Callable[[str], None] | None = None):
+        """``on_ray_gone(reason)`` is called once, from a watch thread, when the Ray cluster under this one is gone
+        (see splitserve.cluster.ray_watch); by then every request is already refused UNAVAILABLE."""
         self.config = config
         self.model_dir = str(resolve_model_path(config.model.path))
         self.router = Router(config.router.policy)
@@ -127,6 +131,9 @@ class Cluster:
         self._retiring: set[str] = set()
         self._scale_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._on_ray_gone = on_ray_gone
+        self._ray_watch: RayWatch | None = None
+        self.ray_gone: str | None = None  # why the Ray cluster is gone, once it is
 
     # --- lifecycle ---
 
@@ -175,6 +182,15 @@ class Cluster:
         ]
         await self._bring_up(workers)
         self._health_task = asyncio.create_task(self._health_loop())
+        self._ray_watch = RayWatch(self._lost_ray)
+        self._ray_watch.start()
+
+    def _lost_ray(self, reason: str) -> None:
+        """From the watch thread: refuse every request from now on, then tell the owner."""
+        self.ray_gone = reason
+        log.error("the Ray cluster is gone: %s", reason)
+        if self._on_ray_gone is not None:
+            self._on_ray_gone(reason)
 
     def _next_id(self, role: str) -> str:
         index = self._spawned[role]
@@ -211,8 +227,41 @@ class Cluster:
 
     @property
     def max_model_len(self) -> int:
-        """The longest prompt + output any request may have (the smallest over the workers)."""
-        return min(w.info["max_model_len"] for w in self.workers.values() if w.info)
+        """The longest prompt + output any request may have (the smallest over the workers). UNAVAILABLE while no
+        worker is registered: there is nothing to take the figure from."""
+        lengths = [w.info["max_model_len"] for w in self.workers.values() if w.info]
+        if not lengths:
+            raise ServingError(ErrorCode.UNAVAILABLE, self.unavailable_reason() or "no worker is registered")
+        return min(lengths)
+
+    def unavailable_reason(self) -> str | None:
+        """Why no request can be served now, or None when one can: a decode-capable worker (decode or mixed pool)
+        and, split, a prefill-capable one (prefill or mixed pool, or a decode worker under the ``mixed`` policy)
+        must be registered, healthy, and neither restarting nor retiring."""
+        if self.ray_gone is not None:
+            return f"the Ray cluster is gone ({self.ray_gone}); the server exits for its supervisor to restart it"
+        if self._draining:
+            return "the cluster is shutting down; retry on another replica"
+        serving = {w.role for w in self._ready_workers() if w.healthy}
+        needed = [("decode", {"decode", "mixed"})]
+        if self.config.mode == ServingMode.disaggregated and self.config.router.policy != RouterPolicy.mixed:
+            needed.append(("prefill", {"prefill", "mixed"}))
+        for phase, roles in needed:
+            if not serving & roles:
+                states = "; ".join(
+                    f"{w.worker_id}: {self._why_down(w)}" for w in self.workers.values() if w.role in roles
+                )
+                return f"no worker can run the {phase} phase ({states or 'none is running'}); retry later"
+        return None
+
+    def _why_down(self, worker: _Worker) -> str:
+        if worker.problem is not None:
+            return worker.problem
+        if worker.worker_id in self._restarting:
+            return "restarting"
+        if worker.worker_id in self._retiring:
+            return "retiring"
+        return "starting" if not worker.info else "failing its health checks"
 
     async def _register(self, worker: _Worker) -> _Worker:
         pool = self._pool(worker.role)
@@ -226,7 +275,8 @@ class Cluster:
                 "(see `ray status`; lower them or add nodes)",
             ) from None
         except RayActorError as err:
-            raise ServingError(ErrorCode.UNAVAILABLE, f"{worker.worker_id} failed to start: {err}") from None
+            failure = f"{worker.worker_id} failed to start: {_last_line(err)}"
+            raise ServingError(ErrorCode.UNAVAILABLE, failure) from None
         if worker.role == "prefill":
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
@@ -238,6 +288,8 @@ class Cluster:
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop taking requests, let in-flight ones finish (bounded), then stop every actor."""
         self._draining = True
+        if self._ray_watch is not None:
+            self._ray_watch.stop()
         tasks = [t for t in self._inflight.values() if t is not None]
         if tasks and drain_timeout_s > 0:
             await asyncio.wait(tasks, timeout=drain_timeout_s)
@@ -248,6 +300,17 @@ class Cluster:
             worker.stop()
         log.info("every worker stopped (%d requests were still in flight)", left)
         self.workers.clear()
+
+    def abandon(self) -> None:
+        """The Ray cluster is gone: refuse requests and stop the loops, without a Ray call (the actors went with it)."""
+        self._draining = True
+        if self._ray_watch is not None:
+            self._ray_watch.stop()
+        if self._health_task:
+            self._health_task.cancel()
+        for worker in self.workers.values():
+            if worker.channel is not None:
+                worker.channel.close()
 
     # --- scaling ---
 
@@ -374,8 +437,9 @@ class Cluster:
             fresh.restarts = worker.restarts + 1
             try:
                 await self._register(fresh)
-            except Exception:  # it stays listed, unhealthy and unrouted, for the operator to see (status)
+            except Exception as err:  # it stays listed, unhealthy and unrouted, for the operator to see (status)
                 fresh.healthy = False
+                fresh.problem = f"its restart failed: {err}"
                 log.exception("%s failed to restart", fresh.worker_id)
                 return
             log.info("%s restarted (restart %d)", fresh.worker_id, fresh.restarts)
@@ -385,8 +449,8 @@ class Cluster:
     # --- requests ---
 
     def validate(self, request: GenerateRequest) -> None:
-        if self._draining:
-            raise ServingError(ErrorCode.UNAVAILABLE, "the cluster is shutting down; retry on another replica")
+        if (reason := self.unavailable_reason()) is not None:
+            raise ServingError(ErrorCode.UNAVAILABLE, reason)
         if request.request_id in self._inflight:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already running")
         if len(self._inflight) >= self.config.router.max_queue:
@@ -583,6 +647,7 @@ class Cluster:
             "model": self.config.model.served_name,
             "inflight": len(self._inflight),
             "draining": self._draining,
+            "unavailable": self.unavailable_reason(),
             "workers": self.worker_status(),
             "router": self.router.loads(),
         }
@@ -596,6 +661,7 @@ class Cluster:
                 "worker_id": w.worker_id,
                 "role": w.role,  # the pool (a mixed-pool worker's own stats say "decode", the actor it runs)
                 "healthy": w.healthy,
+                "problem": w.problem,
                 "restarts": w.restarts,
                 "draining": w.worker_id in self._retiring,
                 "device": w.info.get("device"),

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Splitserve"].full_name
 # Room above max_request_bytes so an oversized request reaches validation and gets INVALID_ARGUMENT naming the limit.
 _GRPC_RECEIVE_SLACK = 1 << 20
+# How often the standard gRPC health service is brought in line with the cluster (the cluster's own health loop
+# polls its workers each second).
+HEALTH_SYNC_S = 1.0
 
 
 @dataclass
@@ -37,9 +40,11 @@ class Servers:
     grpc_server: grpc.aio.Server
     http_runner: web.AppRunner
     health: health.aio.HealthServicer
+    health_sync: asyncio.Task
 
     async def begin_drain(self) -> None:
         """Report NOT_SERVING to health probes so load balancers move away; calls in flight keep streaming."""
+        self.health_sync.cancel()
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -80,9 +85,33 @@ async def _start_grpc(
     else:
         bound = grpc_server.add_secure_port(address, credentials)
     await grpc_server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return grpc_server, health_servicer, bound
+
+
+class _HealthSync:
+    """Keeps the standard health service's answer equal to the cluster's: NOT_SERVING while no request can be
+    served (the reason goes to the log and to splitserve.v1 Health), SERVING again once one can."""
+
+    def __init__(self, cluster: ServingCluster, servicer: health.aio.HealthServicer):
+        self._cluster = cluster
+        self._servicer = servicer
+        self._reported: str | None = "not yet reported"
+
+    async def once(self) -> None:
+        reason = self._cluster.unavailable_reason()
+        if reason == self._reported:
+            return
+        answer = health_pb2.HealthCheckResponse
+        for service in ("", SERVICE_NAME):
+            await self._servicer.set(service, answer.SERVING if reason is None else answer.NOT_SERVING)
+        if reason is not None:
+            log.warning("not serving: %s", reason)
+        self._reported = reason
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_SYNC_S)
+            await self.once()
 
 
 async def _start_http(
@@ -126,4 +155,7 @@ async def serve(
     )
     if ready is not None:
         ready.set()
-    return Servers(server.host, bound_grpc, bound_http, grpc_server, runner, health_servicer)
+    health_sync = _HealthSync(cluster, health_servicer)
+    await health_sync.once()
+    sync = asyncio.create_task(health_sync.run())
+    return Servers(server.host, bound_grpc, bound_http, grpc_server, runner, health_servicer, sync)

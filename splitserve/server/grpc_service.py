@@ -52,11 +52,11 @@ class SplitserveService(pb_grpc.SplitserveServicer):
         return pb.CancelResponse(cancelled=await self.frontend.cluster.cancel(request.request_id))
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        status = await self.frontend.cluster.status()
+        reason = self.frontend.cluster.unavailable_reason()
+        if reason is not None:
+            return pb.HealthResponse(serving=False, model=self.frontend.model_name, reason=reason)
         return pb.HealthResponse(
-            serving=not status.get("draining", False),
-            model=self.frontend.model_name,
-            max_model_len=self.frontend.cluster.max_model_len,
+            serving=True, model=self.frontend.model_name, max_model_len=self.frontend.cluster.max_model_len
         )
 
     async def ClusterStatus(

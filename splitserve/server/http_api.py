@@ -52,19 +52,27 @@ class HttpApi:
         return await self._generate(request, parse_chat, OpenAIFormat(chat=True))
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            max_model_len = self.frontend.cluster.max_model_len
+        except ServingError as err:
+            return serving_error_response(err)
         model = {
             "id": self.frontend.model_name,
             "object": "model",
             "created": 0,
             "owned_by": "splitserve",
-            "max_model_len": self.frontend.cluster.max_model_len,
+            "max_model_len": max_model_len,
         }
         return web.json_response({"object": "list", "data": [model]})
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 ``ok`` while requests can be served; else 503 with ``draining`` or ``unavailable`` and the reason."""
         status = await self.frontend.cluster.status()
-        draining = bool(status.get("draining", False))
-        return web.json_response({"status": "draining" if draining else "ok"}, status=503 if draining else 200)
+        reason = status.get("unavailable")
+        if reason is None:
+            return web.json_response({"status": "ok"})
+        state = "draining" if status.get("draining", False) else "unavailable"
+        return web.json_response({"status": state, "reason": reason}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.frontend.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -13,6 +13,7 @@ import pytest
 
 from splitserve.cluster.controller import Cluster
 from splitserve.server.app import Servers, serve
+from tests.ops.ray_head import RayHead, start_ray_head
 from tests.support import tiny_cluster_config
 
 _T = TypeVar("_T")
@@ -57,3 +58,9 @@ def live(ray_local, tiny_model_dir) -> Iterator[Live]:
         harness.call(harness.servers.stop(0))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[RayHead]:
+    """A Ray head of the test's own; stopped at teardown unless the test stopped it."""
+    yield from start_ray_head()

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from splitserve.cli import main
-from splitserve.cluster.controller import ray_init_args
+from splitserve.cluster.ray_init import pin_local_ray_auth, ray_init_args
 from splitserve.config import ClusterSection, ConfigError
 from splitserve.ops.logs import JsonFormatter, RequestIdFilter, request_id_var
 from splitserve.ops.status_table import format_status
@@ -93,6 +93,19 @@ def test_a_ray_job_joins_its_cluster_and_a_bare_serve_starts_its_own():
     assert "address" not in local and local["include_dashboard"] is False
     configured = ray_init_args(ClusterSection(address="ray://head:10001"), {"RAY_ADDRESS": "x"})
     assert configured == {"address": "ray://head:10001", "namespace": "splitserve"}
+
+
+def test_a_local_ray_keeps_token_auth_on_explicitly_and_a_joined_one_is_left_alone():
+    local: dict[str, str] = {}
+    pin_local_ray_auth(ClusterSection(), local)
+    assert local == {"RAY_AUTH_MODE": "token"}  # explicit, so Ray does not warn that it chose it
+    chosen = {"RAY_AUTH_MODE": "disabled"}
+    pin_local_ray_auth(ClusterSection(), chosen)
+    assert chosen == {"RAY_AUTH_MODE": "disabled"}
+    joined: dict[str, str] = {"RAY_ADDRESS": "10.0.0.1:6379"}
+    pin_local_ray_auth(ClusterSection(), joined)
+    pin_local_ray_auth(ClusterSection(address="10.0.0.1:6379"), local_copy := {})
+    assert joined == {"RAY_ADDRESS": "10.0.0.1:6379"} and local_copy == {}
 
 
 def test_rates_cover_the_window_only():

@@ -36,6 +36,9 @@ class FakeCluster:
         self.fail_next: list[ServingError] = []  # raised (one per request) before any token
         self.requests: list[GenerateRequest] = []
 
+    def unavailable_reason(self) -> str | None:
+        return None
+
     async def generate(self, request: GenerateRequest, timing: RequestTiming | None = None):
         timing = timing or RequestTiming(arrival=time.monotonic())
         self.requests.append(request)
@@ -73,6 +76,7 @@ class FakeCluster:
             "model": MODEL,
             "inflight": 0,
             "draining": False,
+            "unavailable": None,
             "workers": self.worker_status(),
             "router": {
                 "decode-0": {

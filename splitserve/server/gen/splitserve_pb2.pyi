@@ -99,14 +99,16 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "model", "max_model_len")
+    __slots__ = ("serving", "model", "max_model_len", "reason")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     model: str
     max_model_len: int
-    def __init__(self, serving: _Optional[bool] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, serving: _Optional[bool] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
