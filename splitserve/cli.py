@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from splitserve.config import ConfigError, dump_config, load_config
+from splitserve.roles import Role
 
 if TYPE_CHECKING:
     from splitserve.client import Client
@@ -122,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     pin_local_ray_auth(config.cluster, os.environ)
     from splitserve.launcher import run_server  # imports Ray, which reads the auth mode just pinned
+
     return asyncio.run(
         run_server(
             config,
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     sc = sub.add_parser("scale", help="resize a pool at run time (scale prefill 3), or --rebalance the phases")
-    sc.add_argument("role", nargs="?", choices=["prefill", "decode", "mixed"])
+    sc.add_argument("role", nargs="?", choices=[role.value for role in Role])
     sc.add_argument("replicas", nargs="?", type=int)
     sc.add_argument("--rebalance", action="store_true", help="move one worker to the phase with sustained overload")
     _admin_arguments(sc)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TINY_MODEL = "tiny"
 
@@ -101,12 +101,12 @@ class DecodePoolConfig(_PoolConfig):
     )
 
 
-class MixedPoolConfig(DecodePoolConfig):
+class HybridPoolConfig(DecodePoolConfig):
     replicas: int = Field(
         0,
         ge=0,
-        description="Splitwise's mixed pool: decode workers that also run whole requests (prompt and decode, "
-        "chunked) whenever every prefill worker is backed up or full, under any router policy.",
+        description="Decode workers that also run whole requests (prompt and decode, chunked) whenever every prefill "
+        "worker is backed up or full, under any router policy (Splitwise's mixed pool).",
     )
     max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one prefill chunk.")
 
@@ -133,11 +133,24 @@ class KVTransferConfig(_Section):
 class RouterPolicy(StrEnum):
     round_robin = "round_robin"
     jsq = "jsq"  # join the shortest queue: pending prefill tokens / decode KV occupancy
-    mixed = "mixed"  # jsq, plus idle workers of one pool serve the other phase under overload
+    borrow_idle = "borrow_idle"  # jsq, plus idle workers of one pool serve the other phase under overload
+
+
+# Values renamed: the old name is refused with the new one, so a config never silently changes meaning.
+_RENAMED_POLICIES = {"mixed": RouterPolicy.borrow_idle}
 
 
 class RouterConfig(_Section):
     policy: RouterPolicy = Field(RouterPolicy.jsq, description="How requests are assigned to workers.")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in _RENAMED_POLICIES:
+            new = _RENAMED_POLICIES[value].value
+            raise ValueError(f"the policy {value!r} is now called {new!r} (fix: policy: {new})")
+        return value
+
     max_queue: int = Field(1024, ge=1, description="Requests admitted and not finished; more get RESOURCE_EXHAUSTED.")
     max_retries: int = Field(2, ge=0, description="Times a request is re-run after its worker died.")
 
@@ -185,11 +198,18 @@ class SplitserveConfig(_Section):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     prefill: PrefillPoolConfig = Field(default_factory=PrefillPoolConfig)
     decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
-    mixed: MixedPoolConfig = Field(default_factory=MixedPoolConfig)
+    hybrid: HybridPoolConfig = Field(default_factory=HybridPoolConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mixed" in data:
+            raise ValueError("mixed: the pool is now called hybrid (fix: rename the key 'mixed:' to 'hybrid:')")
+        return data
 
     @model_validator(mode="after")
     def _fits_the_cluster(self) -> SplitserveConfig:
@@ -200,7 +220,7 @@ class SplitserveConfig(_Section):
         if needed > gpus:
             pools = ", ".join(
                 f"{name} {pool.replicas}×{pool.gpus_per_replica:g}"
-                for name, pool in (("prefill", self.prefill), ("decode", self.decode), ("mixed", self.mixed))
+                for name, pool in (("prefill", self.prefill), ("decode", self.decode), ("hybrid", self.hybrid))
             )
             raise ValueError(
                 f"cluster.total_gpus: the pools need {needed:g} GPUs ({pools}) but cluster.total_gpus is {gpus}"
@@ -210,7 +230,7 @@ class SplitserveConfig(_Section):
 
     @property
     def gpus_needed(self) -> float:
-        pools: list[_PoolConfig] = [self.decode, self.mixed]
+        pools: list[_PoolConfig] = [self.decode, self.hybrid]
         if self.mode == ServingMode.disaggregated:
             pools.append(self.prefill)
         return sum(p.replicas * p.gpus_per_replica for p in pools)

@@ -36,6 +36,22 @@ def test_bad_values_name_the_yaml_path(data, expected):
     assert expected in _error(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"router": {"policy": "mixed"}}, "router.policy: the policy 'mixed' is now called 'borrow_idle'"),
+        ({"mixed": {"replicas": 1}}, "mixed: the pool is now called hybrid (fix: rename the key 'mixed:'"),
+    ],
+)
+def test_a_renamed_value_is_refused_with_its_new_name(data, expected):
+    assert expected in _error(data)
+
+
+def test_the_renamed_values_are_accepted():
+    config = parse_config({"router": {"policy": "borrow_idle"}, "hybrid": {"replicas": 1}})
+    assert (config.router.policy.value, config.hybrid.replicas) == ("borrow_idle", 1)
+
+
 def test_unknown_key_lists_the_valid_ones():
     message = _error({"router": {"polcy": "jsq"}})
     assert "policy" in message and "fix:" in message

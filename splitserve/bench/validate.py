@@ -141,7 +141,7 @@ def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) 
     if mode == ServingMode.colocated:
         return ClusterSpec("colocated", prefill=decode, policy=policy, kv_backend=backend.value)
     prefill = PoolSpec(config.prefill.replicas, profile, max_batch_tokens=batch_tokens, max_batch_size=batch_size)
-    mixed = config.mixed
+    mixed = config.hybrid
     overflow = (
         PoolSpec(
             mixed.replicas,

@@ -46,6 +46,7 @@ from splitserve.cluster.token_channel import TokenChannel, WorkerDied
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import Device, RouterPolicy, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.resolve import resolve_model_path
+from splitserve.roles import Role
 from splitserve.worker_common import CONCURRENCY_GROUPS
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ async def _traced(awaitable: Awaitable[T], event: str, request_id: str) -> T:
 
 @dataclass
 class ScaleResult:
-    role: str
+    role: Role
     before: int
     after: int
     added: list[str] = field(default_factory=list)
@@ -97,8 +98,8 @@ class ScaleResult:
 
 @dataclass
 class _Worker:
-    worker_id: str
-    role: str  # "prefill" | "decode" | "mixed"
+    role: Role
+    index: int  # the worker id's number within its pool: ids are never reused, so a restart keeps it
     actor: Any
     info: dict[str, Any] = field(default_factory=dict)
     stats: WorkerStats | None = None
@@ -106,6 +107,10 @@ class _Worker:
     problem: str | None = None  # why it cannot serve, while it cannot
     restarts: int = 0
     channel: TokenChannel | None = None  # decode workers: their tokens, once ready
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.role}-{self.index}"
 
     def stop(self) -> None:
         if self.channel is not None:
@@ -126,7 +131,7 @@ class Cluster:
         self._draining = False
         self.tokenizer: Any = None
         self._using: Counter[str] = Counter()  # attempts in flight per worker: what a retiring worker waits for
-        self._spawned: Counter[str] = Counter()  # per role, so a worker id is never reused by a scale-up
+        self._spawned: Counter[Role] = Counter()  # per role, so a worker id is never reused by a scale-up
         self._restarting: set[str] = set()
         self._retiring: set[str] = set()
         self._scale_lock = asyncio.Lock()
@@ -150,25 +155,30 @@ class Cluster:
                 opts["accelerator_type"] = pool.gpu_type
         return opts
 
-    def _roles(self) -> list[str]:
-        """The pools this cluster runs; ``mixed`` workers are decode workers that also take prompt overflow."""
-        split = ["prefill"] if self.config.mode == ServingMode.disaggregated else []
-        return [*split, "decode", "mixed"]
+    def _roles(self) -> list[Role]:
+        """The pools this cluster runs; hybrid workers are decode workers that also take prompt overflow."""
+        split = [Role.PREFILL] if self.config.mode == ServingMode.disaggregated else []
+        return [*split, Role.DECODE, Role.HYBRID]
 
-    def _pool(self, role: str) -> _PoolConfig:
-        return {"prefill": self.config.prefill, "decode": self.config.decode, "mixed": self.config.mixed}[role]
+    def _pool(self, role: Role) -> _PoolConfig:
+        pools: dict[Role, _PoolConfig] = {
+            Role.PREFILL: self.config.prefill,
+            Role.DECODE: self.config.decode,
+            Role.HYBRID: self.config.hybrid,
+        }
+        return pools[role]
 
-    def _spawn(self, role: str, worker_id: str) -> _Worker:
+    def _spawn(self, role: Role, index: int) -> _Worker:
         from splitserve.decode_worker.worker import DecodeWorker
         from splitserve.prefill_worker.worker import PrefillWorker
 
         pool = self._pool(role)
-        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        cls = PrefillWorker if role == Role.PREFILL else DecodeWorker
         options = options_for(self.config, pool, self.model_dir)
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]  # stubs lack it
-        actor = actor_cls.options(**self._actor_options(pool)).remote(worker_id, options)
-        worker = _Worker(worker_id, role, actor)
-        self.workers[worker_id] = worker
+        worker = _Worker(role, index, actor=None)
+        worker.actor = actor_cls.options(**self._actor_options(pool)).remote(worker.worker_id, options)
+        self.workers[worker.worker_id] = worker
         return worker
 
     async def start(self) -> None:
@@ -177,9 +187,8 @@ class Cluster:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        workers = [
-            self._spawn(role, self._next_id(role)) for role in self._roles() for _ in range(self._pool(role).replicas)
-        ]
+        roles = [role for role in self._roles() for _ in range(self._pool(role).replicas)]
+        workers = [self._spawn(role, self._next_index(role)) for role in roles]
         await self._bring_up(workers)
         self._health_task = asyncio.create_task(self._health_loop())
         self._ray_watch = RayWatch(self._lost_ray)
@@ -192,16 +201,16 @@ class Cluster:
         if self._on_ray_gone is not None:
             self._on_ray_gone(reason)
 
-    def _next_id(self, role: str) -> str:
+    def _next_index(self, role: Role) -> int:
         index = self._spawned[role]
         self._spawned[role] += 1
-        return f"{role}-{index}"
+        return index
 
     async def _bring_up(self, workers: list[_Worker]) -> None:
         """Register each worker as soon as it is ready (one log line each); if any fails, stop them all."""
         started = time.monotonic()
         total = Counter(w.role for w in workers)
-        ready: Counter[str] = Counter()
+        ready: Counter[Role] = Counter()
 
         async def one(worker: _Worker) -> None:
             await self._register(worker)
@@ -235,17 +244,17 @@ class Cluster:
         return min(lengths)
 
     def unavailable_reason(self) -> str | None:
-        """Why no request can be served now, or None when one can: a decode-capable worker (decode or mixed pool)
-        and, split, a prefill-capable one (prefill or mixed pool, or a decode worker under the ``mixed`` policy)
+        """Why no request can be served now, or None when one can: a decode-capable worker (decode or hybrid pool)
+        and, split, a prefill-capable one (prefill or hybrid pool, or a decode worker under ``borrow_idle``)
         must be registered, healthy, and neither restarting nor retiring."""
         if self.ray_gone is not None:
             return f"the Ray cluster is gone ({self.ray_gone}); the server exits for its supervisor to restart it"
         if self._draining:
             return "the cluster is shutting down; retry on another replica"
         serving = {w.role for w in self._ready_workers() if w.healthy}
-        needed = [("decode", {"decode", "mixed"})]
-        if self.config.mode == ServingMode.disaggregated and self.config.router.policy != RouterPolicy.mixed:
-            needed.append(("prefill", {"prefill", "mixed"}))
+        needed = [("decode", {Role.DECODE, Role.HYBRID})]
+        if self.config.mode == ServingMode.disaggregated and self.config.router.policy != RouterPolicy.borrow_idle:
+            needed.append(("prefill", {Role.PREFILL, Role.HYBRID}))
         for phase, roles in needed:
             if not serving & roles:
                 states = "; ".join(
@@ -277,12 +286,12 @@ class Cluster:
         except RayActorError as err:
             failure = f"{worker.worker_id} failed to start: {_last_line(err)}"
             raise ServingError(ErrorCode.UNAVAILABLE, failure) from None
-        if worker.role == "prefill":
+        if worker.role == Role.PREFILL:
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
             worker.channel = TokenChannel(worker.worker_id, worker.actor, on_broken=lambda: self._replace(worker))
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
-            self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, mixed=worker.role == "mixed")
+            self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, hybrid=worker.role == Role.HYBRID)
         return worker
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -316,12 +325,16 @@ class Cluster:
 
     async def scale(self, role: str, replicas: int, drain_timeout_s: float = SCALE_DRAIN_TIMEOUT_S) -> ScaleResult:
         """Grow or shrink one pool while serving. Removed workers are the least busy; they drain before they stop."""
-        if role not in self._roles():
+        pools = [r.value for r in self._roles()]
+        if role not in pools:
             raise ServingError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"role: {role!r} is not a pool of this {self.config.mode.value} cluster; use one of {self._roles()}",
+                f"role: {role!r} is not a pool of this {self.config.mode.value} cluster; use one of {pools}",
             )
-        least = 0 if role == "mixed" else 1  # the mixed pool is optional; the others carry every request
+        return await self._scale(Role(role), replicas, drain_timeout_s)
+
+    async def _scale(self, role: Role, replicas: int, drain_timeout_s: float) -> ScaleResult:
+        least = 0 if role == Role.HYBRID else 1  # the hybrid pool is optional; the others carry every request
         if replicas < least:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"replicas: the {role} pool needs at least {least}")
         if self._draining:
@@ -330,13 +343,13 @@ class Cluster:
             members = [w for w in self.workers.values() if w.role == role and w.worker_id not in self._retiring]
             result = ScaleResult(role, before=len(members), after=replicas)
             if replicas > len(members):
-                fresh = [self._spawn(role, self._next_id(role)) for _ in range(replicas - len(members))]
+                fresh = [self._spawn(role, self._next_index(role)) for _ in range(replicas - len(members))]
                 await self._bring_up(fresh)
                 result.added = [w.worker_id for w in fresh]
             elif replicas < len(members):
                 loads = self.router.loads()
                 # Least busy first; on a tie, the newest goes.
-                members.sort(key=lambda w: (loads.get(w.worker_id, {}).get("requests", 0.0), -self._index(w)))
+                members.sort(key=lambda w: (loads.get(w.worker_id, {}).get("requests", 0.0), -w.index))
                 victims = members[: len(members) - replicas]
                 result.removed = [w.worker_id for w in victims]
                 await asyncio.gather(*(self._retire(w, drain_timeout_s) for w in victims))
@@ -350,17 +363,13 @@ class Cluster:
         if move is None:
             return None, []
 
-        def active(role: str) -> int:
+        def active(role: Role) -> int:
             return sum(w.role == role and w.worker_id not in self._retiring for w in self.workers.values())
 
-        grown = await self.scale(move.target, active(move.target) + 1)
-        shrunk = await self.scale(move.source, active(move.source) - 1)
+        grown = await self._scale(move.target, active(move.target) + 1, SCALE_DRAIN_TIMEOUT_S)
+        shrunk = await self._scale(move.source, active(move.source) - 1, SCALE_DRAIN_TIMEOUT_S)
         self.router.balance.gaps.clear()  # the next move needs a fresh window of evidence
         return move, [grown, shrunk]
-
-    @staticmethod
-    def _index(worker: _Worker) -> int:
-        return int(worker.worker_id.rsplit("-", 1)[1])
 
     async def _retire(self, worker: _Worker, drain_timeout_s: float) -> None:
         """Drain, then stop: requests still running at the deadline fail over to other workers (retried, no gap)."""
@@ -433,7 +442,7 @@ class Cluster:
         try:
             self.router.remove_worker(worker.worker_id)
             worker.stop()
-            fresh = self._spawn(worker.role, worker.worker_id)
+            fresh = self._spawn(worker.role, worker.index)
             fresh.restarts = worker.restarts + 1
             try:
                 await self._register(fresh)
@@ -659,7 +668,7 @@ class Cluster:
             {
                 **(w.stats.__dict__ if w.stats else {}),
                 "worker_id": w.worker_id,
-                "role": w.role,  # the pool (a mixed-pool worker's own stats say "decode", the actor it runs)
+                "role": w.role.value,  # the pool (a hybrid worker's own stats say "decode", the actor it runs)
                 "healthy": w.healthy,
                 "problem": w.problem,
                 "restarts": w.restarts,

@@ -6,12 +6,12 @@ Policies:
 - ``round_robin``: the baseline, blind to load;
 - ``jsq``: join the shortest queue, by pending prefill tokens for prompts and by KV occupancy for decoding
   (Splitwise's scheduler);
-- ``mixed``: jsq, and when every prefill worker is backed up while a decode worker is lightly loaded, that decode
-  worker runs the prompt itself.
+- ``borrow_idle``: jsq, and when every prefill worker is backed up while a decode worker is lightly loaded, that
+  decode worker runs the prompt itself.
 
-Workers of the ``mixed`` pool (Splitwise's mixed pool) are decode workers that also take prompt overflow under any
+Workers of the ``hybrid`` pool (Splitwise's mixed pool) are decode workers that also take prompt overflow under any
 policy: they decode like the others, and when every prefill worker is backed up (or none can take the request) the
-least-loaded of them runs the whole request itself, before the ``mixed`` policy would turn to an idle decode worker.
+least-loaded of them runs the whole request itself, before ``borrow_idle`` would turn to an idle decode worker.
 
 A worker being removed (scale down, role switch) is marked draining: it keeps its running requests and gets no new
 ones. The router also samples each phase's pressure, so ``rebalance_move`` can suggest moving one worker from the
@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 from splitserve.cluster.messages import ErrorCode, ServingError
 from splitserve.config import RouterPolicy
+from splitserve.roles import Role
 
-# Mixed policy thresholds: prefill backlog that counts as overloaded, and decode occupancy that counts as idle.
+# Prefill backlog (tokens per worker) that counts as backed up, and decode occupancy that counts as idle (the
+# ``borrow_idle`` policy's threshold). The simulator imports both by these names.
 MIXED_PREFILL_BACKLOG_TOKENS = 8192
 MIXED_DECODE_IDLE_OCCUPANCY = 0.25
 # Rebalance policy: samples (one per health check) an imbalance must last, and the pressure gap that counts.
@@ -45,7 +47,7 @@ class _WorkerLoad:
     max_queue: int = 1 << 30
     healthy: bool = True
     draining: bool = False
-    mixed: bool = False  # decode: a mixed-pool worker, which also runs whole requests when prefill is backed up
+    hybrid: bool = False  # decode: a hybrid-pool worker, which also runs whole requests when prefill is backed up
 
     @property
     def occupancy(self) -> float:
@@ -58,7 +60,7 @@ def _decode_key(w: _WorkerLoad) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class Placement:
-    prefill_worker: str | None  # None: the decode worker prefills locally (mixed pool / colocated)
+    prefill_worker: str | None  # None: the decode worker prefills locally (hybrid pool, borrow_idle, colocated)
     decode_worker: str
 
 
@@ -66,8 +68,8 @@ class Placement:
 class Move:
     """Move one worker from ``source`` (a role) to ``target``: start one there, then drain one here."""
 
-    source: str
-    target: str
+    source: Role
+    target: Role
 
 
 @dataclass
@@ -92,9 +94,9 @@ class PhaseBalance:
         if len(self.gaps) < self.window:
             return None
         if all(g > self.margin for g in self.gaps) and decode_workers > 1:
-            return Move(source="decode", target="prefill")
+            return Move(source=Role.DECODE, target=Role.PREFILL)
         if all(g < -self.margin for g in self.gaps) and prefill_workers > 1:
-            return Move(source="prefill", target="decode")
+            return Move(source=Role.PREFILL, target=Role.DECODE)
         return None
 
 
@@ -105,7 +107,7 @@ class Router:
     _decode: dict[str, _WorkerLoad] = field(default_factory=dict)
     _rr_prefill: itertools.count = field(default_factory=itertools.count)
     _rr_decode: itertools.count = field(default_factory=itertools.count)
-    _rr_mixed: itertools.count = field(default_factory=itertools.count)
+    _rr_hybrid: itertools.count = field(default_factory=itertools.count)
     balance: PhaseBalance = field(default_factory=PhaseBalance)
 
     # --- membership ---
@@ -113,9 +115,9 @@ class Router:
     def add_prefill_worker(self, worker_id: str, max_queue: int) -> None:
         self._prefill[worker_id] = _WorkerLoad(worker_id, max_queue=max_queue)
 
-    def add_decode_worker(self, worker_id: str, capacity_tokens: int, max_queue: int, mixed: bool = False) -> None:
+    def add_decode_worker(self, worker_id: str, capacity_tokens: int, max_queue: int, hybrid: bool = False) -> None:
         self._decode[worker_id] = _WorkerLoad(
-            worker_id, capacity_tokens=capacity_tokens, max_queue=max_queue, mixed=mixed
+            worker_id, capacity_tokens=capacity_tokens, max_queue=max_queue, hybrid=hybrid
         )
 
     def remove_worker(self, worker_id: str) -> None:
@@ -181,15 +183,15 @@ class Router:
         return Placement(prefill.worker_id if prefill else None, decode.worker_id)
 
     def _overflow(self, decode: _WorkerLoad, excluded: set[str]) -> _WorkerLoad | None:
-        """Who runs a whole request while prefill is backed up: a mixed-pool worker, else (``mixed`` policy) the
+        """Who runs a whole request while prefill is backed up: a hybrid-pool worker, else (``borrow_idle``) the
         chosen decode worker if it is nearly idle, else nobody (the request waits in a prefill queue)."""
-        mixed = {k: w for k, w in self._decode.items() if w.mixed}
-        if mixed:
+        hybrid = {k: w for k, w in self._decode.items() if w.hybrid}
+        if hybrid:
             try:
-                return self._choose(mixed, _decode_key, self._rr_mixed, excluded)
+                return self._choose(hybrid, _decode_key, self._rr_hybrid, excluded)
             except ServingError:
-                pass  # every mixed worker is full or down
-        if self.policy == RouterPolicy.mixed and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY:
+                pass  # every hybrid worker is full or down
+        if self.policy == RouterPolicy.borrow_idle and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY:
             return decode
         return None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-ROLES = ("prefill", "decode", "mixed")
+from splitserve.roles import Role
+
+ROLES = tuple(Role)
 WORKER_COLUMNS = ("WORKER", "ROLE", "HEALTHY", "RESTARTS", "DEVICE", "QUEUED", "ACTIVE", "BATCH", "KV USED", "ROUTED")
 
 

@@ -181,13 +181,13 @@ def test_a_reservation_the_decode_worker_refuses_fails_before_any_token_and_free
     assert after == before
 
 
-def test_a_mixed_pool_worker_runs_the_prompts_prefill_cannot_take(ray_local, tiny_model_dir):
-    """The prefill worker queues one request at a time: without the mixed pool the rest would be refused."""
+def test_a_hybrid_worker_runs_the_prompts_prefill_cannot_take(ray_local, tiny_model_dir):
+    """The prefill worker queues one request at a time: without the hybrid pool the rest would be refused."""
     prompts = _prompts(6)
     config = _config(
         tiny_model_dir,
         prefill={"max_queue": 1},
-        mixed={"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128},
+        hybrid={"replicas": 1, "gpus_per_replica": 0, "num_kv_blocks": 128},
     )
 
     async def scenario():
@@ -199,7 +199,7 @@ def test_a_mixed_pool_worker_runs_the_prompts_prefill_cannot_take(ray_local, tin
             got = await asyncio.gather(*(_collect(cluster, f"m{i}", p, timings[i]) for i, p in enumerate(prompts)))
             await asyncio.sleep(0.2)
             after, status = await _free_blocks(cluster), await cluster.status()
-            emptied = await cluster.scale("mixed", 0)  # the mixed pool is optional: it can go
+            emptied = await cluster.scale("hybrid", 0)  # the hybrid pool is optional: it can go
             return got, timings, before, after, status, emptied, await cluster.status()
         finally:
             await cluster.shutdown()
@@ -207,10 +207,10 @@ def test_a_mixed_pool_worker_runs_the_prompts_prefill_cannot_take(ray_local, tin
     got, timings, before, after, status, emptied, status_after = _run(scenario())
     assert got == _hf_greedy(tiny_model_dir, prompts)
     assert after == before
-    assert {w["role"] for w in status["workers"]} == {"prefill", "decode", "mixed"}
-    assert emptied.removed == ["mixed-0"] and {w["role"] for w in status_after["workers"]} == {"prefill", "decode"}
-    ran_whole = [t for t in timings if t.prefill_worker == "mixed-0"]
-    assert ran_whole and all(t.decode_worker == "mixed-0" and t.kv_transfer_s is None for t in ran_whole)
+    assert {w["role"] for w in status["workers"]} == {"prefill", "decode", "hybrid"}
+    assert emptied.removed == ["hybrid-0"] and {w["role"] for w in status_after["workers"]} == {"prefill", "decode"}
+    ran_whole = [t for t in timings if t.prefill_worker == "hybrid-0"]
+    assert ran_whole and all(t.decode_worker == "hybrid-0" and t.kv_transfer_s is None for t in ran_whole)
     assert any(t.prefill_worker == "prefill-0" for t in timings)
 
 

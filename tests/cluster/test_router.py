@@ -61,8 +61,8 @@ def test_full_queues_mean_resource_exhausted():
     assert r.place(10, 10).prefill_worker == "p0"
 
 
-def test_mixed_policy_lets_an_idle_decode_worker_prefill():
-    r = _router(RouterPolicy.mixed, prefill=1, decode=1)
+def test_borrow_idle_lets_an_idle_decode_worker_prefill():
+    r = _router(RouterPolicy.borrow_idle, prefill=1, decode=1)
     assert r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16).prefill_worker == "p0"
     # The prefill worker is now backed up and the decode worker nearly idle: the decode worker takes the prompt.
     assert r.place(100, 16).prefill_worker is None
@@ -71,38 +71,38 @@ def test_mixed_policy_lets_an_idle_decode_worker_prefill():
     assert jsq.place(100, 16).prefill_worker == "p0"
 
 
-def _with_mixed_worker(policy: RouterPolicy, prefill_queue: int = 1000) -> Router:
+def _with_hybrid_worker(policy: RouterPolicy, prefill_queue: int = 1000) -> Router:
     r = Router(policy)
     r.add_prefill_worker("p0", max_queue=prefill_queue)
     r.add_decode_worker("d0", capacity_tokens=100_000, max_queue=1000)
-    r.add_decode_worker("m0", capacity_tokens=100_000, max_queue=1000, mixed=True)
+    r.add_decode_worker("m0", capacity_tokens=100_000, max_queue=1000, hybrid=True)
     return r
 
 
-@pytest.mark.parametrize("policy", [RouterPolicy.jsq, RouterPolicy.round_robin, RouterPolicy.mixed])
-def test_a_mixed_pool_worker_takes_the_prompts_of_a_backed_up_prefill_pool(policy):
-    r = _with_mixed_worker(policy)
+@pytest.mark.parametrize("policy", [RouterPolicy.jsq, RouterPolicy.round_robin, RouterPolicy.borrow_idle])
+def test_a_hybrid_worker_takes_the_prompts_of_a_backed_up_prefill_pool(policy):
+    r = _with_hybrid_worker(policy)
     first = r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
     assert first.prefill_worker == "p0"
-    # Prefill is backed up: the mixed worker runs the whole request, under every policy, before any idle decode
-    # worker would (the mixed policy's fallback).
+    # Prefill is backed up: the hybrid worker runs the whole request, under every policy, before any idle decode
+    # worker would (borrow_idle's fallback).
     assert r.place(100, 16) == Placement(None, "m0")
     r.prefill_done("p0", MIXED_PREFILL_BACKLOG_TOKENS)
     assert r.place(100, 16).prefill_worker == "p0"
 
 
-def test_a_mixed_pool_worker_decodes_like_the_others_and_takes_refused_prompts():
-    r = _with_mixed_worker(RouterPolicy.jsq, prefill_queue=2)
+def test_a_hybrid_worker_decodes_like_the_others_and_takes_refused_prompts():
+    r = _with_hybrid_worker(RouterPolicy.jsq, prefill_queue=2)
     assert r.place(10, 10) == Placement("p0", "d0")
-    assert r.place(10, 10) == Placement("p0", "m0")  # a transferred request, decoded on the mixed worker
-    # p0's queue is full now: the mixed worker takes the request itself instead of a refusal.
+    assert r.place(10, 10) == Placement("p0", "m0")  # a transferred request, decoded on the hybrid worker
+    # p0's queue is full now: the hybrid worker takes the request itself instead of a refusal.
     assert r.place(10, 10) == Placement(None, "m0")
 
 
-def test_without_room_on_a_mixed_worker_the_request_waits_for_prefill():
+def test_without_room_on_a_hybrid_worker_the_request_waits_for_prefill():
     r = Router(RouterPolicy.jsq)
     r.add_prefill_worker("p0", max_queue=1000)
-    r.add_decode_worker("m0", capacity_tokens=100_000, max_queue=1, mixed=True)
+    r.add_decode_worker("m0", capacity_tokens=100_000, max_queue=1, hybrid=True)
     r.add_decode_worker("d0", capacity_tokens=100_000, max_queue=1000)
     r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)  # backs prefill up; decoded on m0 or d0
     r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
