@@ -514,14 +514,11 @@ class Cluster:
     async def _attempt(
         self, request: GenerateRequest, timing: RequestTiming, exclude: frozenset[str]
     ) -> AsyncGenerator[TokenBatch, None]:
-        params = request.engine_params
-        prompt_len = len(request.engine_prompt)
-        placement = self.router.place(prompt_len, params.max_tokens, exclude)
+        placement = self.router.place(len(request.engine_prompt), request.engine_params.max_tokens, exclude)
         decode = self.workers[placement.decode_worker]
         prefill = self.workers[placement.prefill_worker] if placement.prefill_worker else None
         timing.decode_worker = decode.worker_id
         timing.prefill_worker = (prefill or decode).worker_id
-        prefill_booked = prefill is not None
         finished = False
         using = [w.worker_id for w in (prefill, decode) if w is not None]
         self._using.update(using)
@@ -531,9 +528,7 @@ class Cluster:
             else:
                 flow = self._split_flow(request, timing, prefill, decode)
             async for batch in flow:
-                if prefill_booked:  # the first token means the prompt left the prefill queue
-                    self.router.prefill_done(prefill.worker_id, prompt_len)  # type: ignore[union-attr]
-                    prefill_booked = False
+                placement.prefill_done()  # the first token means the prompt left the prefill queue
                 finished = batch.finished
                 yield batch
         except ServingError as err:
@@ -544,9 +539,7 @@ class Cluster:
                         raise WorkerDied(worker.worker_id) from None
             raise
         finally:
-            if prefill_booked and prefill is not None:
-                self.router.prefill_done(prefill.worker_id, prompt_len)
-            self.router.decode_done(decode.worker_id, prompt_len + params.max_tokens)
+            placement.release()  # the one place an attempt's booking comes back, however it ended
             try:
                 if not finished:
                     await self._abort_everywhere(request, [w for w in (prefill, decode) if w is not None])

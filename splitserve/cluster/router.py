@@ -58,10 +58,35 @@ def _decode_key(w: _WorkerLoad) -> tuple[float, int]:
     return w.occupancy, w.requests
 
 
-@dataclass(frozen=True)
+@dataclass
 class Placement:
+    """Where one attempt runs, and the load it booked there. ``prefill_done`` un-books the prompt once it has left
+    the prefill queue; ``release`` un-books whatever is still booked. Both act once, so every way an attempt ends can
+    call ``release`` and its load comes back exactly once. Equal when the workers are (the booking is not compared).
+    """
+
     prefill_worker: str | None  # None: the decode worker prefills locally (hybrid pool, borrow_idle, colocated)
     decode_worker: str
+    # What is still booked: the loads themselves, so a worker replaced under the same id is never un-booked for us.
+    _prefill: _WorkerLoad | None = field(default=None, compare=False, repr=False)
+    _decode: _WorkerLoad | None = field(default=None, compare=False, repr=False)
+    _prompt_tokens: int = field(default=0, compare=False, repr=False)
+    _held_tokens: int = field(default=0, compare=False, repr=False)
+
+    def prefill_done(self) -> None:
+        """The prompt left the prefill queue (its first token came): un-book it there."""
+        if self._prefill is not None:
+            self._prefill.pending_tokens -= self._prompt_tokens
+            self._prefill.requests -= 1
+            self._prefill = None
+
+    def release(self) -> None:
+        """The attempt is over, however it ended: un-book everything it still holds."""
+        self.prefill_done()
+        if self._decode is not None:
+            self._decode.held_tokens -= self._held_tokens
+            self._decode.requests -= 1
+            self._decode = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +182,7 @@ class Router:
         return min(candidates, key=key)
 
     def place(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> Placement:
-        """Pick the workers for a request and book its load on them."""
+        """Pick the workers for a request and book its load on them, until the placement is released."""
         excluded = set(exclude)
         decode = self._choose(self._decode, _decode_key, self._rr_decode, excluded)
         prefill: _WorkerLoad | None = None
@@ -180,7 +205,14 @@ class Router:
             prefill.requests += 1
         decode.held_tokens += prompt_tokens + max_tokens
         decode.requests += 1
-        return Placement(prefill.worker_id if prefill else None, decode.worker_id)
+        return Placement(
+            prefill.worker_id if prefill else None,
+            decode.worker_id,
+            prefill,
+            decode,
+            prompt_tokens,
+            prompt_tokens + max_tokens,
+        )
 
     def _overflow(self, decode: _WorkerLoad, excluded: set[str]) -> _WorkerLoad | None:
         """Who runs a whole request while prefill is backed up: a hybrid-pool worker, else (``borrow_idle``) the
@@ -194,20 +226,6 @@ class Router:
         if self.policy == RouterPolicy.borrow_idle and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY:
             return decode
         return None
-
-    # --- bookkeeping as requests move on ---
-
-    def prefill_done(self, worker_id: str, prompt_tokens: int) -> None:
-        load = self._prefill.get(worker_id)
-        if load is not None:
-            load.pending_tokens = max(0, load.pending_tokens - prompt_tokens)
-            load.requests = max(0, load.requests - 1)
-
-    def decode_done(self, worker_id: str, booked_tokens: int) -> None:
-        load = self._decode.get(worker_id)
-        if load is not None:
-            load.held_tokens = max(0, load.held_tokens - booked_tokens)
-            load.requests = max(0, load.requests - 1)
 
     # --- phase balance ---
 

@@ -49,6 +49,13 @@ async def _free_blocks(cluster: Cluster) -> dict[str, int]:
     return {s.worker_id: s.kv_blocks_free for s in await cluster.refresh_stats()}
 
 
+def _booked(cluster: Cluster) -> dict[str, tuple[float, float, float]]:
+    """The router's load still booked per worker: zero everywhere once every attempt is over, however it ended."""
+    loads = cluster.router.loads()
+    booked = {w: (load["pending_tokens"], load["held_tokens"], load["requests"]) for w, load in loads.items()}
+    return {w: b for w, b in booked.items() if any(b)}
+
+
 def _run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
@@ -98,12 +105,12 @@ def test_cancel_frees_pages_everywhere(ray_local, tiny_model_dir):
             await stream.__anext__()  # the first token: prefill done, decoding under way
             await stream.aclose()  # the client goes away
             await asyncio.sleep(0.3)
-            return before, await _free_blocks(cluster), cluster._inflight
+            return before, await _free_blocks(cluster), cluster._inflight, _booked(cluster)
         finally:
             await cluster.shutdown()
 
-    before, after, inflight = _run(scenario())
-    assert after == before and not inflight
+    before, after, inflight, booked = _run(scenario())
+    assert after == before and not inflight and booked == {}
 
 
 def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_model_dir):
@@ -121,13 +128,14 @@ def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_mod
             await asyncio.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
             got = await asyncio.wait_for(asyncio.gather(*tasks), 120)
-            return got, timings
+            return got, timings, _booked(cluster)
         finally:
             await cluster.shutdown()
 
-    got, timings = _run(scenario())
+    got, timings, booked = _run(scenario())
     assert got == _hf_greedy(tiny_model_dir, prompts)  # no token lost or duplicated across the retry
     assert sum(t.retries for t in timings) >= 1
+    assert booked == {}  # the attempts on the dead worker gave their booking back too
 
 
 def test_overload_is_resource_exhausted(ray_local, tiny_model_dir):
@@ -168,14 +176,17 @@ def test_a_reservation_the_decode_worker_refuses_fails_before_any_token_and_free
             with pytest.raises(ServingError) as refused:
                 async for batch in cluster.generate(GenerateRequest("big", list(range(3, 73)), SamplingParams())):
                     tokens.extend(t.token_id for t in batch.tokens)
+            failed_before_any_token = _booked(cluster)
             await holding.aclose()
             fits = await _collect(cluster, "fits", list(range(3, 20)))
             await asyncio.sleep(0.2)
-            return refused.value, tokens, fits, before, await _free_blocks(cluster)
+            return refused.value, tokens, fits, before, await _free_blocks(cluster), failed_before_any_token
         finally:
             await cluster.shutdown()
 
-    refused, tokens, fits, before, after = _run(scenario())
+    refused, tokens, fits, before, after, failed_before_any_token = _run(scenario())
+    # Only the request still holding is booked: the refused one gave its prefill and decode booking back.
+    assert set(failed_before_any_token) == {"decode-0"} and failed_before_any_token["decode-0"][2] == 1
     assert refused.code == ErrorCode.RESOURCE_EXHAUSTED and "KV cache full" in str(refused), str(refused)
     assert tokens == [] and len(fits) == MAX_NEW
     assert after == before

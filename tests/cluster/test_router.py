@@ -36,7 +36,7 @@ def test_decode_placement_follows_kv_occupancy():
     first = r.place(prompt_tokens=3000, max_tokens=1000)
     second = r.place(prompt_tokens=10, max_tokens=10)
     assert first.decode_worker != second.decode_worker
-    r.decode_done(first.decode_worker, 4000)
+    first.release()
     assert r.place(prompt_tokens=10, max_tokens=10).decode_worker == first.decode_worker
 
 
@@ -53,12 +53,42 @@ def test_full_queues_mean_resource_exhausted():
     r = Router(RouterPolicy.jsq)
     r.add_prefill_worker("p0", max_queue=1)
     r.add_decode_worker("d0", capacity_tokens=1000, max_queue=5)
-    r.place(10, 10)
+    queued = r.place(10, 10)
     with pytest.raises(ServingError) as info:
         r.place(10, 10)
     assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED
-    r.prefill_done("p0", 10)
+    queued.prefill_done()
     assert r.place(10, 10).prefill_worker == "p0"
+
+
+def _booked(r: Router) -> dict[str, tuple[float, float, float]]:
+    return {w: (load["pending_tokens"], load["held_tokens"], load["requests"]) for w, load in r.loads().items()}
+
+
+@pytest.mark.parametrize("first_token", [False, True])
+def test_a_placement_released_twice_books_back_once(first_token):
+    r = _router(RouterPolicy.jsq, prefill=1, decode=1)
+    kept = r.place(100, 20)
+    booked = _booked(r)
+    placement = r.place(30, 10)
+    if first_token:
+        placement.prefill_done()
+        placement.prefill_done()
+    placement.release()
+    placement.release()
+    assert _booked(r) == booked  # only the other request's booking is left
+    kept.release()
+    assert _booked(r) == {"p0": (0, 0, 0), "d0": (0, 0, 0)}
+
+
+def test_a_placement_on_a_replaced_worker_leaves_the_new_one_alone():
+    r = _router(RouterPolicy.jsq, prefill=1, decode=1)
+    placement = r.place(30, 10)
+    r.remove_worker("d0")
+    r.add_decode_worker("d0", capacity_tokens=10_000, max_queue=8)  # restarted under the same id
+    r.place(5, 5)
+    placement.release()
+    assert _booked(r)["d0"] == (0, 10, 1)  # the fresh request's booking only
 
 
 def test_borrow_idle_lets_an_idle_decode_worker_prefill():
@@ -87,7 +117,7 @@ def test_a_hybrid_worker_takes_the_prompts_of_a_backed_up_prefill_pool(policy):
     # Prefill is backed up: the hybrid worker runs the whole request, under every policy, before any idle decode
     # worker would (borrow_idle's fallback).
     assert r.place(100, 16) == Placement(None, "m0")
-    r.prefill_done("p0", MIXED_PREFILL_BACKLOG_TOKENS)
+    first.prefill_done()
     assert r.place(100, 16).prefill_worker == "p0"
 
 

@@ -44,7 +44,7 @@ def test_sustained_decode_pressure_moves_a_prefill_worker_to_decode():
     r = _router(capacity=1000)
     for _ in range(4):
         placement = r.place(10, 480)  # KV nearly full on both decode workers, prompts already prefilled
-        r.prefill_done(placement.prefill_worker, 10)
+        placement.prefill_done()
     _sample(r, REBALANCE_WINDOW)
     assert r.rebalance_move() == Move(source="prefill", target="decode")
 
@@ -53,7 +53,7 @@ def test_one_balanced_sample_in_the_window_means_no_move():
     r = _router(capacity=100_000)
     placement = r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)
     _sample(r, REBALANCE_WINDOW - 1)
-    r.prefill_done(placement.prefill_worker, 2 * MIXED_PREFILL_BACKLOG_TOKENS)  # the burst is gone
+    placement.prefill_done()  # the burst is gone
     r.sample_balance()
     assert r.rebalance_move() is None
 
