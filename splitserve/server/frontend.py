@@ -20,7 +20,7 @@ from splitserve.server.timing import TimingSummary
 from splitserve.server.validation import ValidationContext
 
 if TYPE_CHECKING:
-    from splitserve.cluster.controller import ScaleResult
+    from splitserve.cluster.pools import ScaleResult
     from splitserve.cluster.router import Move
 
 log = logging.getLogger(__name__)

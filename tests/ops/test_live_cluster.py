@@ -90,7 +90,7 @@ def test_drain_lets_in_flight_requests_finish_and_rejects_new_ones(live):
         stream = client.generate("a long one", max_tokens=LONG_TOKENS, ignore_eos=True)
         tokens = list(next(stream).token_ids)
         drained = asyncio.run_coroutine_threadsafe(drain_and_stop(live.cluster, live.servers, WAIT_S), live.loop)
-        _wait_for(lambda: live.cluster._draining, "the drain to start")
+        _wait_for(lambda: live.cluster.draining, "the drain to start")
         with pytest.raises(Unavailable, match="shutting down"):
             client.generate("too late", max_tokens=4, stream=False)
         assert not drained.done(), "the drain ended before the in-flight request did"
