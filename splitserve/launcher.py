@@ -8,8 +8,8 @@ requests finish, new ones get UNAVAILABLE), stops every actor and closes both po
 When the Ray cluster under the server goes away (its GCS stops answering, or this node is declared dead), the server
 cannot serve again: it closes both APIs and exits with EXIT_RAY_GONE (3), so that its supervisor (systemd, Ray's job
 manager, Kubernetes) restarts it, at most RAY_GONE_EXIT_BOUND_S (28 s) after Ray went away: the loss is detected
-within splitserve.cluster.ray_watch.RAY_GONE_BOUND_S (18 s), and the process ends RAY_GONE_EXIT_GRACE_S (10 s)
-later at the latest, however the shutdown went.
+within splitserve.cluster.ray_watch.RAY_GONE_BOUND_S (18 s), and the process ends as soon as both ports are closed,
+or RAY_GONE_EXIT_GRACE_S (10 s) later at the latest, however the shutdown went.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from splitserve.cluster.ray_watch import RAY_GONE_BOUND_S
 from splitserve.config import SplitserveConfig
@@ -69,15 +69,16 @@ async def run_server(
         if demo:
             await _demo(f"{servers.host}:{servers.grpc_port}", config.server.effective_auth_token)
         await _first_of(stop, ray_gone)
-        if ray_gone.is_set():
-            log.error("closing both APIs; exiting with code %d for a supervisor to restart the server", EXIT_RAY_GONE)
-            return EXIT_RAY_GONE
-        log.info("stopping: draining in-flight requests (up to %.0f s); new requests get UNAVAILABLE", drain_timeout_s)
+        if not ray_gone.is_set():
+            log.info(
+                "stopping: draining in-flight requests (up to %.0f s); new requests get UNAVAILABLE", drain_timeout_s
+            )
     finally:
         if ray_gone.is_set():
+            log.error("closing both APIs; exiting with code %d for a supervisor to restart the server", EXIT_RAY_GONE)
             await _close_without_ray(cluster, servers)
-        else:
-            await drain_and_stop(cluster, servers, drain_timeout_s)
+            _exit_now("both APIs are closed")
+        await drain_and_stop(cluster, servers, drain_timeout_s)
     return 0
 
 
@@ -97,15 +98,17 @@ async def _close_without_ray(cluster: Cluster, servers: Servers | None) -> None:
         await servers.stop(grace=STOP_GRACE_S)
 
 
+def _exit_now(why: str) -> NoReturn:
+    """End the process with EXIT_RAY_GONE at once: neither asyncio's exit (it waits for executor threads, where a
+    Ray call may be blocked on the dead GCS) nor Ray's exit hook may hold it up."""
+    log.error("%s: exiting with code %d", why, EXIT_RAY_GONE)
+    logging.shutdown()
+    os._exit(EXIT_RAY_GONE)
+
+
 def _exit_after(seconds: float) -> None:
     """End the process with EXIT_RAY_GONE in ``seconds`` if it has not ended by then."""
-
-    def hard_exit() -> None:
-        log.error("still running %.0f s after Ray went away: exiting now with code %d", seconds, EXIT_RAY_GONE)
-        logging.shutdown()
-        os._exit(EXIT_RAY_GONE)
-
-    timer = threading.Timer(seconds, hard_exit)
+    timer = threading.Timer(seconds, _exit_now, args=(f"still running {seconds:.0f} s after Ray went away",))
     timer.daemon = True
     timer.start()
 

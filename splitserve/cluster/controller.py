@@ -26,6 +26,7 @@ from splitserve.engine.resolve import resolve_model_path
 
 log = logging.getLogger(__name__)
 
+
 class Cluster:
     def __init__(self, config: SplitserveConfig, on_ray_gone: Callable[[str], None] | None = None):
         """``on_ray_gone(reason)`` is called once, from a watch thread, when the Ray cluster under this one is gone

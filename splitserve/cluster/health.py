@@ -83,8 +83,9 @@ class Health:
         self.pools.restarting.add(worker.worker_id)
         try:
             self.pools.router.remove_worker(worker.worker_id)
-            worker.stop()
-            fresh = self.pools.spawn(worker.role, worker.index)
+            worker.close_channel()
+            await asyncio.to_thread(worker.kill)  # off the loop, as the respawn: the GCS may be what failed
+            fresh = await self.pools.respawn(worker.role, worker.index)
             fresh.restarts = worker.restarts + 1
             try:
                 await self.pools.register(fresh)

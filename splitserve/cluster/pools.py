@@ -72,8 +72,16 @@ class WorkerHandle:
         return f"{self.role}-{self.index}"
 
     def stop(self) -> None:
+        self.close_channel()
+        self.kill()
+
+    def close_channel(self) -> None:
+        """Fail whoever still reads its tokens. On the event loop."""
         if self.channel is not None:
             self.channel.close()
+
+    def kill(self) -> None:
+        """A GCS call: it blocks for as long as the GCS client retries an unreachable GCS."""
         ray.kill(self.actor, no_restart=True)
 
 
@@ -134,17 +142,29 @@ class Pools:
         return index
 
     def spawn(self, role: Role, index: int) -> WorkerHandle:
+        worker = WorkerHandle(role, index, actor=None)
+        worker.actor = self._create_actor(worker)
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    async def respawn(self, role: Role, index: int) -> WorkerHandle:
+        """``spawn`` with the actor's creation off the event loop: a restart runs when something went wrong, maybe
+        the GCS itself, and while it is unreachable the creation blocks (the loop must keep answering requests)."""
+        worker = WorkerHandle(role, index, actor=None)
+        worker.actor = await asyncio.to_thread(self._create_actor, worker)
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    def _create_actor(self, worker: WorkerHandle) -> Any:
+        """A GCS call (the actor's registration)."""
         from splitserve.decode_worker.worker import DecodeWorker
         from splitserve.prefill_worker.worker import PrefillWorker
 
-        pool = self.pool(role)
-        cls = PrefillWorker if role == Role.PREFILL else DecodeWorker
+        pool = self.pool(worker.role)
+        cls = PrefillWorker if worker.role == Role.PREFILL else DecodeWorker
         options = options_for(self.config, pool, self.model_dir)
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]  # stubs lack it
-        worker = WorkerHandle(role, index, actor=None)
-        worker.actor = actor_cls.options(**self._actor_options(pool)).remote(worker.worker_id, options)
-        self.workers[worker.worker_id] = worker
-        return worker
+        return actor_cls.options(**self._actor_options(pool)).remote(worker.worker_id, options)
 
     async def bring_up(self, workers: list[WorkerHandle]) -> None:
         """Register each worker as soon as it is ready (one log line each); if any fails, stop them all."""
