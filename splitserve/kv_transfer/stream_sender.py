@@ -83,9 +83,9 @@ Item = Callable[[], Iterator[wire.Outgoing]]
 
 class _Outbox:
     """One transfer's messages (or thunks producing them) waiting for its session to pull them; abort drops what is
-    queued. ``wake`` tells the session there is one more item."""
+    queued. ``wake(urgent)`` tells the session there is one more item, an urgent one (an abort) to take first."""
 
-    def __init__(self, wake: Callable[[], None], interruptible: bool = False):
+    def __init__(self, wake: Callable[[bool], None], interruptible: bool = False):
         self._wake = wake
         self._items: deque[Item] = deque()
         self._lock = threading.Lock()
@@ -99,7 +99,7 @@ class _Outbox:
             if self._closed:
                 return False
             self._items.append(item)
-        self._wake()
+        self._wake(False)
         return True
 
     def preempt(self, item: Item) -> None:
@@ -111,7 +111,8 @@ class _Outbox:
             self._items.extend([*keep, item])
             self._interrupt = self._interruptible
             self._closed = True
-        self._wake()
+        for _ in range(len(keep) + 1):  # one turn per item: BEGIN (if kept) and the abort go before anything else
+            self._wake(True)
 
     def close(self) -> None:
         with self._lock:
@@ -249,9 +250,9 @@ class StreamHandle:
             else:
                 self._result.set_result(result or {})
 
-    def _wake(self) -> None:
+    def _wake(self, urgent: bool) -> None:
         if self._session is not None:
-            self._session.wake(self)
+            self._session.wake(self, urgent)
 
     def _end(self) -> Iterator[wire.Outgoing]:
         handoff_trace.mark("sender.end", self.spec.request_id)
@@ -312,9 +313,14 @@ class _Session:
             self._handles.pop(tid, None)
             self._cond.notify_all()  # a closed session ends with its last transfer
 
-    def wake(self, handle: StreamHandle) -> None:
+    def wake(self, handle: StreamHandle, urgent: bool = False) -> None:
+        """``urgent``: the handle's next item goes before every other transfer's (an abort: the receiver frees its
+        pages on reading it, and nothing queued behind it must delay that)."""
         with self._cond:
-            self._runnable.append(handle)
+            if urgent:
+                self._runnable.appendleft(handle)
+            else:
+                self._runnable.append(handle)
             self._cond.notify()
 
     def close(self) -> None:
