@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
+from typing import Any
 
 import ray
 
@@ -38,14 +39,11 @@ from splitserve.cluster.messages import (
     Token,
     TokenBatch,
     TransferReport,
-    WorkerStats,
 )
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
-from splitserve.engine.engine import Engine, RequestError
-from splitserve.engine.engine_thread import EngineThread
+from splitserve.engine.engine import RequestError
 from splitserve.engine.sequence import Sequence
-from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import (
     PeerUnavailable,
     ReceiverEndpoint,
@@ -57,14 +55,8 @@ from splitserve.kv_transfer import (
     make_sender,
 )
 from splitserve.kv_transfer.deferred import DeferredSend
-from splitserve.worker_common import (
-    CONTROL_GROUP,
-    AbortedAttempts,
-    ReleaseLog,
-    ReportsReleases,
-    configure_worker_process,
-    describe_device,
-)
+from splitserve.worker_base import WorkerBase, transfer_spec
+from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +98,12 @@ def _cancelled(job: _Job) -> ServingError:
     return ServingError(ErrorCode.CANCELLED, f"{job.request.request_id} aborted")
 
 
-class PrefillWorker(ReportsReleases):
+class PrefillWorker(WorkerBase):
+    role = "prefill"
+
     def __init__(self, worker_id: str, options: WorkerOptions):
-        configure_worker_process()
-        self.worker_id = worker_id
-        self.options = options
-        self.engine = Engine(options.engine_config())
-        self.releases = ReleaseLog()  # by request id; the engine knows the jobs by their per-attempt key
-        self._gpu = GpuReader.for_device(self.engine.runner.device)
+        super().__init__(worker_id, options)
+        # Releases are logged by request id (``_release``): the engine knows the jobs by their per-attempt key.
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
@@ -125,7 +115,6 @@ class PrefillWorker(ReportsReleases):
         # Jobs whose transfer has ended or was aborted: their pages are freed on the engine thread at the next layer
         # of a pass in flight, or before the next step, whichever comes first.
         self._to_free: deque[_Job] = deque()
-        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
 
     # --- engine thread ---
 
@@ -211,14 +200,7 @@ class PrefillWorker(ReportsReleases):
             job = jobs[seq.request_id]
             sender = self._sender(job.endpoint)
             job.backend = sender.backend
-            spec = TransferSpec(
-                request_id=job.request.request_id,
-                num_layers=runner.spec.num_layers,
-                num_tokens=seq.num_prompt_tokens,
-                dst_block_ids=[],
-                page_shape=runner.page_shape,
-                dtype=str(runner.dtype).removeprefix("torch."),
-            )
+            spec = transfer_spec(runner, job.request.request_id, seq.num_prompt_tokens, dst_block_ids=[])
             handle = DeferredSend(partial(_begin, sender, spec), self.options.kv_transfer.timeout_s)
             with self._lock:
                 job.handle = handle
@@ -339,15 +321,7 @@ class PrefillWorker(ReportsReleases):
     # --- actor API ---
 
     async def ready(self) -> dict:
-        return {
-            "worker_id": self.worker_id,
-            "role": "prefill",
-            "kv_blocks": self.engine.runner.num_kv_blocks,
-            "block_size": self.engine.runner.block_size,
-            "max_model_len": self.engine.max_model_len,
-            "vocab_size": self.engine.spec.vocab_size,
-            **describe_device(self.engine.runner.device),
-        }
+        return self._info()
 
     async def prefill(
         self, request: GenerateRequest, endpoint: ReceiverEndpoint, pages: PendingPages
@@ -426,29 +400,13 @@ class PrefillWorker(ReportsReleases):
             self._free_soon(job)
         return True
 
-    async def stats(self) -> WorkerStats:
-        def collect() -> WorkerStats:
-            e = self.engine
-            with self._lock:
-                queued = list(self._queue)
-            return WorkerStats(
-                worker_id=self.worker_id,
-                role="prefill",
-                queued_requests=len(queued),
-                active_requests=len(e.held),
-                pending_prefill_tokens=sum(len(j.request.engine_prompt) for j in queued),
-                kv_blocks_total=e.blocks.num_blocks,
-                kv_blocks_free=e.blocks.num_free,
-                prefix_cache_hits=e.blocks.prefix_hits,
-                extra={
-                    "engine_failed": float(self._thread.error is not None),
-                    "time": time.time(),
-                    "held": float(len(e.held)),
-                    "jobs": float(len(self._jobs)),
-                    **e.step_times.as_extra(),
-                },
-            )
-
-        stats: WorkerStats = await asyncio.wrap_future(self._thread.submit(collect))
-        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
-        return stats
+    def _load(self) -> dict[str, Any]:
+        with self._lock:
+            queued = list(self._queue)
+            jobs = len(self._jobs)
+        return {
+            "queued_requests": len(queued),
+            "active_requests": len(self.engine.held),
+            "pending_prefill_tokens": sum(len(j.request.engine_prompt) for j in queued),
+            "extra": {"jobs": float(jobs)},
+        }
