@@ -1,8 +1,8 @@
 """The token-phase worker: receives prompts' KV pages, decodes them in one continuous batch, streams tokens back
 to the router on one token channel (``outputs``) for all its requests.
 
-It also runs whole requests itself (``start_local``): the colocated baseline, and Splitwise's mixed pool where an
-idle decode worker takes a prompt when the prefill pool is backed up.
+It also runs whole requests itself (``start_local``): the colocated baseline, a ``hybrid`` pool worker, and a decode
+worker the ``borrow_idle`` policy lends a prompt to while the prefill pool is backed up.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ class DecodeWorker(WorkerBase):
 
     async def outputs(self) -> AsyncIterator[ChannelMessage]:
         """The token channel: one long-lived stream to the router carrying every request's tokens, one message per
-        engine step (more when the router falls behind). Ray's cost is per message, so a stream per request capped
-        the tokens a worker could stream at ~1000/s on a 2-core box (30 concurrent streams); one channel carried 16x
-        that. One reader: the cluster opens it once the worker is ready."""
+        engine step (more when the router falls behind). Ray's cost is per message, so one channel for all requests
+        carries many times the tokens a stream per request could. One reader: the cluster opens it once the worker
+        is ready."""
         assert self._outbox is not None
         while True:
             message = await self._outbox.get()
@@ -177,7 +177,7 @@ class DecodeWorker(WorkerBase):
         """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
         (the first one came from the prefill worker)."""
         handoff_trace.mark("decode.start", request_id)
-        # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed, as before.
+        # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed.
         waiter = self._expected.get(request_id)
         if waiter is None:
             failed = self._failed.pop(request_id, None)
@@ -205,7 +205,7 @@ class DecodeWorker(WorkerBase):
         handoff_trace.mark("decode.admitted", request_id)
 
     async def start_local(self, request: GenerateRequest) -> None:
-        """Prefill and decode here (colocated mode, or the mixed pool); the tokens follow on the token channel."""
+        """Prefill and decode here (colocated, hybrid or borrowed); the tokens follow on the token channel."""
 
         def add() -> None:
             self._refuse_if_aborted(request)
@@ -237,7 +237,7 @@ class DecodeWorker(WorkerBase):
         """
         # What to wait for is taken before the abort: a reservation made in between (its call racing this one on
         # the engine's side thread) is aborted by ``drop`` below. Taken after, it would be that reservation's, never
-        # done: this abort would wait on it forever and nothing else would free it (the chaos suite found one so).
+        # done: this abort would wait on it forever and nothing else would free it.
         unwritten = self.receiver.unwritten(request_id)
         self.receiver.abort(request_id)  # at once: the sender is told
         cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")

@@ -118,8 +118,8 @@ class PageSink(Protocol):
     def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
         """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards.
 
-        One call for a whole run of layers: a receiver thread that lands layer by layer pays a Python-level round of
-        the GIL per op, which on a decode worker busy stepping its engine cost ~120 ms per 32-layer transfer."""
+        One call for a whole run of layers: a receiver thread that lands layer by layer pays a round of the GIL per
+        op against an engine thread that holds it most of the time."""
 
 
 class SendHandle(Protocol):

@@ -4,10 +4,10 @@ carries every transfer to it, each transfer fed from a queue of its own.
 ``send_layer`` only queues; gRPC's own thread pulls the session's messages from one generator that takes the next
 item of each transfer with something queued, in turn, and encodes (or moves out of band) one layer at a time, so
 the engine's layer hook never waits for the network and HTTP/2 flow control paces the rest. The session's reader
-thread hands the receiver's answers (READY, STOP, RESULT, ERROR) to their transfers. A call per transfer cost ~2 ms
-of set-up on the CPU box, more than a 16 MB transfer's bytes take over loopback; a session pays it once. What moves
-a layer is a ``LayerWriter``: inline chunks (grpc), frames on a socket (tcp), a copy into the peer's memory
-(cuda_ipc), or an NCCL send (nccl).
+thread hands the receiver's answers (READY, STOP, RESULT, ERROR) to their transfers. A call's set-up costs more
+than a large transfer's bytes over loopback; a session pays it once. An abort goes before every other transfer's
+queued items, since the receiver frees the pages when it reads it. What moves a layer is a ``LayerWriter``: inline
+chunks (grpc), frames on a socket (tcp), a copy into the peer's memory (cuda_ipc), or an NCCL send (nccl).
 """
 
 from __future__ import annotations

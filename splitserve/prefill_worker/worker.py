@@ -73,7 +73,7 @@ class _Stage(Enum):
 
     QUEUED = "queued"  # in the queue, holding no pages: an abort takes it out and fails it at once
     COMPUTING = "computing"  # in the pass in flight: that pass's end aborts its transfer and frees its pages
-    TRANSFERRING = "transferring"  # its pass ended: a wait thread frees its pages once the transfer has stopped
+    TRANSFERRING = "transferring"  # its pass ended: a wait thread follows its transfer; an abort frees its pages
 
 
 @dataclass(eq=False)
@@ -296,8 +296,8 @@ class PrefillWorker(WorkerBase):
         self._thread.submit(self._free_released)
 
     def _free_released(self) -> None:
-        """On the engine thread, between two layers of a pass too: no other job's pages are in use then, and the
-        pass's own were allocated before it began."""
+        """On the engine thread, between two layers of a pass too: the jobs here are past their own pass, so no pass
+        reads their pages, and the pass in flight allocated its pages before it began."""
         while self._to_free:
             self._release(self._to_free.popleft())
 
