@@ -5,9 +5,10 @@ carries every transfer to it, each transfer fed from a queue of its own.
 item of each transfer with something queued, in turn, and encodes (or moves out of band) one layer at a time, so
 the engine's layer hook never waits for the network and HTTP/2 flow control paces the rest. The session's reader
 thread hands the receiver's answers (READY, STOP, RESULT, ERROR) to their transfers. A call's set-up costs more
-than a large transfer's bytes over loopback; a session pays it once. An abort goes before every other transfer's
-queued items, since the receiver frees the pages when it reads it. What moves a layer is a ``LayerWriter``: inline
-chunks (grpc), frames on a socket (tcp), a copy into the peer's memory (cuda_ipc), or an NCCL send (nccl).
+than a large transfer's bytes over loopback; a session pays it once. The abort of a begun transfer goes before
+every other transfer's queued items, since the receiver frees the pages when it reads it. What moves a layer is a
+``LayerWriter``: inline chunks (grpc), frames on a socket (tcp), a copy into the peer's memory (cuda_ipc), or an
+NCCL send (nccl).
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ class _Outbox:
             self._items.extend([*keep, item])
             self._interrupt = self._interruptible
             self._closed = True
-        for _ in range(len(keep) + 1):  # one turn per item: BEGIN (if kept) and the abort go before anything else
-            self._wake(True)
+            started = self._started
+        # Once BEGIN went, the abort goes before every other transfer's queued items. A BEGIN still queued keeps its
+        # place: BEGINs reach the receiver in the order transfers began (nccl's receives are posted in that order).
+        self._wake(started)
 
     def close(self) -> None:
         with self._lock:
