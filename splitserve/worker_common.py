@@ -15,9 +15,8 @@ import torch
 
 # How long a thread waiting for the GIL lets its holder run before forcing a switch (CPython's default: 5 ms). A
 # worker's engine thread drops and retakes the GIL around every torch op and a waiting thread rarely wins those
-# races, so other threads (the KV receiver, the actor's event loops) waited out the interval at each acquire. On two
-# H200s (1P1D, 2048-token prompts) this cut the decode worker's KV landing from 14.3 to 11.7 ms (p50) and its TPOT
-# p50 at 16 req/s from 11 to 9.8 ms.
+# races, so other threads (the KV receiver, the actor's event loops) would wait out the whole interval at each
+# acquire. The effect on KV landing and TPOT is in docs/benchmarks.md.
 GIL_SWITCH_INTERVAL_S = 5e-4
 
 
@@ -56,9 +55,9 @@ def node_address() -> str:
 CONTROL_GROUP = "control"
 CONCURRENCY_GROUPS = {CONTROL_GROUP: 64}
 """Ray concurrency groups of a worker actor. Aborts run in their own group (their own event loop thread), so under
-a storm they do not queue behind the thousands of data calls (prefill and decode streams) of the default group: on
-the 2-core CPU abort storm, a prefill worker's abort started 730 ms (p50) after the router sent it in the default
-group, 230 ms in its own. A method in the control group must be safe to run beside the default loop's code."""
+a storm they do not wait for a turn among the thousands of data calls (prefill and decode streams) of the default
+group's loop. A method in the control group must be safe to run beside the default loop's code: it shares state only
+under a lock, through the engine thread, or by ``call_soon_threadsafe`` onto the default loop."""
 
 
 class AbortedAttempts:

@@ -1,18 +1,18 @@
 """The token-phase worker: receives prompts' KV pages, decodes them in one continuous batch, streams tokens back
 to the router on one token channel (``outputs``) for all its requests.
 
-It also runs whole requests itself (``start_local``): the colocated baseline, and Splitwise's mixed pool where an
-idle decode worker takes a prompt when the prefill pool is backed up.
+It also runs whole requests itself (``start_local``): the colocated baseline, a ``hybrid`` pool worker, and a decode
+worker the ``borrow_idle`` policy lends a prompt to while the prefill pool is backed up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from typing import Any
 
 import ray
 
@@ -25,37 +25,25 @@ from splitserve.cluster.messages import (
     StreamFailure,
     Token,
     TokenBatch,
-    WorkerStats,
 )
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
-from splitserve.engine.engine import Engine, RequestError, TokenOutput
-from splitserve.engine.engine_thread import EngineThread
-from splitserve.gpu_stats import GpuReader
-from splitserve.kv_transfer import TransferError, TransferResult, TransferSpec, make_receiver
-from splitserve.worker_common import (
-    CONTROL_GROUP,
-    AbortedAttempts,
-    ReleaseLog,
-    ReportsReleases,
-    configure_worker_process,
-    describe_device,
-    node_address,
-)
+from splitserve.engine.engine import RequestError, TokenOutput
+from splitserve.kv_transfer import TransferError, TransferResult, make_receiver
+from splitserve.worker_base import WorkerBase, transfer_spec
+from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts, node_address
 
 log = logging.getLogger(__name__)
 _FAILED_MEMORY = 4096
 
 
-class DecodeWorker(ReportsReleases):
+class DecodeWorker(WorkerBase):
+    role = "decode"
+    _stats_during_step = True  # its stats only read counts, which a step waiting for the device leaves alone
+
     def __init__(self, worker_id: str, options: WorkerOptions):
-        configure_worker_process()
-        self.worker_id = worker_id
-        self.options = options
-        self.engine = Engine(options.engine_config())
-        self.releases = ReleaseLog()
+        super().__init__(worker_id, options)
         self.engine.on_release = self.releases.record
-        self._gpu = GpuReader.for_device(self.engine.runner.device)
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         # request id -> the attempt whose tokens the channel carries; only touched on the default event loop
         self._streams: dict[str, int] = {}
@@ -64,7 +52,6 @@ class DecodeWorker(ReportsReleases):
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
         self.engine.device_wait = self._thread.device_wait
 
     # --- engine thread ---
@@ -113,9 +100,9 @@ class DecodeWorker(ReportsReleases):
 
     async def outputs(self) -> AsyncIterator[ChannelMessage]:
         """The token channel: one long-lived stream to the router carrying every request's tokens, one message per
-        engine step (more when the router falls behind). Ray's cost is per message, so a stream per request capped
-        the tokens a worker could stream at ~1000/s on a 2-core box (30 concurrent streams); one channel carried 16x
-        that. One reader: the cluster opens it once the worker is ready."""
+        engine step (more when the router falls behind). Ray's cost is per message, so one channel for all requests
+        carries many times the tokens a stream per request could. One reader: the cluster opens it once the worker
+        is ready."""
         assert self._outbox is not None
         while True:
             message = await self._outbox.get()
@@ -133,16 +120,7 @@ class DecodeWorker(ReportsReleases):
         self._loop = asyncio.get_running_loop()
         if self._outbox is None:
             self._outbox = asyncio.Queue()
-        return {
-            "worker_id": self.worker_id,
-            "role": "decode",
-            "kv_blocks": self.engine.runner.num_kv_blocks,
-            "block_size": self.engine.runner.block_size,
-            "max_model_len": self.engine.max_model_len,
-            "vocab_size": self.engine.spec.vocab_size,
-            "endpoint": self.receiver.endpoint,
-            **describe_device(self.engine.runner.device),
-        }
+        return self._info(endpoint=self.receiver.endpoint)
 
     async def reserve(self, request: GenerateRequest) -> list[int]:
         """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them.
@@ -156,14 +134,7 @@ class DecodeWorker(ReportsReleases):
             self._refuse_if_aborted(request)
             seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
             blocks = self.engine.reserve(seq)
-            spec = TransferSpec(
-                request_id=request.request_id,
-                num_layers=runner.spec.num_layers,
-                num_tokens=len(request.engine_prompt),
-                dst_block_ids=blocks,
-                page_shape=runner.page_shape,
-                dtype=str(runner.dtype).removeprefix("torch."),
-            )
+            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt), blocks)
             try:
                 waiter = self.receiver.expect(spec)
             except BaseException:
@@ -206,7 +177,7 @@ class DecodeWorker(ReportsReleases):
         """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
         (the first one came from the prefill worker)."""
         handoff_trace.mark("decode.start", request_id)
-        # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed, as before.
+        # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed.
         waiter = self._expected.get(request_id)
         if waiter is None:
             failed = self._failed.pop(request_id, None)
@@ -234,7 +205,7 @@ class DecodeWorker(ReportsReleases):
         handoff_trace.mark("decode.admitted", request_id)
 
     async def start_local(self, request: GenerateRequest) -> None:
-        """Prefill and decode here (colocated mode, or the mixed pool); the tokens follow on the token channel."""
+        """Prefill and decode here (colocated, hybrid or borrowed); the tokens follow on the token channel."""
 
         def add() -> None:
             self._refuse_if_aborted(request)
@@ -266,7 +237,7 @@ class DecodeWorker(ReportsReleases):
         """
         # What to wait for is taken before the abort: a reservation made in between (its call racing this one on
         # the engine's side thread) is aborted by ``drop`` below. Taken after, it would be that reservation's, never
-        # done: this abort would wait on it forever and nothing else would free it (the chaos suite found one so).
+        # done: this abort would wait on it forever and nothing else would free it.
         unwritten = self.receiver.unwritten(request_id)
         self.receiver.abort(request_id)  # at once: the sender is told
         cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
@@ -294,30 +265,16 @@ class DecodeWorker(ReportsReleases):
             self._loop.call_soon_threadsafe(self._end_stream, request_id, cancelled, attempt)
         return found
 
-    async def stats(self) -> WorkerStats:
-        def collect() -> WorkerStats:
-            e = self.engine
-            return WorkerStats(
-                worker_id=self.worker_id,
-                role="decode",
-                queued_requests=len(e.waiting) + len(e.held),
-                active_requests=len(e.running),
-                pending_prefill_tokens=e.pending_prefill_tokens(),
-                kv_blocks_total=e.blocks.num_blocks,
-                kv_blocks_free=e.blocks.num_free,
-                prefix_cache_hits=e.blocks.prefix_hits,
-                batch_size=len(e.running),
-                extra={
-                    "engine_failed": float(self._thread.error is not None),
-                    "time": time.time(),
-                    "held": float(len(e.held)),
-                    "pending_transfers": float(self.receiver.pending),
-                    "expected": float(len(self._expected)),
-                    "streams": float(len(self._streams)),
-                    **e.step_times.as_extra(),
-                },
-            )
-
-        stats: WorkerStats = await self._on_engine(collect, during_step=True)
-        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
-        return stats
+    def _load(self) -> dict[str, Any]:
+        e = self.engine
+        return {
+            "queued_requests": len(e.waiting) + len(e.held),
+            "active_requests": len(e.running),
+            "pending_prefill_tokens": e.pending_prefill_tokens(),
+            "batch_size": len(e.running),
+            "extra": {
+                "pending_transfers": float(self.receiver.pending),
+                "expected": float(len(self._expected)),
+                "streams": float(len(self._streams)),
+            },
+        }

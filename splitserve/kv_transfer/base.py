@@ -118,8 +118,8 @@ class PageSink(Protocol):
     def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
         """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards.
 
-        One call for a whole run of layers: a receiver thread that lands layer by layer pays a Python-level round of
-        the GIL per op, which on a decode worker busy stepping its engine cost ~120 ms per 32-layer transfer."""
+        One call for a whole run of layers: a receiver thread that lands layer by layer pays a round of the GIL per
+        op against an engine thread that holds it most of the time."""
 
 
 class SendHandle(Protocol):
@@ -144,12 +144,24 @@ class Sender(Protocol):
 
 
 class Receiver(Protocol):
-    endpoint: ReceiverEndpoint
+    """The decode worker's side of every backend at once: one per KV cache."""
+
+    endpoint: ReceiverEndpoint  # what a sender needs to reach it; read-only once built
 
     def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Future[TransferResult]:
         """Register a transfer before its sender starts; the future fails with a TransferError subclass."""
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
-        """Drop an expectation: its later data is discarded and its sender is told it was aborted."""
+        """Drop an expectation: its later data is discarded and its sender is told it was aborted. True if it was
+        pending. Its pages may be reused only once ``unwritten`` is done."""
 
-    def close(self) -> None: ...
+    def unwritten(self, request_id: str) -> Future[None]:
+        """Done once no sender can still write into the request's reserved pages: at once, except while a sender
+        that writes them itself (cuda_ipc) has not yet confirmed that it stopped."""
+
+    @property
+    def pending(self) -> int:
+        """Expectations not yet done (reserved pages a transfer may still write)."""
+
+    def close(self) -> None:
+        """Stop accepting: pending expectations fail with PeerUnavailable, in-flight senders see the peer go."""

@@ -127,7 +127,7 @@ class IpcWriter(LayerWriter):
         self._stream = stream
         # The index goes to the device on the stream that reads it: a deferred transfer is begun on the actor's
         # loop thread, whose current stream can be queued behind a whole prefill pass, and an index copied there
-        # was read stale by this stream (on an H100, a prefill worker died of an index_copy_ assert).
+        # could be read by this stream before the copy ran.
         with torch.cuda.stream(stream):
             self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._go = threading.Event()  # READY came, or the transfer is over

@@ -21,7 +21,8 @@ _HEADROOM = 1 << 20  # message size above chunk_bytes, for headers
 
 
 class KVReceiver:
-    """Holds the expectation table; ``backends`` says which ways in are opened.
+    """The ``Receiver`` (base.py documents its methods): holds the expectation table; ``backends`` says which ways
+    in are opened.
 
     ``local`` registers the table in this process; every other backend needs the gRPC server (the data path of
     grpc, the control path of cuda_ipc and nccl). The out-of-band backends contribute their hooks and endpoint
@@ -79,21 +80,16 @@ class KVReceiver:
         return self._table.expect(spec, sink).future
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
-        """Fail the transfer now; its pages may be reused once ``unwritten`` says no sender writes them."""
         return self._table.abort(request_id, reason)
 
     def unwritten(self, request_id: str) -> Future[None]:
-        """Done once no sender can still write into the request's reserved pages (at once, except while a cuda_ipc
-        sender that writes them itself has not yet confirmed it stopped)."""
         return self._table.unwritten(request_id)
 
     @property
     def pending(self) -> int:
-        """Expectations not yet done (reserved pages a transfer may still write)."""
         return self._table.pending
 
     def close(self) -> None:
-        """Stop accepting: pending expectations fail with PeerUnavailable, in-flight senders see the peer go."""
         local.unregister(self.receiver_id)
         if self._server is not None:
             self._server.stop()

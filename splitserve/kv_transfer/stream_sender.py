@@ -4,10 +4,11 @@ carries every transfer to it, each transfer fed from a queue of its own.
 ``send_layer`` only queues; gRPC's own thread pulls the session's messages from one generator that takes the next
 item of each transfer with something queued, in turn, and encodes (or moves out of band) one layer at a time, so
 the engine's layer hook never waits for the network and HTTP/2 flow control paces the rest. The session's reader
-thread hands the receiver's answers (READY, STOP, RESULT, ERROR) to their transfers. A call per transfer cost ~2 ms
-of set-up on the CPU box, more than a 16 MB transfer's bytes take over loopback; a session pays it once. What moves
-a layer is a ``LayerWriter``: inline chunks (grpc), frames on a socket (tcp), a copy into the peer's memory
-(cuda_ipc), or an NCCL send (nccl).
+thread hands the receiver's answers (READY, STOP, RESULT, ERROR) to their transfers. A call's set-up costs more
+than a large transfer's bytes over loopback; a session pays it once. The abort of a begun transfer goes before
+every other transfer's queued items, since the receiver frees the pages when it reads it. What moves a layer is a
+``LayerWriter``: inline chunks (grpc), frames on a socket (tcp), a copy into the peer's memory (cuda_ipc), or an
+NCCL send (nccl).
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ Item = Callable[[], Iterator[wire.Outgoing]]
 
 class _Outbox:
     """One transfer's messages (or thunks producing them) waiting for its session to pull them; abort drops what is
-    queued. ``wake`` tells the session there is one more item."""
+    queued. ``wake(urgent)`` tells the session there is one more item, an urgent one (an abort) to take first."""
 
-    def __init__(self, wake: Callable[[], None], interruptible: bool = False):
+    def __init__(self, wake: Callable[[bool], None], interruptible: bool = False):
         self._wake = wake
         self._items: deque[Item] = deque()
         self._lock = threading.Lock()
@@ -99,7 +100,7 @@ class _Outbox:
             if self._closed:
                 return False
             self._items.append(item)
-        self._wake()
+        self._wake(False)
         return True
 
     def preempt(self, item: Item) -> None:
@@ -111,7 +112,10 @@ class _Outbox:
             self._items.extend([*keep, item])
             self._interrupt = self._interruptible
             self._closed = True
-        self._wake()
+            started = self._started
+        # Once BEGIN went, the abort goes before every other transfer's queued items. A BEGIN still queued keeps its
+        # place: BEGINs reach the receiver in the order transfers began (nccl's receives are posted in that order).
+        self._wake(started)
 
     def close(self) -> None:
         with self._lock:
@@ -249,9 +253,9 @@ class StreamHandle:
             else:
                 self._result.set_result(result or {})
 
-    def _wake(self) -> None:
+    def _wake(self, urgent: bool) -> None:
         if self._session is not None:
-            self._session.wake(self)
+            self._session.wake(self, urgent)
 
     def _end(self) -> Iterator[wire.Outgoing]:
         handoff_trace.mark("sender.end", self.spec.request_id)
@@ -312,9 +316,14 @@ class _Session:
             self._handles.pop(tid, None)
             self._cond.notify_all()  # a closed session ends with its last transfer
 
-    def wake(self, handle: StreamHandle) -> None:
+    def wake(self, handle: StreamHandle, urgent: bool = False) -> None:
+        """``urgent``: the handle's next item goes before every other transfer's (an abort: the receiver frees its
+        pages on reading it, and nothing queued behind it must delay that)."""
         with self._cond:
-            self._runnable.append(handle)
+            if urgent:
+                self._runnable.appendleft(handle)
+            else:
+                self._runnable.append(handle)
             self._cond.notify()
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """The tcp backend: each layer's bytes on a plain TCP connection, the control on the receiver's gRPC call.
 
-grpcio copies every message once on send and twice on receive under the interpreter lock: a bare grpcio stream
-reached 0.23-0.45x a loopback socket on the CPU box, so the grpc backend cannot get closer (docs/benchmarks.md).
+grpcio copies every message once on send and twice on receive under the interpreter lock, which caps the grpc
+backend well below a loopback socket (docs/benchmarks.md has the figures).
 Here BEGIN, READY, END and the result stay on the gRPC call, so aborts, timeouts and a lost peer work as they do
 for grpc, while a sender's layers go as frames on one TCP connection per sender and receiver, which the receiver
 reads with ``recv_into`` straight into the transfer's staging buffer; at END the layers land in one copy.

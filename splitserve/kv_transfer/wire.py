@@ -1,8 +1,8 @@
 """The framing of transfer messages: ``[u32 big-endian header length][msgpack header][raw payload]``.
 
 A sender keeps one bidirectional RPC open to each receiver (a session) and runs every transfer to it on that call;
-each header carries ``t``, the transfer's number in the session (a new call per transfer cost ~2 ms of set-up on
-the CPU box, more than a 16 MB transfer's bytes). Per transfer the sender sends BEGIN (the spec), then per layer
+each header carries ``t``, the transfer's number in the session (a call's set-up costs more than a large
+transfer's bytes). Per transfer the sender sends BEGIN (the spec), then per layer
 the CHUNKs carrying its bytes (grpc; the out-of-band backends send nothing per layer), then END (with the checksum
 or the layers it moved) or ABORT. The receiver answers READY once it has claimed the reserved pages (a sender that
 writes into them itself waits for it), STOP when it aborts a transfer whose sender must stop writing and say so

@@ -5,8 +5,12 @@ A prompt is queued while its decode worker still reserves the pages for it (the 
 done before the pages are known wait in the transfer (``DeferredSend``) and go the moment they are.
 
 Per request it streams two messages back to the router: the first token (as soon as the prompt is computed), then
-a ``TransferReport`` once the KV has landed. Source pages are held until the transfer has finished or been aborted,
-never less, so no send can read a page that was reused.
+a ``TransferReport`` once the KV has landed.
+
+A request's pages are read only by the gathers of its own pass, on the engine thread; every backend is handed those
+gathered copies, never the pages. The pages are still held until the transfer has finished, so that the copies in
+flight never outgrow the KV cache; an abort drops the copies, so an aborted request's pages are freed as soon as its
+pass has ended (at once if it had).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from functools import partial
+from typing import Any
 
 import ray
 
@@ -33,32 +39,24 @@ from splitserve.cluster.messages import (
     Token,
     TokenBatch,
     TransferReport,
-    WorkerStats,
 )
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
-from splitserve.engine.engine import Engine, RequestError
-from splitserve.engine.engine_thread import EngineThread
+from splitserve.engine.engine import RequestError
 from splitserve.engine.sequence import Sequence
-from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import (
     PeerUnavailable,
     ReceiverEndpoint,
     Sender,
     SendHandle,
+    TransferAborted,
     TransferError,
     TransferSpec,
     make_sender,
 )
 from splitserve.kv_transfer.deferred import DeferredSend
-from splitserve.worker_common import (
-    CONTROL_GROUP,
-    AbortedAttempts,
-    ReleaseLog,
-    ReportsReleases,
-    configure_worker_process,
-    describe_device,
-)
+from splitserve.worker_base import WorkerBase, transfer_spec
+from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +66,14 @@ _job_ids = itertools.count()
 
 def _begin(sender: Sender, spec: TransferSpec, dst_block_ids: list[int]) -> SendHandle:
     return sender.begin(replace(spec, dst_block_ids=dst_block_ids))
+
+
+class _Stage(Enum):
+    """Who owns a job's next move. Changed only under the worker's ``_lock``, so an abort always knows it."""
+
+    QUEUED = "queued"  # in the queue, holding no pages: an abort takes it out and fails it at once
+    COMPUTING = "computing"  # in the pass in flight: that pass's end aborts its transfer and frees its pages
+    TRANSFERRING = "transferring"  # its pass ended: a wait thread follows its transfer; an abort frees its pages
 
 
 @dataclass(eq=False)
@@ -84,44 +90,47 @@ class _Job:
     backend: str = ""
     started: float = 0.0  # the transfer's begin
     sampled: float = 0.0  # the first token's
+    stage: _Stage = _Stage.QUEUED
     aborted: bool = False
 
 
-class PrefillWorker(ReportsReleases):
+def _cancelled(job: _Job) -> ServingError:
+    return ServingError(ErrorCode.CANCELLED, f"{job.request.request_id} aborted")
+
+
+class PrefillWorker(WorkerBase):
+    role = "prefill"
+
     def __init__(self, worker_id: str, options: WorkerOptions):
-        configure_worker_process()
-        self.worker_id = worker_id
-        self.options = options
-        self.engine = Engine(options.engine_config())
-        self.releases = ReleaseLog()  # by request id; the engine knows the jobs by their per-attempt key
-        self._gpu = GpuReader.for_device(self.engine.runner.device)
+        super().__init__(worker_id, options)
+        # Releases are logged by request id (``_release``): the engine knows the jobs by their per-attempt key.
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
         self._aborted_early = AbortedAttempts()
-        # abort() runs on the control group's thread, the calls it cancels on the default loop: each side's
-        # look-then-act on _jobs, _aborted_early and job.aborted holds this lock (never across an await).
-        self._bookkeeping = threading.Lock()
-        # Jobs whose transfer has ended: their pages are freed on the engine thread at the next layer of a pass in
-        # flight, or at the next step, whichever comes first (a long prefill pass would otherwise hold them).
-        self._finished_transfers: deque[_Job] = deque()
-        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
+        # abort() runs on the control group's loop, prefill() on the default loop, passes on the engine thread: each
+        # one's look-then-act on _jobs, _queue, _aborted_early, job.stage, job.handle and job.aborted holds this lock
+        # (never across an await nor a blocking call), so an abort never waits for a pass.
+        self._lock = threading.Lock()
+        # Jobs whose transfer has ended or was aborted: their pages are freed on the engine thread at the next layer
+        # of a pass in flight, or before the next step, whichever comes first.
+        self._to_free: deque[_Job] = deque()
 
     # --- engine thread ---
 
     def _take_batch(self) -> list[_Job]:
         budget = self.options.max_batch_tokens
         batch: list[_Job] = []
-        while self._queue:
-            job = self._queue[0]
-            n = len(job.request.engine_prompt)
-            if batch and n > budget:
-                break
-            self._queue.popleft()
-            if job.aborted:
-                continue
-            batch.append(job)
-            budget -= n
+        with self._lock:
+            while self._queue:
+                job = self._queue[0]
+                n = len(job.request.engine_prompt)
+                if batch and n > budget:
+                    break
+                self._queue.popleft()
+                job.stage = _Stage.COMPUTING
+                batch.append(job)
+                budget -= n
         return batch
 
     def _step(self) -> bool:
@@ -137,13 +146,21 @@ class PrefillWorker(ReportsReleases):
             except RequestError as err:
                 self._fail(job, ServingError(ErrorCode.INVALID_ARGUMENT, str(err)))
         if not runnable:
-            return bool(self._queue)
+            return self._has_queued()
         by_id = {job.key: job for job in runnable}
         try:
             outputs = self.engine.prefill(seqs, hook_for=lambda done: self._layer_hook(done, by_id))
         except OutOfBlocks:
-            # Pages come back as transfers finish; retry this batch then (release() wakes the thread).
-            self._queue.extendleft(reversed(runnable))
+            # Nothing was allocated. Pages come back as transfers finish; retry this batch then (release() wakes
+            # the thread). A job aborted meanwhile is not requeued: its abort left it to this pass.
+            with self._lock:
+                retry = [job for job in runnable if not job.aborted]
+                for job in retry:
+                    job.stage = _Stage.QUEUED
+                self._queue.extendleft(reversed(retry))
+            for job in runnable:
+                if job.aborted:
+                    self._fail(job, _cancelled(job))
             return False
         except Exception as err:
             for job in runnable:
@@ -152,6 +169,13 @@ class PrefillWorker(ReportsReleases):
             raise
         for out in outputs:
             job = by_id[out.request_id]
+            with self._lock:
+                job.stage = _Stage.TRANSFERRING
+                aborted = job.aborted
+            if aborted:  # during the pass: nobody wants the token, and its pages are no longer read
+                job.first.set_exception(_cancelled(job))
+                self._await_transfer(job, abort="aborted by the router")
+                continue
             batch = TokenBatch(
                 job.request.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
             )
@@ -162,7 +186,11 @@ class PrefillWorker(ReportsReleases):
                 self._await_transfer(job, abort="finished at the first token")
             else:
                 self._await_transfer(job)
-        return bool(self._queue)
+        return self._has_queued()
+
+    def _has_queued(self) -> bool:
+        with self._lock:
+            return bool(self._queue)
 
     def _layer_hook(self, completing: list[Sequence], jobs: dict[str, _Job]):
         """Open a transfer per completing sequence; the hook then ships each layer's pages as it is done."""
@@ -172,17 +200,16 @@ class PrefillWorker(ReportsReleases):
             job = jobs[seq.request_id]
             sender = self._sender(job.endpoint)
             job.backend = sender.backend
-            spec = TransferSpec(
-                request_id=job.request.request_id,
-                num_layers=runner.spec.num_layers,
-                num_tokens=seq.num_prompt_tokens,
-                dst_block_ids=[],
-                page_shape=runner.page_shape,
-                dtype=str(runner.dtype).removeprefix("torch."),
-            )
-            handle = job.handle = DeferredSend(partial(_begin, sender, spec), self.options.kv_transfer.timeout_s)
+            spec = transfer_spec(runner, job.request.request_id, seq.num_prompt_tokens, dst_block_ids=[])
+            handle = DeferredSend(partial(_begin, sender, spec), self.options.kv_transfer.timeout_s)
+            with self._lock:
+                job.handle = handle
+                aborted = job.aborted
             job.started = time.perf_counter()
-            self._open_transfer(job)
+            if aborted:  # never opened: its layers are dropped, and the pass's end frees its pages
+                handle.fail(TransferAborted("aborted by the router"))
+            else:
+                self._open_transfer(job)
             sends.append((job, handle, runner.block_index(seq.block_table)))
 
         last_layer = runner.spec.num_layers - 1
@@ -192,7 +219,7 @@ class PrefillWorker(ReportsReleases):
                 handle.send_layer(layer, runner.gather_pages(layer, blocks))
                 if layer == last_layer:
                     handoff_trace.mark("prefill.last_layer", job.request.request_id)
-            self._free_finished_transfers()
+            self._free_released()
 
         return on_layer
 
@@ -225,8 +252,8 @@ class PrefillWorker(ReportsReleases):
         return sender
 
     def _await_transfer(self, job: _Job, abort: str | None = None) -> None:
-        """Wait for delivery (or for an abort to be acknowledged) off the engine thread; release the source pages
-        only after the last write."""
+        """On the engine thread, at the end of the job's pass: wait for delivery (or for ``abort`` to be acknowledged)
+        on a thread of its own, then free the pages. An aborted transfer's pages are freed now."""
 
         handle = job.handle
         assert handle is not None, "a transfer starts in the layer hook, before any first token"
@@ -242,16 +269,19 @@ class PrefillWorker(ReportsReleases):
                 job.transferred.set_result(
                     TransferReport(done - job.started, max(0.0, done - job.sampled), int(sent or 0), backend)
                 )
+            except TransferAborted as err:  # either side's abort: the request is over, not failed
+                job.transferred.set_exception(ServingError(ErrorCode.CANCELLED, f"KV transfer aborted: {err}"))
             except TransferError as err:
                 job.transferred.set_exception(ServingError(ErrorCode.UNAVAILABLE, f"KV transfer failed: {err}"))
             except BaseException as err:  # never leave the router waiting, nor the pages held
                 job.transferred.set_exception(ServingError(ErrorCode.INTERNAL, f"KV transfer failed: {err!r}"))
                 raise
             finally:
-                self._finished_transfers.append(job)
-                self._thread.submit(self._free_finished_transfers)
+                self._free_soon(job)
 
         threading.Thread(target=wait, name=f"transfer-{job.request.request_id}", daemon=True).start()
+        if abort is not None:
+            self._release(job)
 
     def _abort_transfer(self, job: _Job, reason: str) -> None:
         if job.handle is not None:
@@ -260,11 +290,16 @@ class PrefillWorker(ReportsReleases):
             except Exception:
                 log.exception("abort of %s", job.request.request_id)
 
-    def _free_finished_transfers(self) -> None:
-        """On the engine thread, between two layers of a pass too: no other job's pages are in use then, and the
-        pass's own were allocated before it began."""
-        while self._finished_transfers:
-            self._release(self._finished_transfers.popleft())
+    def _free_soon(self, job: _Job) -> None:
+        """Any thread: have the engine thread free the job's pages at its next chance (idempotent)."""
+        self._to_free.append(job)
+        self._thread.submit(self._free_released)
+
+    def _free_released(self) -> None:
+        """On the engine thread, between two layers of a pass too: the jobs here are past their own pass, so no pass
+        reads their pages, and the pass in flight allocated its pages before it began."""
+        while self._to_free:
+            self._release(self._to_free.popleft())
 
     def _release(self, job: _Job) -> None:
         if self.engine.release(job.key):
@@ -279,38 +314,34 @@ class PrefillWorker(ReportsReleases):
         self._forget(job)
 
     def _forget(self, job: _Job) -> None:
-        with self._bookkeeping:
+        with self._lock:
             if self._jobs.get(job.request.request_id) is job:
                 del self._jobs[job.request.request_id]
 
     # --- actor API ---
 
     async def ready(self) -> dict:
-        return {
-            "worker_id": self.worker_id,
-            "role": "prefill",
-            "kv_blocks": self.engine.runner.num_kv_blocks,
-            "block_size": self.engine.runner.block_size,
-            "max_model_len": self.engine.max_model_len,
-            "vocab_size": self.engine.spec.vocab_size,
-            **describe_device(self.engine.runner.device),
-        }
+        return self._info()
 
     async def prefill(
         self, request: GenerateRequest, endpoint: ReceiverEndpoint, pages: PendingPages
     ) -> AsyncIterator[TokenBatch | TransferReport]:
-        """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker."""
+        """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker.
+
+        An aborted request (by the router, or by the decode worker's receiver) ends the stream with nothing more:
+        whoever aborted it reads it no longer, and an error left in it would be logged by Ray as unhandled."""
         job = _Job(request, endpoint)
-        with self._bookkeeping:
+        with self._lock:
             if self._aborted_early.claim(request.request_id, request.attempt):
-                raise ServingError(ErrorCode.CANCELLED, f"{request.request_id} was aborted before it arrived")
+                return  # refused: its abort came first
             previous = self._jobs.get(request.request_id)
             if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
             if len(self._jobs) >= self.options.max_queue:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
             self._jobs[request.request_id] = job
-        await asyncio.wrap_future(self._thread.submit(lambda: self._queue.append(job)))
+            self._queue.append(job)
+        self._thread.wake()
         awaiting_pages = asyncio.ensure_future(self._await_pages(job, pages))
         completed = False
         try:
@@ -321,78 +352,61 @@ class PrefillWorker(ReportsReleases):
                 if not completed:
                     yield await asyncio.wrap_future(job.transferred)
                     completed = True
-            except ServingError:
-                # Aborted (the router's abort, or this stream closing): nobody reads the stream any more, and an error
-                # left in it would only be logged by Ray as unhandled, once per cancelled request in a storm.
-                if job.aborted:
+            except ServingError as err:
+                if job.aborted or err.code == ErrorCode.CANCELLED:
                     return
                 raise
         finally:
             awaiting_pages.cancel()
             if not completed:  # the router went away, or something failed: free everything now
-                await self._abort_job(job)
+                self._abort_job(job)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def abort(self, request_id: str, attempt: int | None = None) -> bool:
         """Drop the request wherever it is: queued, computing, or transferring (the receiver is told).
 
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
+        Answers without waiting for the engine thread: what it must do there, the pass in flight does at its end.
         """
-        with self._bookkeeping:
+        with self._lock:
             job = self._jobs.get(request_id)
             if job is None or (attempt is not None and job.request.attempt != attempt):
                 if attempt is not None:
                     self._aborted_early.add(request_id, attempt)
                 return False
-        return await self._abort_job(job)
+        return self._abort_job(job)
 
-    async def _abort_job(self, job: _Job) -> bool:
-        with self._bookkeeping:
+    def _abort_job(self, job: _Job) -> bool:
+        """Any thread. A queued job leaves the queue now (it holds no pages); one in the pass in flight is left to
+        that pass's end (``_step``); a transferring one has its transfer aborted, and its wait thread frees the pages
+        once the sender has stopped."""
+        with self._lock:
             if job.aborted:
                 return False
             job.aborted = True
-        request_id = job.request.request_id
-        cancelled = ServingError(ErrorCode.CANCELLED, f"{request_id} aborted")
-
-        def drop() -> None:
-            # On the engine thread, so never inside engine.prefill: the job is queued (drop it), was skipped by
-            # _take_batch (fail it), or has a transfer, whose wait thread releases the pages once it has stopped.
-            if job in self._queue:
+            stage = job.stage
+            if stage is _Stage.QUEUED:
                 self._queue.remove(job)
-                self._fail(job, cancelled)
-            elif job.handle is None:
-                self._fail(job, cancelled)
-            else:
-                # Off the engine thread: abort() waits for the receiver's answer, and the engine must keep going.
-                handle = job.handle
-                threading.Thread(
-                    target=handle.abort, args=("aborted by the router",), name=f"abort-{request_id}", daemon=True
-                ).start()
-
-        await asyncio.wrap_future(self._thread.submit(drop))
+        if stage is _Stage.QUEUED:
+            self._fail(job, _cancelled(job))
+        elif stage is _Stage.TRANSFERRING:
+            # On a thread of its own: abort() waits for the receiver's answer. The pages need not: no send reads them.
+            threading.Thread(
+                target=self._abort_transfer,
+                args=(job, "aborted by the router"),
+                name=f"abort-{job.request.request_id}",
+                daemon=True,
+            ).start()
+            self._free_soon(job)
         return True
 
-    async def stats(self) -> WorkerStats:
-        def collect() -> WorkerStats:
-            e = self.engine
-            return WorkerStats(
-                worker_id=self.worker_id,
-                role="prefill",
-                queued_requests=len(self._queue),
-                active_requests=len(e.held),
-                pending_prefill_tokens=sum(len(j.request.engine_prompt) for j in self._queue),
-                kv_blocks_total=e.blocks.num_blocks,
-                kv_blocks_free=e.blocks.num_free,
-                prefix_cache_hits=e.blocks.prefix_hits,
-                extra={
-                    "engine_failed": float(self._thread.error is not None),
-                    "time": time.time(),
-                    "held": float(len(e.held)),
-                    "jobs": float(len(self._jobs)),
-                    **e.step_times.as_extra(),
-                },
-            )
-
-        stats: WorkerStats = await asyncio.wrap_future(self._thread.submit(collect))
-        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
-        return stats
+    def _load(self) -> dict[str, Any]:
+        with self._lock:
+            queued = list(self._queue)
+            jobs = len(self._jobs)
+        return {
+            "queued_requests": len(queued),
+            "active_requests": len(self.engine.held),
+            "pending_prefill_tokens": sum(len(j.request.engine_prompt) for j in queued),
+            "extra": {"jobs": float(jobs)},
+        }

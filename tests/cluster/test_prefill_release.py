@@ -24,7 +24,7 @@ def test_finished_transfer_pages_come_back_after_the_next_layer(tiny_model_dir):
         assert engine.blocks.num_free < free
         request = GenerateRequest("r-done", list(range(40)), params)
         endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
-        worker._finished_transfers.append(_Job(request, endpoint, key="job-done"))
+        worker._to_free.append(_Job(request, endpoint, key="job-done"))
 
         # The next pass: watch the free pages after each of its layers.
         free_after_layer: list[int] = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitserve.config import KVTransferConfig
-from splitserve.kv_transfer import TransferError, TransferTimeout, make_receiver, make_sender
+from splitserve.kv_transfer import TransferError, TransferTimeout, make_receiver, make_sender, wire
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand, TransferServer
 from splitserve.kv_transfer.receiver import KVReceiver
@@ -151,3 +151,62 @@ def test_a_wedged_session_is_replaced_for_the_next_transfer(session_count):
         sender.close()
         receiver.close()
     assert len(session_count) == 2
+
+
+class _HeldCall:
+    """Fake: stands in for the session's gRPC call so the test pulls the session's messages itself, in order."""
+
+    def __init__(self, requests):
+        self.requests = requests
+        self._over = threading.Event()
+
+    def __iter__(self):
+        self._over.wait()
+        return iter(())
+
+    def cancel(self) -> None:
+        self._over.set()
+
+
+class _OneMessagePerLayer(LayerWriter):
+    transport = "test"
+
+    def prepare(self, layer, pages):
+        return layer
+
+    def messages(self, layer, prepared):
+        yield {"kind": wire.CHUNK, "layer": prepared}, b""
+
+
+def test_an_abort_goes_before_the_layers_other_transfers_queued():
+    """The receiver frees an aborted transfer's pages when it reads the abort: on a busy session that must not
+    wait for every layer other transfers have queued."""
+    src = FakeRunner(blocks=8)
+    calls: list[_HeldCall] = []
+    sender = StreamSender(
+        "127.0.0.1:1", lambda spec: _OneMessagePerLayer(), max_message=1 << 20, timeout_s=1, backend="test"
+    )
+    sender._method = lambda requests: calls.append(_HeldCall(requests)) or calls[-1]  # type: ignore[assignment]
+    busy, doomed = sender.begin(src.spec("busy", [0, 1])), sender.begin(src.spec("doomed", [2, 3]))
+    try:
+        for handle, blocks in ((busy, [0, 1]), (doomed, [2, 3])):
+            for layer in range(src.num_layers):
+                handle.send_layer(layer, src.gather_pages(layer, blocks))
+        messages = calls[0].requests
+        begins = [wire.unpack(next(messages)) for _ in range(2)]  # both transfers began; all their layers wait
+        assert [(m.kind, m.header["spec"]["request_id"]) for m in begins] == [
+            (wire.BEGIN, "busy"),
+            (wire.BEGIN, "doomed"),
+        ]
+        aborting = threading.Thread(target=doomed.abort, args=("the client went away",), daemon=True)
+        aborting.start()
+        deadline = time.monotonic() + 5
+        while len(doomed._outbox._items) != 1 and time.monotonic() < deadline:  # its layers dropped, the abort in
+            time.sleep(0.01)
+        after = wire.unpack(next(messages))
+        assert (after.kind, after.header["t"]) == (wire.ABORT, begins[1].header["t"])
+        aborting.join(timeout=10)  # no answer comes: it gives up once the session has been silent for timeout_s
+    finally:
+        sender.close()
+        for call in calls:
+            call.cancel()

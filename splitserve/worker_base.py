@@ -1,0 +1,99 @@
+"""What the prefill and decode worker actors share: the engine on its own thread, the release log, the ``ready``
+answer, the ``stats`` call, and the layout of a request's KV transfer, which both sides must build identically."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from splitserve.cluster.messages import WorkerStats
+from splitserve.cluster.worker_options import WorkerOptions
+from splitserve.engine.engine import Engine
+from splitserve.engine.engine_thread import EngineThread
+from splitserve.engine.runner import ModelRunner
+from splitserve.gpu_stats import GpuReader
+from splitserve.kv_transfer import TransferSpec
+from splitserve.worker_common import ReleaseLog, ReportsReleases, configure_worker_process, describe_device
+
+
+def transfer_spec(runner: ModelRunner, request_id: str, num_tokens: int, dst_block_ids: list[int]) -> TransferSpec:
+    """The transfer of ``num_tokens`` of prompt KV into ``dst_block_ids``: the sender and the receiver each build it
+    with this, and the receiver refuses a sender whose layout differs."""
+    return TransferSpec(
+        request_id=request_id,
+        num_layers=runner.spec.num_layers,
+        num_tokens=num_tokens,
+        dst_block_ids=dst_block_ids,
+        page_shape=runner.page_shape,
+        dtype=str(runner.dtype).removeprefix("torch."),
+    )
+
+
+class WorkerBase(ReportsReleases):
+    """An engine driven by one ``EngineThread`` (running ``_step``), in a process set up for it.
+
+    A subclass gives its ``role``, its ``_step``, and ``_load`` (its part of the stats, read on the engine thread).
+    """
+
+    role: str
+    # Whether ``_load`` reads only what a step in flight leaves alone, so that stats need not wait for the step.
+    _stats_during_step = False
+
+    def __init__(self, worker_id: str, options: WorkerOptions):
+        configure_worker_process()
+        self.worker_id = worker_id
+        self.options = options
+        self.engine = Engine(options.engine_config())
+        self.releases = ReleaseLog()
+        self._gpu = GpuReader.for_device(self.engine.runner.device)
+        # Its first ``_step`` waits for a call or a wake-up, which nothing makes before the subclass is set up.
+        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
+
+    def _step(self) -> bool:
+        """One round of the engine thread's work; True while there is more."""
+        raise NotImplementedError
+
+    def _load(self) -> dict[str, Any]:
+        """This role's WorkerStats fields (``extra`` merged into the common one), read on the engine thread."""
+        raise NotImplementedError
+
+    def _info(self, **extra: Any) -> dict:
+        """The ``ready`` answer: what the cluster registers the worker with."""
+        runner = self.engine.runner
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "kv_blocks": runner.num_kv_blocks,
+            "block_size": runner.block_size,
+            "max_model_len": self.engine.max_model_len,
+            "vocab_size": self.engine.spec.vocab_size,
+            **extra,
+            **describe_device(runner.device),
+        }
+
+    async def stats(self) -> WorkerStats:
+        def collect() -> WorkerStats:
+            e = self.engine
+            load = self._load()
+            extra = {
+                "engine_failed": float(self._thread.error is not None),
+                "time": time.time(),
+                "held": float(len(e.held)),
+                **load.pop("extra", {}),
+                **e.step_times.as_extra(),
+            }
+            return WorkerStats(
+                worker_id=self.worker_id,
+                role=self.role,
+                kv_blocks_total=e.blocks.num_blocks,
+                kv_blocks_free=e.blocks.num_free,
+                prefix_cache_hits=e.blocks.prefix_hits,
+                extra=extra,
+                **load,
+            )
+
+        submitted = self._thread.submit(collect, during_step=self._stats_during_step)
+        stats: WorkerStats = await asyncio.wrap_future(submitted)
+        stats.extra.update(self._gpu.read())  # off the engine thread: it never waits on the driver
+        return stats
