@@ -1,0 +1,119 @@
+"""Megatron-style tensor parallelism: which slice of each weight a rank holds, and the rank group's collectives.
+
+Rank ``r`` of ``tp`` holds query heads ``[r*H/tp, (r+1)*H/tp)``, the KV heads those queries read, intermediate
+columns ``[r*I/tp, (r+1)*I/tp)`` and vocabulary rows ``[r*Vr, (r+1)*Vr)`` with ``Vr = ceil(V/tp)`` (the last rank's
+rows past V are zeros). Where ``kv_heads >= tp`` the KV heads split evenly; where ``kv_heads < tp``, each KV head is
+held by ``tp / kv_heads`` consecutive ranks, so each rank holds one KV head and its cache holds only that head.
+
+Per layer, the column-parallel q/k/v and gate/up need no communication, and the row-parallel ``o_proj`` and
+``down_proj`` end in one all-reduce each; the embedding is a masked lookup and an all-reduce, the LM head an
+all-gather of each rank's logit columns. At ``tp = 1`` no model holds a group and none of this runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from splitserve.engine.model_spec import ModelSpec
+
+
+class TensorParallelError(ValueError):
+    """A model shape that does not split over the requested ranks; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``size``'s slice of a model of shape ``spec``."""
+
+    spec: ModelSpec
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        s, tp = self.spec, self.size
+        fix = "(fix: a --tensor-parallel-size that divides it)"
+        if s.num_heads % tp:
+            raise TensorParallelError(f"num_attention_heads {s.num_heads} does not split over {tp} ranks {fix}")
+        if s.intermediate_size % tp:
+            raise TensorParallelError(f"intermediate_size {s.intermediate_size} does not split over {tp} ranks {fix}")
+        if s.num_kv_heads % tp and tp % s.num_kv_heads:
+            raise TensorParallelError(
+                f"num_key_value_heads {s.num_kv_heads} neither splits over {tp} ranks nor divides it {fix}"
+            )
+
+    @property
+    def heads(self) -> range:
+        per = self.spec.num_heads // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    @property
+    def kv_heads(self) -> range:
+        kv = self.spec.num_kv_heads
+        if kv >= self.size:
+            per = kv // self.size
+            return range(self.rank * per, (self.rank + 1) * per)
+        head = self.rank // (self.size // kv)  # the KV head every query head of this rank reads
+        return range(head, head + 1)
+
+    @property
+    def intermediate(self) -> range:
+        per = self.spec.intermediate_size // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of this rank's embedding and LM head (the same on every rank, so the logit shards gather)."""
+        return -(-self.spec.vocab_size // self.size)
+
+    @property
+    def vocab(self) -> range:
+        """The token ids this rank's rows hold (the last rank's may be fewer than ``vocab_rows``)."""
+        start = self.rank * self.vocab_rows
+        return range(start, min(start + self.vocab_rows, self.spec.vocab_size))
+
+    def local_spec(self) -> ModelSpec:
+        """The shape of this rank's attention and MLP: its heads, its KV heads, its intermediate columns."""
+        return replace(
+            self.spec,
+            num_heads=len(self.heads),
+            num_kv_heads=len(self.kv_heads),
+            intermediate_size=len(self.intermediate),
+        )
+
+
+@dataclass
+class RankGroup:
+    """This process's place in a tensor-parallel group. ``device_group`` carries the model's collectives (nccl on
+    CUDA, gloo on CPU); ``control_group`` (gloo) carries each step's inputs from the leader, rank 0."""
+
+    rank: int
+    size: int
+    device_group: dist.ProcessGroup
+    control_group: dist.ProcessGroup
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] on each rank -> [T, size * C], rank 0's columns first."""
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.device_group)
+        return out.permute(1, 0, 2).reshape(x.shape[0], -1)
+
+
+def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
+    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    world = dist.group.WORLD
+    assert world is not None
+    control = world if backend == "gloo" else dist.new_group(backend="gloo")
+    return RankGroup(rank, size, world, control)
