@@ -102,11 +102,54 @@ class RankGroup:
         dist.all_reduce(x, group=self.device_group)
         return x
 
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.device_group)
+        return x
+
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] on each rank -> [T, size * C], rank 0's columns first."""
         out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, x.contiguous(), group=self.device_group)
         return out.permute(1, 0, 2).reshape(x.shape[0], -1)
+
+
+class StepChannel:
+    """The leader's side of the step hand-off: each step's passes as one int64 buffer broadcast over the gloo
+    control group (a second broadcast only for a step longer than the first buffer). Followers read it with
+    ``receive``; a negative length tells them to stop."""
+
+    HEAD = 1024  # ints in the first broadcast: a decode step of a few dozen sequences fits
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+
+    def send(self, flat: list[int]) -> None:
+        self._broadcast_head(len(flat), flat[: self.HEAD - 1])
+        if len(flat) > self.HEAD - 1:
+            dist.broadcast(torch.tensor(flat[self.HEAD - 1 :], dtype=torch.long), 0, group=self.group.control_group)
+
+    def stop(self) -> None:
+        self._broadcast_head(-1, [])
+
+    def _broadcast_head(self, length: int, first: list[int]) -> None:
+        head = torch.zeros(self.HEAD, dtype=torch.long)
+        head[: len(first) + 1] = torch.tensor([length, *first], dtype=torch.long)
+        dist.broadcast(head, 0, group=self.group.control_group)
+
+    @classmethod
+    def receive(cls, group: RankGroup) -> list[int] | None:
+        """A follower's next step from the leader; None once the leader stops."""
+        head = torch.empty(cls.HEAD, dtype=torch.long)
+        dist.broadcast(head, 0, group=group.control_group)
+        length = int(head[0])
+        if length < 0:
+            return None
+        flat = head[1 : min(length, cls.HEAD - 1) + 1].tolist()
+        if length > cls.HEAD - 1:
+            rest = torch.empty(length - (cls.HEAD - 1), dtype=torch.long)
+            dist.broadcast(rest, 0, group=group.control_group)
+            flat += rest.tolist()
+        return flat
 
 
 def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
