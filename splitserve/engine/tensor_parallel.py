@@ -108,9 +108,10 @@ class RankGroup:
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] on each rank -> [T, size * C], rank 0's columns first."""
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.device_group)
-        return out.permute(1, 0, 2).reshape(x.shape[0], -1)
+        rows, cols = x.shape
+        out = torch.empty((self.size * rows, cols), dtype=x.dtype, device=x.device)
+        dist.all_gather_single(out, x.contiguous(), group=self.device_group)
+        return out.view(self.size, rows, cols).permute(1, 0, 2).reshape(rows, -1)
 
 
 class StepChannel:
@@ -155,6 +156,8 @@ class StepChannel:
 def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
     """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)  # one GPU per rank
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     world = dist.group.WORLD
     assert world is not None
