@@ -20,15 +20,18 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing.context import SpawnProcess
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from splitserve.engine.engine import Engine, EngineConfig
+from splitserve.engine.loader import load_hf_config
+from splitserve.engine.model_spec import spec_from_hf_config
 from splitserve.engine.runner import ModelRunner, RunnerConfig, resolve_device
 from splitserve.engine.step_plan import unpack
-from splitserve.engine.tensor_parallel import RankGroup, StepChannel, init_rank_group
+from splitserve.engine.tensor_parallel import RankGroup, Shard, StepChannel, TensorParallelError, init_rank_group
 
 FollowerDone = Callable[[ModelRunner], None]
 """Called in a follower's process with its runner once the leader has stopped it (tests read its state)."""
@@ -60,6 +63,18 @@ def _follower(rank: int, size: int, init_method: str, config: RunnerConfig, done
         dist.destroy_process_group()
 
 
+def _check_fits(config: RunnerConfig, size: int) -> None:
+    """Fail here, before any process starts, on a model that does not split or too few GPUs."""
+    if config.model_dir is not None:
+        Shard(spec_from_hf_config(load_hf_config(config.model_dir)), 0, size)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise TensorParallelError(
+            f"tensor_parallel_size: {size} ranks need {size} GPUs, this machine has {torch.cuda.device_count()} "
+            "(fix: a smaller size)"
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,11 +88,12 @@ def offline_engine(
     """An engine over ``tensor_parallel_size`` ranks: the leader in this process, each follower a spawned process
     (stopped, and waited for, on exit). At size 1, a plain engine and no process group."""
     if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size: {tensor_parallel_size} (fix: 1 or more)")
+        raise TensorParallelError(f"tensor_parallel_size: {tensor_parallel_size} (fix: 1 or more)")
     if tensor_parallel_size == 1:
         yield Engine(config)
         return
     size = tensor_parallel_size
+    _check_fits(config.runner, size)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     # Followers build the same runner as the leader's Engine does (its graphs sized to the scheduler's batch).
     runner_config = Engine.runner_config(config)
@@ -103,7 +119,7 @@ def offline_engine(
         raise RuntimeError(f"tensor-parallel followers {failed} exited with an error (their stderr says why)")
 
 
-def _join(followers: list[mp.Process]) -> list[int]:
+def _join(followers: list[SpawnProcess]) -> list[int]:
     """Wait for the followers (terminating any still running after the wait); the ranks that failed."""
     failed = []
     for rank, process in enumerate(followers, start=1):

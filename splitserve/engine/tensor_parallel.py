@@ -44,24 +44,25 @@ class Shard:
                 f"num_key_value_heads {s.num_kv_heads} neither splits over {tp} ranks nor divides it {fix}"
             )
 
+    def _even_part(self, total: int) -> range:
+        per = total // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
     @property
     def heads(self) -> range:
-        per = self.spec.num_heads // self.size
-        return range(self.rank * per, (self.rank + 1) * per)
+        return self._even_part(self.spec.num_heads)
 
     @property
     def kv_heads(self) -> range:
         kv = self.spec.num_kv_heads
         if kv >= self.size:
-            per = kv // self.size
-            return range(self.rank * per, (self.rank + 1) * per)
+            return self._even_part(kv)
         head = self.rank // (self.size // kv)  # the KV head every query head of this rank reads
         return range(head, head + 1)
 
     @property
     def intermediate(self) -> range:
-        per = self.spec.intermediate_size // self.size
-        return range(self.rank * per, (self.rank + 1) * per)
+        return self._even_part(self.spec.intermediate_size)
 
     @property
     def vocab_rows(self) -> int:
