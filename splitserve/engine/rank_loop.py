@@ -17,6 +17,7 @@ buffer still goes over gloo, host to host.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,8 +31,9 @@ from splitserve.engine.engine import Engine, EngineConfig
 from splitserve.engine.loader import load_hf_config
 from splitserve.engine.model_spec import spec_from_hf_config
 from splitserve.engine.runner import ModelRunner, RunnerConfig, resolve_device
-from splitserve.engine.step_plan import unpack
 from splitserve.engine.tensor_parallel import RankGroup, Shard, StepChannel, TensorParallelError, init_rank_group
+
+log = logging.getLogger(__name__)
 
 FollowerDone = Callable[[ModelRunner], None]
 """Called in a follower's process with its runner once the leader has stopped it (tests read its state)."""
@@ -42,9 +44,9 @@ _JOIN_SECONDS = 60
 def follow(runner: ModelRunner, group: RankGroup) -> int:
     """Run every step the leader hands over until it stops; the number of steps run."""
     steps = 0
-    while (flat := StepChannel.receive(group)) is not None:
+    while (passes := StepChannel.receive(group)) is not None:
         with torch.inference_mode():
-            runner.run_passes(unpack(flat))
+            runner.run_passes(passes)
         steps += 1
     return steps
 
@@ -111,7 +113,10 @@ def offline_engine(
         yield engine
     finally:
         if engine is not None and engine.runner.step_channel is not None:
-            engine.runner.step_channel.stop()
+            try:
+                engine.runner.step_channel.stop()
+            except RuntimeError as err:  # a rank is gone and the group with it: the others exit on their own errors
+                log.warning("the tensor-parallel group could not be stopped: %s", err)
         failed = _join(followers)
         if dist.is_initialized():
             dist.destroy_process_group()

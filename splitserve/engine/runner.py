@@ -27,7 +27,7 @@ from splitserve.engine.prompt_graphs import PromptGraphs
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.engine.sampler import sample
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.step_plan import DecodeGraphPass, EagerPass, Pass, PromptGraphPass, pack
+from splitserve.engine.step_plan import DecodeGraphPass, EagerPass, Pass, PromptGraphPass
 from splitserve.engine.tensor_parallel import RankGroup, StepChannel
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class ModelRunner(page_copy.PagedKVCache):
         """
         passes, sampled = self._plan(prefill_chunks, decode_seqs, graph_decodes_allowed=layer_hook is None)
         if self.step_channel is not None and passes:
-            self.step_channel.send(pack(passes))
+            self.step_channel.send(passes)
         logits = self.run_passes(passes, layer_hook, feed)
         if logits is None:
             return LaunchedStep([], None, None)

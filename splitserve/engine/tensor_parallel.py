@@ -12,12 +12,14 @@ all-gather of each rank's logit columns. At ``tp = 1`` no model holds a group an
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from splitserve.engine.model_spec import ModelSpec
+from splitserve.engine.step_plan import Pass, pack, unpack
 
 
 class TensorParallelError(ValueError):
@@ -124,11 +126,17 @@ class StepChannel:
 
     def __init__(self, group: RankGroup):
         self.group = group
+        self.steps_sent = 0
+        self.send_seconds = 0.0  # the leader's host time in ``send``: the step's cost of tensor parallelism
 
-    def send(self, flat: list[int]) -> None:
+    def send(self, passes: list[Pass]) -> None:
+        began = time.perf_counter()
+        flat = pack(passes)
         self._broadcast_head(len(flat), flat[: self.HEAD - 1])
         if len(flat) > self.HEAD - 1:
             dist.broadcast(torch.tensor(flat[self.HEAD - 1 :], dtype=torch.long), 0, group=self.group.control_group)
+        self.steps_sent += 1
+        self.send_seconds += time.perf_counter() - began
 
     def stop(self) -> None:
         self._broadcast_head(-1, [])
@@ -139,7 +147,7 @@ class StepChannel:
         dist.broadcast(head, 0, group=self.group.control_group)
 
     @classmethod
-    def receive(cls, group: RankGroup) -> list[int] | None:
+    def receive(cls, group: RankGroup) -> list[Pass] | None:
         """A follower's next step from the leader; None once the leader stops."""
         head = torch.empty(cls.HEAD, dtype=torch.long)
         dist.broadcast(head, 0, group=group.control_group)
@@ -151,7 +159,7 @@ class StepChannel:
             rest = torch.empty(length - (cls.HEAD - 1), dtype=torch.long)
             dist.broadcast(rest, 0, group=group.control_group)
             flat += rest.tolist()
-        return flat
+        return unpack(flat)
 
 
 def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
