@@ -179,7 +179,7 @@ class ModelRunner(page_copy.PagedKVCache):
     @property
     def block_bytes(self) -> int:
         """Bytes of one block across all layers (K and V), of this rank's KV heads."""
-        return 2 * self.spec.num_layers * self.num_kv_heads * self.spec.head_dim * self.dtype.itemsize * self.block_size
+        return self.model.shard.local_spec().kv_bytes_per_token(self.dtype.itemsize) * self.block_size
 
     def _blocks_that_fit(self) -> int:
         if self.device.type != "cuda":

@@ -95,16 +95,19 @@ def test_sharded_engine_equals_hf_and_its_pages_equal_the_unsharded_pages(tiny_c
         RunnerConfig(str(model_dir), device="cpu", num_kv_blocks=32, block_size=4, max_batch_tokens=16),
         load_tokenizer=False,
     )
-    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, temperature=0.9, seed=5)
     prompts = _prompts()
+    params = [greedy] * len(prompts) + [seeded]  # the last prompt again, sampled on the leader
     with offline_engine(config, tp, functools.partial(save_rank_state, directory=str(tmp_path))) as engine:
-        got = [r.token_ids for r in engine.generate(prompts, params)]
+        got = [r.token_ids for r in engine.generate([*prompts, prompts[-1]], params)]
         ranks = [rank_state(engine.runner)]
     ranks += [torch.load(tmp_path / f"rank{r}.pt") for r in range(1, tp)]
-    assert got == hf_greedy_reference(model_dir, prompts, MAX_NEW)
+    assert got[:-1] == hf_greedy_reference(model_dir, prompts, MAX_NEW)
 
     whole = Engine(config)
-    assert [r.token_ids for r in whole.generate(prompts, params)] == got
+    assert [r.token_ids for r in whole.generate([*prompts, prompts[-1]], params)] == got
+    assert got[-1] != got[-2]  # sampled, not greedy
     unsharded = rank_state(whole.runner)
     # Each rank holds its share; KV heads replicated at kv_heads < tp and the norms add a little.
     assert all(r["param_bytes"] < 1.3 * unsharded["param_bytes"] / tp for r in ranks)
