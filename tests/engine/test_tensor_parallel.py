@@ -136,3 +136,21 @@ def test_generate_refuses_a_size_the_model_does_not_split_into_before_starting_r
     args = ["generate", "--model", str(tiny_model_dir), "--token-ids", "1,2", "--device", "cpu"]
     assert main([*args, "--tensor-parallel-size", size]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_ranks_replay_graphs_with_their_all_reduces_and_equal_the_cpu_engine(tiny_checkpoints):
+    """nccl collectives captured in the decode and prompt graphs of both ranks; float32, so tokens are exact."""
+    model_dir = str(tiny_checkpoints["llama"])
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    want = [
+        r.token_ids for r in Engine(EngineConfig(RunnerConfig(model_dir, device="cpu"))).generate(_prompts(), params)
+    ]
+    config = EngineConfig(RunnerConfig(model_dir, device="cuda", dtype="float32", num_kv_blocks=64), max_batch_size=8)
+    with offline_engine(config, 2) as engine:
+        assert [r.token_ids for r in engine.generate(_prompts(), params)] == want
+        graphs, prompt_graphs = engine.runner.graphs, engine.runner.prompt_graphs
+        assert graphs is not None and graphs.replays > 0
+        assert prompt_graphs is not None and prompt_graphs.replays > 0
