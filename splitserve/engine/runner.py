@@ -11,6 +11,7 @@ next graph size) instead of launching every kernel from Python, as does a whole 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -304,19 +305,27 @@ class ModelRunner(page_copy.PagedKVCache):
         eager pass, after each layer's end in the replays (``PromptGraphs.run_layer_hook``).
         A tensor-parallel leader hands the passes to its followers before it runs them (``StepChannel``).
         """
-        passes, sampled = self._plan(prefill_chunks, decode_seqs, graph_decodes_allowed=layer_hook is None)
-        if self.step_channel is not None and passes:
-            self.step_channel.send(passes)
+        sampled: list[Sequence] = []
+        passes: Iterable[Pass] = self._plan(prefill_chunks, decode_seqs, layer_hook is None, sampled)
+        if self.step_channel is not None:  # the whole step goes to the followers before any of it runs
+            passes = list(passes)
+            if passes:
+                self.step_channel.send(passes)
         logits = self.run_passes(passes, layer_hook, feed)
         if logits is None:
             return LaunchedStep([], None, None)
         return LaunchedStep(sampled, *sample(logits, sampled))
 
     def _plan(
-        self, prefill_chunks: list[tuple[Sequence, int]], decode_seqs: list[Sequence], graph_decodes_allowed: bool
-    ) -> tuple[list[Pass], list[Sequence]]:
-        """The step's passes, and the sequences sampled from their logits in order; advances the sequences'
-        ``num_computed_tokens``."""
+        self,
+        prefill_chunks: list[tuple[Sequence, int]],
+        decode_seqs: list[Sequence],
+        graph_decodes_allowed: bool,
+        sampled: list[Sequence],
+    ) -> Iterator[Pass]:
+        """The step's passes, each built when the one before has been taken (so at tp=1 the device starts on the
+        graphs while the host builds the eager pass), with the sequences sampled from their logits appended to
+        ``sampled`` in order; once exhausted, the sequences' ``num_computed_tokens`` are advanced."""
         graph_decodes = (
             graph_decodes_allowed
             and self.graphs is not None
@@ -325,36 +334,33 @@ class ModelRunner(page_copy.PagedKVCache):
             and (not prefill_chunks or self.config.graph_decodes_beside_prompts)
         )
         graphed = [self._graphs_prompt(seq, n) for seq, n in prefill_chunks]
-        passes: list[Pass] = []
-        sampled: list[Sequence] = []
         if graph_decodes:
             input_ids, positions, slots = self._decode_inputs(decode_seqs)
             tables = [s.block_table for s in decode_seqs]
-            passes.append(DecodeGraphPass(input_ids, positions, slots, tables, [p + 1 for p in positions]))
             sampled += decode_seqs
+            yield DecodeGraphPass(input_ids, positions, slots, tables, [p + 1 for p in positions])
         for (seq, n), whole in zip(prefill_chunks, graphed, strict=True):
             if whole:
-                passes.append(PromptGraphPass(seq.all_token_ids[:n], [self._slot(seq, p) for p in range(n)]))
                 sampled.append(seq)
+                yield PromptGraphPass(seq.all_token_ids[:n], [self._slot(seq, p) for p in range(n)])
         eager_chunks = [chunk for chunk, whole in zip(prefill_chunks, graphed, strict=True) if not whole]
         eager_decodes = [] if graph_decodes else decode_seqs
         if eager_chunks or eager_decodes:
-            eager, eager_sampled = self._eager_pass(eager_chunks, eager_decodes)
-            passes.append(eager)
-            sampled += eager_sampled
+            yield self._eager_pass(eager_chunks, eager_decodes, sampled)
         for seq, n in prefill_chunks:
             seq.num_computed_tokens += n
         for seq in decode_seqs:
             seq.num_computed_tokens += 1
-        return passes, sampled
 
     def run_passes(
-        self, passes: list[Pass], layer_hook: LayerHook | None = None, feed: TokenFeed | None = None
+        self, passes: Iterable[Pass], layer_hook: LayerHook | None = None, feed: TokenFeed | None = None
     ) -> torch.Tensor | None:
         """Run a step's passes in order: the logits of their sampled rows, concatenated (None: no row sampled).
         ``feed`` goes to the pass with the decode rows."""
         parts: list[torch.Tensor] = []
+        kinds: set[type] = set()
         for step in passes:
+            kinds.add(type(step))
             if isinstance(step, DecodeGraphPass):
                 assert self.graphs is not None
                 parts.append(
@@ -369,8 +375,7 @@ class ModelRunner(page_copy.PagedKVCache):
                 logits = self._eager_logits(step, layer_hook, feed if step.num_decodes else None)
                 if logits is not None:
                     parts.append(logits)
-        replays_only = not any(isinstance(step, EagerPass) for step in passes)
-        if layer_hook is not None and replays_only and any(isinstance(step, PromptGraphPass) for step in passes):
+        if layer_hook is not None and PromptGraphPass in kinds and EagerPass not in kinds:
             assert self.prompt_graphs is not None
             self.prompt_graphs.run_layer_hook(layer_hook)
         if not parts:
@@ -378,16 +383,15 @@ class ModelRunner(page_copy.PagedKVCache):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _eager_pass(
-        self, prefill_chunks: list[tuple[Sequence, int]], decode_seqs: list[Sequence]
-    ) -> tuple[EagerPass, list[Sequence]]:
-        """The packed batch of one eager pass, and the sequences sampled from it."""
+        self, prefill_chunks: list[tuple[Sequence, int]], decode_seqs: list[Sequence], sampled: list[Sequence]
+    ) -> EagerPass:
+        """The packed batch of one eager pass; the sequences sampled from it are appended to ``sampled``."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
         logit_rows: list[int] = []
-        sampled: list[Sequence] = []
         for seq, n in prefill_chunks:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             assert n > 0 and end <= seq.num_tokens and len(seq.block_table) * self.block_size >= end
@@ -408,7 +412,7 @@ class ModelRunner(page_copy.PagedKVCache):
         prefill_tables = None
         if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True)):
             prefill_tables = self._block_tables([s for s, _ in prefill_chunks])
-        eager = EagerPass(
+        return EagerPass(
             input_ids,
             positions,
             slots,
@@ -419,7 +423,6 @@ class ModelRunner(page_copy.PagedKVCache):
             [s.num_tokens for s in decode_seqs],
             logit_rows,
         )
-        return eager, sampled
 
     def _eager_logits(
         self, step: EagerPass, layer_hook: LayerHook | None, feed: TokenFeed | None
