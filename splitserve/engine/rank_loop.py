@@ -111,27 +111,44 @@ def offline_engine(
         group = init_rank_group(0, size, init_method, resolve_device(config.runner.device))
         engine = Engine(config, rank_group=group)
         yield engine
-    finally:
-        if engine is not None and engine.runner.step_channel is not None:
-            try:
-                engine.runner.step_channel.stop()
-            except RuntimeError as err:  # a rank is gone and the group with it: the others exit on their own errors
-                log.warning("the tensor-parallel group could not be stopped: %s", err)
-        failed = _join(followers)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if failed:
-        raise RuntimeError(f"tensor-parallel followers {failed} exited with an error (their stderr says why)")
+    except RuntimeError as err:  # a collective fails once any rank is gone: say which
+        exits = _shut_down(engine, followers)
+        if exits:
+            raise RuntimeError(f"tensor-parallel followers exited: {_describe(exits)}") from err
+        raise
+    except BaseException:
+        _shut_down(engine, followers)
+        raise
+    exits = _shut_down(engine, followers)
+    if exits:
+        raise RuntimeError(f"tensor-parallel followers exited with an error: {_describe(exits)} (see their stderr)")
 
 
-def _join(followers: list[SpawnProcess]) -> list[int]:
-    """Wait for the followers (terminating any still running after the wait); the ranks that failed."""
-    failed = []
+def _shut_down(engine: Engine | None, followers: list[SpawnProcess]) -> dict[int, int | None]:
+    """Stop the followers and leave the group; the ranks that exited with an error, and their exit codes."""
+    if engine is not None and engine.runner.step_channel is not None:
+        try:
+            engine.runner.step_channel.stop()
+        except RuntimeError as err:  # a rank is gone and the group with it: the others exit on their own errors
+            log.warning("the tensor-parallel group could not be stopped: %s", err)
+    exits = _join(followers)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return exits
+
+
+def _describe(exits: dict[int, int | None]) -> str:
+    return ", ".join(f"rank {rank} with exit code {code}" for rank, code in exits.items())
+
+
+def _join(followers: list[SpawnProcess]) -> dict[int, int | None]:
+    """Wait for the followers (terminating any still running after the wait); the failed ranks' exit codes."""
+    exits = {}
     for rank, process in enumerate(followers, start=1):
         process.join(_JOIN_SECONDS)
         if process.is_alive():
             process.terminate()
             process.join()
         if process.exitcode != 0:
-            failed.append(rank)
-    return failed
+            exits[rank] = process.exitcode
+    return exits

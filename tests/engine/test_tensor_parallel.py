@@ -154,3 +154,17 @@ def test_two_gpu_ranks_replay_graphs_with_their_all_reduces_and_equal_the_cpu_en
         graphs, prompt_graphs = engine.runner.graphs, engine.runner.prompt_graphs
         assert graphs is not None and graphs.replays > 0
         assert prompt_graphs is not None and prompt_graphs.replays > 0
+
+
+def test_a_follower_killed_fails_the_leaders_next_step_naming_the_rank(tiny_model_dir):
+    """No hang: the leader's next collective fails once a rank is gone, and the error says which one and how."""
+    import multiprocessing
+    import os
+    import signal
+
+    config = EngineConfig(RunnerConfig(str(tiny_model_dir), device="cpu", num_kv_blocks=16), load_tokenizer=False)
+    with pytest.raises(RuntimeError, match="rank 1 with exit code -9"), offline_engine(config, 2) as engine:
+        (follower,) = multiprocessing.active_children()
+        os.kill(follower.pid, signal.SIGKILL)
+        follower.join()
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
