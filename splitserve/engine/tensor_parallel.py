@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from splitserve.engine.model_spec import ModelSpec
 from splitserve.engine.step_plan import Pass, pack, unpack
+
+CONTROL_TIMEOUT = timedelta(days=30)
 
 
 class TensorParallelError(ValueError):
@@ -170,5 +173,7 @@ def init_rank_group(rank: int, size: int, init_method: str, device: torch.device
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     world = dist.group.WORLD
     assert world is not None
-    control = world if backend == "gloo" else dist.new_group(backend="gloo")
+    # A group of its own with no practical timeout: a follower waits in it for as long as the leader has no step to
+    # run (an idle server). A rank that dies still fails it at once (the connection closes).
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return RankGroup(rank, size, world, control)
