@@ -45,10 +45,12 @@ def _config_show(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from splitserve.engine.engine import Engine, EngineConfig, RequestError
+    from splitserve.engine.engine import EngineConfig, RequestError
+    from splitserve.engine.rank_loop import offline_engine
     from splitserve.engine.resolve import resolve_model_path
     from splitserve.engine.runner import RunnerConfig
     from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.engine.tensor_parallel import TensorParallelError
 
     if (args.prompt is None) == (args.token_ids is None):
         print("generate: give exactly one of --prompt or --token-ids", file=sys.stderr)
@@ -76,19 +78,18 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError:
         print("generate: --token-ids must be comma-separated integers, e.g. 1,2,3", file=sys.stderr)
         return EXIT_USAGE
-    engine = Engine(
-        EngineConfig(
-            RunnerConfig(
-                model_dir=str(resolve_model_path(args.model)),
-                device=args.device,
-                dtype=args.dtype,
-                max_batch_tokens=args.max_batch_tokens,
-            )
+    config = EngineConfig(
+        RunnerConfig(
+            model_dir=str(resolve_model_path(args.model)),
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_tokens=args.max_batch_tokens,
         )
     )
     try:
-        (result,) = engine.generate([prompt], params)
-    except RequestError as err:
+        with offline_engine(config, args.tensor_parallel_size) as engine:
+            (result,) = engine.generate([prompt], params)
+    except (RequestError, TensorParallelError) as err:
         print(f"generate: {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.output == "text":
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--max-batch-tokens", type=int, default=8192)
+    gen.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (one GPU each on CUDA, gloo processes on CPU)"
+    )
     gen.add_argument("--output", default="text", choices=["text", "token-ids", "json"])
     gen.set_defaults(func=_generate)
 

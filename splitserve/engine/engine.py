@@ -29,6 +29,7 @@ from splitserve.engine.runner import BatchOutput, ModelRunner, RunnerConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason, SeqStatus, Sequence
 from splitserve.engine.step_timing import StepTimes
+from splitserve.engine.tensor_parallel import RankGroup
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, hf_config=None):
+    def __init__(self, config: EngineConfig, hf_config=None, rank_group: RankGroup | None = None):
+        """``rank_group``: this engine is a tensor-parallel group's leader (``rank_loop``)."""
         self.config = config
-        # Graphs are captured for every decode batch size up to the scheduler's limit, and no larger.
-        self.runner = ModelRunner(replace(config.runner, max_decode_batch=config.max_batch_size), hf_config)
+        self.runner = ModelRunner(self.runner_config(config), hf_config, rank_group)
         self.spec = self.runner.spec
         self.max_model_len = self.runner.max_model_len
         self.max_batch_tokens = config.runner.max_batch_tokens
@@ -96,7 +97,14 @@ class Engine:
         self.step_times = StepTimes()
         overlap = config.overlap_decode
         self.overlap_decode = self.runner.device.type == "cuda" if overlap is None else overlap
+        if rank_group is not None:  # followers take each step's input tokens from the host, so none stays in flight
+            self.overlap_decode = False
         self._in_flight: InFlight | None = None  # the step launched and not read back yet
+
+    @staticmethod
+    def runner_config(config: EngineConfig) -> RunnerConfig:
+        """Graphs are captured for every decode batch size up to the scheduler's limit, and no larger."""
+        return replace(config.runner, max_decode_batch=config.max_batch_size)
 
     # --- requests ---
 

@@ -1,7 +1,9 @@
 """Build a model from an HF checkpoint directory (config.json + *.safetensors), or with random weights.
 
 Weights stream tensor by tensor from safetensors straight into the fused parameters on the target device, so an
-8B checkpoint never needs a second copy in host memory.
+8B checkpoint never needs a second copy in host memory. A tensor-parallel rank reads only its slice of each tensor
+(``safe_open(...).get_slice``), so it never holds more than its share of the model; its fused q/k/v weight is
+[its q heads | its k heads | its v heads], and its gate/up weight [its gate columns | its up columns].
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import safe_open
 
 from splitserve.engine.model import CausalLM
 from splitserve.engine.model_spec import ModelSpec
+from splitserve.engine.tensor_parallel import RankGroup, Shard
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # checkpoint name -> (our parameter name, shard index in a fused parameter or None)
@@ -25,6 +28,7 @@ _FUSED = {
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
+_VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")
 
 
 class CheckpointError(ValueError):
@@ -46,6 +50,35 @@ def _shard_sizes(spec: ModelSpec, fused: str) -> list[int]:
     if fused.endswith("qkv_proj"):
         return [spec.q_size, spec.kv_size, spec.kv_size]
     return [spec.intermediate_size, spec.intermediate_size]
+
+
+def _rank_slice(name: str, shard: Shard) -> tuple[int, range] | None:
+    """The dimension and range of checkpoint tensor ``name`` that ``shard``'s rank holds; None: all of it."""
+    head_dim = shard.spec.head_dim
+    module = name.rsplit(".", 1)[0]
+    if module.endswith("self_attn.q_proj"):
+        return 0, range(shard.heads.start * head_dim, shard.heads.stop * head_dim)
+    if module.endswith(("self_attn.k_proj", "self_attn.v_proj")):
+        return 0, range(shard.kv_heads.start * head_dim, shard.kv_heads.stop * head_dim)
+    if module.endswith("self_attn.o_proj"):
+        return 1, range(shard.heads.start * head_dim, shard.heads.stop * head_dim)
+    if module.endswith(("mlp.gate_proj", "mlp.up_proj")):
+        return 0, shard.intermediate
+    if module.endswith("mlp.down_proj"):
+        return 1, shard.intermediate
+    if module in ("model.embed_tokens", "lm_head"):
+        return 0, shard.vocab
+    return None
+
+
+def _read(f: Any, name: str, shard: Shard) -> torch.Tensor:
+    """Tensor ``name``, or only this rank's slice of it."""
+    cut = _rank_slice(name, shard) if shard.size > 1 else None
+    if cut is None:
+        return f.get_tensor(name)
+    dim, rows = cut
+    index = (slice(None),) * dim + (slice(rows.start, rows.stop),)
+    return f.get_slice(name)[index]
 
 
 def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int | None, str]:
@@ -75,22 +108,27 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     if not files:
         raise CheckpointError(f"model.path: no *.safetensors in {model_dir} (fix: save the model with safetensors)")
     expected = {name for name, _ in model.named_parameters()}
+    local = model.shard.local_spec()
     loaded: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if "rotary_emb" in name:
                     continue
-                param, shard, ours = _target(model, name)
-                tensor = f.get_tensor(name)
-                if shard is None:
+                param, part, ours = _target(model, name)
+                tensor = _read(f, name, model.shard)
+                if part is None:
                     dest = param
+                    if ours in _VOCAB_PARAMS and model.shard.size > 1:  # the last rank's rows past the vocabulary
+                        held = len(model.shard.vocab)
+                        param[held:].zero_()
+                        dest = param.narrow(0, 0, held)
                     loaded.add(ours)
                 else:
-                    sizes = _shard_sizes(model.spec, ours.rsplit(".", 1)[0])
-                    offset = sum(sizes[:shard])
-                    dest = param.narrow(0, offset, sizes[shard])
-                    loaded.add(f"{ours}#{shard}")
+                    sizes = _shard_sizes(local, ours.rsplit(".", 1)[0])
+                    offset = sum(sizes[:part])
+                    dest = param.narrow(0, offset, sizes[part])
+                    loaded.add(f"{ours}#{part}")
                 if dest.shape != tensor.shape:
                     raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
                 dest.copy_(tensor)
@@ -98,7 +136,7 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     for name in expected:
         base = name.rsplit(".", 1)[0]
         if base.endswith(("qkv_proj", "gate_up_proj")):
-            n = len(_shard_sizes(model.spec, base))
+            n = len(_shard_sizes(local, base))
             if not all(f"{name}#{i}" in loaded for i in range(n)):
                 missing.append(name)
         elif name not in loaded:
@@ -108,14 +146,20 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
 
 
 def build_model(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype, model_dir: str | Path | None, seed: int = 0
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_dir: str | Path | None,
+    seed: int = 0,
+    tp: RankGroup | None = None,
 ) -> CausalLM:
-    """The model on ``device``: weights from ``model_dir``, or random (benchmarks of large shapes) when None."""
+    """The model (or ``tp``'s rank's shard of it) on ``device``: weights from ``model_dir``, or random (benchmarks
+    of large shapes) when None."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in the target dtype: no fp32 copy of a large model
     try:
         with torch.device("meta"):
-            model = CausalLM(spec)
+            model = CausalLM(spec, tp)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)

@@ -4,6 +4,9 @@ The arithmetic follows HF transformers op for op (fp32 RMSNorm, rotate-half RoPE
 engine's greedy output equal HF's token for token. q/k/v and gate/up are fused into one matmul each; on CUDA the
 elementwise steps between the matmuls are one kernel each (``layer_ops``), and each sublayer's residual add is fused
 into the norm that follows it, so the residual stream is passed from layer to layer next to the normed hidden state.
+
+Given a ``RankGroup``, the model is one rank's shard (``tensor_parallel``): its attention and MLP are built from the
+rank's local shape, and the row-parallel projections, the embedding and the LM head join the group's collectives.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention
 from splitserve.engine.layer_ops import add_rms_norm, rms_norm, rotary_and_cache, silu_and_mul
 from splitserve.engine.model_spec import ModelSpec
 from splitserve.engine.rope import RotaryEmbedding
+from splitserve.engine.tensor_parallel import RankGroup, Shard
 
 LayerHook = Callable[[int], None]
 """Called with a layer's index as soon as that layer's KV for the batch is in the cache."""
@@ -41,9 +45,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: RankGroup | None):
+        """``spec``: this rank's shape (its heads only, under tensor parallelism)."""
         super().__init__()
         self.spec = spec
+        self.tp = tp
         self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
         self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
         if spec.qk_norm:
@@ -68,24 +74,45 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary_and_cache(q, k, v, rope, positions, cache, meta.slot_mapping)
         o = paged_attention(q, k, v, cache, meta, self.scale)
-        return self.o_proj(o.reshape(-1, s.q_size))
+        out = self.o_proj(o.reshape(-1, s.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: RankGroup | None):
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+
+class VocabShardEmbedding(nn.Module):
+    """One rank's rows of the embedding: each token is looked up by the rank that holds it, zeros elsewhere, and the
+    all-reduce sums the rows into every rank's copy."""
+
+    def __init__(self, shard: Shard, tp: RankGroup):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shard.vocab_rows, shard.spec.hidden_size))
+        self.first, self.held = shard.vocab.start, len(shard.vocab)
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.first
+        outside = (local < 0) | (local >= self.held)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: RankGroup | None):
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, tp)
+        self.mlp = MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -109,14 +136,19 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: RankGroup | None = None):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.tp = tp
+        self.shard = Shard(spec) if tp is None else Shard(spec, tp.rank, tp.size)
+        local = self.shard.local_spec()
+        self.embed_tokens: nn.Embedding | VocabShardEmbedding = (
+            nn.Embedding(spec.vocab_size, spec.hidden_size) if tp is None else VocabShardEmbedding(self.shard, tp)
+        )
+        self.layers = nn.ModuleList(DecoderLayer(local, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = nn.Linear(spec.hidden_size, self.shard.vocab_rows, bias=False)
 
     def forward(
         self,
@@ -139,5 +171,9 @@ class CausalLM(nn.Module):
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [T, vocab], the whole vocabulary on every rank."""
         weight = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.tp is None:
+            return F.linear(hidden, weight).float()
+        gathered = self.tp.all_gather_columns(F.linear(hidden, weight))
+        return gathered[:, : self.spec.vocab_size].float()

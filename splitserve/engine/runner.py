@@ -11,6 +11,7 @@ next graph size) instead of launching every kernel from Python, as does a whole 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from splitserve.engine.prompt_graphs import PromptGraphs
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.engine.sampler import sample
 from splitserve.engine.sequence import Sequence
+from splitserve.engine.step_plan import DecodeGraphPass, EagerPass, Pass, PromptGraphPass
+from splitserve.engine.tensor_parallel import RankGroup, StepChannel
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,11 @@ class LaunchedStep:
 
 
 class ModelRunner(page_copy.PagedKVCache):
-    def __init__(self, config: RunnerConfig, hf_config=None):
+    def __init__(self, config: RunnerConfig, hf_config=None, rank_group: RankGroup | None = None):
+        """``rank_group``: this process's place in a tensor-parallel group; the runner then holds its rank's shard
+        of the model and a cache of its KV heads only, and a leader hands each step's passes to the followers."""
         self.config = config
+        self.rank_group = rank_group
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if hf_config is None:
@@ -113,7 +119,9 @@ class ModelRunner(page_copy.PagedKVCache):
             config.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings
         )
         self.block_size = config.block_size
-        self.model = build_model(self.spec, self.device, self.dtype, config.model_dir, config.seed)
+        self.model = build_model(self.spec, self.device, self.dtype, config.model_dir, config.seed, rank_group)
+        self.num_kv_heads = len(self.model.shard.kv_heads)  # this rank's
+        self.step_channel = StepChannel(rank_group) if rank_group is not None and rank_group.is_leader else None
         self.rope = RotaryEmbedding(hf_config, self.spec.head_dim, self.max_model_len, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         use_graphs = self.device.type == "cuda" and config.use_cuda_graphs
@@ -124,7 +132,7 @@ class ModelRunner(page_copy.PagedKVCache):
             2,
             self.num_kv_blocks + int(use_graphs),
             self.block_size,
-            self.spec.num_kv_heads,
+            self.num_kv_heads,
             self.spec.head_dim,
             device=self.device,
             dtype=self.dtype,
@@ -171,8 +179,8 @@ class ModelRunner(page_copy.PagedKVCache):
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block across all layers (K and V)."""
-        return self.spec.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+        """Bytes of one block across all layers (K and V), of this rank's KV heads."""
+        return self.model.shard.local_spec().kv_bytes_per_token(self.dtype.itemsize) * self.block_size
 
     def _blocks_that_fit(self) -> int:
         if self.device.type != "cuda":
@@ -182,6 +190,9 @@ class ModelRunner(page_copy.PagedKVCache):
         activations = self._profile_activation_bytes()
         budget = total * self.config.gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
         blocks = int(budget // self.block_bytes)
+        if self.rank_group is not None:  # every rank's cache has the same blocks: the leader's tables index them all
+            least = torch.tensor([blocks], device=self.device)
+            blocks = int(self.rank_group.all_reduce_min(least).item())
         if blocks < 1:
             raise RuntimeError(
                 f"no room for a KV cache: weights and activations fill the GPU share "
@@ -199,7 +210,7 @@ class ModelRunner(page_copy.PagedKVCache):
             2,
             blocks,
             self.block_size,
-            self.spec.num_kv_heads,
+            self.num_kv_heads,
             self.spec.head_dim,
             device=self.device,
             dtype=self.dtype,
@@ -216,10 +227,11 @@ class ModelRunner(page_copy.PagedKVCache):
         torch.cuda.empty_cache()
         return int(peak * 1.1)
 
-    def _block_table_tensor(self, seqs: list[Sequence], min_len: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        width = max(max(len(s.block_table) for s in seqs), min_len)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return index_tensor(rows, self.device, dtype)
+    @staticmethod
+    def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
+        """The sequences' block tables, padded with block 0 to one width (entries past a context are never read)."""
+        width = max(max(len(s.block_table) for s in seqs), 1)
+        return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -291,54 +303,95 @@ class ModelRunner(page_copy.PagedKVCache):
         every layer its decode-attention launches, and a short prompt's pass is bound by the host's launches.
         ``layer_hook`` runs after each layer of the eager pass, which follows every replay on the stream; with no
         eager pass, after each layer's end in the replays (``PromptGraphs.run_layer_hook``).
+        A tensor-parallel leader hands the passes to its followers before it runs them (``StepChannel``).
         """
+        sampled: list[Sequence] = []
+        passes: Iterable[Pass] = self._plan(prefill_chunks, decode_seqs, layer_hook is None, sampled)
+        if self.step_channel is not None:  # the whole step goes to the followers before any of it runs
+            passes = list(passes)
+            if passes:
+                self.step_channel.send(passes)
+        logits = self.run_passes(passes, layer_hook, feed)
+        if logits is None:
+            return LaunchedStep([], None, None)
+        return LaunchedStep(sampled, *sample(logits, sampled))
+
+    def _plan(
+        self,
+        prefill_chunks: list[tuple[Sequence, int]],
+        decode_seqs: list[Sequence],
+        graph_decodes_allowed: bool,
+        sampled: list[Sequence],
+    ) -> Iterator[Pass]:
+        """The step's passes, each built when the one before has been taken (so at tp=1 the device starts on the
+        graphs while the host builds the eager pass), with the sequences sampled from their logits appended to
+        ``sampled`` in order; once exhausted, the sequences' ``num_computed_tokens`` are advanced."""
         graph_decodes = (
-            layer_hook is None
+            graph_decodes_allowed
             and self.graphs is not None
             and bool(decode_seqs)
             and self.graphs.rung_for(len(decode_seqs)) is not None
             and (not prefill_chunks or self.config.graph_decodes_beside_prompts)
         )
         graphed = [self._graphs_prompt(seq, n) for seq, n in prefill_chunks]
-        pieces: list[tuple[list[Sequence], torch.Tensor]] = []
         if graph_decodes:
-            pieces.append((decode_seqs, self._graph_logits(decode_seqs, feed)))
+            input_ids, positions, slots = self._decode_inputs(decode_seqs)
+            tables = [s.block_table for s in decode_seqs]
+            sampled += decode_seqs
+            yield DecodeGraphPass(input_ids, positions, slots, tables, [p + 1 for p in positions])
         for (seq, n), whole in zip(prefill_chunks, graphed, strict=True):
             if whole:
-                pieces.append(([seq], self._prompt_graph_logits(seq, n)))
+                sampled.append(seq)
+                yield PromptGraphPass(seq.all_token_ids[:n], [self._slot(seq, p) for p in range(n)])
         eager_chunks = [chunk for chunk, whole in zip(prefill_chunks, graphed, strict=True) if not whole]
         eager_decodes = [] if graph_decodes else decode_seqs
-        if layer_hook is not None and any(graphed) and not eager_chunks and not eager_decodes:
+        if eager_chunks or eager_decodes:
+            yield self._eager_pass(eager_chunks, eager_decodes, sampled)
+        for seq, n in prefill_chunks:
+            seq.num_computed_tokens += n
+        for seq in decode_seqs:
+            seq.num_computed_tokens += 1
+
+    def run_passes(
+        self, passes: Iterable[Pass], layer_hook: LayerHook | None = None, feed: TokenFeed | None = None
+    ) -> torch.Tensor | None:
+        """Run a step's passes in order: the logits of their sampled rows, concatenated (None: no row sampled).
+        ``feed`` goes to the pass with the decode rows."""
+        parts: list[torch.Tensor] = []
+        kinds: set[type] = set()
+        for step in passes:
+            kinds.add(type(step))
+            if isinstance(step, DecodeGraphPass):
+                assert self.graphs is not None
+                parts.append(
+                    self.graphs.run(
+                        step.input_ids, step.positions, step.slots, step.block_tables, step.context_lens, feed
+                    )
+                )
+            elif isinstance(step, PromptGraphPass):
+                assert self.prompt_graphs is not None
+                parts.append(self.prompt_graphs.run(step.input_ids, step.slots))
+            else:
+                logits = self._eager_logits(step, layer_hook, feed if step.num_decodes else None)
+                if logits is not None:
+                    parts.append(logits)
+        if layer_hook is not None and PromptGraphPass in kinds and EagerPass not in kinds:
             assert self.prompt_graphs is not None
             self.prompt_graphs.run_layer_hook(layer_hook)
-        eager_sampled, eager_logits = self._eager_logits(
-            eager_chunks, eager_decodes, layer_hook, None if graph_decodes else feed
-        )
-        if eager_logits is not None:
-            pieces.append((eager_sampled, eager_logits))
-        if not pieces:
-            return LaunchedStep([], None, None)
-        sampled = [seq for seqs, _ in pieces for seq in seqs]
-        logits = pieces[0][1] if len(pieces) == 1 else torch.cat([part for _, part in pieces])
-        return LaunchedStep(sampled, *sample(logits, sampled))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _eager_logits(
-        self,
-        prefill_chunks: list[tuple[Sequence, int]],
-        decode_seqs: list[Sequence],
-        layer_hook: LayerHook | None,
-        feed: TokenFeed | None,
-    ) -> tuple[list[Sequence], torch.Tensor | None]:
-        """One eager forward pass over the packed batch: the sequences to sample and their logits (None: none)."""
-        if not prefill_chunks and not decode_seqs:
-            return [], None
+    def _eager_pass(
+        self, prefill_chunks: list[tuple[Sequence, int]], decode_seqs: list[Sequence], sampled: list[Sequence]
+    ) -> EagerPass:
+        """The packed batch of one eager pass; the sequences sampled from it are appended to ``sampled``."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
         logit_rows: list[int] = []
-        sampled: list[Sequence] = []
         for seq, n in prefill_chunks:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             assert n > 0 and end <= seq.num_tokens and len(seq.block_table) * self.block_size >= end
@@ -356,67 +409,56 @@ class ModelRunner(page_copy.PagedKVCache):
         input_ids.extend(decode_ids)
         positions.extend(decode_positions)
         slots.extend(decode_slots)
+        prefill_tables = None
+        if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True)):
+            prefill_tables = self._block_tables([s for s, _ in prefill_chunks])
+        return EagerPass(
+            input_ids,
+            positions,
+            slots,
+            q_lens,
+            ctx_lens,
+            prefill_tables,
+            self._block_tables(decode_seqs) if decode_seqs else [],
+            [s.num_tokens for s in decode_seqs],
+            logit_rows,
+        )
+
+    def _eager_logits(
+        self, step: EagerPass, layer_hook: LayerHook | None, feed: TokenFeed | None
+    ) -> torch.Tensor | None:
+        """One eager forward pass over the packed batch: the logits of its sampled rows (None: none)."""
         dev = self.device
+        decodes = step.num_decodes
         meta = AttentionMetadata(
-            slot_mapping=index_tensor(slots, dev),
+            slot_mapping=index_tensor(step.slots, dev),
             block_size=self.block_size,
-            prefill_query_lens=q_lens,
-            prefill_context_lens=ctx_lens,
+            prefill_query_lens=step.query_lens,
+            prefill_context_lens=step.context_lens,
             prefill_block_tables=(
-                self._block_table_tensor([s for s, _ in prefill_chunks], 1)
-                if any(c != q for c, q in zip(ctx_lens, q_lens, strict=True))
-                else None
+                None if step.prefill_block_tables is None else index_tensor(step.prefill_block_tables, dev)
             ),
             # int32, as the CUDA graphs' buffers: eager steps then reuse the decode kernels compiled at capture
             # instead of compiling their own (~1 s each, for each split count, on the first mixed steps served).
-            decode_block_tables=self._block_table_tensor(decode_seqs, 1, torch.int32) if decode_seqs else None,
-            decode_context_lens=(
-                index_tensor([s.num_tokens for s in decode_seqs], dev, torch.int32) if decode_seqs else None
-            ),
-            decode_max_context=max((s.num_tokens for s in decode_seqs), default=0),
+            decode_block_tables=index_tensor(step.decode_block_tables, dev, torch.int32) if decodes else None,
+            decode_context_lens=index_tensor(step.decode_context_lens, dev, torch.int32) if decodes else None,
+            decode_max_context=max(step.decode_context_lens, default=0),
             decode_kernel=self.decode_kernel,
         )
         # Every input is copied from pinned memory without a host sync, so the host builds the next one meanwhile.
-        rows = index_tensor(logit_rows, dev) if prefill_chunks and sampled else None
-        input_tensor = index_tensor(input_ids, dev)
+        rows = index_tensor(step.logit_rows, dev) if step.query_lens and step.logit_rows else None
+        input_tensor = index_tensor(step.input_ids, dev)
         if feed is not None:  # its rows count from the first decode row, after every prompt chunk's tokens
-            feed.write_into(input_tensor[len(input_ids) - len(decode_seqs) :])
-        hidden = self.model(
-            input_tensor,
-            index_tensor(positions, dev),
-            self.rope,
-            self.kv_layers,
-            meta,
-            layer_hook,
-        )
-        for seq, n in prefill_chunks:
-            seq.num_computed_tokens += n
-        for seq in decode_seqs:
-            seq.num_computed_tokens += 1
-        if not sampled:
-            return [], None
-        return sampled, self.model.logits(hidden if rows is None else hidden[rows])
-
-    def _prompt_graph_logits(self, seq: Sequence, n: int) -> torch.Tensor:
-        """A whole prompt's last-token logits through a prompt graph."""
-        assert self.prompt_graphs is not None
-        logits = self.prompt_graphs.run(seq.all_token_ids[:n], [self._slot(seq, p) for p in range(n)])
-        seq.num_computed_tokens += n
-        return logits
-
-    def _graph_logits(self, decode_seqs: list[Sequence], feed: TokenFeed | None) -> torch.Tensor:
-        """A decode step's logits through a CUDA graph (overwritten by the graph's next replay)."""
-        assert self.graphs is not None
-        input_ids, positions, slots = self._decode_inputs(decode_seqs)
-        context_lens = [p + 1 for p in positions]
-        logits = self.graphs.run(input_ids, positions, slots, [s.block_table for s in decode_seqs], context_lens, feed)
-        for seq in decode_seqs:
-            seq.num_computed_tokens += 1
-        return logits
+            feed.write_into(input_tensor[len(step.input_ids) - decodes :])
+        positions = index_tensor(step.positions, dev)
+        hidden = self.model(input_tensor, positions, self.rope, self.kv_layers, meta, layer_hook)
+        if not step.logit_rows:
+            return None
+        return self.model.logits(hidden if rows is None else hidden[rows])
 
     # --- KV pages in and out, for the transfer layer (block_index, gather_pages, scatter_layers: PagedKVCache) ---
 
     @property
     def page_shape(self) -> tuple[int, ...]:
         """Shape of one layer's slice of one block: (2, block_size, kv_heads, head_dim)."""
-        return (2, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        return (2, self.block_size, self.num_kv_heads, self.spec.head_dim)

@@ -140,3 +140,19 @@ def hf_greedy_reference(
         )
         outputs.append(ids[0, len(prompt) :].tolist())
     return outputs
+
+
+def save_rank_state(runner: Any, directory: str) -> None:
+    """Write a tensor-parallel rank's KV cache and its parameters' byte count to ``directory/rank<r>.pt``: run in a
+    follower's process (``rank_loop.offline_engine``'s ``follower_done``), so a test can compare ranks."""
+    rank = runner.rank_group.rank if runner.rank_group is not None else 0
+    torch.save(rank_state(runner), Path(directory) / f"rank{rank}.pt")
+
+
+def rank_state(runner: Any) -> dict[str, Any]:
+    """A runner's KV cache, its KV heads and the bytes of its parameters."""
+    return {
+        "kv_cache": runner.kv_cache.clone(),
+        "kv_heads": list(runner.model.shard.kv_heads),
+        "param_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
+    }

@@ -1,0 +1,179 @@
+"""Megatron-style tensor parallelism: which slice of each weight a rank holds, and the rank group's collectives.
+
+Rank ``r`` of ``tp`` holds query heads ``[r*H/tp, (r+1)*H/tp)``, the KV heads those queries read, intermediate
+columns ``[r*I/tp, (r+1)*I/tp)`` and vocabulary rows ``[r*Vr, (r+1)*Vr)`` with ``Vr = ceil(V/tp)`` (the last rank's
+rows past V are zeros). Where ``kv_heads >= tp`` the KV heads split evenly; where ``kv_heads < tp``, each KV head is
+held by ``tp / kv_heads`` consecutive ranks, so each rank holds one KV head and its cache holds only that head.
+
+Per layer, the column-parallel q/k/v and gate/up need no communication, and the row-parallel ``o_proj`` and
+``down_proj`` end in one all-reduce each; the embedding is a masked lookup and an all-reduce, the LM head an
+all-gather of each rank's logit columns. At ``tp = 1`` no model holds a group and none of this runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from splitserve.engine.model_spec import ModelSpec
+from splitserve.engine.step_plan import Pass, pack, unpack
+
+CONTROL_TIMEOUT = timedelta(days=30)
+
+
+class TensorParallelError(ValueError):
+    """A model shape that does not split over the requested ranks; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``size``'s slice of a model of shape ``spec``."""
+
+    spec: ModelSpec
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        s, tp = self.spec, self.size
+        fix = "(fix: a --tensor-parallel-size that divides it)"
+        if s.num_heads % tp:
+            raise TensorParallelError(f"num_attention_heads {s.num_heads} does not split over {tp} ranks {fix}")
+        if s.intermediate_size % tp:
+            raise TensorParallelError(f"intermediate_size {s.intermediate_size} does not split over {tp} ranks {fix}")
+        if s.num_kv_heads % tp and tp % s.num_kv_heads:
+            raise TensorParallelError(
+                f"num_key_value_heads {s.num_kv_heads} neither splits over {tp} ranks nor divides it {fix}"
+            )
+
+    def _even_part(self, total: int) -> range:
+        per = total // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    @property
+    def heads(self) -> range:
+        return self._even_part(self.spec.num_heads)
+
+    @property
+    def kv_heads(self) -> range:
+        kv = self.spec.num_kv_heads
+        if kv >= self.size:
+            return self._even_part(kv)
+        head = self.rank // (self.size // kv)  # the KV head every query head of this rank reads
+        return range(head, head + 1)
+
+    @property
+    def intermediate(self) -> range:
+        return self._even_part(self.spec.intermediate_size)
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of this rank's embedding and LM head (the same on every rank, so the logit shards gather)."""
+        return -(-self.spec.vocab_size // self.size)
+
+    @property
+    def vocab(self) -> range:
+        """The token ids this rank's rows hold (the last rank's may be fewer than ``vocab_rows``)."""
+        start = self.rank * self.vocab_rows
+        return range(start, min(start + self.vocab_rows, self.spec.vocab_size))
+
+    def local_spec(self) -> ModelSpec:
+        """The shape of this rank's attention and MLP: its heads, its KV heads, its intermediate columns."""
+        return replace(
+            self.spec,
+            num_heads=len(self.heads),
+            num_kv_heads=len(self.kv_heads),
+            intermediate_size=len(self.intermediate),
+        )
+
+
+@dataclass
+class RankGroup:
+    """This process's place in a tensor-parallel group. ``device_group`` carries the model's collectives (nccl on
+    CUDA, gloo on CPU); ``control_group`` (gloo) carries each step's inputs from the leader, rank 0."""
+
+    rank: int
+    size: int
+    device_group: dist.ProcessGroup
+    control_group: dist.ProcessGroup
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.device_group)
+        return x
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] on each rank -> [T, size * C], rank 0's columns first."""
+        rows, cols = x.shape
+        out = torch.empty((self.size * rows, cols), dtype=x.dtype, device=x.device)
+        dist.all_gather_single(out, x.contiguous(), group=self.device_group)
+        return out.view(self.size, rows, cols).permute(1, 0, 2).reshape(rows, -1)
+
+
+class StepChannel:
+    """The leader's side of the step hand-off: each step's passes as one int64 buffer broadcast over the gloo
+    control group (a second broadcast only for a step longer than the first buffer). Followers read it with
+    ``receive``; a negative length tells them to stop."""
+
+    HEAD = 1024  # ints in the first broadcast: a decode step of a few dozen sequences fits
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+        self.steps_sent = 0
+        self.send_seconds = 0.0  # the leader's host time in ``send``: the step's cost of tensor parallelism
+
+    def send(self, passes: list[Pass]) -> None:
+        began = time.perf_counter()
+        flat = pack(passes)
+        self._broadcast_head(len(flat), flat[: self.HEAD - 1])
+        if len(flat) > self.HEAD - 1:
+            dist.broadcast(torch.tensor(flat[self.HEAD - 1 :], dtype=torch.long), 0, group=self.group.control_group)
+        self.steps_sent += 1
+        self.send_seconds += time.perf_counter() - began
+
+    def stop(self) -> None:
+        self._broadcast_head(-1, [])
+
+    def _broadcast_head(self, length: int, first: list[int]) -> None:
+        head = torch.zeros(self.HEAD, dtype=torch.long)
+        head[: len(first) + 1] = torch.tensor([length, *first], dtype=torch.long)
+        dist.broadcast(head, 0, group=self.group.control_group)
+
+    @classmethod
+    def receive(cls, group: RankGroup) -> list[Pass] | None:
+        """A follower's next step from the leader; None once the leader stops."""
+        head = torch.empty(cls.HEAD, dtype=torch.long)
+        dist.broadcast(head, 0, group=group.control_group)
+        length = int(head[0])
+        if length < 0:
+            return None
+        flat = head[1 : min(length, cls.HEAD - 1) + 1].tolist()
+        if length > cls.HEAD - 1:
+            rest = torch.empty(length - (cls.HEAD - 1), dtype=torch.long)
+            dist.broadcast(rest, 0, group=group.control_group)
+            flat += rest.tolist()
+        return unpack(flat)
+
+
+def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
+    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)  # one GPU per rank
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    world = dist.group.WORLD
+    assert world is not None
+    # A group of its own with no practical timeout: a follower waits in it for as long as the leader has no step to
+    # run (an idle server). A rank that dies still fails it at once (the connection closes).
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return RankGroup(rank, size, world, control)
