@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from splitserve.simulator.cluster import ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import POLICIES, ClusterSpec, PoolSpec, check_policy
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile, load_profile
 from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
@@ -44,9 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--router",
-        choices=["jsq", "round_robin", "mixed"],
         default="jsq",
-        help="as router.policy: mixed lets an idle decode worker prefill while prefill is backed up",
+        metavar="{" + ",".join(POLICIES) + "}",
+        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up",
     )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
     c.add_argument("--max-batch-tokens", type=int, default=8192, help="prefill batch (colocated: step) token budget")
@@ -63,14 +63,15 @@ def register(subparsers: Any) -> None:
     sim = subparsers.add_parser("simulate", help="simulate one cluster configuration under a workload")
     _add_common(sim)
     sim.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: mixed replicas)")
+    sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: the colocated replicas)")
     sim.add_argument("--decode", type=int, default=1, help="decode replicas")
     sim.add_argument(
-        "--mixed",
+        "--hybrid",
         type=int,
         default=0,
-        help="mixed-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
+        help="hybrid-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
     )
+    sim.add_argument("--mixed", help=argparse.SUPPRESS)  # the hybrid pool's old name: an error naming the new one
     sim.add_argument(
         "--shared-gpus",
         action="store_true",
@@ -155,9 +156,9 @@ def _positive(args: argparse.Namespace, *flags: str) -> None:
 
 
 def _cluster(
-    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int, n_mixed: int = 0
+    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int, n_hybrid: int = 0
 ) -> ClusterSpec:
-    """The last profile runs the decode (and mixed) pool."""
+    """The last profile runs the decode (and hybrid) pool."""
     limits = {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size}
     return ClusterSpec(
         mode=mode,  # type: ignore[arg-type]
@@ -165,12 +166,13 @@ def _cluster(
         decode=PoolSpec(n_decode, profiles[-1], **limits),
         policy=args.router,
         kv_backend=args.kv_backend,
-        mixed=PoolSpec(n_mixed, profiles[-1], **limits) if n_mixed else None,
+        hybrid=PoolSpec(n_hybrid, profiles[-1], **limits) if n_hybrid else None,
     )
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[Profile], Workload, SLO]:
     _positive(args, "--ttft-ms", "--tpot-ms", "--max-batch-tokens", "--max-batch-size", "--num-requests")
+    check_policy(args.router, "--router")
     profiles = [load_profile(p) for p in args.profile]
     return profiles, _workload(args), SLO(args.ttft_ms, args.tpot_ms)
 
@@ -187,10 +189,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from splitserve.simulator.planner import Evaluated, table
 
     profiles, wl, slo = _inputs(args)
-    if args.mixed < 0:
-        raise SimInputError(f"--mixed: must be >= 0, got {args.mixed}")
+    if args.mixed is not None:
+        raise SimInputError(f"--mixed: the mixed pool is now called the hybrid pool (fix: --hybrid {args.mixed})")
+    if args.hybrid < 0:
+        raise SimInputError(f"--hybrid: must be >= 0, got {args.hybrid}")
     cluster = replace(
-        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.mixed), shared_gpus=args.shared_gpus
+        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid), shared_gpus=args.shared_gpus
     )
     result = simulate(cluster, wl)
     m = summarize(result, slo)

@@ -101,11 +101,9 @@ def max_goodput_per_gpu(points: Sequence[LoadPoint]) -> LoadPoint:
 
 
 def describe(cluster: ClusterSpec) -> str:
-    """``2xh100-sxm P + 3xh200-sxm D`` or ``4xh100-sxm mixed``."""
+    """``2xh100-sxm P + 3xh200-sxm D``, ``... + 1xh200-sxm hybrid`` or ``4xh100-sxm colocated``."""
     return " + ".join(
-        f"{p.replicas}x{p.profile.gpu.name} {name[0].upper()}"
-        if name != "mixed"
-        else f"{p.replicas}x{p.profile.gpu.name} mixed"
+        f"{p.replicas}x{p.profile.gpu.name} {name[0].upper() if name in ('prefill', 'decode') else name}"
         for name, p in cluster.pools.items()
     )
 

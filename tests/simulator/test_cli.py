@@ -64,7 +64,7 @@ def test_trace_input(tmp_path, capsys):
         "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{i * 0.1},{100 + i},{10}\n" for i in range(50))
     )
     assert main(["simulate", "--profile", H100, "--trace", str(trace), "--mode", "colocated"]) == 0
-    assert "mixed" in capsys.readouterr().out
+    assert "colocated" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,9 @@ def test_trace_input(tmp_path, capsys):
         (["--profile", H100, "--rate", "1", "--kv-backend", "carrier-pigeon"], "--kv-backend"),
         (["--profile", H100, "--rate", "1", "--tpot-ms", "0"], "--tpot-ms"),
         (["--profile", H100, "--trace", "BAD_COLUMNS"], "ContextTokens"),
+        (["--profile", H100, "--rate", "1", "--router", "mixed"], "--router borrow_idle"),
+        (["--profile", H100, "--rate", "1", "--router", "fastest"], "--router"),
+        (["--profile", H100, "--rate", "1", "--mixed", "1"], "--hybrid 1"),
         (["--profile", H100, "--trace", "/nonexistent.csv"], "--trace"),
     ],
 )
