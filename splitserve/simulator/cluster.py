@@ -26,7 +26,8 @@ def check_policy(value: str, field: str) -> Policy:
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """A pool of identical one-GPU replicas of one GPU type (cost and power come from its profile)."""
+    """A pool of identical replicas of one GPU type, each a worker of ``profile.tensor_parallel_size`` GPUs (cost
+    and power per GPU come from its profile)."""
 
     replicas: int
     profile: Profile
@@ -36,6 +37,14 @@ class PoolSpec:
     # Each step launched before the previous one is read back (the runtime's ``overlap_decode``): a step with a
     # prompt chunk, host-bound to launch, then holds back the tokens of the step before it until it ends.
     overlap_decode: bool = True
+
+    @property
+    def tp(self) -> int:
+        return self.profile.tensor_parallel_size
+
+    @property
+    def gpus(self) -> int:
+        return self.replicas * self.tp
 
 
 @dataclass(frozen=True)
@@ -72,11 +81,15 @@ class ClusterSpec:
             known = ", ".join(self.prefill.profile.kv_transfer)
             raise SimInputError(f"--kv-backend: {self.kv_backend!r} is not in the profile (fix: one of {known})")
         if self.shared_gpus and (
-            self.mode != "disaggregated" or self.hybrid is not None or self.prefill.replicas != self.decode.replicas  # type: ignore[union-attr]
+            self.mode != "disaggregated"
+            or self.hybrid is not None
+            or self.prefill.replicas != self.decode.replicas  # type: ignore[union-attr]
+            or self.prefill.tp != 1
+            or self.decode.tp != 1  # type: ignore[union-attr]
         ):
             raise SimInputError(
                 "--shared-gpus: pairs one prefill and one decode replica per GPU (fix: disaggregated, as many decode "
-                "as prefill replicas, no --hybrid)"
+                "as prefill replicas, no --hybrid, tensor_parallel_size 1 profiles)"
             )
 
     @property
@@ -89,13 +102,13 @@ class ClusterSpec:
 
     @property
     def gpus(self) -> int:
-        return self.prefill.replicas if self.shared_gpus else sum(p.replicas for p in self.pools.values())
+        return self.prefill.replicas if self.shared_gpus else sum(p.gpus for p in self.pools.values())
 
     @property
     def cost_per_hour(self) -> float:
         if self.shared_gpus:  # one GPU per pair, of the prefill pool's type (one GPU has one type)
             return self.prefill.replicas * self.prefill.profile.gpu.cost_per_hour
-        return sum(p.replicas * p.profile.gpu.cost_per_hour for p in self.pools.values())
+        return sum(p.gpus * p.profile.gpu.cost_per_hour for p in self.pools.values())
 
     def with_replicas(self, prefill: int, decode: int | None = None) -> ClusterSpec:
         dec = replace(self.decode, replicas=decode) if self.decode and decode is not None else self.decode
