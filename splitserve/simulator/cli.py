@@ -1,5 +1,6 @@
-"""``splitserve simulate``, ``splitserve plan`` and ``splitserve profile`` (which measures the profiles the other two
-read): argument parsing and printing only; the work is elsewhere."""
+"""``splitserve simulate``, ``splitserve plan``, ``splitserve profile`` (which measures the profiles the other two
+read) and ``splitserve derive-profile`` (which predicts a tensor-parallel one from a measured one): argument parsing
+and printing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``simulate`` and ``plan`` to the main CLI's subparsers."""
+    """Add ``simulate``, ``plan``, ``profile`` and ``derive-profile`` to the main CLI's subparsers."""
     sim = subparsers.add_parser("simulate", help="simulate one cluster configuration under a workload")
     _add_common(sim)
     sim.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
