@@ -83,3 +83,9 @@ def test_shipped_derived_profiles_are_what_their_recorded_assumptions_give():
         assert prof.prefill.seconds == pytest.approx(again.prefill.seconds, rel=1e-3)
         assert prof.decode.base_s == pytest.approx(again.decode.base_s, rel=1e-3)
         assert prof.kv_capacity_tokens == again.kv_capacity_tokens
+
+
+def test_pools_sharing_gpus_need_tp1_workers(h100):
+    tp2 = derive_tp(h100, 2, LLAMA3_8B, "h100")
+    with pytest.raises(SimInputError, match="tensor_parallel_size 1"):
+        ClusterSpec("disaggregated", PoolSpec(1, tp2), PoolSpec(1, tp2), shared_gpus=True)
