@@ -123,7 +123,7 @@ def measured_sweep(path: str) -> tuple[argparse.Namespace, SweepResult, str]:
 def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) -> ClusterSpec:
     """The simulator's view of ``config`` in ``mode``, with the limits the workers get (``options_for``): colocated
     is the decode pool alone, chunking prompts by the prefill budget; ``auto`` KV is what it picks between Ray
-    actors (tcp on CPU, nccl on GPUs); the mixed pool joins a disaggregated cluster; steps overlap where the engine
+    actors (tcp on CPU, nccl on GPUs); the hybrid pool joins a disaggregated cluster; steps overlap where the engine
     overlaps them (on CUDA, unless the pool turns it off)."""
     batch_tokens, batch_size = config.prefill.max_batch_tokens, config.decode.max_batch_size
     on_gpu = config.cluster.device != Device.cpu
@@ -168,7 +168,7 @@ def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) 
         decode=decode,
         policy=policy,
         kv_backend=backend.value,
-        mixed=overflow,
+        hybrid=overflow,
         shared_gpus=shared,
     )
 

@@ -1,5 +1,6 @@
-"""``splitserve simulate``, ``splitserve plan`` and ``splitserve profile`` (which measures the profiles the other two
-read): argument parsing and printing only; the work is elsewhere."""
+"""``splitserve simulate``, ``splitserve plan``, ``splitserve profile`` (which measures the profiles the other two
+read) and ``splitserve derive-profile`` (which predicts a tensor-parallel one from a measured one): argument parsing
+and printing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from splitserve.simulator.cluster import ClusterSpec, PoolSpec
+from splitserve.simulator.cluster import POLICIES, ClusterSpec, PoolSpec, check_policy
 from splitserve.simulator.errors import SimInputError
-from splitserve.simulator.profile import Profile, load_profile
+from splitserve.simulator.planner import CHUNKS
+from splitserve.simulator.profile import Profile, load_profile, load_profiles
 from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
 from splitserve.slo import SLO
 
@@ -27,8 +29,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="PATH",
-        help="profile YAML (configs/profiles/); repeat to give the decode pool (simulate) or more GPU "
-        "types to choose from (plan)",
+        help="profile YAML (configs/profiles/); repeat to give the decode pool (simulate) or more GPU types and "
+        "TP degrees to choose from (plan, which also takes a directory: every *.yaml in it)",
     )
     w = p.add_argument_group("workload: a trace, or synthetic")
     w.add_argument(
@@ -44,12 +46,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--router",
-        choices=["jsq", "round_robin", "mixed"],
         default="jsq",
-        help="as router.policy: mixed lets an idle decode worker prefill while prefill is backed up",
+        metavar="{" + ",".join(POLICIES) + "}",
+        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up",
     )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
-    c.add_argument("--max-batch-tokens", type=int, default=8192, help="prefill batch (colocated: step) token budget")
+    c.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=8192,
+        help="prefill batch token budget (simulate --mode colocated: the step's; plan searches it over --chunk-sizes)",
+    )
     c.add_argument("--max-batch-size", type=int, default=256, help="decode sequences per step")
     s = p.add_argument_group("SLOs")
     s.add_argument("--ttft-ms", type=float, default=1000.0)
@@ -59,18 +66,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``simulate`` and ``plan`` to the main CLI's subparsers."""
+    """Add ``simulate``, ``plan``, ``profile`` and ``derive-profile`` to the main CLI's subparsers."""
     sim = subparsers.add_parser("simulate", help="simulate one cluster configuration under a workload")
     _add_common(sim)
     sim.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: mixed replicas)")
+    sim.add_argument("--prefill", type=int, default=1, help="prefill replicas (colocated: the colocated replicas)")
     sim.add_argument("--decode", type=int, default=1, help="decode replicas")
     sim.add_argument(
-        "--mixed",
+        "--hybrid",
         type=int,
         default=0,
-        help="mixed-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
+        help="hybrid-pool replicas (disaggregated): decode workers that run whole requests while prefill is backed up",
     )
+    sim.add_argument("--mixed", help=argparse.SUPPRESS)  # the hybrid pool's old name: an error naming the new one
     sim.add_argument(
         "--shared-gpus",
         action="store_true",
@@ -83,9 +91,16 @@ def register(subparsers: Any) -> None:
     pl.add_argument("--max-gpus", type=int, default=8)
     pl.add_argument("--target", type=float, default=0.9, help="SLO attainment to reach (fraction of requests)")
     pl.add_argument("--modes", default="disaggregated,colocated", help="comma-separated modes to compare")
+    pl.add_argument(
+        "--chunk-sizes",
+        default=",".join(map(str, CHUNKS)),
+        metavar="N1,N2,...",
+        help="colocated step token budgets (chunk sizes) to search (default %(default)s)",
+    )
     pl.add_argument("--sweep-rates", metavar="R1,R2,...", help="also sweep load on the best clusters (goodput vs load)")
     pl.set_defaults(func=_guarded(_plan))
     _register_profile(subparsers)
+    _register_derive(subparsers)
 
 
 def _register_profile(subparsers: Any) -> None:
@@ -97,6 +112,14 @@ def _register_profile(subparsers: Any) -> None:
     )
     pr.add_argument("--out", required=True, metavar="YAML", help="where to write it, e.g. configs/profiles/NAME.yaml")
     pr.add_argument("--quick", action="store_true", help="a small sweep (seconds on CPU): a smoke test, not for plans")
+    pr.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel ranks of the measured worker, recorded as tensor_parallel_size (N > 1 needs the "
+        "tensor-parallel engine; until then derive one: splitserve derive-profile)",
+    )
     g = pr.add_argument_group("the gpu entry (default: measured where possible)")
     g.add_argument(
         "--gpu-name", help="default: the CUDA device's name, lower-cased and dashed (h100-80gb-hbm3), or cpu"
@@ -113,6 +136,68 @@ def _register_profile(subparsers: Any) -> None:
         "one process cannot measure it",
     )
     pr.set_defaults(func=_guarded(_profile))
+
+
+def _register_derive(subparsers: Any) -> None:
+    de = subparsers.add_parser(
+        "derive-profile",
+        help="derive a tensor-parallel profile from a measured tp=1 one, to plan with before measuring it",
+        description="Writes a profile marked derived_from (never measured): see splitserve/simulator/tp_derive.py "
+        "for the model. The shape and link figures are assumptions the file records.",
+    )
+    de.add_argument("profile", metavar="PROFILE", help="the measured tensor_parallel_size 1 profile YAML")
+    de.add_argument("--tp", type=int, required=True, metavar="N", help="tensor_parallel_size of the derived worker")
+    de.add_argument("--out", required=True, metavar="YAML", help="where to write it, e.g. configs/profiles/NAME.yaml")
+    m = de.add_argument_group("the model's shape (its config.json)")
+    m.add_argument("--layers", type=int, required=True, help="num_hidden_layers")
+    m.add_argument("--hidden-size", type=int, required=True, help="hidden_size")
+    m.add_argument("--kv-heads", type=int, required=True, help="num_key_value_heads")
+    m.add_argument("--weight-bytes", type=float, required=True, help="bytes of the weights (parameters x dtype bytes)")
+    m.add_argument("--activation-bytes", type=int, default=2, help="bytes per activation element (2: bf16)")
+    a = de.add_argument_group("assumed, not measured")
+    a.add_argument("--link-latency-s", type=float, required=True, help="fixed cost of one all-reduce between the ranks")
+    a.add_argument("--link-bandwidth", type=float, required=True, help="all-reduce bus bandwidth, bytes/s")
+    a.add_argument(
+        "--prefill-efficiency",
+        type=float,
+        default=0.9,
+        help="share of the ideal tp-fold speed-up of a compute-bound prefill pass (default 0.9)",
+    )
+    de.set_defaults(func=_guarded(_derive))
+
+
+def _derive(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from splitserve.simulator.profile import TPScaling
+    from splitserve.simulator.profile_run import render, write_checked
+    from splitserve.simulator.tp_derive import derive_tp, header
+
+    fields = ("layers", "hidden_size", "kv_heads", "weight_bytes", "activation_bytes", "prefill_efficiency")
+    try:
+        scaling = TPScaling(
+            **{f: getattr(args, f) for f in fields},
+            link_latency_s=args.link_latency_s,
+            link_bandwidth_bytes_per_s=args.link_bandwidth,
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-").replace("-bytes-per-s", "")
+        raise SimInputError(f"{flag}: {first['msg']}") from None
+    derived = derive_tp(load_profile(args.profile), args.tp, scaling, args.profile)
+    words = ["splitserve", "derive-profile", args.profile, "--tp", str(args.tp), "--out", args.out]
+    for f in (*fields, "link_latency_s", "link_bandwidth"):
+        words += ["--" + f.replace("_", "-"), f"{getattr(args, f):g}"]
+    path = Path(args.out)
+    written = write_checked(render(derived, header(derived, shlex.join(words))), path)
+    d = written.decode
+    print(
+        f"wrote {path} (derived, tp={written.tensor_parallel_size}): prefill {written.prefill.tokens[-1]} tokens "
+        f"{written.prefill.seconds[-1] * 1e3:.1f} ms; decode step {d.base_s * 1e3:.2f} ms + "
+        f"{d.per_seq_s * 1e6:.1f} us/seq + {d.per_context_token_s * 1e9:.2f} ns/context token; KV "
+        f"{written.kv_capacity_tokens} tokens"
+    )
+    return 0
 
 
 def _guarded(fn):  # type: ignore[no-untyped-def]
@@ -155,9 +240,9 @@ def _positive(args: argparse.Namespace, *flags: str) -> None:
 
 
 def _cluster(
-    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int, n_mixed: int = 0
+    args: argparse.Namespace, profiles: list[Profile], mode: str, n_prefill: int, n_decode: int, n_hybrid: int = 0
 ) -> ClusterSpec:
-    """The last profile runs the decode (and mixed) pool."""
+    """The last profile runs the decode (and hybrid) pool."""
     limits = {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size}
     return ClusterSpec(
         mode=mode,  # type: ignore[arg-type]
@@ -165,14 +250,14 @@ def _cluster(
         decode=PoolSpec(n_decode, profiles[-1], **limits),
         policy=args.router,
         kv_backend=args.kv_backend,
-        mixed=PoolSpec(n_mixed, profiles[-1], **limits) if n_mixed else None,
+        hybrid=PoolSpec(n_hybrid, profiles[-1], **limits) if n_hybrid else None,
     )
 
 
-def _inputs(args: argparse.Namespace) -> tuple[list[Profile], Workload, SLO]:
+def _inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Profile]], Workload, SLO]:
     _positive(args, "--ttft-ms", "--tpot-ms", "--max-batch-tokens", "--max-batch-size", "--num-requests")
-    profiles = [load_profile(p) for p in args.profile]
-    return profiles, _workload(args), SLO(args.ttft_ms, args.tpot_ms)
+    check_policy(args.router, "--router")
+    return load_profiles(args.profile), _workload(args), SLO(args.ttft_ms, args.tpot_ms)
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -186,11 +271,19 @@ def _simulate(args: argparse.Namespace) -> int:
     from splitserve.simulator.metrics import summarize
     from splitserve.simulator.planner import Evaluated, table
 
-    profiles, wl, slo = _inputs(args)
-    if args.mixed < 0:
-        raise SimInputError(f"--mixed: must be >= 0, got {args.mixed}")
+    files, wl, slo = _inputs(args)
+    if len(files) > 2:
+        raise SimInputError(
+            f"--profile: simulate takes one profile, or two (prefill, then decode), got {len(files)} "
+            "(fix: plan chooses among more)"
+        )
+    profiles = [prof for _, prof in files]
+    if args.mixed is not None:
+        raise SimInputError(f"--mixed: the mixed pool is now called the hybrid pool (fix: --hybrid {args.mixed})")
+    if args.hybrid < 0:
+        raise SimInputError(f"--hybrid: must be >= 0, got {args.hybrid}")
     cluster = replace(
-        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.mixed), shared_gpus=args.shared_gpus
+        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid), shared_gpus=args.shared_gpus
     )
     result = simulate(cluster, wl)
     m = summarize(result, slo)
@@ -220,29 +313,50 @@ def _plan(args: argparse.Namespace) -> int:
     if args.max_gpus < 2 and "disaggregated" in modes:
         raise SimInputError("--max-gpus: disaggregated needs at least 2 GPUs (fix: --max-gpus 2 or more)")
     rates = _rates(args.sweep_rates)
-    profiles, wl, slo = _inputs(args)
+    chunks = _chunks(args.chunk_sizes)
+    files, wl, slo = _inputs(args)
+    profiles = [prof for _, prof in files]
     template = _cluster(args, profiles, modes[0], 1, 1)
-    result = plan(template, profiles, wl, slo, max_gpus=args.max_gpus, target=args.target, modes=modes)
+    result = plan(template, profiles, wl, slo, max_gpus=args.max_gpus, target=args.target, modes=modes, chunks=chunks)
     best = result.recommended
     print(
         f"offered load {wl.rate:.2f} req/s, {len(wl)} requests, target SLO attainment {args.target:.0%} "
-        f"(TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms)\n"
+        f"(TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms), at most {args.max_gpus} GPUs\n"
     )
-    print("cheapest per mode:")
+    print("profiles (a worker of TP N uses N GPUs):")
+    for path, prof in files:
+        print(f"  {path}: {_profile_line(prof)}")
+    print("\nbest per mode:")
     print(table(list(result.best.values())) if result.best else "  none")
+    if best:
+        chunk = best.cluster.prefill.max_batch_tokens
+        print(
+            f"\nrecommended: {describe(best.cluster)} ({best.cluster.mode}"
+            + (f", chunk {chunk}: prefill.max_batch_tokens {chunk}" if best.cluster.mode == "colocated" else "")
+            + f"; {best.cluster.gpus} GPU{'' if best.cluster.gpus == 1 else 's'}, ${best.cluster.cost_per_hour:.2f}/h)"
+        )
+    else:
+        print(f"\nno configuration within --max-gpus {args.max_gpus} meets the target")
+    if any(prof.derived for prof in profiles):
+        print("* a derived profile: predicted from a measured one, not measured (see its derived_from)")
+    print(f"\ncheapest per layout ({len(result.layouts)} layouts meet the target):")
+    print(table(result.layouts) if result.layouts else "  none")
     print(
-        f"\nrecommended: {describe(best.cluster)} ({best.cluster.mode}, ${best.cluster.cost_per_hour:.2f}/h)"
-        if best
-        else f"\nno configuration within --max-gpus {args.max_gpus} meets the target"
+        f"\nall {len(result.tried)} configurations tried within --max-gpus (cheapest first; {result.runs} simulations, "
+        "bounds beyond --max-gpus included):"
     )
-    print(f"\nall {len(result.tried)} configurations tried (cheapest first):")
     print(table(result.tried))
+
+    def entry(e: Any) -> dict:
+        return {"cluster": cluster_dict(e.cluster), "metrics": e.metrics.to_dict(), "feasible": e.feasible}
+
     payload: dict[str, Any] = {
+        "profiles": [{"path": str(path), **_profile_dict(prof)} for path, prof in files],
         "recommended": cluster_dict(best.cluster) if best else None,
-        "best": {
-            k: {"cluster": cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for k, e in result.best.items()
-        },
-        "tried": [{"cluster": cluster_dict(e.cluster), "metrics": e.metrics.to_dict()} for e in result.tried],
+        "best": {k: entry(e) for k, e in result.best.items()},
+        "layouts": [entry(e) for e in result.layouts],
+        "tried": [entry(e) for e in result.tried],
+        "simulations": result.runs,
     }
     curves = {}
     if rates and result.best:
@@ -257,15 +371,31 @@ def _plan(args: argparse.Namespace) -> int:
         from splitserve.simulator.plots import goodput_vs_load, latency_cdfs
 
         d = Path(args.plot_dir)
-        runs = {f"{m}: {describe(e.cluster)}": simulate(e.cluster, wl) for m, e in result.best.items()}
-        print("wrote", latency_cdfs(runs, d / "latency_cdf.png"))
+        runs_by_name = {f"{m}: {describe(e.cluster)}": simulate(e.cluster, wl) for m, e in result.best.items()}
+        print("wrote", latency_cdfs(runs_by_name, d / "latency_cdf.png"))
         if curves:
             print("wrote", goodput_vs_load(curves, d / "goodput_vs_load.png"))
     return 0
 
 
+def _profile_dict(prof: Profile) -> dict:
+    src = prof.derived_from
+    return {
+        "model": prof.model,
+        "gpu": prof.gpu.name,
+        "tensor_parallel_size": prof.tensor_parallel_size,
+        "derived_from": src.profile if src else None,
+    }
+
+
+def _profile_line(prof: Profile) -> str:
+    src = prof.derived_from
+    how = f"DERIVED from {src.profile} ({src.method}), not measured" if src else "measured"
+    return f"{prof.model} on {prof.gpu.name} x TP{prof.tensor_parallel_size}, {how}"
+
+
 def _profile(args: argparse.Namespace) -> int:
-    from splitserve.simulator.profile_run import GPUFlags, run_profile
+    from splitserve.simulator.profile_run import GPUFlags, check_measurable_tp, run_profile
 
     for flag in ("--cost-per-hour", "--idle-power-w"):
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -275,6 +405,7 @@ def _profile(args: argparse.Namespace) -> int:
         _positive(args, "--power-w")
     if args.nccl is not None and not (args.nccl[0] >= 0 and args.nccl[1] > 0):
         raise SimInputError(f"--nccl: latency must be >= 0 and bandwidth > 0, got {args.nccl[0]:g} {args.nccl[1]:g}")
+    check_measurable_tp(args.tp)
     flags = GPUFlags(args.gpu_name, args.cost_per_hour, args.power_w, args.idle_power_w)
     result = run_profile(
         args.config,
@@ -283,6 +414,7 @@ def _profile(args: argparse.Namespace) -> int:
         quick=args.quick,
         nccl=tuple(args.nccl) if args.nccl else None,
         command=_profile_command(args),
+        tensor_parallel_size=args.tp,
     )
     p, d = result.profile, result.profile.decode
     print(
@@ -305,21 +437,28 @@ def _profile_command(args: argparse.Namespace) -> str:
         words += ["--nccl", *(f"{v:g}" for v in args.nccl)]
     if args.quick:
         words.append("--quick")
+    if args.tp != 1:
+        words += ["--tp", str(args.tp)]
     return shlex.join(words)
 
 
-def _rates(text: str | None) -> list[float]:
-    if not text:
-        return []
+def _positive_list(text: str, flag: str, kind: type[float] | type[int], example: str) -> list:
+    """A comma-separated list of positive numbers of ``kind``."""
     try:
-        rates = [float(x) for x in text.split(",")]
+        values = [kind(x) for x in text.split(",")]
     except ValueError:
-        raise SimInputError(
-            f"--sweep-rates: cannot read {text!r} (fix: comma-separated numbers, e.g. 5,10,20)"
-        ) from None
-    if any(r <= 0 for r in rates):
-        raise SimInputError(f"--sweep-rates: rates must be > 0, got {text!r}")
-    return rates
+        raise SimInputError(f"{flag}: cannot read {text!r} (fix: comma-separated numbers, e.g. {example})") from None
+    if any(v <= 0 for v in values):
+        raise SimInputError(f"{flag}: every value must be > 0, got {text!r}")
+    return values
+
+
+def _rates(text: str | None) -> list[float]:
+    return _positive_list(text, "--sweep-rates", float, "5,10,20") if text else []
+
+
+def _chunks(text: str) -> list[int]:
+    return _positive_list(text, "--chunk-sizes", int, "512,8192")
 
 
 def cluster_dict(c: ClusterSpec) -> dict:
@@ -331,7 +470,13 @@ def cluster_dict(c: ClusterSpec) -> dict:
         "shared_gpus": c.shared_gpus,
         "cost_per_hour": c.cost_per_hour,
         "pools": {
-            name: {**{k: v for k, v in asdict(p).items() if k != "profile"}, "gpu": p.profile.gpu.name}
+            name: {
+                **{k: v for k, v in asdict(p).items() if k != "profile"},
+                "gpu": p.profile.gpu.name,
+                "tensor_parallel_size": p.tp,
+                "gpus": p.gpus,
+                "derived_profile": p.profile.derived,
+            }
             for name, p in c.pools.items()
         },
     }

@@ -9,12 +9,25 @@ from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile
 
 Mode = Literal["disaggregated", "colocated"]
-Policy = Literal["round_robin", "jsq", "mixed"]  # as the runtime's router.policy
+Policy = Literal["round_robin", "jsq", "borrow_idle"]  # as the runtime's router.policy
+POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle")
+RENAMED_POLICIES = {"mixed": "borrow_idle"}  # old name -> new name: an old name is an error naming the new one
+
+
+def check_policy(value: str, field: str) -> Policy:
+    """``value`` as a policy, or a ``SimInputError`` naming ``field`` (and the new name, for an old one)."""
+    if value in RENAMED_POLICIES:
+        new = RENAMED_POLICIES[value]
+        raise SimInputError(f"{field}: the policy {value!r} is now called {new!r} (fix: {field} {new})")
+    if value not in POLICIES:
+        raise SimInputError(f"{field}: unknown policy {value!r} (fix: one of {', '.join(POLICIES)})")
+    return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """A pool of identical one-GPU replicas of one GPU type (cost and power come from its profile)."""
+    """A pool of identical replicas of one GPU type, each a worker of ``profile.tensor_parallel_size`` GPUs (cost
+    and power per GPU come from its profile)."""
 
     replicas: int
     profile: Profile
@@ -25,13 +38,21 @@ class PoolSpec:
     # prompt chunk, host-bound to launch, then holds back the tokens of the step before it until it ends.
     overlap_decode: bool = True
 
+    @property
+    def tp(self) -> int:
+        return self.profile.tensor_parallel_size
+
+    @property
+    def gpus(self) -> int:
+        return self.replicas * self.tp
+
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """``colocated`` uses only ``prefill`` as the one mixed pool (chunked prefill); ``decode`` is ignored there.
-    ``mixed`` (disaggregated only) is the runtime's mixed pool: decode workers that also run whole requests while
-    every prefill worker is backed up (what a colocated replica does all the time, hence the same pool name).
-    ``shared_gpus`` (disaggregated, equal pools, no mixed pool): prefill replica i and decode replica i share one GPU
+    """``colocated`` uses only ``prefill`` as its one pool (chunked prefill), named ``colocated`` in ``pools``;
+    ``decode`` is ignored there. ``hybrid`` (disaggregated only) is the runtime's hybrid pool: decode workers that
+    also run whole requests while every prefill worker is backed up (what a colocated replica does all the time).
+    ``shared_gpus`` (disaggregated, equal pools, no hybrid pool): prefill replica i and decode replica i share one GPU
     (fractional ``gpus_per_replica``), counted once; a decode step slows while its GPU runs a prefill pass
     (``serving.shared_gpu_slowdown``), and a prefill pass that starts while the decode worker steps slows too
     (``serving.shared_gpu_prefill_slowdown``)."""
@@ -41,46 +62,53 @@ class ClusterSpec:
     decode: PoolSpec | None = None
     policy: Policy = "jsq"
     kv_backend: str = "nccl"
-    mixed: PoolSpec | None = None
+    hybrid: PoolSpec | None = None
     shared_gpus: bool = False
 
     def __post_init__(self) -> None:
+        check_policy(self.policy, "--router")
         pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
         if any(p is None for p in pools):
             raise SimInputError("--decode: disaggregated mode needs a decode pool (fix: pass --decode N)")
         for name, pool in zip(("prefill", "decode"), pools, strict=False):
             if pool.replicas < 1:  # type: ignore[union-attr]
                 raise SimInputError(f"--{name}: needs >= 1 replica, got {pool.replicas}")  # type: ignore[union-attr]
-        if self.mixed is not None and (self.mode == "colocated" or self.mixed.replicas < 1):
-            raise SimInputError("--mixed: a mixed pool needs disaggregated mode and >= 1 replica (fix: drop --mixed)")
+        if self.hybrid is not None and (self.mode == "colocated" or self.hybrid.replicas < 1):
+            raise SimInputError(
+                "--hybrid: a hybrid pool needs disaggregated mode and >= 1 replica (fix: drop --hybrid)"
+            )
         if self.mode == "disaggregated" and self.kv_backend not in self.prefill.profile.kv_transfer:
             known = ", ".join(self.prefill.profile.kv_transfer)
             raise SimInputError(f"--kv-backend: {self.kv_backend!r} is not in the profile (fix: one of {known})")
         if self.shared_gpus and (
-            self.mode != "disaggregated" or self.mixed is not None or self.prefill.replicas != self.decode.replicas  # type: ignore[union-attr]
+            self.mode != "disaggregated"
+            or self.hybrid is not None
+            or self.prefill.replicas != self.decode.replicas  # type: ignore[union-attr]
+            or self.prefill.tp != 1
+            or self.decode.tp != 1  # type: ignore[union-attr]
         ):
             raise SimInputError(
                 "--shared-gpus: pairs one prefill and one decode replica per GPU (fix: disaggregated, as many decode "
-                "as prefill replicas, no --mixed)"
+                "as prefill replicas, no --hybrid, tensor_parallel_size 1 profiles)"
             )
 
     @property
     def pools(self) -> dict[str, PoolSpec]:
         if self.mode == "colocated":
-            return {"mixed": self.prefill}
+            return {"colocated": self.prefill}
         assert self.decode is not None  # __post_init__
         pools = {"prefill": self.prefill, "decode": self.decode}
-        return pools if self.mixed is None else {**pools, "mixed": self.mixed}
+        return pools if self.hybrid is None else {**pools, "hybrid": self.hybrid}
 
     @property
     def gpus(self) -> int:
-        return self.prefill.replicas if self.shared_gpus else sum(p.replicas for p in self.pools.values())
+        return self.prefill.replicas if self.shared_gpus else sum(p.gpus for p in self.pools.values())
 
     @property
     def cost_per_hour(self) -> float:
         if self.shared_gpus:  # one GPU per pair, of the prefill pool's type (one GPU has one type)
             return self.prefill.replicas * self.prefill.profile.gpu.cost_per_hour
-        return sum(p.replicas * p.profile.gpu.cost_per_hour for p in self.pools.values())
+        return sum(p.gpus * p.profile.gpu.cost_per_hour for p in self.pools.values())
 
     def with_replicas(self, prefill: int, decode: int | None = None) -> ClusterSpec:
         dec = replace(self.decode, replicas=decode) if self.decode and decode is not None else self.decode

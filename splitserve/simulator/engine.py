@@ -1,6 +1,6 @@
 """The discrete-event simulation: one heap of timed events, the runtime's scheduling replayed on a profile.
 
-Events are per batch, not per token: a prefill batch end, a KV transfer end, a decode (or mixed) step end, and
+Events are per batch, not per token: a prefill batch end, a KV transfer end, a stepping worker's step end, and
 (with ``serving.ingress_s``) a request reaching its worker's engine. A decode worker runs its steps inline, without
 the heap, until its next step would end after the earliest pending event or arrival, the only things that could
 change its batch.
@@ -123,7 +123,7 @@ class _Sim:
         raise NotImplementedError
 
     def init_workers(self, pools: list[PoolSpec]) -> None:
-        """The workers that step continuous batches (decode and mixed pools, or the colocated replicas), in order
+        """The workers that step continuous batches (decode and hybrid pools, or the colocated replicas), in order
         of ``pools``; each step runs every decoding sequence plus prompt chunks that fill the worker's token
         budget (Sarathi). A request either joins decoding directly (its KV arrived: ``left`` is 0) or is prefilled
         there first, chunk by chunk."""
@@ -249,7 +249,8 @@ class _Sim:
 
 class _Disaggregated(_Sim):
     """Prefill pool batches prompts (prepacking up to max_batch_tokens); KV moves; decode pool runs batches. While
-    every prefill worker is backed up, a mixed-pool worker (or, under the ``mixed`` policy, an idle decode worker)
+    every prefill worker is backed up, a hybrid-pool worker (or, under the ``borrow_idle`` policy, an idle decode
+    worker)
     runs the whole request, as the runtime's router does."""
 
     def __init__(self, cluster: ClusterSpec, wl: Workload) -> None:
@@ -273,9 +274,9 @@ class _Disaggregated(_Sim):
         self.pf_span = [(-math.inf, -math.inf)] * pre.replicas  # each prefill worker's latest batch
         self.prefill_of = [-1] * len(wl)  # the prefill worker of each request (-1: prefilled where it decodes)
         self.pf_busy = 0.0
-        mixed = cluster.mixed
-        self.init_workers([dec] if mixed is None else [dec, mixed])
-        self.n_decode = dec.replicas  # decode workers first, then the mixed pool's
+        hybrid = cluster.hybrid
+        self.init_workers([dec] if hybrid is None else [dec, hybrid])
+        self.n_decode = dec.replicas  # decode workers first, then the hybrid pool's
         self.ingress_free = [-math.inf] * len(self.batches)  # when each stepping worker's link is next free
         if cluster.shared_gpus:
             self.gpu_mate[: dec.replicas] = range(dec.replicas)
@@ -283,8 +284,8 @@ class _Disaggregated(_Sim):
             self.prefill_slowdown = pre.profile.serving.shared_gpu_prefill_slowdown
         self.pf_router = Router(cluster.policy, pre.replicas)
         self.dec_router = Router(cluster.policy, len(self.batches))
-        self.mixed_router = Router(cluster.policy, mixed.replicas) if mixed is not None else None
-        self.idle_fallback = cluster.policy == "mixed"
+        self.hybrid_router = Router(cluster.policy, hybrid.replicas) if hybrid is not None else None
+        self.idle_fallback = cluster.policy == "borrow_idle"
 
     def arrive(self, r: int, t: float) -> None:
         w = self.pf_router.choose(self.pf_load)
@@ -314,9 +315,8 @@ class _Disaggregated(_Sim):
 
     def overflow(self, d: int) -> int | None:
         """The worker that runs a whole request while prefill is backed up (``Router._overflow`` of the runtime)."""
-        if self.mixed_router is not None:
-            mixed = self.load[self.n_decode :]
-            return self.n_decode + self.mixed_router.choose(mixed)
+        if self.hybrid_router is not None:
+            return self.n_decode + self.hybrid_router.choose(self.load[self.n_decode :])
         b = self.batches[d]
         if self.idle_fallback and self.load[d] <= MIXED_DECODE_IDLE_OCCUPANCY * b.cap:
             return d
@@ -387,8 +387,8 @@ class _Disaggregated(_Sim):
 
     def busy(self) -> dict[str, float]:
         busy = {"prefill": self.pf_busy, "decode": sum(b.busy_s for b in self.batches[: self.n_decode])}
-        if self.mixed_router is not None:
-            busy["mixed"] = sum(b.busy_s for b in self.batches[self.n_decode :])
+        if self.hybrid_router is not None:
+            busy["hybrid"] = sum(b.busy_s for b in self.batches[self.n_decode :])
         return busy
 
 
@@ -411,7 +411,7 @@ class _Colocated(_Sim):
         self.run_steps(x, t)
 
     def busy(self) -> dict[str, float]:
-        return {"mixed": sum(b.busy_s for b in self.batches)}
+        return {"colocated": sum(b.busy_s for b in self.batches)}
 
 
 def simulate(cluster: ClusterSpec, workload: Workload) -> RunResult:

@@ -64,12 +64,12 @@ def summarize(result: RunResult, slo: SLO) -> Metrics:
     ok = (ttft <= slo.ttft_s) & (np.isnan(per_tok) | (per_tok <= slo.tpot_s))
     out_tokens = float(wl.output_tokens.sum())
     util, busy_j, idle_j = {}, 0.0, 0.0
-    for name, pool in cluster.pools.items():
-        gpu_s = pool.replicas * makespan
+    for name, pool in cluster.pools.items():  # busy_s is per worker; each of a worker's tp GPUs draws power
+        worker_s = pool.replicas * makespan
         busy = result.busy_s[name]
-        util[name] = busy / gpu_s
-        busy_j += busy * pool.profile.gpu.power_w
-        idle_j += (gpu_s - busy) * pool.profile.gpu.idle_power_w
+        util[name] = busy / worker_s
+        busy_j += busy * pool.tp * pool.profile.gpu.power_w
+        idle_j += (worker_s - busy) * pool.tp * pool.profile.gpu.idle_power_w
     if cluster.shared_gpus:  # each pair's GPU idles once, while neither of its pools is busy
         idle_s = max(0.0, cluster.gpus * makespan - sum(result.busy_s.values()))
         idle_j = idle_s * cluster.prefill.profile.gpu.idle_power_w

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -121,11 +123,44 @@ class TransferSpec(_Strict):
     )
 
 
+class TPScaling(_Strict):
+    """What deriving a tp=N profile from a measured tp=1 profile assumes (``tp_derive``): the model's shape and the
+    GPUs' link, none of which a tp=1 profile records."""
+
+    layers: int = Field(gt=0, description="Transformer layers: each adds two all-reduces to a TP forward pass.")
+    hidden_size: int = Field(gt=0, description="Hidden size: an all-reduce moves tokens x hidden_size activations.")
+    kv_heads: int = Field(gt=0, description="KV heads: ranks beyond this many hold replicated heads.")
+    weight_bytes: float = Field(gt=0, description="Bytes of the model's weights (each rank holds 1/tp of them).")
+    activation_bytes: int = Field(2, gt=0, description="Bytes of one activation element (2: bf16/fp16).")
+    prefill_efficiency: float = Field(
+        gt=0, le=1, description="Share of the ideal tp-fold speed-up a compute-bound prefill pass gets."
+    )
+    link_latency_s: float = Field(ge=0, description="Fixed cost of one all-reduce between the ranks.")
+    link_bandwidth_bytes_per_s: float = Field(gt=0, description="Bus bandwidth of an all-reduce (ring).")
+
+
+class DerivedFrom(_Strict):
+    """Marks a profile as derived, not measured: from which profile, by which model, with which assumptions."""
+
+    profile: str = Field(description="The measured profile it was derived from.")
+    tensor_parallel_size: int = Field(ge=1, description="That profile's tensor_parallel_size.")
+    method: Literal["tp_scaling"] = Field(description="The derivation: see splitserve.simulator.tp_derive.")
+    assumptions: TPScaling
+
+
 class Profile(_Strict):
     model: str
     gpu: GPUSpec
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs of one worker (its tensor-parallel ranks); cost and power are per GPU."
+    )
+    derived_from: DerivedFrom | None = Field(
+        None, description="Set on a profile derived for planning (never measured); absent on a measured one."
+    )
     kv_bytes_per_token: int = Field(gt=0, description="KV cache bytes of one token, all layers.")
-    kv_capacity_tokens: int = Field(gt=0, description="KV cache tokens one GPU holds after weights and activations.")
+    kv_capacity_tokens: int = Field(
+        gt=0, description="KV cache tokens one worker (all its ranks) holds after weights and activations."
+    )
     prefill: PrefillSpec
     decode: DecodeSpec
     kv_transfer: dict[str, TransferSpec] = Field(min_length=1, description="One entry per KV transfer backend.")
@@ -146,6 +181,10 @@ class Profile(_Strict):
         self._pt = np.asarray(self.prefill.tokens, dtype=float)
         self._ps = np.asarray(self.prefill.seconds, dtype=float)
         self._slope = float((self._ps[-1] - self._ps[-2]) / (self._pt[-1] - self._pt[-2]))
+
+    @property
+    def derived(self) -> bool:
+        return self.derived_from is not None
 
     def prefill_time(self, tokens: float) -> float:
         """Seconds for one prefill batch of ``tokens`` prompt tokens (pure Python: it runs once per batch)."""
@@ -184,6 +223,20 @@ class Profile(_Strict):
     def transfer_time(self, tokens: int, backend: str) -> float:
         spec = self.kv_transfer[backend]
         return spec.latency_s + tokens * self.kv_bytes_per_token / spec.bandwidth_bytes_per_s
+
+
+def load_profiles(paths: Sequence[str | Path]) -> list[tuple[Path, Profile]]:
+    """Each path a profile YAML or a directory of them (every ``*.yaml`` in it, sorted), each with its file."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise SimInputError(f"--profile {path}: a directory with no *.yaml in it (fix: pass profile YAMLs)")
+            files += found
+        else:
+            files.append(path)
+    return [(f, load_profile(f)) for f in files]
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -191,11 +191,13 @@ def run_profile(
     quick: bool = False,
     nccl: tuple[float, float] | None = None,
     command: str = "splitserve profile",
+    tensor_parallel_size: int = 1,
 ) -> Result:
     """Measure and write the profile. Everything a user can get wrong is checked before the model loads; the file
     is validated with ``load_profile`` before it replaces ``out``."""
     from splitserve.engine.runner import resolve_device
 
+    check_measurable_tp(tensor_parallel_size)
     started = time.perf_counter()
     try:
         config = load_config(config_path)
@@ -220,6 +222,7 @@ def run_profile(
     profile = Profile(
         model=config.model.served_name,
         gpu=gpu,
+        tensor_parallel_size=tensor_parallel_size,
         kv_bytes_per_token=compute.kv_bytes_per_token,
         kv_capacity_tokens=compute.kv_capacity_tokens,
         prefill=PrefillSpec(tokens=compute.prefill_tokens, seconds=compute.prefill_seconds),
@@ -235,6 +238,19 @@ def run_profile(
     ]
     path = Path(out)
     return Result(write_checked(render(profile, header), path), path, time.perf_counter() - started)
+
+
+def check_measurable_tp(tensor_parallel_size: int) -> None:
+    """Only what this engine can run is measured: it has no tensor-parallel entry point, so a tp > 1 profile can
+    only be derived (``splitserve derive-profile``), never faked as a measurement."""
+    if tensor_parallel_size < 1:
+        raise SimInputError(f"--tp: must be >= 1, got {tensor_parallel_size}")
+    if tensor_parallel_size > 1:
+        raise SimInputError(
+            f"--tp {tensor_parallel_size}: measuring a tp > 1 profile needs the tensor-parallel engine, which this "
+            "build does not have (fix: --tp 1, or derive one for planning: splitserve derive-profile PROFILE "
+            f"--tp {tensor_parallel_size} ...)"
+        )
 
 
 def write_checked(text: str, path: Path) -> Profile:

@@ -6,10 +6,11 @@ from splitserve.simulator.cluster import Policy
 
 
 class Router:
-    """``round_robin`` cycles; ``jsq`` joins the least-loaded worker (load = pending prefill tokens or reserved KV)."""
+    """``round_robin`` cycles; ``jsq`` and ``borrow_idle`` (jsq, plus the engine's idle fallback) join the
+    least-loaded worker (load = pending prefill tokens or reserved KV)."""
 
     def __init__(self, policy: Policy, workers: int) -> None:
-        self._jsq = policy == "jsq"
+        self._jsq = policy != "round_robin"
         self._n = workers
         self._next = 0
         self._ids = range(workers)

@@ -28,7 +28,7 @@ def test_predicted_and_measured_side_by_side(ray_local, tiny_model_dir, tmp_path
     cluster = cluster_spec(config, ServingMode.disaggregated, load_profile(profile_path))
     assert (cluster.mode, cluster.kv_backend, cluster.prefill.max_batch_tokens) == ("disaggregated", "grpc", 256)
     assert cluster.decode is not None and cluster.decode.max_batch_size == 16
-    assert cluster_spec(config, ServingMode.colocated, load_profile(profile_path)).pools.keys() == {"mixed"}
+    assert cluster_spec(config, ServingMode.colocated, load_profile(profile_path)).pools.keys() == {"colocated"}
     assert not cluster.shared_gpus  # a CPU cluster: no GPU to share
 
     workload = ["--num-requests", "6", "--prompt-len", "uniform:8:48", "--output-len", "uniform:4:10", "--seed", "2"]

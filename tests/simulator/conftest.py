@@ -6,9 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from splitserve.simulator.profile import Profile, load_profile
+from splitserve.simulator.profile import Profile, TPScaling, load_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
+# Llama-3-8B's shape, and H100 NVLink figures assumed for an all-reduce (as the shipped derived profiles assume).
+LLAMA3_8B = TPScaling(
+    layers=32,
+    hidden_size=4096,
+    kv_heads=8,
+    weight_bytes=16.06e9,
+    prefill_efficiency=0.9,
+    link_latency_s=1e-5,
+    link_bandwidth_bytes_per_s=3.6e11,
+)
 
 
 @pytest.fixture(scope="session")

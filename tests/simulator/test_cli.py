@@ -15,7 +15,7 @@ SMALL = ["--rate", "10", "--num-requests", "300", "--seed", "1"]
 def test_simulate_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run.json"
     assert main(["simulate", "--profile", H100, *SMALL, "--prefill", "1", "--decode", "2", "--json", str(out)]) == 0
-    assert "1xh100-sxm P + 2xh100-sxm D" in capsys.readouterr().out
+    assert "1xTP1 h100-sxm P + 2xTP1 h100-sxm D" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["cluster"]["gpus"] == 3
     m = data["metrics"]
@@ -64,7 +64,7 @@ def test_trace_input(tmp_path, capsys):
         "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{i * 0.1},{100 + i},{10}\n" for i in range(50))
     )
     assert main(["simulate", "--profile", H100, "--trace", str(trace), "--mode", "colocated"]) == 0
-    assert "mixed" in capsys.readouterr().out
+    assert "colocated" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,9 @@ def test_trace_input(tmp_path, capsys):
         (["--profile", H100, "--rate", "1", "--kv-backend", "carrier-pigeon"], "--kv-backend"),
         (["--profile", H100, "--rate", "1", "--tpot-ms", "0"], "--tpot-ms"),
         (["--profile", H100, "--trace", "BAD_COLUMNS"], "ContextTokens"),
+        (["--profile", H100, "--rate", "1", "--router", "mixed"], "--router borrow_idle"),
+        (["--profile", H100, "--rate", "1", "--router", "fastest"], "--router"),
+        (["--profile", H100, "--rate", "1", "--mixed", "1"], "--hybrid 1"),
         (["--profile", H100, "--trace", "/nonexistent.csv"], "--trace"),
     ],
 )
@@ -101,3 +104,49 @@ def test_registers_into_the_main_cli(capsys):
 
     assert splitserve_main(["simulate", "--profile", H100, *SMALL]) == 0
     assert "h100-sxm" in capsys.readouterr().out
+
+
+def test_profile_at_tp_above_1_needs_the_tensor_parallel_engine(tmp_path, capsys):
+    out = tmp_path / "tp2.yaml"
+    assert main(["profile", "configs/tiny-cpu.yaml", "--out", str(out), "--quick", "--tp", "2"]) == 2
+    assert "needs the tensor-parallel engine" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_derived_profile_plans_beside_the_measured_one_and_the_plan_says_which_is_derived(tmp_path, capsys):
+    (tmp_path / "llama3-8b-h100.yaml").write_text((PROFILES / "llama3-8b-h100.yaml").read_text())
+    derive = ["derive-profile", H100, "--tp", "2", "--out", str(tmp_path / "tp2.yaml"), "--layers", "32"]
+    derive += ["--hidden-size", "4096", "--kv-heads", "8", "--weight-bytes", "16.06e9"]
+    assert main([*derive, "--link-latency-s", "1e-5", "--link-bandwidth", "3.6e11"]) == 0
+    assert "derived, tp=2" in capsys.readouterr().out
+    plan_json = tmp_path / "plan.json"
+    args = ["plan", "--profile", str(tmp_path), *SMALL, "--max-gpus", "4", "--chunk-sizes", "512,8192"]
+    assert main([*args, "--json", str(plan_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"tp2.yaml: llama3-8b-random on h100-sxm x TP2, DERIVED from {H100}" in out
+    assert "llama3-8b-h100.yaml: llama3-8b-random on h100-sxm x TP1, measured" in out
+    data = json.loads(plan_json.read_text())
+    assert sorted(p["tensor_parallel_size"] for p in data["profiles"]) == [1, 2]
+    chunks = {
+        e["cluster"]["pools"]["colocated"]["max_batch_tokens"]
+        for e in data["tried"]
+        if e["cluster"]["mode"] == "colocated"
+    }
+    assert chunks <= {512, 8192} and chunks
+    for e in data["tried"]:
+        assert e["cluster"]["gpus"] == sum(p["gpus"] for p in e["cluster"]["pools"].values()) <= 4
+
+
+def test_a_derived_profile_needs_a_measured_tp1_source_and_sane_assumptions(tmp_path, capsys):
+    base = ["derive-profile", H100, "--out", str(tmp_path / "x.yaml"), "--layers", "32", "--hidden-size", "4096"]
+    base += ["--kv-heads", "8", "--weight-bytes", "16e9", "--link-latency-s", "1e-5", "--link-bandwidth", "3.6e11"]
+    assert main([*base, "--tp", "1"]) == 2
+    assert "--tp" in capsys.readouterr().err
+    assert main([*base, "--tp", "2", "--prefill-efficiency", "1.5"]) == 2
+    assert "--prefill-efficiency" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_simulate_takes_at_most_two_profiles(capsys):
+    assert main(["simulate", "--profile", H100, "--profile", H200, "--profile", H100, *SMALL]) == 2
+    assert "simulate takes one profile, or two" in capsys.readouterr().err

@@ -195,32 +195,32 @@ def _burst(n: int = 30, prompt: int = 1000, out: int = 20) -> Workload:
     return Workload(np.zeros(n), np.full(n, prompt), np.full(n, out))
 
 
-def test_a_mixed_pool_runs_the_prompts_a_backed_up_prefill_pool_would_queue(toy):
+def test_a_hybrid_pool_runs_the_prompts_a_backed_up_prefill_pool_would_queue(toy):
     wl = _burst()
     split = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy))
-    with_mixed = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), mixed=PoolSpec(1, toy))
-    plain, r = simulate(split, wl), simulate(with_mixed, wl)
+    with_hybrid = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), hybrid=PoolSpec(1, toy))
+    plain, r = simulate(split, wl), simulate(with_hybrid, wl)
     backlog = MIXED_PREFILL_BACKLOG_TOKENS // 1000 + 1  # prompts queued at the prefill worker before overflow
     assert not np.isnan(r.finish_s).any()
-    assert r.busy_s["mixed"] > 0 and r.busy_s["prefill"] < plain.busy_s["prefill"]
-    # The first `backlog` prompts went through prefill exactly as without the mixed pool; the rest did not wait
+    assert r.busy_s["hybrid"] > 0 and r.busy_s["prefill"] < plain.busy_s["prefill"]
+    # The first `backlog` prompts went through prefill exactly as without the hybrid pool; the rest did not wait
     # for them.
     np.testing.assert_allclose(r.first_token_s[:backlog], plain.first_token_s[:backlog])
     assert r.first_token_s[backlog:].max() < plain.first_token_s[backlog:].max()
     m = summarize(r, SLO())
-    assert set(m.utilisation) == {"prefill", "decode", "mixed"} and m.gpus == 3
+    assert set(m.utilisation) == {"prefill", "decode", "hybrid"} and m.gpus == 3
 
 
-def test_the_mixed_policy_lets_an_idle_decode_worker_prefill_and_changes_nothing_below_the_line(toy):
+def test_the_borrow_idle_policy_lets_an_idle_decode_worker_prefill_and_changes_nothing_below_the_line(toy):
     def run(policy, wl):
         return simulate(ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), policy=policy), wl)
 
     burst = _burst()
-    jsq, mixed = run("jsq", burst), run("mixed", burst)
-    assert mixed.first_token_s.max() < jsq.first_token_s.max()
-    assert mixed.busy_s["prefill"] < jsq.busy_s["prefill"]  # some prompts ran on the decode worker instead
+    jsq, borrow = run("jsq", burst), run("borrow_idle", burst)
+    assert borrow.first_token_s.max() < jsq.first_token_s.max()
+    assert borrow.busy_s["prefill"] < jsq.busy_s["prefill"]  # some prompts ran on the decode worker instead
     calm = _wl(2, 2000, prompt="500", output="20", seed=4)  # the backlog never nears 8192 tokens
-    base, same = run("jsq", calm), run("mixed", calm)
+    base, same = run("jsq", calm), run("borrow_idle", calm)
     np.testing.assert_array_equal(base.first_token_s, same.first_token_s)
     np.testing.assert_array_equal(base.finish_s, same.finish_s)
 
@@ -344,3 +344,21 @@ def test_pools_sharing_gpus_count_each_gpu_once_and_slow_a_decode_step_beside_a_
     assert m.joules_per_output_token * wl.output_tokens.sum() == pytest.approx(idle_j + busy_s * 500)
     with pytest.raises(SimInputError, match="shared-gpus"):
         ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(2, toy), shared_gpus=True)
+
+
+def test_the_old_policy_name_is_an_error_naming_the_new_one(toy):
+    with pytest.raises(SimInputError, match="'mixed' is now called 'borrow_idle'"):
+        ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), policy="mixed")  # type: ignore[arg-type]
+
+
+def test_borrow_idle_routes_like_jsq_not_round_robin(toy):
+    """Two decode workers: a long request on worker 0, then two short ones; jsq and borrow_idle send both short ones
+    to the idle worker 1 only while it stays the lighter, round robin alternates regardless."""
+    wl = Workload(np.array([0.0, 0.001, 0.002]), np.array([100, 100, 100]), np.array([2000, 5, 5]))
+
+    def workers(policy):
+        cluster = ClusterSpec("colocated", PoolSpec(2, toy), policy=policy)
+        return simulate(cluster, wl).finish_s
+
+    np.testing.assert_array_equal(workers("jsq"), workers("borrow_idle"))
+    assert not np.array_equal(workers("jsq"), workers("round_robin"))

@@ -18,10 +18,13 @@ def test_shipped_profiles_are_consistent(h100, h200):
         assert "nccl" in profile.kv_transfer
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-h100.yaml", "llama3-8b-h200.yaml"])
-def test_the_shipped_profiles_are_measured(name):
-    header = (PROFILES / name).read_text().split("\nmodel:")[0]
-    assert header.startswith("# Measured by `splitserve profile` on ") and "PROVISIONAL" not in header
+@pytest.mark.parametrize("path", sorted(PROFILES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_profile_says_whether_it_is_measured_or_derived(path):
+    header = path.read_text().split("\nmodel:")[0]
+    if load_profile(path).derived:
+        assert header.startswith("# DERIVED for planning, NOT MEASURED")
+    else:
+        assert header.startswith("# Measured by `splitserve profile` on ") and "PROVISIONAL" not in header
 
 
 def test_prefill_interpolates_between_points_and_extrapolates_past_the_last(h100):
