@@ -44,7 +44,7 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     clusters = {
         "disaggregated 4P+3D": ClusterSpec("disaggregated", PoolSpec(4, profile), PoolSpec(3, profile)),
-        "colocated 7 mixed": ClusterSpec("colocated", PoolSpec(7, profile)),
+        "colocated 7": ClusterSpec("colocated", PoolSpec(7, profile)),
     }
     rows = []
     for name, cluster in clusters.items():

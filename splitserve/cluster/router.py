@@ -30,8 +30,8 @@ from splitserve.roles import Role
 
 # Prefill backlog (tokens per worker) that counts as backed up, and decode occupancy that counts as idle (the
 # ``borrow_idle`` policy's threshold). The simulator imports both by these names.
-MIXED_PREFILL_BACKLOG_TOKENS = 8192
-MIXED_DECODE_IDLE_OCCUPANCY = 0.25
+PREFILL_BACKLOG_TOKENS = 8192
+DECODE_IDLE_OCCUPANCY = 0.25
 # Rebalance policy: samples (one per health check) an imbalance must last, and the pressure gap that counts.
 REBALANCE_WINDOW = 10
 REBALANCE_MARGIN = 0.5
@@ -101,7 +101,7 @@ class Move:
 class PhaseBalance:
     """Remembers the last ``window`` pressure gaps (prefill minus decode, each in [0, 1]).
 
-    Prefill pressure is the mean backlog per prefill worker over MIXED_PREFILL_BACKLOG_TOKENS (a backed-up
+    Prefill pressure is the mean backlog per prefill worker over PREFILL_BACKLOG_TOKENS (a backed-up
     worker), capped at 1; decode pressure is the mean KV occupancy. Only a gap that kept its sign and exceeded
     ``margin`` in every sample of a full window suggests a move, so a burst never flips a worker.
     """
@@ -194,7 +194,7 @@ class Router:
                 )
             except ServingError as err:
                 refused = err
-            if prefill is None or prefill.pending_tokens >= MIXED_PREFILL_BACKLOG_TOKENS:
+            if prefill is None or prefill.pending_tokens >= PREFILL_BACKLOG_TOKENS:
                 local = self._overflow(decode, excluded)
                 if local is not None:
                     prefill, decode = None, local
@@ -223,7 +223,7 @@ class Router:
                 return self._choose(hybrid, _decode_key, self._rr_hybrid, excluded)
             except ServingError:
                 pass  # every hybrid worker is full or down
-        if self.policy == RouterPolicy.borrow_idle and decode.occupancy <= MIXED_DECODE_IDLE_OCCUPANCY:
+        if self.policy == RouterPolicy.borrow_idle and decode.occupancy <= DECODE_IDLE_OCCUPANCY:
             return decode
         return None
 
@@ -233,7 +233,7 @@ class Router:
         """(prefill, decode) pressure in [0, 1], over the workers taking requests (see PhaseBalance)."""
         prefill = [w for w in self._prefill.values() if not w.draining]
         decode = [w for w in self._decode.values() if not w.draining]
-        backlog = sum(w.pending_tokens for w in prefill) / max(len(prefill), 1) / MIXED_PREFILL_BACKLOG_TOKENS
+        backlog = sum(w.pending_tokens for w in prefill) / max(len(prefill), 1) / PREFILL_BACKLOG_TOKENS
         occupancy = sum(w.occupancy for w in decode) / max(len(decode), 1)
         return min(backlog, 1.0), min(occupancy, 1.0)
 

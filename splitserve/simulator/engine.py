@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitserve.cluster.router import MIXED_DECODE_IDLE_OCCUPANCY, MIXED_PREFILL_BACKLOG_TOKENS
+from splitserve.cluster.router import DECODE_IDLE_OCCUPANCY, PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.batch import DecodeBatch
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.router import Router
@@ -290,7 +290,7 @@ class _Disaggregated(_Sim):
     def arrive(self, r: int, t: float) -> None:
         w = self.pf_router.choose(self.pf_load)
         d = self.dec_router.choose(self.load)
-        if self.pf_load[w] >= MIXED_PREFILL_BACKLOG_TOKENS:
+        if self.pf_load[w] >= PREFILL_BACKLOG_TOKENS:
             local = self.overflow(d)
             if local is not None:
                 self.assign(r, local, t, prefill_here=True)
@@ -318,7 +318,7 @@ class _Disaggregated(_Sim):
         if self.hybrid_router is not None:
             return self.n_decode + self.hybrid_router.choose(self.load[self.n_decode :])
         b = self.batches[d]
-        if self.idle_fallback and self.load[d] <= MIXED_DECODE_IDLE_OCCUPANCY * b.cap:
+        if self.idle_fallback and self.load[d] <= DECODE_IDLE_OCCUPANCY * b.cap:
             return d
         return None
 

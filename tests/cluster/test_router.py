@@ -3,7 +3,7 @@
 import pytest
 
 from splitserve.cluster.messages import ErrorCode, ServingError
-from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS, Placement, Router
+from splitserve.cluster.router import PREFILL_BACKLOG_TOKENS, Placement, Router
 from splitserve.config import RouterPolicy
 
 
@@ -93,11 +93,11 @@ def test_a_placement_on_a_replaced_worker_leaves_the_new_one_alone():
 
 def test_borrow_idle_lets_an_idle_decode_worker_prefill():
     r = _router(RouterPolicy.borrow_idle, prefill=1, decode=1)
-    assert r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16).prefill_worker == "p0"
+    assert r.place(PREFILL_BACKLOG_TOKENS, 16).prefill_worker == "p0"
     # The prefill worker is now backed up and the decode worker nearly idle: the decode worker takes the prompt.
     assert r.place(100, 16).prefill_worker is None
     jsq = _router(RouterPolicy.jsq, prefill=1, decode=1)
-    jsq.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
+    jsq.place(PREFILL_BACKLOG_TOKENS, 16)
     assert jsq.place(100, 16).prefill_worker == "p0"
 
 
@@ -112,7 +112,7 @@ def _with_hybrid_worker(policy: RouterPolicy, prefill_queue: int = 1000) -> Rout
 @pytest.mark.parametrize("policy", [RouterPolicy.jsq, RouterPolicy.round_robin, RouterPolicy.borrow_idle])
 def test_a_hybrid_worker_takes_the_prompts_of_a_backed_up_prefill_pool(policy):
     r = _with_hybrid_worker(policy)
-    first = r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
+    first = r.place(PREFILL_BACKLOG_TOKENS, 16)
     assert first.prefill_worker == "p0"
     # Prefill is backed up: the hybrid worker runs the whole request, under every policy, before any idle decode
     # worker would (borrow_idle's fallback).
@@ -134,7 +134,7 @@ def test_without_room_on_a_hybrid_worker_the_request_waits_for_prefill():
     r.add_prefill_worker("p0", max_queue=1000)
     r.add_decode_worker("m0", capacity_tokens=100_000, max_queue=1, hybrid=True)
     r.add_decode_worker("d0", capacity_tokens=100_000, max_queue=1000)
-    r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)  # backs prefill up; decoded on m0 or d0
-    r.place(MIXED_PREFILL_BACKLOG_TOKENS, 16)
+    r.place(PREFILL_BACKLOG_TOKENS, 16)  # backs prefill up; decoded on m0 or d0
+    r.place(PREFILL_BACKLOG_TOKENS, 16)
     placement = r.place(100, 16)
     assert placement.prefill_worker == "p0" and placement.decode_worker == "d0"

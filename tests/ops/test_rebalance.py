@@ -1,6 +1,6 @@
 """Scaling and role switching at the router level, deterministically: draining workers and the rebalance policy."""
 
-from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS, REBALANCE_WINDOW, Move, Router
+from splitserve.cluster.router import PREFILL_BACKLOG_TOKENS, REBALANCE_WINDOW, Move, Router
 from splitserve.config import RouterPolicy
 
 
@@ -32,8 +32,8 @@ def _sample(r: Router, times: int) -> None:
 
 def test_sustained_prefill_backlog_moves_a_decode_worker_to_prefill():
     r = _router(capacity=100_000)
-    r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)  # one prompt that backs up a prefill worker, decode nearly idle
-    r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)
+    r.place(2 * PREFILL_BACKLOG_TOKENS, 1)  # one prompt that backs up a prefill worker, decode nearly idle
+    r.place(2 * PREFILL_BACKLOG_TOKENS, 1)
     _sample(r, REBALANCE_WINDOW - 1)
     assert r.rebalance_move() is None  # not sustained for a whole window yet
     r.sample_balance()
@@ -51,7 +51,7 @@ def test_sustained_decode_pressure_moves_a_prefill_worker_to_decode():
 
 def test_one_balanced_sample_in_the_window_means_no_move():
     r = _router(capacity=100_000)
-    placement = r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)
+    placement = r.place(2 * PREFILL_BACKLOG_TOKENS, 1)
     _sample(r, REBALANCE_WINDOW - 1)
     placement.prefill_done()  # the burst is gone
     r.sample_balance()
@@ -60,8 +60,8 @@ def test_one_balanced_sample_in_the_window_means_no_move():
 
 def test_the_last_worker_of_a_pool_is_never_moved():
     r = _router(prefill=2, decode=1, capacity=100_000)
-    r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)
-    r.place(2 * MIXED_PREFILL_BACKLOG_TOKENS, 1)
+    r.place(2 * PREFILL_BACKLOG_TOKENS, 1)
+    r.place(2 * PREFILL_BACKLOG_TOKENS, 1)
     _sample(r, REBALANCE_WINDOW)
     assert r.rebalance_move() is None
 

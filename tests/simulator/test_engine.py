@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from splitserve.cluster.router import MIXED_PREFILL_BACKLOG_TOKENS
+from splitserve.cluster.router import PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
 from splitserve.simulator.engine import simulate
 from splitserve.simulator.errors import SimInputError
@@ -200,7 +200,7 @@ def test_a_hybrid_pool_runs_the_prompts_a_backed_up_prefill_pool_would_queue(toy
     split = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy))
     with_hybrid = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), hybrid=PoolSpec(1, toy))
     plain, r = simulate(split, wl), simulate(with_hybrid, wl)
-    backlog = MIXED_PREFILL_BACKLOG_TOKENS // 1000 + 1  # prompts queued at the prefill worker before overflow
+    backlog = PREFILL_BACKLOG_TOKENS // 1000 + 1  # prompts queued at the prefill worker before overflow
     assert not np.isnan(r.finish_s).any()
     assert r.busy_s["hybrid"] > 0 and r.busy_s["prefill"] < plain.busy_s["prefill"]
     # The first `backlog` prompts went through prefill exactly as without the hybrid pool; the rest did not wait
