@@ -165,11 +165,16 @@ class StepChannel:
         return unpack(flat)
 
 
-def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
-    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+def init_rank_group(
+    rank: int, size: int, init_method: str, device: torch.device, cuda_index: int | None = None
+) -> RankGroup:
+    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``).
+
+    ``cuda_index``: the rank's GPU among those this process sees; by default its rank (every rank sees every GPU,
+    as spawned processes do; a Ray actor sees only its own, index 0)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(rank)  # one GPU per rank
+        torch.cuda.set_device(rank if cuda_index is None else cuda_index)  # one GPU per rank
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     world = dist.group.WORLD
     assert world is not None

@@ -1,0 +1,102 @@
+"""A tensor-parallel worker on a real cluster (Ray actors, gloo on CPU, the tiny model): one worker of two ranks to
+the router and in status, greedy output equal to HF, and a rank's death takes the whole group down and back up
+with nothing stranded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+from ray.util.placement_group import placement_group_table
+
+from splitserve.cluster.messages import ErrorCode
+from splitserve.engine.testing import hf_greedy_reference
+from tests.chaos.harness import Harness, chaos_config, prompts, run_request, settle, until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+MAX_NEW = 8
+TP = 2
+
+
+@pytest.fixture(scope="module")
+def h(ray_local, tiny_model_dir):
+    config = chaos_config(
+        tiny_model_dir,
+        mode="colocated",
+        decode={"replicas": 1, "tensor_parallel_size": TP, "num_kv_blocks": 256},
+        router={"max_retries": 2},
+    )
+    harness = Harness(config)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_one_worker_of_two_ranks_serves_hf_greedy_and_shows_as_one_worker(h, tiny_model_dir):
+    ps = prompts(4, lo=3, hi=40, seed=37)
+
+    async def scenario():
+        outs = await asyncio.gather(*(run_request(h.cluster, f"tp-{i}", p, MAX_NEW) for i, p in enumerate(ps)))
+        await h.audit()
+        return outs
+
+    outs = h.run(scenario())
+    assert [o.tokens for o in outs] == hf_greedy_reference(tiny_model_dir, ps, MAX_NEW)
+    (status,) = h.cluster.pools.worker_status()
+    assert (status["worker_id"], status["tensor_parallel_size"], status["gpus"]) == ("decode-0", TP, 0.0)
+    worker = h.cluster.workers["decode-0"]
+    (follower,) = worker.info["followers"]
+    assert follower["rank"] == 1 and follower["pid"] != worker.info["pid"] and _alive(follower["pid"])
+
+
+@pytest.mark.parametrize("victim", ["follower", "leader"])
+def test_a_rank_killed_mid_request_restarts_the_whole_group(h, tiny_model_dir, victim):
+    """SIGKILL one rank while requests decode: each request completes (retried on the restarted group, the same
+    greedy tokens) or fails UNAVAILABLE; the other rank goes too, with the placement group; the fresh group serves
+    and no page is left held."""
+    ps = prompts(3, lo=20, hi=40, seed=41)
+    want = hf_greedy_reference(tiny_model_dir, ps, 40)
+    worker = h.cluster.workers["decode-0"]
+    leader_pid, (follower,) = worker.info["pid"], worker.info["followers"]
+    old_placement = worker.placement
+
+    async def scenario():
+        first = asyncio.Event()
+        tasks = [
+            asyncio.ensure_future(run_request(h.cluster, f"kill-{victim}-{i}", p, 40, first_token=first))
+            for i, p in enumerate(ps)
+        ]
+        await asyncio.wait_for(first.wait(), 60)
+        os.kill(follower["pid"] if victim == "follower" else leader_pid, signal.SIGKILL)
+        await settle(tasks, timeout_s=120)
+        await until(lambda: h.cluster.workers["decode-0"].restarts > worker.restarts, 60, "the group restarted")
+        await h.audit(deadline_s=60)
+        again = await run_request(h.cluster, f"after-{victim}", ps[0], 40)
+        await h.audit()
+        return [t.result() for t in tasks], again
+
+    outs, again = h.run(scenario(), timeout=300)
+    for o, tokens in zip(outs, want, strict=True):
+        if o.status == "completed":
+            assert o.tokens == tokens, o.request_id
+        else:
+            assert o.status == "error" and o.error is not None and o.error.code == ErrorCode.UNAVAILABLE, o
+    assert any(o.status == "error" or o.timing.retries for o in outs)  # the kill did cut requests short
+    assert again.status == "completed" and again.tokens == want[0]
+    assert not _alive(leader_pid) and not _alive(follower["pid"])
+    assert placement_group_table(old_placement)["state"] == "REMOVED"
+    fresh = h.cluster.workers["decode-0"]
+    assert fresh.placement is not old_placement and len(fresh.info["followers"]) == TP - 1
+    assert ray.util.placement_group_table(fresh.placement)["state"] == "CREATED"
