@@ -9,11 +9,16 @@ import os
 import signal
 
 import pytest
-import ray
+from google.protobuf.json_format import MessageToDict
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from ray.util.placement_group import placement_group_table
 
 from splitserve.cluster.messages import ErrorCode
 from splitserve.engine.testing import hf_greedy_reference
+from splitserve.ops.status_table import WORKER_COLUMNS, format_status
+from splitserve.server.cluster_metrics import ClusterCollector
+from splitserve.server.grpc_service import cluster_status_message
 from tests.chaos.harness import Harness, chaos_config, prompts, run_request, settle, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -54,11 +59,34 @@ def test_one_worker_of_two_ranks_serves_hf_greedy_and_shows_as_one_worker(h, tin
 
     outs = h.run(scenario())
     assert [o.tokens for o in outs] == hf_greedy_reference(tiny_model_dir, ps, MAX_NEW)
-    (status,) = h.cluster.pools.worker_status()
-    assert (status["worker_id"], status["tensor_parallel_size"], status["gpus"]) == ("decode-0", TP, 0.0)
     worker = h.cluster.workers["decode-0"]
     (follower,) = worker.info["followers"]
     assert follower["rank"] == 1 and follower["pid"] != worker.info["pid"] and _alive(follower["pid"])
+
+
+def test_status_and_metrics_show_the_group_as_one_worker_of_its_ranks(h):
+    """Through the API's own path: worker status -> the ClusterStatus message -> the client's dict -> the table."""
+    (status,) = h.cluster.worker_status()
+    assert (status["worker_id"], status["tensor_parallel_size"], status["gpus"]) == ("decode-0", TP, 0.0)
+    message = cluster_status_message(h.run(h.cluster.status()))
+    answer = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    table = format_status(answer).splitlines()
+    header = table.index(next(line for line in table if line.startswith("WORKER")))
+    (row,) = [line.split() for line in table[header + 1 :]]
+    assert dict(zip(WORKER_COLUMNS[:7], row[:7], strict=True))["TP"] == str(TP)
+
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(h.cluster.worker_status))
+    samples = [
+        (s.name, s.labels["worker_id"], s.value)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if s.name in ("splitserve_worker_tensor_parallel_size", "splitserve_worker_healthy")
+    ]
+    assert sorted(samples) == [
+        ("splitserve_worker_healthy", "decode-0", 1.0),
+        ("splitserve_worker_tensor_parallel_size", "decode-0", float(TP)),
+    ]
 
 
 @pytest.mark.parametrize("victim", ["follower", "leader"])
@@ -99,4 +127,4 @@ def test_a_rank_killed_mid_request_restarts_the_whole_group(h, tiny_model_dir, v
     assert placement_group_table(old_placement)["state"] == "REMOVED"
     fresh = h.cluster.workers["decode-0"]
     assert fresh.placement is not old_placement and len(fresh.info["followers"]) == TP - 1
-    assert ray.util.placement_group_table(fresh.placement)["state"] == "CREATED"
+    assert placement_group_table(fresh.placement)["state"] == "CREATED"
