@@ -79,16 +79,12 @@ class WorkerBase(ReportsReleases):
             **describe_device(runner.device),
         }
 
-    def _group_failure(self) -> str | None:
-        """Why this worker's tensor-parallel group broke (a rank died), once it has: the worker cannot step again."""
-        return self.followers.failure if self.followers is not None else None
-
     async def stats(self) -> WorkerStats:
         def collect() -> WorkerStats:
             e = self.engine
             load = self._load()
             extra = {
-                "engine_failed": float(self._thread.error is not None or self._group_failure() is not None),
+                "engine_failed": float(self._thread.error is not None),
                 "time": time.time(),
                 "held": float(len(e.held)),
                 **load.pop("extra", {}),

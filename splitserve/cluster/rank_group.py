@@ -6,15 +6,17 @@ actor in bundle 0. That actor is rank 0, the leader: it owns the scheduler, and 
 its engine beside theirs. From then on each step reaches the followers through the ``StepChannel`` (one gloo
 broadcast), never through a Ray call.
 
-The group lives and dies as one: a follower's ``run`` ends only with the group, so its end marks the leader failed
-(its health check then says so, and the pool replaces the whole worker); the leader's next collective fails at once
-on a dead rank; and the followers die with the leader, their owner, and with the placement group the pool removes.
+The group lives and dies as one: a follower's ``run`` ends only with the group, and its end ends the leader's process
+too (the pool then sees the worker die and restarts the whole group); a rank whose step fails exits, so the others'
+collectives fail at once rather than wait on it; and the followers die with the leader, their owner, and with the
+placement group the pool removes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -78,8 +80,14 @@ class RankFollower:
         return {"rank": self.group.rank, **describe_device(self.runner.device)}
 
     def run(self) -> int:
-        """Follow the leader until it stops the group (or a rank dies, which raises here); the steps run."""
-        return follow(self.runner, self.group)
+        """Follow the leader until it stops the group; the steps run. A step that fails here (a rank died, or this
+        rank's pass raised) ends the process: alive, it would keep its connections open, and the other ranks would
+        wait on it in their next collective instead of failing."""
+        try:
+            return follow(self.runner, self.group)
+        except BaseException:
+            log.exception("tensor-parallel rank %d failed; it leaves the group", self.group.rank)
+            os._exit(1)
 
 
 @dataclass
@@ -89,20 +97,25 @@ class Followers:
     actors: list[Any]
     info: list[dict[str, Any]] = field(default_factory=list)
     failure: str | None = None  # why the group broke, once a follower's run ended
+    formed: bool = False  # set once the leader's engine is built: from then on a broken group ends the leader
 
     def watch(self, runs: list[ray.ObjectRef]) -> None:
-        """Mark the group broken as soon as any follower's run ends: it ends only when the group does."""
+        """React as soon as any follower's run ends: it ends only when the group does."""
         for rank, run in enumerate(runs, start=1):
             run.future().add_done_callback(functools.partial(self._ended, rank))
 
     def _ended(self, rank: int, future: Future) -> None:
+        """Before the group forms, the leader's set-up fails with the reason. After, the leader's process ends: the
+        pool sees the worker die (its health check, its token channel) and restarts the whole group, its requests
+        are retried, and that holds whether or not a step was running."""
         error = future.exception()
         # Ray's error text goes on with the actor's details; its first line says what happened.
         how = "stopped" if error is None else f"died: {str(error).strip().splitlines()[0]}"
-        reason = f"tensor-parallel rank {rank} {how}"
         if self.failure is None:
-            log.error("%s", reason)
-            self.failure = reason
+            self.failure = f"tensor-parallel rank {rank} {how}"
+        if self.formed:
+            log.error("%s: the worker's group is broken and it exits, for its pool to restart it", self.failure)
+            os._exit(1)
 
 
 def start_leader(config: EngineConfig, size: int) -> tuple[Engine, Followers]:
@@ -128,6 +141,9 @@ def start_leader(config: EngineConfig, size: int) -> tuple[Engine, Followers]:
     rank_group = _join_as_leader(size, init_method, device, followers)
     engine = Engine(config, rank_group=rank_group)
     followers.info = ray.get(described)
+    followers.formed = True
+    if followers.failure is not None:  # a follower ended after the rendezvous, before the flag was up
+        raise RuntimeError(f"the tensor-parallel group broke while it formed: {followers.failure}")
     return engine, followers
 
 

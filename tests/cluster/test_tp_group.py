@@ -128,3 +128,21 @@ def test_a_rank_killed_mid_request_restarts_the_whole_group(h, tiny_model_dir, v
     fresh = h.cluster.workers["decode-0"]
     assert fresh.placement is not old_placement and len(fresh.info["followers"]) == TP - 1
     assert placement_group_table(fresh.placement)["state"] == "CREATED"
+
+
+def test_a_follower_killed_while_idle_restarts_the_group_before_any_request_finds_it(h, tiny_model_dir):
+    """No request needs to fail first: the leader sees its follower go and ends, and the health loop restarts the
+    group; the next request is served by the fresh one."""
+    worker = h.cluster.workers["decode-0"]
+    leader_pid, (follower,) = worker.info["pid"], worker.info["followers"]
+
+    async def scenario():
+        os.kill(follower["pid"], signal.SIGKILL)
+        await until(lambda: h.cluster.workers["decode-0"].restarts > worker.restarts, 60, "the group restarted")
+        await h.audit(deadline_s=60)
+        return await run_request(h.cluster, "after-idle", [5, 6, 7], MAX_NEW)
+
+    served = h.run(scenario(), timeout=180)
+    assert not _alive(leader_pid)
+    assert served.status == "completed" and served.timing.retries == 0
+    assert served.tokens == hf_greedy_reference(tiny_model_dir, [[5, 6, 7]], MAX_NEW)[0]
