@@ -94,10 +94,10 @@ class RankFollower:
 class Followers:
     """The leader's view of its followers: their actors, and whether the group still stands."""
 
-    actors: list[Any]
+    actors: list[Any]  # held for the group's life: Ray ends an actor once no handle to it is left
     info: list[dict[str, Any]] = field(default_factory=list)
     failure: str | None = None  # why the group broke, once a follower's run ended
-    formed: bool = False  # set once the leader's engine is built: from then on a broken group ends the leader
+    joined: bool = False  # set once every rank has joined: from then on a broken group ends the leader
 
     def watch(self, runs: list[ray.ObjectRef]) -> None:
         """React as soon as any follower's run ends: it ends only when the group does."""
@@ -105,15 +105,16 @@ class Followers:
             run.future().add_done_callback(functools.partial(self._ended, rank))
 
     def _ended(self, rank: int, future: Future) -> None:
-        """Before the group forms, the leader's set-up fails with the reason. After, the leader's process ends: the
-        pool sees the worker die (its health check, its token channel) and restarts the whole group, its requests
-        are retried, and that holds whether or not a step was running."""
+        """Before every rank has joined, the leader's set-up fails with the reason. After, the leader's process ends
+        (it may be waiting on the lost rank in a collective, which nccl would only give up after its timeout): the
+        pool sees the worker die (its health check, its token channel) and restarts the whole group, and its
+        requests are retried, whether or not a step was running."""
         error = future.exception()
         # Ray's error text goes on with the actor's details; its first line says what happened.
         how = "stopped" if error is None else f"died: {str(error).strip().splitlines()[0]}"
         if self.failure is None:
             self.failure = f"tensor-parallel rank {rank} {how}"
-        if self.formed:
+        if self.joined:
             log.error("%s: the worker's group is broken and it exits, for its pool to restart it", self.failure)
             os._exit(1)
 
@@ -139,11 +140,11 @@ def start_leader(config: EngineConfig, size: int) -> tuple[Engine, Followers]:
     followers.watch(runs)
     device = resolve_device(config.runner.device)
     rank_group = _join_as_leader(size, init_method, device, followers)
+    followers.joined = True
+    if followers.failure is not None:  # a follower ended between the rendezvous and the flag
+        raise RuntimeError(f"the tensor-parallel group broke as it formed: {followers.failure}")
     engine = Engine(config, rank_group=rank_group)
     followers.info = ray.get(described)
-    followers.formed = True
-    if followers.failure is not None:  # a follower ended after the rendezvous, before the flag was up
-        raise RuntimeError(f"the tensor-parallel group broke while it formed: {followers.failure}")
     return engine, followers
 
 
