@@ -89,6 +89,7 @@ class WorkerBase(ReportsReleases):
                 "held": float(len(e.held)),
                 **load.pop("extra", {}),
                 **e.step_times.as_extra(),
+                **(e.runner.step_channel.as_extra() if e.runner.step_channel is not None else {}),
             }
             return WorkerStats(
                 worker_id=self.worker_id,

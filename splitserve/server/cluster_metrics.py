@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from splitserve.engine.step_timing import STEP_COUNTERS
+from splitserve.engine.tensor_parallel import HANDOFF_COUNTERS
 from splitserve.gpu_stats import GPU_READINGS, nvml_form
 
 WorkerSource = Callable[[], list[dict[str, Any]]]
@@ -70,7 +71,7 @@ class ClusterCollector(Collector):
         }
         steps = {
             key: CounterMetricFamily(f"splitserve_worker_{key.removesuffix('_total')}", text, labels=_LABELS)
-            for key, text in STEP_COUNTERS.items()
+            for key, text in {**STEP_COUNTERS, **HANDOFF_COUNTERS}.items()
         }
         gpu = {
             key: GaugeMetricFamily(f"splitserve_{key}", text, labels=[*_LABELS, "gpu"])
