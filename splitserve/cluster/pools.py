@@ -89,6 +89,7 @@ class WorkerHandle:
         ray.kill(self.actor, no_restart=True)
         if self.placement is not None:
             remove_placement_group(self.placement)
+            self.placement = None  # removed once, however often the handle is killed
 
 
 class Pools:
@@ -174,7 +175,8 @@ class Pools:
         options = options_for(self.config, pool, self.model_dir)
         if pool.tensor_parallel_size > 1:
             bundles = rank_bundles(pool, self.config.cluster.device)
-            worker.placement = placement_group(bundles, strategy="STRICT_PACK", name=f"{worker.worker_id}-ranks")
+            # Unnamed: Ray refuses a name still held by a group being removed, as a restart's would be.
+            worker.placement = placement_group(bundles, strategy="STRICT_PACK")
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]  # stubs lack it
         opts = self._actor_options(pool, worker.placement)
         return actor_cls.options(**opts).remote(worker.worker_id, options)
