@@ -145,3 +145,25 @@ def test_a_follower_killed_while_idle_restarts_the_group_before_any_request_find
     assert not _alive(leader_pid)
     assert served.status == "completed" and served.timing.retries == 0
     assert served.tokens == hf_greedy_reference(tiny_model_dir, [[5, 6, 7]], MAX_NEW)[0]
+
+
+def test_a_pool_of_groups_scales_by_whole_groups(h):
+    """Scaling adds a group with its own placement and drains one away with its follower and placement."""
+
+    async def scenario():
+        grown = await h.cluster.scale("decode", 2)
+        workers = {w: h.cluster.workers[w] for w in ("decode-0", grown.added[0])}
+        placements = {w: worker.placement for w, worker in workers.items()}
+        statuses = {s["worker_id"]: s["tensor_parallel_size"] for s in h.cluster.worker_status()}
+        (gone,) = (await h.cluster.scale("decode", 1)).removed
+        await h.audit()
+        pids = [workers[gone].info["pid"], workers[gone].info["followers"][0]["pid"]]
+        await until(lambda: not any(map(_alive, pids)), 30, "the drained group's ranks exited")
+        return placements, statuses, gone
+
+    placements, statuses, gone = h.run(scenario(), timeout=180)
+    assert statuses == dict.fromkeys(placements, TP)
+    (kept,) = set(placements) - {gone}
+    assert list(h.cluster.workers) == [kept]
+    assert placement_group_table(placements[gone])["state"] == "REMOVED"
+    assert placement_group_table(placements[kept])["state"] == "CREATED"
