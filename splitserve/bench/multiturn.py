@@ -101,30 +101,46 @@ class MultiTurnSpec:
             raise SimInputError(f"--followup-fraction: must be in (0, 1], got {self.followup_fraction}")
 
 
-def build_conversations(spec: MultiTurnSpec, max_context: int) -> list[Conversation]:
-    """The conversations of ``spec``; the same spec and ``max_context`` give the same conversations, ids included."""
+@dataclass(frozen=True)
+class TurnLengths:
+    message: int  # tokens of the new user message
+    answer: int
+    think_s: float
+
+
+def draw_lengths(spec: MultiTurnSpec, max_context: int) -> list[list[TurnLengths]]:
+    """Each conversation's turns as lengths and think times (what the simulator needs); a conversation whose first
+    turn does not fit ``max_context`` has none."""
     trace = load_trace(spec.trace)
     rng = np.random.default_rng(spec.seed)
-    counts = spec.turns.sample(rng, spec.conversations)
     conversations = []
-    for c, count in enumerate(counts.tolist()):
-        turns: list[Turn] = []
+    for count in spec.turns.sample(rng, spec.conversations).tolist():
+        turns: list[TurnLengths] = []
         context = 0
         for k in range(count):
             row = int(rng.integers(len(trace)))
             prompt_len, answer = int(trace.prompt_tokens[row]), int(trace.output_tokens[row])
             message = prompt_len if k == 0 else max(1, round(prompt_len * spec.followup_fraction))
             think = spec.think.sample(rng)
-            ids = rng.integers(0, PROMPT_VOCAB, size=message).tolist()
             if context + message + answer > max_context:
                 break
-            turns.append(Turn(ids, answer, think))
+            turns.append(TurnLengths(message, answer, think))
             context += message + answer
-        if turns:
-            conversations.append(Conversation(c, turns))
-    if not conversations:
+        conversations.append(turns)
+    if not any(conversations):
         raise SimInputError(
             f"--max-context: no conversation's first turn fits {max_context} tokens (fix: a model with a longer "
             "context, or a trace with shorter prompts)"
         )
     return conversations
+
+
+def build_conversations(spec: MultiTurnSpec, max_context: int) -> list[Conversation]:
+    """The conversations of ``spec`` with their messages' token ids; the same spec and ``max_context`` give the same
+    conversations, ids included."""
+    ids = np.random.default_rng([spec.seed, 1])  # apart from the lengths' stream: the simulator draws no ids
+    return [
+        Conversation(c, [Turn(ids.integers(0, PROMPT_VOCAB, t.message).tolist(), t.answer, t.think_s) for t in turns])
+        for c, turns in enumerate(draw_lengths(spec, max_context))
+        if turns
+    ]

@@ -18,6 +18,7 @@ import numpy as np
 
 from splitserve.bench.metrics import percentiles
 from splitserve.bench.multiturn_load import OK, TurnRecord
+from splitserve.simulator.turns import text_table
 
 RUNTIME_MISSING = {
     "prefill tokens computed, prefix hit rate": "Timing.cached_prompt_tokens: the prompt tokens the prefill (or "
@@ -79,26 +80,32 @@ def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
     return summaries
 
 
-def _fmt(value: float | None, spec: str = ".0f") -> str:
+def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_table(runs: Sequence[PolicyRun]) -> str:
-    head = (
-        f"{'policy':<12} {'turn':>4} {'ok/sent':>8} {'TTFT p50':>9} {'p90':>8} {'KV ms p50':>9} {'prompt':>7} "
-        f"{'new':>6} {'reused':>7} {'same P':>6} {'same D':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    for run in runs:
-        for s in run.per_turn():
-            lines.append(
-                f"{run.policy:<12} {s.turn:>4} {f'{s.ok}/{s.requests}':>8} {_fmt(s.ttft_ms['p50'], '.1f'):>9} "
-                f"{_fmt(s.ttft_ms['p90'], '.1f'):>8} {_fmt(s.kv_transfer_ms['p50'], '.1f'):>9} "
-                f"{s.prompt_tokens:>7.0f} {s.new_tokens:>6.0f} {s.reused_tokens:>7.0f} "
-                f"{_fmt(s.same_prefill_worker, '.0%'):>6} {_fmt(s.same_decode_worker, '.0%'):>6}"
-            )
+    headers = ["policy", "turn", "ok/sent", "TTFT p50 ms", "p90", "KV ms p50", "prompt", "new", "reused"]
+    headers += ["same P", "same D"]
+    cells = [
+        [
+            run.policy,
+            str(s.turn),
+            f"{s.ok}/{s.requests}",
+            _fmt(s.ttft_ms["p50"], ".1f"),
+            _fmt(s.ttft_ms["p90"], ".1f"),
+            _fmt(s.kv_transfer_ms["p50"], ".1f"),
+            f"{s.prompt_tokens:.0f}",
+            f"{s.new_tokens:.0f}",
+            f"{s.reused_tokens:.0f}",
+            _fmt(s.same_prefill_worker, ".0%"),
+            _fmt(s.same_decode_worker, ".0%"),
+        ]
+        for run in runs
+        for s in run.per_turn()
+    ]
     missing = "; ".join(f"{what} need {field}" for what, field in RUNTIME_MISSING.items())
-    return "\n".join([*lines, f"not reported (the runtime does not expose them yet): {missing}"])
+    return f"{text_table(headers, cells)}\nnot reported (the runtime does not expose them yet): {missing}"
 
 
 def report_dict(meta: dict[str, Any], runs: Sequence[PolicyRun]) -> dict[str, Any]:

@@ -13,11 +13,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from splitserve.bench.cli import add_multiturn_args, multiturn_spec
 from splitserve.simulator.cluster import POLICIES, ClusterSpec, PoolSpec, check_policy
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.planner import CHUNKS
 from splitserve.simulator.profile import Profile, load_profile, load_profiles
-from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
+from splitserve.simulator.workload import LengthDist, Workload, load_trace, multiturn, synthetic
 from splitserve.slo import SLO
 
 EXIT_USAGE = 2
@@ -85,6 +86,16 @@ def register(subparsers: Any) -> None:
         help="one prefill and one decode replica per GPU (fractional gpus_per_replica); each slowed beside the other "
         "as the profile's serving.shared_gpu_slowdown and shared_gpu_prefill_slowdown say",
     )
+    sim.add_argument(
+        "--multiturn",
+        action="store_true",
+        help="a workload of conversations from --trace (the multi-turn benchmark's): prefix caches, incremental KV "
+        "transfer, a per-turn report; --rate and --num-requests do not apply",
+    )
+    add_multiturn_args(sim)
+    sim.add_argument(
+        "--max-context", type=int, default=8192, help="with --multiturn: the model's context length (prompt + answer)"
+    )
     sim.set_defaults(func=_guarded(_simulate))
     pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")
     _add_common(pl)
@@ -98,7 +109,7 @@ def register(subparsers: Any) -> None:
         help="colocated step token budgets (chunk sizes) to search (default %(default)s)",
     )
     pl.add_argument("--sweep-rates", metavar="R1,R2,...", help="also sweep load on the best clusters (goodput vs load)")
-    pl.set_defaults(func=_guarded(_plan))
+    pl.set_defaults(func=_guarded(_plan), multiturn=False)
     _register_profile(subparsers)
     _register_derive(subparsers)
 
@@ -214,6 +225,12 @@ def _guarded(fn):  # type: ignore[no-untyped-def]
 
 
 def _workload(args: argparse.Namespace) -> Workload:
+    if args.multiturn:
+        from splitserve.bench.multiturn import draw_lengths
+
+        _positive(args, "--max-context")
+        conversations = draw_lengths(multiturn_spec(args), args.max_context)
+        return multiturn([[(t.message, t.answer, t.think_s) for t in turns] for turns in conversations if turns])
     if args.rate is not None and not args.rate > 0:
         raise SimInputError(f"--rate: must be > 0, got {args.rate} (fix: pass requests per second, e.g. --rate 10)")
     if args.trace:
@@ -294,7 +311,15 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{m.ttft_s.p50 * 1e3:.1f}/{m.ttft_s.p99 * 1e3:.1f} ms, TPOT p50/p99 {m.tpot_s.p50 * 1e3:.1f}/"
         f"{m.tpot_s.p99 * 1e3:.1f} ms, utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items())
     )
-    _write_json(args.json, {"cluster": cluster_dict(cluster), "metrics": m.to_dict()})
+    payload: dict[str, Any] = {"cluster": cluster_dict(cluster), "metrics": m.to_dict()}
+    if args.multiturn:
+        from splitserve.simulator.turns import format_turns, per_turn
+
+        turns = per_turn(result)
+        print("\nper turn (prefill tokens computed, prefix hit rate and KV moved per request, means):")
+        print(format_turns(turns))
+        payload["per_turn"] = [t.to_dict() for t in turns]
+    _write_json(args.json, payload)
     if args.plot_dir:
         from splitserve.simulator.plots import latency_cdfs
 

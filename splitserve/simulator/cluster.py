@@ -9,8 +9,10 @@ from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile
 
 Mode = Literal["disaggregated", "colocated"]
-Policy = Literal["round_robin", "jsq", "borrow_idle"]  # as the runtime's router.policy
-POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle")
+# As the runtime's router.policy; ``cache_aware`` (prefix-aware placement, see ``Router``) is the simulator's only,
+# until the runtime has one.
+Policy = Literal["round_robin", "jsq", "borrow_idle", "cache_aware"]
+POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle", "cache_aware")
 RENAMED_POLICIES = {"mixed": "borrow_idle"}  # old name -> new name: an old name is an error naming the new one
 
 
