@@ -94,6 +94,18 @@ def register(subparsers: Any) -> None:
     )
     add_multiturn_args(sim)
     sim.add_argument(
+        "--full-transfer",
+        action="store_true",
+        help="with --multiturn: every KV transfer moves the whole prompt (no incremental transfer), as the runtime "
+        "does today",
+    )
+    sim.add_argument(
+        "--decode-prefix-weight",
+        type=float,
+        default=1.0,
+        help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
+    )
+    sim.add_argument(
         "--max-context", type=int, default=8192, help="with --multiturn: the model's context length (prompt + answer)"
     )
     sim.set_defaults(func=_guarded(_simulate))
@@ -300,7 +312,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.hybrid < 0:
         raise SimInputError(f"--hybrid: must be >= 0, got {args.hybrid}")
     cluster = replace(
-        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid), shared_gpus=args.shared_gpus
+        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid),
+        shared_gpus=args.shared_gpus,
+        incremental_transfer=not args.full_transfer,
+        decode_prefix_weight=args.decode_prefix_weight,
     )
     result = simulate(cluster, wl)
     m = summarize(result, slo)
@@ -493,6 +508,8 @@ def cluster_dict(c: ClusterSpec) -> dict:
         "kv_backend": c.kv_backend,
         "gpus": c.gpus,
         "shared_gpus": c.shared_gpus,
+        "incremental_transfer": c.incremental_transfer,
+        "decode_prefix_weight": c.decode_prefix_weight,
         "cost_per_hour": c.cost_per_hour,
         "pools": {
             name: {

@@ -366,15 +366,16 @@ class _Disaggregated(_Sim):
             self.shared_slowdown = dec.profile.serving.shared_gpu_slowdown
             self.prefill_slowdown = pre.profile.serving.shared_gpu_prefill_slowdown
         self.pf_router = Router(cluster.policy, pre.replicas)
-        self.dec_router = Router(cluster.policy, len(self.batches))
+        self.dec_router = Router(cluster.policy, len(self.batches), cluster.decode_prefix_weight)
         self.hybrid_router = Router(cluster.policy, hybrid.replicas) if hybrid is not None else None
         self.idle_fallback = cluster.policy == "borrow_idle"
+        self.incremental = self.multiturn and cluster.incremental_transfer
 
     def arrive(self, r: int, t: float) -> None:
         saved_pf = saved_dec = None
         if self.cache_aware:  # what each worker holds of the conversation: the router's prefix index, exact
             saved_pf = self.saved(self.pf_caches, r, computed=True)
-            saved_dec = self.saved(self.caches, r, computed=False)
+            saved_dec = self.saved(self.caches, r, computed=False) if self.incremental else None
         w = self.pf_router.choose(self.pf_load, saved_pf)
         d = self.dec_router.choose(self.load, saved_dec)
         if self.pf_load[w] >= PREFILL_BACKLOG_TOKENS:
@@ -470,7 +471,7 @@ class _Disaggregated(_Sim):
         first, out, load, worker_of = self.first, self.out, self.pf_load, self.worker_of
         egress, ingress, prompt = self.egress_free, self.ingress_free, self.prompt
         start = self.pf_span[w][0]
-        multiturn = self.multiturn
+        multiturn, incremental = self.multiturn, self.incremental
         for r in batch:
             first[r] = t
             load[w] -= self.pf_cost[r]
@@ -484,7 +485,7 @@ class _Disaggregated(_Sim):
             else:
                 d = worker_of[r]
                 # Incremental transfer: only the KV the decode worker does not hold from the conversation.
-                moved = prompt[r] - (min(self.caches[d].take(self.conv_of[r]), self.prefix_of[r]) if multiturn else 0)
+                moved = prompt[r] - (min(self.caches[d].take(self.conv_of[r]), self.prefix_of[r]) if incremental else 0)
                 self.moved[r] = moved
                 link_s = moved * self.token_link_s
                 egress[w] = max(start, egress[w]) + link_s

@@ -111,6 +111,7 @@ def test_cache_aware_leaves_the_prefix_when_its_worker_is_loaded_beyond_what_it_
     assert router.choose([400, 0], [500, 0]) == 0
     assert router.choose([1000, 0], [500, 0]) == 1
     assert router.choose([400, 0]) == 1  # nothing known of the prefix: jsq
+    assert Router("cache_aware", 2, prefix_weight=3).choose([1000, 0], [500, 0]) == 0  # 1000 - 3 x 500 < 0
     assert Router("jsq", 2).choose([400, 0], [500, 0]) == 1
 
 
@@ -122,3 +123,13 @@ def test_the_cache_evicts_least_recently_used_first():
     cache.evict_to(200)
     assert (cache.held(1), cache.held(2), cache.tokens) == (150, 0, 150)
     assert cache.take(1) == 150 and cache.tokens == 0 and cache.take(1) == 0
+
+
+def test_without_incremental_transfer_every_turn_moves_its_whole_prompt():
+    toy = make_profile()
+    cluster = ClusterSpec("disaggregated", PoolSpec(1, toy), PoolSpec(1, toy), incremental_transfer=False)
+    result = simulate(cluster, one_conversation())
+    assert result.prefix is not None
+    p = prompts()
+    assert result.prefix.moved_tokens.tolist() == p
+    assert result.prefix.cached_tokens.tolist() == [0, p[0], p[1]]  # prefill reuse is the same
