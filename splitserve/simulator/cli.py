@@ -49,7 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--router",
         default="jsq",
         metavar="{" + ",".join(POLICIES) + "}",
-        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up",
+        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up; "
+        "cache_aware (simulator only, for now) places a conversation's turn where its prefix is cached (--multiturn)",
     )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
     c.add_argument(
