@@ -18,11 +18,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from splitserve.bench import cli, multiturn_report
 from splitserve.bench.local_cluster import local_cluster
 from splitserve.bench.multiturn import Conversation, MultiTurnSpec, build_conversations
 from splitserve.bench.multiturn_load import max_context, replay_at
-from splitserve.config import ConfigError, RouterPolicy, SplitserveConfig, load_config
+from splitserve.config import ConfigError, RouterConfig, RouterPolicy, SplitserveConfig, load_config
 from splitserve.simulator.errors import SimInputError
 
 
@@ -39,11 +41,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_policies(text: str) -> list[RouterPolicy]:
-    try:
-        policies = [RouterPolicy(p.strip()) for p in text.split(",") if p.strip()]
-    except ValueError:
-        known = ", ".join(p.value for p in RouterPolicy)
-        raise SimInputError(f"--policies: {text!r} (fix: a comma-separated list of {known})") from None
+    """Each as the config's router.policy reads it (an old name is an error naming the new one)."""
+    policies = []
+    for name in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            policies.append(RouterConfig.model_validate({"policy": name}).policy)
+        except ValidationError as err:
+            raise SimInputError(f"--policies: {name!r}: {err.errors()[0]['msg']}") from None
     if not policies:
         raise SimInputError("--policies: empty (fix: e.g. --policies jsq,round_robin)")
     return policies

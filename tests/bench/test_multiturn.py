@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from splitserve.bench.multiturn import MultiTurnSpec, ThinkDist, build_conversations
 from splitserve.bench.multiturn_load import OK, TurnRecord
 from splitserve.bench.multiturn_report import PolicyRun, format_table, summarize_turns
+from splitserve.cli import main
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.workload import LengthDist
 
@@ -109,3 +114,25 @@ def test_the_per_turn_summary_counts_affinity_to_the_previous_turns_workers():
     assert second.ttft_ms["p50"] == 30  # the failed turn's latency is not counted
     table = format_table([PolicyRun("jsq", 1.0, records)])
     assert "2/3" in table and "cached_prompt_tokens" in table
+
+
+def test_bad_multiturn_flags_exit_2_naming_the_flag(trace, capsys):
+    assert main(["bench", "--address", "127.0.0.1:1", "--multiturn"]) == 2
+    assert "--trace" in capsys.readouterr().err
+    argv = ["bench", "--address", "127.0.0.1:1", "--multiturn", "--trace", trace, "--think", "soon"]
+    assert main(argv) == 2
+    assert "--think" in capsys.readouterr().err
+
+
+def test_the_benchmark_script_names_an_old_policys_new_name(trace):
+    root = Path(__file__).resolve().parents[2]
+    argv = [
+        sys.executable,
+        str(root / "benchmarks" / "multiturn.py"),
+        "--config",
+        str(root / "configs" / "tiny-cpu.yaml"),
+    ]
+    argv += ["--trace", trace, "--policies", "jsq,mixed"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--policies: 'mixed'" in done.stderr and "borrow_idle" in done.stderr
