@@ -44,7 +44,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--output-len", default="lognormal:200:0.6", help="N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
     w.add_argument("--num-requests", type=int, default=5000, help="synthetic count, or the first N rows of --trace")
     w.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--multiturn",
+        action="store_true",
+        help="a workload of conversations from --trace (the multi-turn benchmark's, docs/multiturn.md): prefix "
+        "caches, incremental KV transfer, a per-turn report; --rate and --num-requests do not apply",
+    )
+    add_multiturn_args(p)
+    p.add_argument(
+        "--max-context", type=int, default=8192, help="with --multiturn: the model's context length (prompt + answer)"
+    )
     c = p.add_argument_group("cluster")
+    c.add_argument(
+        "--full-transfer",
+        action="store_true",
+        help="with --multiturn: every KV transfer moves the whole prompt (no incremental transfer), as the runtime "
+        "does today",
+    )
+    c.add_argument(
+        "--decode-prefix-weight",
+        type=float,
+        default=1.0,
+        help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
+    )
     c.add_argument(
         "--router",
         default="jsq",
@@ -87,28 +109,6 @@ def register(subparsers: Any) -> None:
         help="one prefill and one decode replica per GPU (fractional gpus_per_replica); each slowed beside the other "
         "as the profile's serving.shared_gpu_slowdown and shared_gpu_prefill_slowdown say",
     )
-    sim.add_argument(
-        "--multiturn",
-        action="store_true",
-        help="a workload of conversations from --trace (the multi-turn benchmark's): prefix caches, incremental KV "
-        "transfer, a per-turn report; --rate and --num-requests do not apply",
-    )
-    add_multiturn_args(sim)
-    sim.add_argument(
-        "--full-transfer",
-        action="store_true",
-        help="with --multiturn: every KV transfer moves the whole prompt (no incremental transfer), as the runtime "
-        "does today",
-    )
-    sim.add_argument(
-        "--decode-prefix-weight",
-        type=float,
-        default=1.0,
-        help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
-    )
-    sim.add_argument(
-        "--max-context", type=int, default=8192, help="with --multiturn: the model's context length (prompt + answer)"
-    )
     sim.set_defaults(func=_guarded(_simulate))
     pl = subparsers.add_parser("plan", help="find the cheapest prefill/decode pool sizes that meet the SLOs")
     _add_common(pl)
@@ -122,7 +122,7 @@ def register(subparsers: Any) -> None:
         help="colocated step token budgets (chunk sizes) to search (default %(default)s)",
     )
     pl.add_argument("--sweep-rates", metavar="R1,R2,...", help="also sweep load on the best clusters (goodput vs load)")
-    pl.set_defaults(func=_guarded(_plan), multiturn=False)
+    pl.set_defaults(func=_guarded(_plan))
     _register_profile(subparsers)
     _register_derive(subparsers)
 
@@ -280,6 +280,8 @@ def _cluster(
         decode=PoolSpec(n_decode, profiles[-1], **limits),
         policy=args.router,
         kv_backend=args.kv_backend,
+        incremental_transfer=not args.full_transfer,
+        decode_prefix_weight=args.decode_prefix_weight,
         hybrid=PoolSpec(n_hybrid, profiles[-1], **limits) if n_hybrid else None,
     )
 
@@ -313,10 +315,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.hybrid < 0:
         raise SimInputError(f"--hybrid: must be >= 0, got {args.hybrid}")
     cluster = replace(
-        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid),
-        shared_gpus=args.shared_gpus,
-        incremental_transfer=not args.full_transfer,
-        decode_prefix_weight=args.decode_prefix_weight,
+        _cluster(args, profiles, args.mode, args.prefill, args.decode, args.hybrid), shared_gpus=args.shared_gpus
     )
     result = simulate(cluster, wl)
     m = summarize(result, slo)
@@ -354,14 +353,20 @@ def _plan(args: argparse.Namespace) -> int:
     if args.max_gpus < 2 and "disaggregated" in modes:
         raise SimInputError("--max-gpus: disaggregated needs at least 2 GPUs (fix: --max-gpus 2 or more)")
     rates = _rates(args.sweep_rates)
+    if rates and args.multiturn:
+        raise SimInputError(
+            "--sweep-rates: a conversation workload's load is set by --conversations and --think, not a rate "
+            "(fix: drop --sweep-rates, or plan once per --conversations)"
+        )
     chunks = _chunks(args.chunk_sizes)
     files, wl, slo = _inputs(args)
     profiles = [prof for _, prof in files]
     template = _cluster(args, profiles, modes[0], 1, 1)
     result = plan(template, profiles, wl, slo, max_gpus=args.max_gpus, target=args.target, modes=modes, chunks=chunks)
     best = result.recommended
+    load = f"{args.conversations} conversations" if args.multiturn else f"offered load {wl.rate:.2f} req/s"
     print(
-        f"offered load {wl.rate:.2f} req/s, {len(wl)} requests, target SLO attainment {args.target:.0%} "
+        f"{load}, {len(wl)} requests, target SLO attainment {args.target:.0%} "
         f"(TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms), at most {args.max_gpus} GPUs\n"
     )
     print("profiles (a worker of TP N uses N GPUs):")

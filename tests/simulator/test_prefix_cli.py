@@ -32,3 +32,16 @@ def test_simulate_multiturn_reports_every_turn(tmp_path, capsys):
 def test_simulate_multiturn_needs_a_trace(capsys):
     assert main(["simulate", "--profile", PROFILE, "--multiturn"]) == 2
     assert "--trace" in capsys.readouterr().err
+
+
+def test_plan_multiturn_plans_for_the_conversations(tmp_path, capsys):
+    trace = tmp_path / "conv.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,800,100\n1,1200,150\n")
+    argv = ["plan", "--profile", PROFILE, "--multiturn", "--trace", str(trace), "--conversations", "10"]
+    argv += ["--turns", "2", "--router", "cache_aware", "--max-gpus", "2", "--chunk-sizes", "2048"]
+    out = tmp_path / "plan.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("10 conversations, 20 requests")
+    assert json.loads(out.read_text())["recommended"]["policy"] == "cache_aware"
+    assert main([*argv, "--sweep-rates", "1,2"]) == 2
+    assert "--sweep-rates" in capsys.readouterr().err
