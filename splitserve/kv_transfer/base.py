@@ -98,8 +98,9 @@ class TransferSpec:
 
     def describe_layout(self) -> str:
         """The layout ``same_layout`` compares, for an error that names both ends'."""
+        blocks = ", ".join(map(str, self.dst_block_ids[:4])) + (", ..." if len(self.dst_block_ids) > 4 else "")
         return (
-            f"{self.head_link}; {self.num_layers} layers of {len(self.dst_block_ids)} blocks of "
+            f"{self.head_link}; {self.num_layers} layers of {len(self.dst_block_ids)} blocks [{blocks}] of "
             f"{tuple(self.page_shape)} {self.dtype}"
         )
 
