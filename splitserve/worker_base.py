@@ -15,19 +15,35 @@ from splitserve.engine.engine_thread import EngineThread
 from splitserve.engine.runner import ModelRunner
 from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import TransferSpec
+from splitserve.kv_transfer.head_map import HeadLink
 from splitserve.worker_common import ReleaseLog, ReportsReleases, configure_worker_process, describe_device
 
 
-def transfer_spec(runner: ModelRunner, request_id: str, num_tokens: int, dst_block_ids: list[int]) -> TransferSpec:
+def transfer_spec(
+    runner: ModelRunner, request_id: str, num_tokens: int, dst_block_ids: list[int], link: HeadLink | None = None
+) -> TransferSpec:
     """The transfer of ``num_tokens`` of prompt KV into ``dst_block_ids``: the sender and the receiver each build it
-    with this, and the receiver refuses a sender whose layout differs."""
+    with this, and the receiver refuses a sender whose layout differs.
+
+    Between workers of several TP ranks, one per ``link`` at each end (``head_map.links_from`` on a prefill rank,
+    ``links_to`` on a decode rank), built with that rank's runner: it carries the link's KV heads only."""
+    page_shape = runner.page_shape
+    if link is not None:
+        held = runner.model.shard.kv_heads
+        if link.kv_heads != runner.spec.num_kv_heads or held not in (link.src_held, link.dst_held):
+            raise ValueError(
+                f"link: {link} neither starts nor ends at this rank, which holds KV heads {held.start}-{held.stop - 1} "
+                f"of {runner.spec.num_kv_heads}"
+            )
+        page_shape = (*page_shape[:2], len(link.heads), *page_shape[3:])
     return TransferSpec(
         request_id=request_id,
         num_layers=runner.spec.num_layers,
         num_tokens=num_tokens,
         dst_block_ids=dst_block_ids,
-        page_shape=runner.page_shape,
+        page_shape=page_shape,
         dtype=str(runner.dtype).removeprefix("torch."),
+        link=link,
     )
 
 

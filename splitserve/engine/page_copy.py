@@ -40,13 +40,21 @@ def _words(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-# The block axis, counted from the end, of a layer's cache [2, blocks, block, heads, dim] and of a run of layers
-# [layers, 2, blocks, ...] alike (the int64 view keeps the number of dimensions).
+# The block and head axes, counted from the end, of a layer's cache [2, blocks, block, heads, dim] and of a run of
+# layers [layers, 2, blocks, ...] alike (the int64 view keeps the number of dimensions).
 _BLOCKS = -4
+_HEADS = -2
 
 
-def gather_pages(cache: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """A contiguous copy of ``blocks`` of one layer's cache, or of a run of layers."""
+def _heads_of(cache: torch.Tensor, heads: slice | None) -> torch.Tensor:
+    """The view of ``heads`` of a cache (a transfer between TP degrees moves some of a rank's KV heads)."""
+    return cache if heads is None else cache.narrow(_HEADS, heads.start, heads.stop - heads.start)
+
+
+def gather_pages(cache: torch.Tensor, blocks: Blocks, heads: slice | None = None) -> torch.Tensor:
+    """A contiguous copy of ``blocks`` of one layer's cache, or of a run of layers; of KV heads ``heads`` only, if
+    given (still one copy: the head slice is a view)."""
+    cache = _heads_of(cache, heads)
     words = _words(cache)
     source = cache if words is None else words
     if isinstance(blocks, slice):
@@ -57,9 +65,10 @@ def gather_pages(cache: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     return picked if words is None else picked.view(cache.dtype)
 
 
-def scatter_pages(cache: torch.Tensor, blocks: Blocks, pages: torch.Tensor) -> None:
+def scatter_pages(cache: torch.Tensor, blocks: Blocks, pages: torch.Tensor, heads: slice | None = None) -> None:
     """Write ``pages`` into ``blocks`` of one layer's cache, or of a run of layers (same dtype and device; ``pages``
-    has the cache's shape with as many blocks as ``blocks`` selects)."""
+    has the cache's shape with as many blocks as ``blocks`` selects), into KV heads ``heads`` only, if given."""
+    cache = _heads_of(cache, heads)
     dst, src = _words(cache), _words(pages)
     if dst is None or src is None:
         dst, src = cache, pages
@@ -86,13 +95,17 @@ class PagedKVCache:
         """Which blocks, for ``gather_pages`` and ``scatter_layers``: build it once per transfer, not per layer."""
         return select_blocks(block_ids, self.device)
 
-    def gather_pages(self, layer: int, block_ids: list[int] | Blocks) -> torch.Tensor:
-        """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim]."""
-        return gather_pages(self.kv_layers[layer], select_blocks(block_ids, self.device))
+    def gather_pages(self, layer: int, block_ids: list[int] | Blocks, heads: slice | None = None) -> torch.Tensor:
+        """A contiguous copy of one layer's pages: [2, n, block_size, kv_heads, head_dim], of ``heads`` only if
+        given."""
+        return gather_pages(self.kv_layers[layer], select_blocks(block_ids, self.device), heads)
 
-    def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
-        """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy."""
+    def scatter_layers(
+        self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor, heads: slice | None = None
+    ) -> None:
+        """``pages`` [layers, 2, n, block_size, kv_heads, head_dim] into layers ``first`` onwards, in one copy; into
+        KV heads ``heads`` only, if given."""
         blocks = select_blocks(block_ids, self.device)
         # non_blocking: pages in pinned memory (the grpc receiver's) are copied in stream order, not with a sync.
         pages = pages.to(self.device, self.dtype, non_blocking=True)
-        scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages)
+        scatter_pages(self.kv_cache[first : first + pages.shape[0]], blocks, pages, heads)

@@ -29,6 +29,16 @@ class TensorParallelError(ValueError):
     """A model shape that does not split over the requested ranks; the message names the field and the fix."""
 
 
+def rank_kv_heads(num_kv_heads: int, size: int, rank: int) -> range:
+    """The KV heads rank ``rank`` of ``size`` holds: an even part where there are at least ``size``, else the one head
+    its query heads read (each head then held by ``size / num_kv_heads`` consecutive ranks)."""
+    if num_kv_heads >= size:
+        per = num_kv_heads // size
+        return range(rank * per, (rank + 1) * per)
+    head = rank // (size // num_kv_heads)
+    return range(head, head + 1)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Rank ``rank`` of ``size``'s slice of a model of shape ``spec``."""
@@ -59,11 +69,7 @@ class Shard:
 
     @property
     def kv_heads(self) -> range:
-        kv = self.spec.num_kv_heads
-        if kv >= self.size:
-            return self._even_part(kv)
-        head = self.rank // (self.size // kv)  # the KV head every query head of this rank reads
-        return range(head, head + 1)
+        return rank_kv_heads(self.spec.num_kv_heads, self.size, self.rank)
 
     @property
     def intermediate(self) -> range:

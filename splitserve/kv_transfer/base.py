@@ -15,20 +15,35 @@ from typing import Protocol
 import torch
 
 from splitserve.engine.page_copy import Blocks
+from splitserve.kv_transfer.head_map import HeadLink
 from splitserve.kv_transfer.peer import PeerInfo
 
 
 @dataclass(frozen=True)
 class TransferSpec:
-    """One request's KV: both sides build it independently and the receiver checks the sender's copy."""
+    """One request's KV, or between workers of several TP ranks one link's share of it (``link``): both sides build
+    it independently and the receiver checks the sender's copy."""
 
     request_id: str
     num_layers: int
     num_tokens: int
     dst_block_ids: list[int]
-    page_shape: tuple[int, ...]  # one block of one layer: (2, block_size, kv_heads, head_dim)
+    page_shape: tuple[int, ...]  # one block of one layer as sent: (2, block_size, kv_heads carried, head_dim)
     dtype: str  # torch dtype name without the "torch." prefix
     checksum: bool = False
+    link: HeadLink | None = None  # which KV heads, from which prefill rank to which decode rank; None: single ranks
+
+    def __post_init__(self) -> None:
+        if self.link is not None and len(self.link.heads) != self.page_shape[2]:
+            raise ValueError(
+                f"page_shape: {tuple(self.page_shape)} holds {self.page_shape[2]} KV heads, but the link carries "
+                f"{len(self.link.heads)} ({self.link})"
+            )
+
+    @property
+    def head_link(self) -> HeadLink:
+        """The link, where None means every head of a single-rank worker's pages."""
+        return self.link if self.link is not None else HeadLink.whole(self.page_shape[2])
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -55,6 +70,7 @@ class TransferSpec:
             "page_shape": list(self.page_shape),
             "dtype": self.dtype,
             "checksum": self.checksum,
+            "link": None if self.link is None else self.link.to_wire(),
         }
 
     @classmethod
@@ -67,6 +83,7 @@ class TransferSpec:
             page_shape=tuple(d["page_shape"]),
             dtype=d["dtype"],
             checksum=d["checksum"],
+            link=None if d.get("link") is None else HeadLink.from_wire(d["link"]),
         )
 
     def same_layout(self, other: TransferSpec) -> bool:
@@ -76,6 +93,15 @@ class TransferSpec:
             and list(self.dst_block_ids) == list(other.dst_block_ids)
             and tuple(self.page_shape) == tuple(other.page_shape)
             and self.dtype == other.dtype
+            and self.head_link == other.head_link
+        )
+
+    def describe_layout(self) -> str:
+        """The layout ``same_layout`` compares, for an error that names both ends'."""
+        blocks = ", ".join(map(str, self.dst_block_ids[:4])) + (", ..." if len(self.dst_block_ids) > 4 else "")
+        return (
+            f"{self.head_link}; {self.num_layers} layers of {len(self.dst_block_ids)} blocks [{blocks}] of "
+            f"{tuple(self.page_shape)} {self.dtype}"
         )
 
 
@@ -115,8 +141,11 @@ class PageSink(Protocol):
     def block_index(self, block_ids: list[int]) -> Blocks:
         """The ids as a selector of the sink's blocks (``page_copy.select_blocks``), built once per transfer."""
 
-    def scatter_layers(self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor) -> None:
-        """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards.
+    def scatter_layers(
+        self, first: int, block_ids: list[int] | Blocks, pages: torch.Tensor, heads: slice | None = None
+    ) -> None:
+        """Write ``pages`` [layers, 2, n, block, heads, dim] into the blocks of layers ``first`` onwards; into KV heads
+        ``heads`` of the sink's pages only, if given (a link of a transfer between TP degrees).
 
         One call for a whole run of layers: a receiver thread that lands layer by layer pays a round of the GIL per
         op against an engine thread that holds it most of the time."""
@@ -150,6 +179,11 @@ class Receiver(Protocol):
 
     def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Future[TransferResult]:
         """Register a transfer before its sender starts; the future fails with a TransferError subclass."""
+
+    def expect_links(self, specs: list[TransferSpec], sink: PageSink | None = None) -> Future[TransferResult]:
+        """Register a request's transfers from several prefill ranks, one spec per link this rank receives
+        (``head_map.links_to``): the future is done once every link landed, and fails, aborting the other links,
+        as soon as one fails. ``abort`` and ``unwritten`` take the request id and cover every link."""
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
         """Drop an expectation: its later data is discarded and its sender is told it was aborted. True if it was

@@ -130,6 +130,7 @@ class IpcWriter(LayerWriter):
         # could be read by this stream before the copy ran.
         with torch.cuda.stream(stream):
             self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
+        self._heads = spec.head_link.dst_slice  # a link of a transfer between TP degrees writes its heads only
         self._go = threading.Event()  # READY came, or the transfer is over
         self._lock = threading.Lock()  # a copy is issued entirely before or after ``halt``
         self._halted = False
@@ -160,7 +161,7 @@ class IpcWriter(LayerWriter):
                 return
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(produced)
-                scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device))
+                scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device), self._heads)
             pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
             self._written.append(layer)
 

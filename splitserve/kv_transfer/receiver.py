@@ -77,7 +77,10 @@ class KVReceiver:
         return self.endpoint.address
 
     def expect(self, spec: TransferSpec, sink: PageSink | None = None) -> Future[TransferResult]:
-        return self._table.expect(spec, sink).future
+        return self._table.expect([spec], sink).future
+
+    def expect_links(self, specs: list[TransferSpec], sink: PageSink | None = None) -> Future[TransferResult]:
+        return self._table.expect(specs, sink).future
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
         return self._table.abort(request_id, reason)
