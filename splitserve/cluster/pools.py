@@ -16,9 +16,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from splitserve.cluster.channel import WorkerChannel
 from splitserve.cluster.messages import ErrorCode, ServingError, WorkerStats
 from splitserve.cluster.router import Move, Router
-from splitserve.cluster.token_channel import TokenChannel
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.roles import Role
@@ -65,7 +65,7 @@ class WorkerHandle:
     healthy: bool = True
     problem: str | None = None  # why it cannot serve, while it cannot
     restarts: int = 0
-    channel: TokenChannel | None = None  # decode workers: their tokens, once ready
+    channel: WorkerChannel | None = None  # its news for the router (tokens, first tokens, transfers), once ready
 
     @property
     def worker_id(self) -> str:
@@ -76,7 +76,7 @@ class WorkerHandle:
         self.kill()
 
     def close_channel(self) -> None:
-        """Fail whoever still reads its tokens. On the event loop."""
+        """Fail whoever still reads its channel. On the event loop."""
         if self.channel is not None:
             self.channel.close()
 
@@ -97,7 +97,7 @@ class Pools:
         self.restarting: set[str] = set()
         self.retiring: set[str] = set()
         self.scale_lock = asyncio.Lock()
-        # A decode worker's token channel broke while it was listed: it cannot stream (set by the health side).
+        # A worker's channel broke while it was listed: it cannot report (set by the health side).
         self.on_channel_broken: Callable[[WorkerHandle], None] = lambda worker: None
 
     async def start(self) -> None:
@@ -208,12 +208,10 @@ class Pools:
         except RayActorError as err:
             failure = f"{worker.worker_id} failed to start: {_last_line(err)}"
             raise ServingError(ErrorCode.UNAVAILABLE, failure) from None
+        worker.channel = WorkerChannel(worker.worker_id, worker.actor, on_broken=lambda: self.on_channel_broken(worker))
         if worker.role == Role.PREFILL:
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
-            worker.channel = TokenChannel(
-                worker.worker_id, worker.actor, on_broken=lambda: self.on_channel_broken(worker)
-            )
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
             self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, hybrid=worker.role == Role.HYBRID)
         return worker
