@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from splitserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from splitserve.kv_transfer.base import ReceiverEndpoint
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,23 @@ class StreamFailure:
     request_id: str
     attempt: int
     error: ServingError
+
+
+@dataclass(frozen=True)
+class PrefillOrder:
+    """A prompt for a prefill worker, and the decode worker's receiver its KV goes to."""
+
+    request: GenerateRequest
+    endpoint: ReceiverEndpoint
+
+
+@dataclass(frozen=True)
+class PagesReady:
+    """The decode worker's pages for an attempt's KV, which the router hands to the prefill worker once reserved."""
+
+    request_id: str
+    attempt: int
+    block_ids: list[int]
 
 
 @dataclass(frozen=True)

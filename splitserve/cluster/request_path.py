@@ -21,12 +21,15 @@ from typing import Any, TypeVar
 from ray.exceptions import RayActorError, RayTaskError
 
 from splitserve import handoff_trace
+from splitserve.cluster.call_batcher import CallBatcher
 from splitserve.cluster.channel import Inbox, WorkerDied
 from splitserve.cluster.health import HEALTH_TIMEOUT_S, Health
 from splitserve.cluster.messages import (
     ChannelItem,
     ErrorCode,
     GenerateRequest,
+    PagesReady,
+    PrefillOrder,
     RequestTiming,
     ServingError,
     TokenBatch,
@@ -74,6 +77,8 @@ class RequestPath:
         self.pools = pools
         self.health = health
         self.inflight: dict[str, asyncio.Task | None] = {}
+        # (worker id, method) -> the worker those calls go to (a restarted one is a new handle), and their batcher
+        self._batchers: dict[tuple[str, str], tuple[WorkerHandle, CallBatcher]] = {}
 
     def validate(self, request: GenerateRequest) -> None:
         if (reason := self.health.unavailable_reason()) is not None:
@@ -179,7 +184,7 @@ class RequestPath:
             handoff_trace.mark("router.reserve", rid)
             reservation = self._call(decode, decode.actor.reserve.remote(request))
             reserved = _settled(_traced(reservation, "router.reserved", rid))
-            queued = _settled(self._call(prefill, prefill.actor.prefill.remote(request, decode.info["endpoint"])))
+            queued = _settled(self._batched(prefill, "prefill", PrefillOrder(request, decode.info["endpoint"])))
             handover = asyncio.ensure_future(self._hand_over(request, prefill, queued, reserved))
             try:
                 first = await self._first_token(request, results, prefill, (reserved, queued))
@@ -213,7 +218,19 @@ class RequestPath:
         either call is the first token's wait to report."""
         await asyncio.shield(queued)
         block_ids = await asyncio.shield(reserved)
-        await self._call(prefill, prefill.actor.pages.remote(request.request_id, request.attempt, block_ids))
+        await self._batched(prefill, "pages", PagesReady(request.request_id, request.attempt, block_ids))
+
+    def _batched(self, worker: WorkerHandle, method: str, item: Any) -> asyncio.Future[None]:
+        """``worker.method`` for ``item``, sent with the other items submitted while its previous call is out."""
+        key = (worker.worker_id, method)
+        known = self._batchers.get(key)
+        if known is None or known[0] is not worker:
+
+            async def send(items: list[Any]) -> Any:
+                return await self._call(worker, getattr(worker.actor, method).remote(items))
+
+            known = self._batchers[key] = (worker, CallBatcher(send))
+        return known[1].submit(item)
 
     async def _first_token(
         self, request: GenerateRequest, results: Inbox, prefill: WorkerHandle, calls: tuple[asyncio.Task, ...]

@@ -38,6 +38,8 @@ from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
     GenerateRequest,
+    PagesReady,
+    PrefillOrder,
     ServingError,
     StreamFailure,
     Token,
@@ -324,34 +326,41 @@ class PrefillWorker(WorkerBase):
         async for message in self._outbox.messages():
             yield message
 
-    async def prefill(self, request: GenerateRequest, endpoint: ReceiverEndpoint) -> None:
-        """Queue the prompt and return: its first token, then its ``TransferReport`` (or its failure) follow on the
-        channel, and the decode worker's pages come in ``pages``. A prompt whose abort came first is refused without
-        a word: whoever aborted it waits for nothing from it."""
+    async def prefill(self, orders: list[PrefillOrder]) -> list[ServingError | None]:
+        """Queue the prompts and answer at once, per prompt, None or why it was not taken: each one's first token,
+        then its ``TransferReport`` (or its failure), follow on the channel, and the decode worker's pages come in
+        ``pages``. A prompt whose abort came first is refused without a word: whoever aborted it waits for nothing
+        from it. The router batches these calls (``CallBatcher``): few calls, so an abort never waits behind many."""
+        refusals = [self._take(order.request, order.endpoint) for order in orders]
+        self._thread.wake()
+        return refusals
+
+    def _take(self, request: GenerateRequest, endpoint: ReceiverEndpoint) -> ServingError | None:
         job = _Job(request, endpoint)
         with self._lock:
             if self._aborted_early.claim(request.request_id, request.attempt):
-                return
+                return None
             previous = self._jobs.get(request.request_id)
             if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
-                raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
+                return ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
             if len(self._jobs) >= self.options.max_queue:
-                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
+                return ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
             self._jobs[request.request_id] = job
             self._queue.append(job)
-        self._thread.wake()
         self._reporting.add(task := asyncio.ensure_future(self._report(job)))
         task.add_done_callback(self._reporting.discard)
+        return None
 
-    async def pages(self, request_id: str, attempt: int, block_ids: list[int]) -> None:
-        """The decode worker's pages for the attempt's KV: its transfer opens now, or when its pass reaches it. The
+    async def pages(self, handovers: list[PagesReady]) -> None:
+        """The decode worker's pages for each attempt's KV: its transfer opens now, or when its pass reaches it. The
         router sends them only once ``prefill`` has answered, so the job is here unless it has ended meanwhile."""
-        with self._lock:
-            job = self._jobs.get(request_id)
-            if job is None or job.request.attempt != attempt or job.aborted or job.pages.done():
-                return
-            job.pages.set_result(block_ids)
-        self._open_transfer(job)
+        for pages in handovers:
+            with self._lock:
+                job = self._jobs.get(pages.request_id)
+                if job is None or job.request.attempt != pages.attempt or job.aborted or job.pages.done():
+                    continue
+                job.pages.set_result(pages.block_ids)
+            self._open_transfer(job)
 
     async def _report(self, job: _Job) -> None:
         """Post the job's first token, then its transfer report; or the failure that ended it (an aborted job's

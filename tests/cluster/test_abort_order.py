@@ -13,6 +13,8 @@ import pytest
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
+    PagesReady,
+    PrefillOrder,
     ServingError,
     StreamFailure,
     TokenBatch,
@@ -85,14 +87,14 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
             assert not await worker.abort("r1", 0)
             endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
             # Refused without a word: the router, which aborted it, waits for nothing from it.
-            await worker.prefill(_request(0), endpoint)
-            await worker.pages("r1", 0, [0])  # its pages, which the router sends once the prompt is taken: ignored
+            assert await worker.prefill([PrefillOrder(_request(0), endpoint)]) == [None]
+            await worker.pages([PagesReady("r1", 0, [0])])  # the pages the router sends once it is taken: ignored
             await asyncio.sleep(0.2)  # time for anything it would post, or for a pass that ran it
             stats = await worker.stats()
             assert stats.extra["jobs"] == 0 and stats.queued_requests == 0 and not worker.releases.snapshot()
             assert worker._outbox._queue.empty()  # nothing posted for it
             # The retry (attempt 1) is taken.
-            await worker.prefill(_request(1), endpoint)
+            assert await worker.prefill([PrefillOrder(_request(1), endpoint)]) == [None]
             assert worker._jobs["r1"].request.attempt == 1
             assert await worker.abort("r1", 1)
         finally:

@@ -12,6 +12,9 @@ from splitserve.cluster.messages import (
     ChannelItem,
     ErrorCode,
     GenerateRequest,
+    PagesReady,
+    PrefillOrder,
+    ServingError,
     StreamFailure,
     TokenBatch,
     TransferReport,
@@ -110,10 +113,11 @@ def _gate_passes(worker: PrefillWorker) -> tuple[threading.Event, threading.Even
 def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_dir):
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         in_pass, release = _gate_passes(worker)
-        await worker.prefill(_request("r-running"), NOWHERE)  # its pages never come
+        assert await worker.prefill([PrefillOrder(_request("r-running"), NOWHERE)]) == [None]  # its pages never come
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set()
-        await worker.prefill(_request("r-queued"), NOWHERE)  # answered at once: queued behind the held pass
+        # Answered at once: queued behind the held pass.
+        assert await worker.prefill([PrefillOrder(_request("r-queued"), NOWHERE)]) == [None]
         assert "r-queued" in worker._jobs
 
         assert await asyncio.wait_for(worker.abort("r-queued", 0), ANSWER_S)  # while the pass is still held
@@ -127,11 +131,28 @@ def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_d
     _run_with_prefill_worker(tiny_model_dir, scenario)
 
 
+def test_each_prompt_of_a_call_is_answered_on_its_own(tiny_model_dir):
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
+        _, release = _gate_passes(worker)
+        orders = [PrefillOrder(_request(rid), NOWHERE) for rid in ("r1", "r2", "r1")]
+        refusals = await worker.prefill(orders)
+        assert refusals[:2] == [None, None]
+        assert isinstance(refusals[2], ServingError) and refusals[2].code == ErrorCode.INVALID_ARGUMENT
+        assert "already here" in refusals[2].message and set(worker._jobs) == {"r1", "r2"}
+        for rid in ("r1", "r2"):
+            assert await worker.abort(rid, 0)
+        release.set()
+        for rid in ("r1", "r2"):
+            assert _cancelled_only(await channel.ended(rid))
+
+    _run_with_prefill_worker(tiny_model_dir, scenario)
+
+
 def test_a_prompt_aborted_during_its_pass_frees_its_pages_when_that_pass_ends(tiny_model_dir):
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         free = worker.engine.blocks.num_free
         in_pass, release = _gate_passes(worker)
-        await worker.prefill(_request("r1"), NOWHERE)
+        assert await worker.prefill([PrefillOrder(_request("r1"), NOWHERE)]) == [None]
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set() and worker.engine.blocks.num_free < free
 
@@ -168,7 +189,7 @@ def _with_a_receiver(model_dir, body: Body) -> None:
             decode.receiver.expect(
                 TransferSpec("r1", runner.spec.num_layers, prompt_len, dst, runner.page_shape, "float32")
             )
-            await worker.prefill(_request("r1"), decode.receiver.endpoint)
+            assert await worker.prefill([PrefillOrder(_request("r1"), decode.receiver.endpoint)]) == [None]
             await body(worker, channel, decode, dst)
             for _ in range(100):
                 if "r1" in worker.releases.snapshot():
@@ -184,11 +205,11 @@ def _with_a_receiver(model_dir, body: Body) -> None:
 
 def test_the_first_token_comes_before_the_pages_and_the_transfer_report_after_them(tiny_model_dir):
     async def body(worker: PrefillWorker, channel: ChannelReader, decode: DecodeWorker, dst: list[int]) -> None:
-        await worker.pages("r1", 1, dst)  # another attempt's: not this job's pages
+        await worker.pages([PagesReady("r1", 1, dst)])  # another attempt's: not this job's pages
         assert not worker._jobs["r1"].pages.done()
         first = await channel.first("r1")  # the reservation's round trip is not on the first token's path
         assert isinstance(first, TokenBatch) and not first.finished and first.attempt == 0
-        await worker.pages("r1", 0, dst)
+        await worker.pages([PagesReady("r1", 0, dst)])
         items = await channel.ended("r1")
         assert items[0] is first and len(items) == 2
         report = items[1]
@@ -206,7 +227,7 @@ def test_a_transfer_the_receiver_aborted_ends_as_cancelled_and_frees_the_pages(t
         first = await channel.first("r1")
         assert isinstance(first, TokenBatch) and not first.finished
         decode.receiver.abort("r1")  # before the pages reach the prefill worker: its transfer meets the abort
-        await worker.pages("r1", 0, dst)
+        await worker.pages([PagesReady("r1", 0, dst)])
         items = await channel.ended("r1")
         assert items[0] is first and _cancelled_only(items[1:])
 
