@@ -57,7 +57,7 @@ async def _traced(awaitable: Awaitable[T], event: str, request_id: str) -> T:
     return result
 
 
-def _settled(awaitable: Awaitable[T]) -> asyncio.Task[T]:
+def _settled(awaitable: Awaitable[T]) -> asyncio.Future[T]:
     """A task for a worker call's reply that is left to end by itself (never cancelled while the call is out) and
     whose failure counts as seen even where the attempt ended first and nobody asks for it."""
     task = asyncio.ensure_future(awaitable)
@@ -212,7 +212,7 @@ class RequestPath:
                 handover.cancel()
 
     async def _hand_over(
-        self, request: GenerateRequest, prefill: WorkerHandle, queued: asyncio.Task, reserved: asyncio.Task
+        self, request: GenerateRequest, prefill: WorkerHandle, queued: asyncio.Future, reserved: asyncio.Future
     ) -> None:
         """D's pages to P once P holds the prompt (so they never overtake it) and D has reserved them. A failure of
         either call is the first token's wait to report."""
@@ -233,11 +233,11 @@ class RequestPath:
         return known[1].submit(item)
 
     async def _first_token(
-        self, request: GenerateRequest, results: Inbox, prefill: WorkerHandle, calls: tuple[asyncio.Task, ...]
+        self, request: GenerateRequest, results: Inbox, prefill: WorkerHandle, calls: tuple[asyncio.Future, ...]
     ) -> TokenBatch:
         """P's first token once D has reserved the pages (``calls``: D's reservation, P's taking the prompt); whichever
-        fails first ends the wait, D's failure winning where several did (it is the cause: P's transfer ends for want
-        of pages)."""
+        fails first ends the wait, D's failure winning where several did: the client sees D's refusal, as if D had
+        been asked first."""
         first = asyncio.ensure_future(_traced(results.next(), "router.first_token", request.request_id))
         try:
             await asyncio.wait((*calls, first), return_when=asyncio.FIRST_EXCEPTION)
