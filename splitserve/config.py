@@ -67,8 +67,18 @@ class ClusterSection(_Section):
 
 
 class _PoolConfig(_Section):
-    replicas: int = Field(1, ge=1, description="Number of worker actors in this pool.")
-    gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per worker (fractions share a GPU); ignored on CPU.")
+    replicas: int = Field(1, ge=1, description="Number of workers in this pool.")
+    gpus_per_replica: float = Field(
+        1.0,
+        ge=0,
+        description="GPUs per worker at tensor_parallel_size 1 (fractions share a GPU); ignored on CPU.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks of each worker's tensor-parallel group: on CUDA it holds this many whole GPUs of one node, "
+        "on CPU it runs this many gloo ranks. One worker to the router and in status, whatever its size.",
+    )
     gpu_type: str | None = Field(
         None, description="Ray accelerator type the pool is placed on (e.g. H100, H200); none = any node."
     )
@@ -86,6 +96,21 @@ class _PoolConfig(_Section):
         "prompt's eager pass is bound by the host's kernel launches); 0 runs every prompt eager, saving the graphs' "
         "memory and start time.",
     )
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs one worker holds: one per rank of a tensor-parallel group, else ``gpus_per_replica``."""
+        return self.gpus_per_replica * self.tensor_parallel_size
+
+    def check_gpus(self, name: str, device: Device) -> None:
+        """A tensor-parallel worker holds whole GPUs, one per rank: a fraction (or none) cannot be split over ranks."""
+        tp = self.tensor_parallel_size
+        if tp > 1 and device != Device.cpu and self.gpus_per_replica != 1:
+            raise ValueError(
+                f"{name}.gpus_per_replica: {self.gpus_per_replica:g} with {name}.tensor_parallel_size: {tp}; a "
+                f"tensor-parallel worker holds one whole GPU per rank (fix: remove {name}.gpus_per_replica, which "
+                f"then counts 1 GPU per rank, or set {name}.tensor_parallel_size: 1 to share a GPU)"
+            )
 
 
 class PrefillPoolConfig(_PoolConfig):
@@ -211,6 +236,17 @@ class SplitserveConfig(_Section):
             raise ValueError("mixed: the pool is now called hybrid (fix: rename the key 'mixed:' to 'hybrid:')")
         return data
 
+    def pools(self) -> dict[str, _PoolConfig]:
+        """The pools this mode runs, by YAML key (colocated mode runs no prefill pool)."""
+        pools: dict[str, _PoolConfig] = {"prefill": self.prefill} if self.mode == ServingMode.disaggregated else {}
+        return {**pools, "decode": self.decode, "hybrid": self.hybrid}
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_rank(self) -> SplitserveConfig:
+        for name, pool in self.pools().items():
+            pool.check_gpus(name, self.cluster.device)
+        return self
+
     @model_validator(mode="after")
     def _fits_the_cluster(self) -> SplitserveConfig:
         gpus = self.cluster.total_gpus
@@ -218,22 +254,16 @@ class SplitserveConfig(_Section):
             return self
         needed = self.gpus_needed
         if needed > gpus:
-            pools = ", ".join(
-                f"{name} {pool.replicas}×{pool.gpus_per_replica:g}"
-                for name, pool in (("prefill", self.prefill), ("decode", self.decode), ("hybrid", self.hybrid))
-            )
+            pools = ", ".join(f"{name} {p.replicas}×{p.gpus_per_worker:g}" for name, p in self.pools().items())
             raise ValueError(
                 f"cluster.total_gpus: the pools need {needed:g} GPUs ({pools}) but cluster.total_gpus is {gpus}"
-                " (fix: lower the replicas or gpus_per_replica, or raise cluster.total_gpus)"
+                " (fix: lower the replicas, gpus_per_replica or tensor_parallel_size, or raise cluster.total_gpus)"
             )
         return self
 
     @property
     def gpus_needed(self) -> float:
-        pools: list[_PoolConfig] = [self.decode, self.hybrid]
-        if self.mode == ServingMode.disaggregated:
-            pools.append(self.prefill)
-        return sum(p.replicas * p.gpus_per_replica for p in pools)
+        return sum(p.replicas * p.gpus_per_worker for p in self.pools().values())
 
 
 _FIX_HINTS: dict[str, str] = {

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from splitserve.cluster.messages import WorkerStats
+from splitserve.cluster.rank_group import Followers, start_leader
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.engine import Engine
 from splitserve.engine.engine_thread import EngineThread
@@ -44,7 +45,11 @@ class WorkerBase(ReportsReleases):
         configure_worker_process()
         self.worker_id = worker_id
         self.options = options
-        self.engine = Engine(options.engine_config())
+        self.followers: Followers | None = None  # the other ranks of a tensor-parallel worker, which this one leads
+        if options.tensor_parallel_size > 1:
+            self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size)
+        else:
+            self.engine = Engine(options.engine_config())
         self.releases = ReleaseLog()
         self._gpu = GpuReader.for_device(self.engine.runner.device)
         # Its first ``_step`` waits for a call or a wake-up, which nothing makes before the subclass is set up.
@@ -68,6 +73,8 @@ class WorkerBase(ReportsReleases):
             "block_size": runner.block_size,
             "max_model_len": self.engine.max_model_len,
             "vocab_size": self.engine.spec.vocab_size,
+            "tensor_parallel_size": self.options.tensor_parallel_size,
+            "followers": self.followers.info if self.followers is not None else [],
             **extra,
             **describe_device(runner.device),
         }
@@ -82,6 +89,7 @@ class WorkerBase(ReportsReleases):
                 "held": float(len(e.held)),
                 **load.pop("extra", {}),
                 **e.step_times.as_extra(),
+                **(e.runner.step_channel.as_extra() if e.runner.step_channel is not None else {}),
             }
             return WorkerStats(
                 worker_id=self.worker_id,

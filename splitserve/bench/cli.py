@@ -1,5 +1,6 @@
-"""``splitserve bench``: sweep a running cluster's load through the gRPC SDK; also the workload flags that
-``benchmarks/serve.py`` shares, so both read a workload the same way."""
+"""``splitserve bench``: sweep a running cluster's load through the gRPC SDK, or (``--multiturn``) replay
+multi-turn conversations; also the workload flags that ``benchmarks/serve.py`` and ``benchmarks/multiturn.py``
+share, so each reads a workload the same way."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from splitserve.bench.multiturn import MultiTurnSpec, ThinkDist
 from splitserve.bench.requests import WorkloadSpec
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.workload import LengthDist
@@ -109,14 +112,82 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_multiturn_args(p: argparse.ArgumentParser) -> None:
+    """The multi-turn workload's flags (``--trace`` and ``--seed`` come from ``add_workload_args``)."""
+    m = p.add_argument_group("multi-turn workload: conversations from --trace (splitserve/bench/multiturn.py)")
+    m.add_argument("--conversations", type=int, default=8, help="conversations running at once")
+    m.add_argument("--turns", default="4", help="turns per conversation: N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
+    m.add_argument(
+        "--think",
+        default="exponential:5",
+        help="seconds between an answer and the next turn: S | exponential:MEAN | uniform:LO:HI",
+    )
+    m.add_argument(
+        "--followup-fraction",
+        type=float,
+        default=0.1,
+        help="a follow-up message's length as a share of a trace prompt's (the first turn's is a whole prompt)",
+    )
+
+
+def multiturn_spec(args: argparse.Namespace) -> MultiTurnSpec:
+    if args.trace is None:
+        raise SimInputError(
+            "--trace: the multi-turn workload draws its lengths from a trace (fix: --trace "
+            "AzureLLMInferenceTrace_conv.csv)"
+        )
+    return MultiTurnSpec(
+        trace=args.trace,
+        conversations=args.conversations,
+        turns=LengthDist.parse(args.turns, "--turns"),
+        think=ThinkDist.parse(args.think, "--think"),
+        followup_fraction=args.followup_fraction,
+        seed=args.seed,
+    )
+
+
+def multiturn_meta(spec: MultiTurnSpec, max_context: int) -> dict[str, Any]:
+    return {**asdict(spec), "max_context": max_context}
+
+
+def _bench_multiturn(args: argparse.Namespace) -> int:
+    from splitserve.bench import multiturn_report
+    from splitserve.bench.multiturn import build_conversations
+    from splitserve.bench.multiturn_load import max_context, replay_at
+
+    try:
+        spec = multiturn_spec(args)
+        context = asyncio.run(max_context(args.address, args.token))
+        conversations = build_conversations(spec, context)
+    except SimInputError as err:
+        print(f"splitserve bench: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    replay = asyncio.run(replay_at(args.address, conversations, args.timeout, args.token))
+    runs = [multiturn_report.PolicyRun(args.label, replay.duration_s, replay.records)]
+    path = Path(args.out_dir) / f"{args.label}-multiturn.json"
+    meta = run_meta(args, address=args.address, workload=multiturn_meta(spec, context))
+    multiturn_report.write_json(path, meta, runs)
+    print(multiturn_report.format_table(runs))
+    print(f"wrote {path}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``bench`` to the main CLI's subparsers."""
     p = subparsers.add_parser("bench", help="run the serving benchmark (a load sweep) against a running cluster")
     p.add_argument("--address", required=True, help="the cluster's gRPC address, HOST:PORT")
     p.add_argument("--token", help="bearer token, if the cluster requires one")
     p.add_argument("--label", default="cluster", help="name of this system in the table and the output files")
+    p.add_argument(
+        "--multiturn", action="store_true", help="replay multi-turn conversations (per-turn report) instead of a sweep"
+    )
     add_workload_args(p)
-    p.set_defaults(func=_bench)
+    add_multiturn_args(p)
+    p.set_defaults(func=_bench_command)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    return _bench_multiturn(args) if args.multiturn else _bench(args)
 
 
 def workload_meta(args: argparse.Namespace, spec: WorkloadSpec, rates: list[float | None]) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from splitserve.cluster.channel import WorkerChannel
 from splitserve.cluster.messages import ErrorCode, ServingError, WorkerStats
+from splitserve.cluster.rank_group import bundle_options, rank_bundles
 from splitserve.cluster.router import Move, Router
 from splitserve.cluster.worker_options import options_for
-from splitserve.config import Device, ServingMode, SplitserveConfig, _PoolConfig
+from splitserve.config import ConfigError, Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.roles import Role
 from splitserve.worker_common import CONCURRENCY_GROUPS
 
@@ -66,6 +68,7 @@ class WorkerHandle:
     problem: str | None = None  # why it cannot serve, while it cannot
     restarts: int = 0
     channel: WorkerChannel | None = None  # its news for the router (tokens, first tokens, transfers), once ready
+    placement: Any = None  # a tensor-parallel worker's placement group: its ranks' GPUs (or CPU shares), one node
 
     @property
     def worker_id(self) -> str:
@@ -81,8 +84,12 @@ class WorkerHandle:
             self.channel.close()
 
     def kill(self) -> None:
-        """A GCS call: it blocks for as long as the GCS client retries an unreachable GCS."""
+        """GCS calls: they block for as long as the GCS client retries an unreachable GCS. A tensor-parallel
+        worker's followers die with it (it owns them) and with its placement group."""
         ray.kill(self.actor, no_restart=True)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None  # removed once, however often the handle is killed
 
 
 class Pools:
@@ -102,6 +109,7 @@ class Pools:
 
     async def start(self) -> None:
         """Every pool at its configured size."""
+        refuse_split_tensor_parallel(self.config)
         roles = [role for role in self.roles() for _ in range(self.pool(role).replicas)]
         await self.bring_up([self.spawn(role, self.next_index(role)) for role in roles])
 
@@ -110,13 +118,15 @@ class Pools:
             worker.stop()
         self.workers.clear()
 
-    def _actor_options(self, pool: _PoolConfig) -> dict[str, Any]:
+    def _actor_options(self, pool: _PoolConfig, placement: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "num_cpus": 0,
             "max_restarts": 0,
             "max_concurrency": 4096,
             "namespace": self.config.cluster.namespace,
         }
+        if placement is not None:  # rank 0 of its group takes the first bundle; it starts the others in theirs
+            return {**opts, **bundle_options(placement.bundle_specs[0], placement, 0)}
         if self.config.cluster.device != Device.cpu:
             opts["num_gpus"] = pool.gpus_per_replica
             if pool.gpu_type:
@@ -163,8 +173,13 @@ class Pools:
         pool = self.pool(worker.role)
         cls = PrefillWorker if worker.role == Role.PREFILL else DecodeWorker
         options = options_for(self.config, pool, self.model_dir)
+        if pool.tensor_parallel_size > 1:
+            bundles = rank_bundles(pool, self.config.cluster.device)
+            # Unnamed: Ray refuses a name still held by a group being removed, as a restart's would be.
+            worker.placement = placement_group(bundles, strategy="STRICT_PACK")
         actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]  # stubs lack it
-        return actor_cls.options(**self._actor_options(pool)).remote(worker.worker_id, options)
+        opts = self._actor_options(pool, worker.placement)
+        return actor_cls.options(**opts).remote(worker.worker_id, options)
 
     async def bring_up(self, workers: list[WorkerHandle]) -> None:
         """Register each worker as soon as it is ready (one log line each); if any fails, stop them all."""
@@ -202,7 +217,8 @@ class Pools:
             raise ServingError(
                 ErrorCode.UNAVAILABLE,
                 f"{worker.worker_id} was not placed in {READY_TIMEOUT_S:.0f} s: no free GPU fits "
-                f"{worker.role}.gpus_per_replica={pool.gpus_per_replica} gpu_type={pool.gpu_type!r} "
+                f"{worker.role}.gpus_per_replica={pool.gpus_per_replica} "
+                f"tensor_parallel_size={pool.tensor_parallel_size} (on one node) gpu_type={pool.gpu_type!r} "
                 "(see `ray status`; lower them or add nodes)",
             ) from None
         except RayActorError as err:
@@ -307,6 +323,23 @@ class Pools:
                 "draining": w.worker_id in self.retiring,
                 "device": w.info.get("device"),
                 "gpu_uuid": w.info.get("gpu_uuid"),
+                "tensor_parallel_size": self.pool(w.role).tensor_parallel_size,
+                "gpus": self.pool(w.role).gpus_per_worker if self.config.cluster.device != Device.cpu else 0.0,
             }
             for w in list(self.workers.values())
         ]
+
+
+def refuse_split_tensor_parallel(config: SplitserveConfig) -> None:
+    """KV moves from one prefill process to one decode process: with a tensor-parallel worker on either side, only
+    its leader's KV heads would move, and the decode side would serve wrong tokens. Refused until the transfer
+    goes rank to rank."""
+    if config.mode != ServingMode.disaggregated:
+        return
+    sizes = {name: pool.tensor_parallel_size for name, pool in config.pools().items()}
+    split = [f"{name}.tensor_parallel_size: {size}" for name, size in sizes.items() if size > 1]
+    if split:
+        raise ConfigError(
+            f"{', '.join(split)} in mode: disaggregated needs KV transfer between tensor-parallel workers, which "
+            "splitserve does not have yet (fix: mode: colocated, or tensor_parallel_size: 1 on every pool)"
+        )

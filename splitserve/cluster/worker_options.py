@@ -26,6 +26,7 @@ class WorkerOptions:
     decode_graphs: bool  # a prefill-only worker never runs a decode step: its decode graphs would only cost start time
     overlap_decode: bool  # on where the device runs ahead of the host (CUDA)
     prompt_graph_tokens: int
+    tensor_parallel_size: int = 1  # ranks of the worker's group: this actor leads, the others follow (rank_group)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -64,4 +65,5 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         decode_graphs=not isinstance(pool, PrefillPoolConfig),
         overlap_decode=getattr(pool, "overlap_decode", config.decode.overlap_decode),
         prompt_graph_tokens=pool.prompt_graph_tokens,
+        tensor_parallel_size=pool.tensor_parallel_size,
     )

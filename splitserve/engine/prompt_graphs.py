@@ -1,8 +1,8 @@
 """CUDA graphs for whole short prompts: their eager pass is bound by the host's launches, not by the device.
 
-On a serving worker a step with a prompt chunk of at most 1024 tokens took 18-33 ms on an H200 (median by rate and
-machine, thirteenth session's step traces), the same for 128 tokens as for 1024, against ~11 ms of device work for
-512 tokens: the eager pass launches ~1000 kernels from Python, on a host the worker's event loop and Ray share.
+A served step with a prompt chunk of at most 1024 tokens costs about the same for 128 tokens as for 1024 and
+several times its device work (docs/benchmarks.md): the eager pass launches ~1000 kernels from Python, on a host
+the worker's event loop and Ray share.
 
 A prompt computed from its first token in one chunk (no cached prefix, so its attention is its own causal block)
 has shapes that depend only on its length: it is padded to the next rung of a ladder of lengths and replays that

@@ -77,7 +77,7 @@ def _check_fits(config: RunnerConfig, size: int) -> None:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,7 +96,7 @@ def offline_engine(
         return
     size = tensor_parallel_size
     _check_fits(config.runner, size)
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     # Followers build the same runner as the leader's Engine does (its graphs sized to the scheduler's batch).
     runner_config = Engine.runner_config(config)
     context = mp.get_context("spawn")

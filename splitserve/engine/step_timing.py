@@ -1,9 +1,9 @@
 """Where an engine's steps spend their time: host work, or waiting for the device.
 
 A step's host work (scheduling, inputs, launches, then each token appended and detokenized) leaves the GPU idle
-unless it overlaps the device's work; on two H200s a 45-sequence decode step served 3.2 of its 11.5 ms on the host
-(docs/benchmarks.md, seventh session). The totals are cheap to keep (three clock reads a step) and workers export
-them as counters, so ``rate(host) / rate(host + device wait)`` shows a host-bound worker in production.
+unless it overlaps the device's work (docs/benchmarks.md has served steps' split). The totals are cheap to keep
+(three clock reads a step) and workers export them as counters, so ``rate(host) / rate(host + device wait)`` shows
+a host-bound worker in production.
 """
 
 from __future__ import annotations

@@ -120,6 +120,13 @@ class RankGroup:
         return out.view(self.size, rows, cols).permute(1, 0, 2).reshape(rows, -1)
 
 
+# WorkerStats.extra key -> help text: a tensor-parallel leader's share of its steps' host time spent handing them over.
+HANDOFF_COUNTERS: dict[str, str] = {
+    "tp_step_handoff_seconds_total": "Time a tensor-parallel worker's leader spent handing its steps to the other "
+    "ranks (part of the engine's host time per step).",
+}
+
+
 class StepChannel:
     """The leader's side of the step hand-off: each step's passes as one int64 buffer broadcast over the gloo
     control group (a second broadcast only for a step longer than the first buffer). Followers read it with
@@ -140,6 +147,9 @@ class StepChannel:
             dist.broadcast(torch.tensor(flat[self.HEAD - 1 :], dtype=torch.long), 0, group=self.group.control_group)
         self.steps_sent += 1
         self.send_seconds += time.perf_counter() - began
+
+    def as_extra(self) -> dict[str, float]:
+        return {"tp_step_handoff_seconds_total": self.send_seconds}
 
     def stop(self) -> None:
         self._broadcast_head(-1, [])
@@ -165,11 +175,16 @@ class StepChannel:
         return unpack(flat)
 
 
-def init_rank_group(rank: int, size: int, init_method: str, device: torch.device) -> RankGroup:
-    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+def init_rank_group(
+    rank: int, size: int, init_method: str, device: torch.device, cuda_index: int | None = None
+) -> RankGroup:
+    """Join the group of ``size`` processes rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``).
+
+    ``cuda_index``: the rank's GPU among those this process sees; by default its rank (every rank sees every GPU,
+    as spawned processes do; a Ray actor sees only its own, index 0)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(rank)  # one GPU per rank
+        torch.cuda.set_device(rank if cuda_index is None else cuda_index)  # one GPU per rank
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     world = dist.group.WORLD
     assert world is not None

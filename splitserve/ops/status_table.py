@@ -8,7 +8,20 @@ from typing import Any
 from splitserve.roles import Role
 
 ROLES = tuple(Role)
-WORKER_COLUMNS = ("WORKER", "ROLE", "HEALTHY", "RESTARTS", "DEVICE", "QUEUED", "ACTIVE", "BATCH", "KV USED", "ROUTED")
+WORKER_COLUMNS = (
+    "WORKER",
+    "ROLE",
+    "HEALTHY",
+    "RESTARTS",
+    "DEVICE",
+    "TP",
+    "GPUS",
+    "QUEUED",
+    "ACTIVE",
+    "BATCH",
+    "KV USED",
+    "ROUTED",
+)
 
 
 def _n(value: Any) -> int:
@@ -23,6 +36,15 @@ def _kv(used: int, total: int) -> str:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
     return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (headers, *rows)]
+
+
+def _ranks(worker: dict[str, Any]) -> int:
+    """A tensor-parallel worker's ranks (protobuf's JSON form leaves out a zero, which an old server sends)."""
+    return _n(worker.get("tensor_parallel_size")) or 1
+
+
+def _gpus(workers: Sequence[dict[str, Any]]) -> str:
+    return f"{sum(float(w.get('gpus') or 0) for w in workers):g}"
 
 
 def _health(worker: dict[str, Any]) -> str:
@@ -55,13 +77,15 @@ def format_status(status: dict[str, Any]) -> str:
                 role,
                 str(len(members)),
                 str(sum(bool(w.get("healthy")) and not w.get("draining") for w in members)),
+                _gpus(members),
                 str(sum(_n(w.get("queued_requests")) for w in members)),
                 str(sum(_n(w.get("pending_prefill_tokens")) for w in members)),
                 str(sum(_n(w.get("batch_size")) for w in members)),
                 _kv(pool_used, sum(_n(w.get("kv_blocks_total")) for w in members)),
             ]
         )
-    lines += _table(("POOL", "WORKERS", "SERVING", "QUEUED", "PENDING TOKENS", "BATCH", "KV USED"), pool_rows)
+    pool_columns = ("POOL", "WORKERS", "SERVING", "GPUS", "QUEUED", "PENDING TOKENS", "BATCH", "KV USED")
+    lines += _table(pool_columns, pool_rows)
     lines.append("")
     worker_rows = [
         [
@@ -70,6 +94,8 @@ def format_status(status: dict[str, Any]) -> str:
             _health(w),
             str(_n(w.get("restarts"))),
             w.get("device") or "-",
+            str(_ranks(w)),
+            _gpus([w]),
             str(_n(w.get("queued_requests"))),
             str(_n(w.get("active_requests"))),
             str(_n(w.get("batch_size"))),

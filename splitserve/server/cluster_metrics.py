@@ -2,7 +2,8 @@
 
 A collector rather than gauges set by the health loop: a worker that is removed or restarted vanishes from the next
 scrape instead of leaving its last values behind, and nothing has to remember to update them. Every gauge carries
-``worker_id`` and ``role``, so ``sum by (role)`` gives the prefill and decode pools.
+``worker_id`` and ``role``, so ``sum by (role)`` gives the prefill and decode pools. A tensor-parallel worker is one
+worker here: ``splitserve_worker_tensor_parallel_size`` and ``splitserve_worker_gpus`` say how many ranks and GPUs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from splitserve.engine.step_timing import STEP_COUNTERS
+from splitserve.engine.tensor_parallel import HANDOFF_COUNTERS
 from splitserve.gpu_stats import GPU_READINGS, nvml_form
 
 WorkerSource = Callable[[], list[dict[str, Any]]]
@@ -55,13 +57,21 @@ class ClusterCollector(Collector):
         healthy = GaugeMetricFamily(
             "splitserve_worker_healthy", "1 while the worker passes its health checks, else 0.", labels=_LABELS
         )
+        ranks = GaugeMetricFamily(
+            "splitserve_worker_tensor_parallel_size",
+            "Ranks of the worker's tensor-parallel group (1: a single-process worker).",
+            labels=_LABELS,
+        )
+        gpus = GaugeMetricFamily(
+            "splitserve_worker_gpus", "GPUs the worker holds, all its ranks together (0 on CPU).", labels=_LABELS
+        )
         stats = {
             name: GaugeMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
             for name, text in _STATS_HELP.items()
         }
         steps = {
             key: CounterMetricFamily(f"splitserve_worker_{key.removesuffix('_total')}", text, labels=_LABELS)
-            for key, text in STEP_COUNTERS.items()
+            for key, text in {**STEP_COUNTERS, **HANDOFF_COUNTERS}.items()
         }
         gpu = {
             key: GaugeMetricFamily(f"splitserve_{key}", text, labels=[*_LABELS, "gpu"])
@@ -70,6 +80,8 @@ class ClusterCollector(Collector):
         for w in workers:
             labels = [w["worker_id"], w["role"]]
             healthy.add_metric(labels, float(bool(w.get("healthy"))))
+            ranks.add_metric(labels, float(w.get("tensor_parallel_size") or 1))
+            gpus.add_metric(labels, float(w.get("gpus") or 0))
             if "kv_blocks_total" not in w:  # not polled yet
                 continue
             for name, value in _stats_values(w).items():
@@ -82,6 +94,8 @@ class ClusterCollector(Collector):
                 if key in extra:
                     family.add_metric([*labels, nvml_form(w.get("gpu_uuid") or "")], float(extra[key]))
         yield healthy
+        yield ranks
+        yield gpus
         yield from stats.values()
         yield from steps.values()
         yield from gpu.values()

@@ -109,6 +109,8 @@ def cluster_status_message(status: dict[str, Any]) -> pb.ClusterStatusResponse:
             kv_blocks_free=w.get("kv_blocks_free", 0),
             batch_size=w.get("batch_size", 0),
             draining=w.get("draining", False),
+            tensor_parallel_size=w.get("tensor_parallel_size", 1),
+            gpus=w.get("gpus", 0.0),
         )
         for w in status.get("workers", [])
     ]

@@ -13,11 +13,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from splitserve.bench.cli import add_multiturn_args, multiturn_spec
 from splitserve.simulator.cluster import POLICIES, ClusterSpec, PoolSpec, check_policy
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.planner import CHUNKS
 from splitserve.simulator.profile import Profile, load_profile, load_profiles
-from splitserve.simulator.workload import LengthDist, Workload, load_trace, synthetic
+from splitserve.simulator.workload import LengthDist, Workload, load_trace, multiturn, synthetic
 from splitserve.slo import SLO
 
 EXIT_USAGE = 2
@@ -43,12 +44,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--output-len", default="lognormal:200:0.6", help="N | uniform:LO:HI | lognormal:MEDIAN:SIGMA")
     w.add_argument("--num-requests", type=int, default=5000, help="synthetic count, or the first N rows of --trace")
     w.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--multiturn",
+        action="store_true",
+        help="a workload of conversations from --trace (the multi-turn benchmark's, docs/multiturn.md): prefix "
+        "caches, incremental KV transfer, a per-turn report; --rate and --num-requests do not apply",
+    )
+    add_multiturn_args(p)
+    p.add_argument(
+        "--max-context", type=int, default=8192, help="with --multiturn: the model's context length (prompt + answer)"
+    )
     c = p.add_argument_group("cluster")
+    c.add_argument(
+        "--full-transfer",
+        action="store_true",
+        help="with --multiturn: every KV transfer moves the whole prompt (no incremental transfer), as the runtime "
+        "does today",
+    )
+    c.add_argument(
+        "--decode-prefix-weight",
+        type=float,
+        default=1.0,
+        help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
+    )
     c.add_argument(
         "--router",
         default="jsq",
         metavar="{" + ",".join(POLICIES) + "}",
-        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up",
+        help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up; "
+        "cache_aware (simulator only, for now) places a conversation's turn where its prefix is cached (--multiturn)",
     )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
     c.add_argument(
@@ -214,6 +238,12 @@ def _guarded(fn):  # type: ignore[no-untyped-def]
 
 
 def _workload(args: argparse.Namespace) -> Workload:
+    if args.multiturn:
+        from splitserve.bench.multiturn import draw_lengths
+
+        _positive(args, "--max-context")
+        conversations = draw_lengths(multiturn_spec(args), args.max_context)
+        return multiturn([[(t.message, t.answer, t.think_s) for t in turns] for turns in conversations if turns])
     if args.rate is not None and not args.rate > 0:
         raise SimInputError(f"--rate: must be > 0, got {args.rate} (fix: pass requests per second, e.g. --rate 10)")
     if args.trace:
@@ -250,6 +280,8 @@ def _cluster(
         decode=PoolSpec(n_decode, profiles[-1], **limits),
         policy=args.router,
         kv_backend=args.kv_backend,
+        incremental_transfer=not args.full_transfer,
+        decode_prefix_weight=args.decode_prefix_weight,
         hybrid=PoolSpec(n_hybrid, profiles[-1], **limits) if n_hybrid else None,
     )
 
@@ -294,7 +326,15 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{m.ttft_s.p50 * 1e3:.1f}/{m.ttft_s.p99 * 1e3:.1f} ms, TPOT p50/p99 {m.tpot_s.p50 * 1e3:.1f}/"
         f"{m.tpot_s.p99 * 1e3:.1f} ms, utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items())
     )
-    _write_json(args.json, {"cluster": cluster_dict(cluster), "metrics": m.to_dict()})
+    payload: dict[str, Any] = {"cluster": cluster_dict(cluster), "metrics": m.to_dict()}
+    if args.multiturn:
+        from splitserve.simulator.turns import format_turns, per_turn
+
+        turns = per_turn(result)
+        print("\nper turn (prefill tokens computed, prefix hit rate and KV moved per request, means):")
+        print(format_turns(turns))
+        payload["per_turn"] = [t.to_dict() for t in turns]
+    _write_json(args.json, payload)
     if args.plot_dir:
         from splitserve.simulator.plots import latency_cdfs
 
@@ -313,14 +353,20 @@ def _plan(args: argparse.Namespace) -> int:
     if args.max_gpus < 2 and "disaggregated" in modes:
         raise SimInputError("--max-gpus: disaggregated needs at least 2 GPUs (fix: --max-gpus 2 or more)")
     rates = _rates(args.sweep_rates)
+    if rates and args.multiturn:
+        raise SimInputError(
+            "--sweep-rates: a conversation workload's load is set by --conversations and --think, not a rate "
+            "(fix: drop --sweep-rates, or plan once per --conversations)"
+        )
     chunks = _chunks(args.chunk_sizes)
     files, wl, slo = _inputs(args)
     profiles = [prof for _, prof in files]
     template = _cluster(args, profiles, modes[0], 1, 1)
     result = plan(template, profiles, wl, slo, max_gpus=args.max_gpus, target=args.target, modes=modes, chunks=chunks)
     best = result.recommended
+    load = f"{args.conversations} conversations" if args.multiturn else f"offered load {wl.rate:.2f} req/s"
     print(
-        f"offered load {wl.rate:.2f} req/s, {len(wl)} requests, target SLO attainment {args.target:.0%} "
+        f"{load}, {len(wl)} requests, target SLO attainment {args.target:.0%} "
         f"(TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms), at most {args.max_gpus} GPUs\n"
     )
     print("profiles (a worker of TP N uses N GPUs):")
@@ -468,6 +514,8 @@ def cluster_dict(c: ClusterSpec) -> dict:
         "kv_backend": c.kv_backend,
         "gpus": c.gpus,
         "shared_gpus": c.shared_gpus,
+        "incremental_transfer": c.incremental_transfer,
+        "decode_prefix_weight": c.decode_prefix_weight,
         "cost_per_hour": c.cost_per_hour,
         "pools": {
             name: {

@@ -9,8 +9,10 @@ from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile
 
 Mode = Literal["disaggregated", "colocated"]
-Policy = Literal["round_robin", "jsq", "borrow_idle"]  # as the runtime's router.policy
-POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle")
+# As the runtime's router.policy; ``cache_aware`` (prefix-aware placement, see ``Router``) is the simulator's only,
+# until the runtime has one.
+Policy = Literal["round_robin", "jsq", "borrow_idle", "cache_aware"]
+POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle", "cache_aware")
 RENAMED_POLICIES = {"mixed": "borrow_idle"}  # old name -> new name: an old name is an error naming the new one
 
 
@@ -55,7 +57,10 @@ class ClusterSpec:
     ``shared_gpus`` (disaggregated, equal pools, no hybrid pool): prefill replica i and decode replica i share one GPU
     (fractional ``gpus_per_replica``), counted once; a decode step slows while its GPU runs a prefill pass
     (``serving.shared_gpu_slowdown``), and a prefill pass that starts while the decode worker steps slows too
-    (``serving.shared_gpu_prefill_slowdown``)."""
+    (``serving.shared_gpu_prefill_slowdown``). ``incremental_transfer`` (conversation workloads): a decode worker that
+    holds a conversation's KV receives only the rest of the prompt's; off, every transfer moves the whole prompt's KV
+    (the runtime until its decode workers keep finished requests' KV). ``decode_prefix_weight`` (``cache_aware``): a
+    decode worker's held prefix counts as this many tokens of load per token (``Router``)."""
 
     mode: Mode
     prefill: PoolSpec
@@ -64,9 +69,13 @@ class ClusterSpec:
     kv_backend: str = "nccl"
     hybrid: PoolSpec | None = None
     shared_gpus: bool = False
+    incremental_transfer: bool = True
+    decode_prefix_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_policy(self.policy, "--router")
+        if not self.decode_prefix_weight >= 0:
+            raise SimInputError(f"--decode-prefix-weight: must be >= 0, got {self.decode_prefix_weight}")
         pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
         if any(p is None for p in pools):
             raise SimInputError("--decode: disaggregated mode needs a decode pool (fix: pass --decode N)")

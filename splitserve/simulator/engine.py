@@ -4,6 +4,13 @@ Events are per batch, not per token: a prefill batch end, a KV transfer end, a s
 (with ``serving.ingress_s``) a request reaching its worker's engine. A decode worker runs its steps inline, without
 the heap, until its next step would end after the earliest pending event or arrival, the only things that could
 change its batch.
+
+A workload of conversations (``Workload.conversations``) is closed loop per conversation: a follow-up turn arrives
+(a ``NEXT_TURN`` event) its think time after the client got the previous turn's last token. Every worker then keeps
+a ``PrefixCache``: a prefill (or colocated) worker computes only the prompt past its cached prefix of the
+conversation, and a decode worker that still holds the conversation's KV receives only the rest of the prompt's KV.
+A prefill worker caches the prompts it computed; a decode (or colocated) worker the whole context it ended with
+(prompt and answer, less the last token, whose KV is never computed).
 """
 
 from __future__ import annotations
@@ -11,22 +18,33 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from splitserve.cluster.router import DECODE_IDLE_OCCUPANCY, PREFILL_BACKLOG_TOKENS
 from splitserve.simulator.batch import DecodeBatch
 from splitserve.simulator.cluster import ClusterSpec, PoolSpec
+from splitserve.simulator.prefix import PrefixCache
 from splitserve.simulator.router import Router
 from splitserve.simulator.workload import Workload
 
-PREFILL_DONE, KV_ARRIVED, STEP_DONE, INGRESSED = 0, 1, 2, 3
+PREFILL_DONE, KV_ARRIVED, STEP_DONE, INGRESSED, NEXT_TURN = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """Per request of a conversation workload: the prompt tokens found in a prefix cache (not computed) and the KV
+    tokens transferred to the decode worker (0 colocated, or for a one-token answer)."""
+
+    cached_tokens: np.ndarray
+    moved_tokens: np.ndarray
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """Raw per-request times (seconds from the first arrival) and per-pool busy GPU-seconds."""
+    """Raw per-request times (seconds from the first arrival) and per-pool busy GPU-seconds. ``workload`` has the
+    arrival every follow-up turn got; ``prefix`` is set for a workload of conversations."""
 
     cluster: ClusterSpec
     workload: Workload
@@ -34,6 +52,7 @@ class RunResult:
     finish_s: np.ndarray
     busy_s: dict[str, float]
     events: int
+    prefix: PrefixStats | None = None
 
 
 class _Sim:
@@ -43,8 +62,26 @@ class _Sim:
         self.cluster = cluster
         self.wl = wl
         n = len(wl)
-        self.arrival = [*wl.arrival_s.tolist(), math.inf]  # sentinel: "no more arrivals"
+        conv = wl.conversations
+        # Requests whose arrival is known up front, in order of arrival; a follow-up turn arrives as an event.
+        self.open_ids = list(range(n)) if conv is None else np.flatnonzero(conv.previous < 0).tolist()
+        self.arrival = [*wl.arrival_s[self.open_ids].tolist(), math.inf]  # sentinel: "no more arrivals"
         self.prompt = wl.prompt_tokens.tolist()
+        serving = cluster.prefill.profile.serving
+        # The cluster's per-request latency (hops, admission, the prompt's own) delays every token of a request alike.
+        self.late = serving.request_s + serving.prompt_token_s * wl.prompt_tokens
+        self.multiturn = conv is not None
+        self.cache_aware = cluster.policy == "cache_aware" and self.multiturn
+        if conv is not None:
+            self.arrival_s = wl.arrival_s.copy()
+            self.conv_of, self.prefix_of = conv.conversation.tolist(), conv.prefix_tokens.tolist()
+            self.previous, self.think = conv.previous.tolist(), conv.think_s.tolist()
+            self.next_turn = [-1] * n
+            for r, p in enumerate(self.previous):
+                if p >= 0:
+                    self.next_turn[p] = r
+        self.cached = [0] * n
+        self.moved = [0] * n
         self.out = wl.output_tokens.tolist()
         self.need = (wl.prompt_tokens + wl.output_tokens).tolist()
         self.first = [math.nan] * n
@@ -66,8 +103,8 @@ class _Sim:
         return min(self.events[0][0], nxt) if self.events else nxt
 
     def run(self) -> RunResult:
-        ev, arrival, n = self.events, self.arrival, len(self.wl)
-        pop, arrive, handle = heapq.heappop, self.arrive, self.handle
+        ev, arrival, open_ids = self.events, self.arrival, self.open_ids
+        pop, arrive, handle, n = heapq.heappop, self.arrive, self.handle, len(open_ids)
         while True:
             i = self.next_i
             if ev and ev[0][0] < arrival[i]:
@@ -75,15 +112,50 @@ class _Sim:
                 handle(kind, x, t)
             elif i < n:
                 self.next_i = i + 1
-                arrive(i, arrival[i])
+                arrive(open_ids[i], arrival[i])
             else:
                 break
             self.handled += 1
-        # The cluster's per-request latency (hops, admission, the prompt's own) delays every token of a request alike.
-        serving = self.cluster.prefill.profile.serving
-        late = serving.request_s + serving.prompt_token_s * self.wl.prompt_tokens
-        first, finish = np.asarray(self.first) + late, np.asarray(self.finish) + late
-        return RunResult(self.cluster, self.wl, first, finish, self.busy(), self.handled)
+        first, finish = np.asarray(self.first) + self.late, np.asarray(self.finish) + self.late
+        if not self.multiturn:
+            return RunResult(self.cluster, self.wl, first, finish, self.busy(), self.handled)
+        wl = replace(self.wl, arrival_s=self.arrival_s)
+        stats = PrefixStats(np.asarray(self.cached), np.asarray(self.moved))
+        return RunResult(self.cluster, wl, first, finish, self.busy(), self.handled, stats)
+
+    def finished(self, r: int, t: float, w: int) -> None:
+        """A conversation's turn ``r`` produced its last token at ``t`` on stepping worker ``w`` (-1: on its prefill
+        worker): ``w`` caches the context, and the next turn is due after the think time."""
+        if w >= 0:
+            b = self.batches[w]
+            self.caches[w].put(self.conv_of[r], self.prompt[r] + self.out[r] - 1, b.cap - b.kv_used)
+        nxt = self.next_turn[r]
+        if nxt >= 0:
+            self.push(t + self.late[r] + self.think[nxt], NEXT_TURN, nxt)
+
+    def turn_due(self, r: int, t: float) -> None:
+        """Follow-up turn ``r`` arrives, unless its previous turn's last token moved later meanwhile (an overlapped
+        step held it back): then at the new time."""
+        p = self.previous[r]
+        due = self.finish[p] + self.late[p] + self.think[r]
+        if due > t:
+            self.push(due, NEXT_TURN, r)
+            return
+        self.arrival_s[r] = t
+        self.arrive(r, t)
+
+    def saved(self, caches: list[PrefixCache], r: int, computed: bool) -> list[int]:
+        """Per worker, the tokens of ``r``'s prefix it holds: ``computed``, those its prefill can skip (never the
+        last prompt token); else those its KV transfer can skip."""
+        c, limit = self.conv_of[r], min(self.prefix_of[r], self.prompt[r] - 1 if computed else self.prompt[r])
+        return [min(cache.held(c), limit) for cache in caches]
+
+    def take_prefix(self, cache: PrefixCache, r: int) -> int:
+        """The prompt tokens of ``r`` that ``cache`` holds, now ``r``'s (at least its last token is computed: its
+        logits give the first output token)."""
+        hit = min(cache.take(self.conv_of[r]), self.prefix_of[r], self.prompt[r] - 1)
+        self.cached[r] = hit
+        return hit
 
     def arrive(self, r: int, t: float) -> None:
         raise NotImplementedError
@@ -142,6 +214,7 @@ class _Sim:
         self.prefilling: list[deque[int]] = [deque() for _ in range(workers)]
         self.completing: list[list[int]] = [[] for _ in range(workers)]
         self.load = [0] * workers  # reserved KV tokens of assigned, unfinished requests
+        self.caches = [PrefixCache() for _ in range(workers)]  # used only for a workload of conversations
         self.worker_of = [0] * len(self.wl)
         self.left = [0] * len(self.wl)  # prompt tokens a stepping worker has still to prefill
 
@@ -150,7 +223,7 @@ class _Sim:
         self.worker_of[r] = w
         self.load[w] += self.need[r]
         if prefill_here:
-            self.left[r] = self.prompt[r]
+            self.left[r] = self.prompt[r] - (self.take_prefix(self.caches[w], r) if self.multiturn else 0)
             self.send(r, t)
 
     def enqueue(self, r: int, t: float) -> None:
@@ -181,10 +254,13 @@ class _Sim:
         first, finish = self.first, self.finish
         launch_end = self.prompt_launch_end
         shared = self.gpu_mate[w] >= 0
+        cache = self.caches[w] if self.multiturn else None
         while True:
             while wq and b.fits(need[wq[0]], extra_seqs=len(pre)):
                 r = wq.popleft()
                 b.kv_used += need[r]
+                if cache is not None:
+                    cache.evict_to(b.cap - b.kv_used)
                 if left[r]:
                     pre.append(r)
                 else:
@@ -229,11 +305,14 @@ class _Sim:
 
     def step_done(self, w: int, t: float) -> None:
         b, need, finish, load, delivered = self.batches[w], self.need, self.finish, self.load, self.delivered[w]
+        multiturn = self.multiturn
         for r in b.complete_step(self.offsets):
             finish[r] = t
             b.kv_used -= need[r]
             load[w] -= need[r]
             delivered.append(r)
+            if multiturn:
+                self.finished(r, t, w)
         completing = self.completing[w]
         delivered += completing
         for r in completing:  # prompts prefilled here: their first token came with this step
@@ -242,6 +321,8 @@ class _Sim:
                 finish[r] = t
                 b.kv_used -= need[r]
                 load[w] -= need[r]
+                if multiturn:
+                    self.finished(r, t, w)
             else:
                 b.join(r, self.prompt[r], self.out[r] - 1, self.offsets)
         completing.clear()
@@ -260,8 +341,7 @@ class _Disaggregated(_Sim):
         self.pre_pool = pre
         xfer = pre.profile.kv_transfer[cluster.kv_backend]
         self.xfer_latency = xfer.latency_s
-        # The seconds each request's KV bytes hold a link (see prefill_done).
-        self.xfer_bytes_s = (wl.prompt_tokens * (pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s)).tolist()
+        self.token_link_s = pre.profile.kv_bytes_per_token / xfer.bandwidth_bytes_per_s  # one token's KV on a link
         self.egress_free = [-math.inf] * pre.replicas  # when each prefill worker's link is next free
         step_time, pre_profile = pre.profile.step_time, pre.profile
         self.prefill_time = lambda tokens: step_time(tokens, 0, 0)  # a prefill pass: a step with no decodes
@@ -269,7 +349,10 @@ class _Disaggregated(_Sim):
         self.device_prefill_time = lambda tokens: pre_profile.prefill_time(tokens) + pre_profile.serving.step_s
         self.prefill_slowdown = 0.0
         self.queues: list[deque[int]] = [deque() for _ in range(pre.replicas)]
-        self.pf_load = [0] * pre.replicas  # pending prompt tokens: queued + running
+        self.pf_load = [0] * pre.replicas  # pending prompt tokens to compute: queued + running
+        self.pf_cost = [0] * len(wl)  # what each request added to its prefill worker's pf_load
+        self.pf_caches = [PrefixCache() for _ in range(pre.replicas)]  # used only for a workload of conversations
+        self.pf_cap = pre.profile.kv_capacity_tokens
         self.pf_batch: list[list[int] | None] = [None] * pre.replicas
         self.pf_span = [(-math.inf, -math.inf)] * pre.replicas  # each prefill worker's latest batch
         self.prefill_of = [-1] * len(wl)  # the prefill worker of each request (-1: prefilled where it decodes)
@@ -283,20 +366,27 @@ class _Disaggregated(_Sim):
             self.shared_slowdown = dec.profile.serving.shared_gpu_slowdown
             self.prefill_slowdown = pre.profile.serving.shared_gpu_prefill_slowdown
         self.pf_router = Router(cluster.policy, pre.replicas)
-        self.dec_router = Router(cluster.policy, len(self.batches))
+        self.dec_router = Router(cluster.policy, len(self.batches), cluster.decode_prefix_weight)
         self.hybrid_router = Router(cluster.policy, hybrid.replicas) if hybrid is not None else None
         self.idle_fallback = cluster.policy == "borrow_idle"
+        self.incremental = self.multiturn and cluster.incremental_transfer
 
     def arrive(self, r: int, t: float) -> None:
-        w = self.pf_router.choose(self.pf_load)
-        d = self.dec_router.choose(self.load)
+        saved_pf = saved_dec = None
+        if self.cache_aware:  # what each worker holds of the conversation: the router's prefix index, exact
+            saved_pf = self.saved(self.pf_caches, r, computed=True)
+            saved_dec = self.saved(self.caches, r, computed=False) if self.incremental else None
+        w = self.pf_router.choose(self.pf_load, saved_pf)
+        d = self.dec_router.choose(self.load, saved_dec)
         if self.pf_load[w] >= PREFILL_BACKLOG_TOKENS:
             local = self.overflow(d)
             if local is not None:
                 self.assign(r, local, t, prefill_here=True)
                 return
         self.assign(r, d, t, prefill_here=False)
-        self.pf_load[w] += self.prompt[r]  # the router counts it as it sends it
+        # The router counts it as it sends it; a cache-blind one, its whole prompt.
+        self.pf_cost[r] = self.prompt[r] - (saved_pf[w] if saved_pf is not None else 0)
+        self.pf_load[w] += self.pf_cost[r]
         self.prefill_of[r] = w
         self.send(r, t)
 
@@ -323,16 +413,25 @@ class _Disaggregated(_Sim):
         return None
 
     def start_prefill(self, w: int, t: float) -> None:
+        """The next batch: prompts in FIFO order within the token budget, each costing the tokens it computes."""
         q, prompt = self.queues[w], self.prompt
         budget, max_reqs = self.pre_pool.max_batch_tokens, self.pre_pool.max_batch_requests
+        cache = self.pf_caches[w] if self.multiturn else None
         batch: list[int] = []
         tokens = 0
         while q and len(batch) < max_reqs:
-            p = prompt[q[0]]
+            r = q[0]
+            p = prompt[r]
+            if cache is not None:
+                p -= min(cache.held(self.conv_of[r]), self.prefix_of[r], p - 1)
             if batch and tokens + p > budget:
                 break
             batch.append(q.popleft())
             tokens += p
+            if cache is not None:
+                self.take_prefix(cache, r)
+        if cache is not None:  # the batch's prompts, cached parts included, are in KV until they are sent
+            cache.evict_to(self.pf_cap - sum(prompt[r] for r in batch))
         dt = self.prefill_time(tokens)
         if self.prefill_slowdown and self.batches[w].busy:  # decode worker w shares prefill worker w's GPU
             dt = max(dt, self.device_prefill_time(tokens) / (1.0 - self.prefill_slowdown))
@@ -353,10 +452,12 @@ class _Disaggregated(_Sim):
             self.run_steps(x, t)
         elif kind == KV_ARRIVED:
             self.enqueue(x, t)
+        elif kind == PREFILL_DONE:
+            self.prefill_done(x, t)
         elif kind == INGRESSED:
             self.ingressed(x, t)
         else:
-            self.prefill_done(x, t)
+            self.turn_due(x, t)
 
     def prefill_done(self, w: int, t: float) -> None:
         """The batch's first tokens, and its KV on the way. Its KV streams layer by layer while the batch computes
@@ -368,18 +469,27 @@ class _Disaggregated(_Sim):
         batch = self.pf_batch[w]
         assert batch is not None
         first, out, load, worker_of = self.first, self.out, self.pf_load, self.worker_of
-        egress, ingress, bytes_s = self.egress_free, self.ingress_free, self.xfer_bytes_s
+        egress, ingress, prompt = self.egress_free, self.ingress_free, self.prompt
         start = self.pf_span[w][0]
+        multiturn, incremental = self.multiturn, self.incremental
         for r in batch:
             first[r] = t
-            load[w] -= self.prompt[r]
+            load[w] -= self.pf_cost[r]
+            if multiturn:
+                self.pf_caches[w].put(self.conv_of[r], prompt[r], self.pf_cap)
             if out[r] == 1:
                 self.finish[r] = t
                 self.load[worker_of[r]] -= self.need[r]
+                if multiturn:
+                    self.finished(r, t, -1)
             else:
                 d = worker_of[r]
-                egress[w] = max(start, egress[w]) + bytes_s[r]
-                ingress[d] = max(start, ingress[d]) + bytes_s[r]
+                # Incremental transfer: only the KV the decode worker does not hold from the conversation.
+                moved = prompt[r] - (min(self.caches[d].take(self.conv_of[r]), self.prefix_of[r]) if incremental else 0)
+                self.moved[r] = moved
+                link_s = moved * self.token_link_s
+                egress[w] = max(start, egress[w]) + link_s
+                ingress[d] = max(start, ingress[d]) + link_s
                 self.push(max(egress[w], ingress[d], t) + self.xfer_latency, KV_ARRIVED, r)
         self.pf_batch[w] = None
         if self.queues[w]:
@@ -401,14 +511,17 @@ class _Colocated(_Sim):
         self.router = Router(cluster.policy, cluster.prefill.replicas)
 
     def arrive(self, r: int, t: float) -> None:
-        self.assign(r, self.router.choose(self.load), t, prefill_here=True)
+        saved = self.saved(self.caches, r, computed=True) if self.cache_aware else None
+        self.assign(r, self.router.choose(self.load, saved), t, prefill_here=True)
 
     def handle(self, kind: int, x: int, t: float) -> None:
-        if kind == INGRESSED:
+        if kind == STEP_DONE:
+            self.step_done(x, t)
+            self.run_steps(x, t)
+        elif kind == INGRESSED:
             self.ingressed(x, t)
-            return
-        self.step_done(x, t)
-        self.run_steps(x, t)
+        else:
+            self.turn_due(x, t)
 
     def busy(self) -> dict[str, float]:
         return {"colocated": sum(b.busy_s for b in self.batches)}

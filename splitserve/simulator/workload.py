@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -16,18 +17,42 @@ TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 @dataclass(frozen=True)
+class Conversations:
+    """Which requests are turns of one conversation (per request, like the workload's arrays). A follow-up turn
+    arrives ``think_s`` after the client got its previous turn's last token, which only the run knows: its
+    ``arrival_s`` is NaN in the workload, and the run's result has the arrival it got."""
+
+    conversation: np.ndarray  # int64
+    turn: np.ndarray  # int64, 0 on a first turn
+    previous: np.ndarray  # int64: the previous turn's request, always before this one; -1 on a first turn
+    prefix_tokens: np.ndarray  # int64: leading prompt tokens equal to the previous turn's prompt + answer
+    think_s: np.ndarray  # float64
+
+    def head(self, n: int) -> Conversations:
+        return Conversations(*(a[:n] for a in _columns(self)))
+
+
+def _columns(obj: Any) -> tuple:
+    """A dataclass's fields in order, not copied (``dataclasses.astuple`` deep-copies every array)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
+@dataclass(frozen=True)
 class Workload:
-    """Requests sorted by arrival; times in seconds from the first arrival."""
+    """Requests sorted by arrival (follow-up turns, whose arrival the run decides, after every first turn); times in
+    seconds from the first arrival."""
 
     arrival_s: np.ndarray  # float64
     prompt_tokens: np.ndarray  # int64, >= 1
     output_tokens: np.ndarray  # int64, >= 1
+    conversations: Conversations | None = None
 
     def __len__(self) -> int:
         return len(self.arrival_s)
 
     def head(self, n: int) -> Workload:
-        return Workload(self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n])
+        conv = None if self.conversations is None else self.conversations.head(n)
+        return Workload(self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n], conv)
 
     @property
     def rate(self) -> float:
@@ -37,7 +62,25 @@ class Workload:
 
     def at_rate(self, rate: float) -> Workload:
         """The same requests with time stretched so the mean rate is ``rate`` (keeps a trace's burst shape)."""
-        return Workload(self.arrival_s * (self.rate / rate), self.prompt_tokens, self.output_tokens)
+        return Workload(self.arrival_s * (self.rate / rate), self.prompt_tokens, self.output_tokens, self.conversations)
+
+
+def multiturn(conversations: Sequence[Sequence[tuple[int, int, float]]]) -> Workload:
+    """Conversation c's turn k is ``conversations[c][k]`` = (new message tokens, answer tokens, think seconds); its
+    prompt is every earlier message and answer plus its message. A first turn arrives its think time after 0.
+    Requests are ordered by turn, then by their conversation's first arrival."""
+    order = sorted((k, conv[0][2], c) for c, conv in enumerate(conversations) for k in range(len(conv)))
+    index = {(c, k): i for i, (k, _, c) in enumerate(order)}
+    contexts = [np.cumsum([0] + [m + a for m, a, _ in conv]) for conv in conversations]
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    for k, _, c in order:
+        message, answer, think = conversations[c][k]
+        prefix = int(contexts[c][k])
+        row = (np.nan if k else think, prefix + message, answer, c, k, index[(c, k - 1)] if k else -1, prefix, think)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    arrival, prompt, output, *conv = (np.asarray(col) for col in columns)
+    return Workload(arrival.astype(np.float64), prompt, output, Conversations(*conv))
 
 
 @dataclass(frozen=True)

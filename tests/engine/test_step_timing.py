@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from splitserve.engine import Engine, EngineConfig, RunnerConfig, SamplingParams
 from splitserve.engine.step_timing import StepTimes
 
@@ -17,9 +19,11 @@ def test_only_the_blocking_wait_counts_as_device_time():
 
     start = time.perf_counter()
     times.timed_wait(hook)(lambda: time.sleep(0.05))
-    times.add_step(time.perf_counter() - start, 0.0)
-    assert 0.05 <= times.device_wait_s < 0.07
-    assert 0.02 <= times.host_s < 0.04
+    total = time.perf_counter() - start
+    times.add_step(total, 0.0)
+    assert times.device_wait_s >= 0.05
+    assert times.host_s >= 0.02  # the hook's own sleep is host time, however late the scheduler wakes it
+    assert times.host_s + times.device_wait_s == pytest.approx(total)
     assert times.as_extra()["engine_steps_total"] == 1.0
 
 

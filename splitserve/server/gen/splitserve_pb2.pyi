@@ -115,7 +115,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size", "draining")
+    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size", "draining", "tensor_parallel_size", "gpus")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,8 @@ class WorkerStatus(_message.Message):
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     healthy: bool
@@ -140,7 +142,9 @@ class WorkerStatus(_message.Message):
     kv_blocks_free: int
     batch_size: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    tensor_parallel_size: int
+    gpus: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ..., draining: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., gpus: _Optional[float] = ...) -> None: ...
 
 class RouterLoad(_message.Message):
     __slots__ = ("worker_id", "pending_tokens", "held_tokens", "occupancy", "requests", "healthy", "draining")
