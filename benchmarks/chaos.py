@@ -14,7 +14,9 @@ Abort to pages freed: for each cancelled request, the time from its cancel until
 pages gave them back, from the times the workers log when they free a request's pages (``release_times``; a
 worker that had freed them before the cancel counts as zero). Abort acknowledged: until the router's abort calls
 returned. "Every page free" is the time from the last cancel until every worker's free page count is back at its
-total. Stranded pages: pages still in use once the cluster is idle (must be 0).
+total. Stranded pages: pages still in use once the cluster is idle (must be 0). Unhandled errors: Ray's "Unhandled
+error" (a failed call's result nobody read) and asyncio's "never retrieved" logged in this process, the router's
+(must be 0).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -37,6 +40,33 @@ from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingE
 from splitserve.config import load_config, parse_config
 from splitserve.engine import SamplingParams
 from splitserve.engine.testing import make_tiny_model
+
+
+class UnhandledErrors(logging.Handler):
+    """Counts the errors that nobody handled, by who logged them: a result or failure left unread is a leak."""
+
+    LOGGERS = {"ray._private.worker": "Unhandled error", "asyncio": "exception was never retrieved"}
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.counts: Counter[str] = Counter()
+        self.samples: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.LOGGERS.get(record.name, "\0") in message:
+            self.counts[record.name] += 1
+            if len(self.samples) < 5:
+                self.samples.append(message[:300])
+
+    def __enter__(self) -> UnhandledErrors:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
 
 
 def _tiny_config(model_dir: str):
@@ -246,6 +276,7 @@ def _table(report: dict[str, Any]) -> str:
         f"abort -> acknowledged to the router: p50 {ms(s['abort_acked_p50_s'])}, p99 {ms(s['abort_acked_p99_s'])}",
         f"last cancel -> every page free: {ms(s['last_cancel_to_idle_s'])}",
         f"stranded pages: {s['stranded_pages']} (must be 0); requests left in flight: {s['inflight_left']}",
+        f"unhandled errors: {report['unhandled_errors']['count']} (must be 0) {report['unhandled_error_samples']}",
     ]
     return "\n".join(lines)
 
@@ -284,13 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await cluster.shutdown()
 
-    report = asyncio.run(run())
+    with UnhandledErrors() as unhandled:
+        report = asyncio.run(run())
+    report["unhandled_errors"] = {"count": sum(unhandled.counts.values()), **unhandled.counts}
+    report["unhandled_error_samples"] = unhandled.samples
     report["args"] = vars(args)
     print(_table(report))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    ok = report["storm"]["stranded_pages"] == 0 and report["storm"]["inflight_left"] == 0
+    storm = report["storm"]
+    ok = storm["stranded_pages"] == 0 and storm["inflight_left"] == 0 and report["unhandled_errors"]["count"] == 0
     return 0 if ok else 1
 
 

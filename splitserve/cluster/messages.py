@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from splitserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from splitserve.kv_transfer.base import ReceiverEndpoint
 
 
 @dataclass(frozen=True)
@@ -56,33 +59,45 @@ class TokenBatch:
 
 @dataclass(frozen=True)
 class StreamFailure:
-    """On a decode worker's token channel: this attempt's stream ended without finishing (e.g. it was aborted)."""
+    """On a worker's channel: this attempt ended there without finishing (aborted, or failed with ``error``)."""
 
     request_id: str
     attempt: int
     error: ServingError
 
 
-ChannelMessage = list[TokenBatch | StreamFailure]
-"""One message of a decode worker's token channel: every stream's news since the last message, in order."""
+@dataclass(frozen=True)
+class PrefillOrder:
+    """A prompt for a prefill worker, and the decode worker's receiver its KV goes to."""
+
+    request: GenerateRequest
+    endpoint: ReceiverEndpoint
 
 
 @dataclass(frozen=True)
-class PendingPages:
-    """The decode worker's pages for a request's KV, handed to the prefill worker while they are still being
-    reserved, so the prompt computes meanwhile: Ray passes a reference nested in an argument over unresolved."""
+class PagesReady:
+    """The decode worker's pages for an attempt's KV, which the router hands to the prefill worker once reserved."""
 
-    block_ids: Awaitable[list[int]]  # the ObjectRef of the decode worker's ``reserve``
+    request_id: str
+    attempt: int
+    block_ids: list[int]
 
 
 @dataclass(frozen=True)
 class TransferReport:
-    """The prefill worker's word that a request's KV has fully landed in the decode worker's pages."""
+    """On a prefill worker's channel: the attempt's KV has fully landed in the decode worker's pages."""
 
+    request_id: str
+    attempt: int
     seconds: float  # from the transfer's begin (the prompt's last prefill pass) to the receiver's word
     exposed_seconds: float  # from the first token's sampling to the receiver's word: what the prefill did not hide
     bytes: int
     backend: str
+
+
+ChannelItem = TokenBatch | TransferReport | StreamFailure
+ChannelMessage = list[ChannelItem]
+"""One message of a worker's channel: every attempt's news since the last message, in order."""
 
 
 class ErrorCode(enum.StrEnum):

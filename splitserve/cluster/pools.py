@@ -17,10 +17,10 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from splitserve.cluster.channel import WorkerChannel
 from splitserve.cluster.messages import ErrorCode, ServingError, WorkerStats
 from splitserve.cluster.rank_group import bundle_options, rank_bundles
 from splitserve.cluster.router import Move, Router
-from splitserve.cluster.token_channel import TokenChannel
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import ConfigError, Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.roles import Role
@@ -67,7 +67,7 @@ class WorkerHandle:
     healthy: bool = True
     problem: str | None = None  # why it cannot serve, while it cannot
     restarts: int = 0
-    channel: TokenChannel | None = None  # decode workers: their tokens, once ready
+    channel: WorkerChannel | None = None  # its news for the router (tokens, first tokens, transfers), once ready
     placement: Any = None  # a tensor-parallel worker's placement group: its ranks' GPUs (or CPU shares), one node
 
     @property
@@ -79,7 +79,7 @@ class WorkerHandle:
         self.kill()
 
     def close_channel(self) -> None:
-        """Fail whoever still reads its tokens. On the event loop."""
+        """Fail whoever still reads its channel. On the event loop."""
         if self.channel is not None:
             self.channel.close()
 
@@ -104,7 +104,7 @@ class Pools:
         self.restarting: set[str] = set()
         self.retiring: set[str] = set()
         self.scale_lock = asyncio.Lock()
-        # A decode worker's token channel broke while it was listed: it cannot stream (set by the health side).
+        # A worker's channel broke while it was listed: it cannot report (set by the health side).
         self.on_channel_broken: Callable[[WorkerHandle], None] = lambda worker: None
 
     async def start(self) -> None:
@@ -224,12 +224,10 @@ class Pools:
         except RayActorError as err:
             failure = f"{worker.worker_id} failed to start: {_last_line(err)}"
             raise ServingError(ErrorCode.UNAVAILABLE, failure) from None
+        worker.channel = WorkerChannel(worker.worker_id, worker.actor, on_broken=lambda: self.on_channel_broken(worker))
         if worker.role == Role.PREFILL:
             self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
         else:
-            worker.channel = TokenChannel(
-                worker.worker_id, worker.actor, on_broken=lambda: self.on_channel_broken(worker)
-            )
             capacity = worker.info["kv_blocks"] * worker.info["block_size"]
             self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, hybrid=worker.role == Role.HYBRID)
         return worker

@@ -2,8 +2,9 @@
 and retry it elsewhere when a worker dies, with the tokens already streamed appended to its prompt so the client
 sees no duplicate and no gap.
 
-An attempt (disaggregated): D reserves pages for the prompt's KV while P computes the prompt, streams the KV into
-those pages layer by layer and returns the first token; D admits the request and streams the rest. Any failure or
+An attempt (disaggregated): D reserves pages for the prompt's KV while P computes the prompt; the router hands D's
+pages to P, which streams the KV into them layer by layer; P's first token and transfer report come on P's channel;
+D admits the request and streams the rest on D's. Any failure or
 cancel on the way is sent to both P and D as an explicit abort, so each frees its pages at once, and the router
 booking is released in one place whichever way the attempt ended.
 """
@@ -20,17 +21,21 @@ from typing import Any, TypeVar
 from ray.exceptions import RayActorError, RayTaskError
 
 from splitserve import handoff_trace
+from splitserve.cluster.call_batcher import CallBatcher
+from splitserve.cluster.channel import Inbox, WorkerDied
 from splitserve.cluster.health import HEALTH_TIMEOUT_S, Health
 from splitserve.cluster.messages import (
+    ChannelItem,
     ErrorCode,
     GenerateRequest,
-    PendingPages,
+    PagesReady,
+    PrefillOrder,
     RequestTiming,
     ServingError,
     TokenBatch,
+    TransferReport,
 )
 from splitserve.cluster.pools import Pools, WorkerHandle
-from splitserve.cluster.token_channel import WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,28 @@ async def _traced(awaitable: Awaitable[T], event: str, request_id: str) -> T:
     return result
 
 
+def _settled(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """A task for a worker call's reply that is left to end by itself (never cancelled while the call is out) and
+    whose failure counts as seen even where the attempt ended first and nobody asks for it."""
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
+def _expect(item: ChannelItem, kind: type[T], worker: WorkerHandle) -> T:
+    if not isinstance(item, kind):
+        sent = type(item).__name__
+        raise ServingError(ErrorCode.INTERNAL, f"{worker.worker_id} sent a {sent} where a {kind.__name__} was due")
+    return item
+
+
 class RequestPath:
     def __init__(self, pools: Pools, health: Health):
         self.pools = pools
         self.health = health
         self.inflight: dict[str, asyncio.Task | None] = {}
+        # (worker id, method) -> the worker those calls go to (a restarted one is a new handle), and their batcher
+        self._batchers: dict[tuple[str, str], tuple[WorkerHandle, CallBatcher]] = {}
 
     def validate(self, request: GenerateRequest) -> None:
         if (reason := self.health.unavailable_reason()) is not None:
@@ -152,54 +174,83 @@ class RequestPath:
     ) -> AsyncIterator[TokenBatch]:
         """D reserves pages while P computes the prompt and streams its KV into them; D decodes the rest.
 
-        P gets D's reservation as a pending reference and starts at once, so the reservation's round trip is off the
-        first token's path. The first token waits for the reservation, though: a request D cannot take fails with
-        D's error before the client sees any token, as if it had been asked first."""
-        handoff_trace.mark("router.reserve", request.request_id)
-        reserve = decode.actor.reserve.remote(request)
-        prefill_stream = prefill.actor.prefill.options(num_returns="streaming").remote(
-            request, decode.info["endpoint"], PendingPages(reserve)
-        )
-        first = await self._first_token(request, prefill_stream, prefill, self._call(decode, reserve))
-        if first.finished:  # done at its first token: D's reservation is not needed, free it now (before the yield:
-            await self._abort_everywhere(request, [decode])  # a client that closes on this token ends us there)
-            yield first
-            return
-        yield first
-        transfer = asyncio.ensure_future(self._next(prefill_stream, prefill))
-        try:
+        P queues the prompt at once and gets D's pages once they are reserved, so the reservation's round trip is off
+        the first token's path. The first token waits for the reservation, though: a request D cannot take fails with
+        D's error before the client sees any token, as if it had been asked first. Every call to P is a plain one that
+        answers at once; its results come on its channel."""
+        assert prefill.channel is not None  # made when the worker registered
+        rid = request.request_id
+        with prefill.channel.inbox(rid, request.attempt) as results:
+            handoff_trace.mark("router.reserve", rid)
+            reservation = self._call(decode, decode.actor.reserve.remote(request))
+            reserved = _settled(_traced(reservation, "router.reserved", rid))
+            queued = _settled(self._batched(prefill, "prefill", PrefillOrder(request, decode.info["endpoint"])))
+            handover = asyncio.ensure_future(self._hand_over(request, prefill, queued, reserved))
+            try:
+                first = await self._first_token(request, results, prefill, (reserved, queued))
+                if first.finished:  # done at its first token: D's reservation is not needed, free it now (before the
+                    await self._abort_everywhere(request, [decode])  # yield: a client that closes here ends us there)
+                    yield first
+                    return
+                yield first
+                transfer = asyncio.ensure_future(self._transferred(results, prefill, handover))
 
-            def start() -> Any:
-                return decode.actor.start.remote(request.request_id, request.attempt, first.tokens[0])
+                def start() -> Any:
+                    return decode.actor.start.remote(rid, request.attempt, first.tokens[0])
 
-            async for batch in self._tokens(decode, request, start):
-                if timing.kv_transfer_s is None:
-                    handoff_trace.mark("router.second_token", request.request_id)
-                    # D decodes only once every layer has landed, so the report is (nearly) in by now.
-                    report = await transfer
-                    timing.kv_transfer_s, timing.kv_exposed_s = report.seconds, report.exposed_seconds
-                yield batch
-        finally:
-            transfer.cancel()
+                try:
+                    async for batch in self._tokens(decode, request, start):
+                        if timing.kv_transfer_s is None:
+                            handoff_trace.mark("router.second_token", rid)
+                            # D decodes only once every layer has landed, so the report is (nearly) in by now.
+                            report = await transfer
+                            timing.kv_transfer_s, timing.kv_exposed_s = report.seconds, report.exposed_seconds
+                        yield batch
+                finally:
+                    transfer.cancel()
+            finally:
+                handover.cancel()
+
+    async def _hand_over(
+        self, request: GenerateRequest, prefill: WorkerHandle, queued: asyncio.Future, reserved: asyncio.Future
+    ) -> None:
+        """D's pages to P once P holds the prompt (so they never overtake it) and D has reserved them. A failure of
+        either call is the first token's wait to report."""
+        await asyncio.shield(queued)
+        block_ids = await asyncio.shield(reserved)
+        await self._batched(prefill, "pages", PagesReady(request.request_id, request.attempt, block_ids))
+
+    def _batched(self, worker: WorkerHandle, method: str, item: Any) -> asyncio.Future[None]:
+        """``worker.method`` for ``item``, sent with the other items submitted while its previous call is out."""
+        key = (worker.worker_id, method)
+        known = self._batchers.get(key)
+        if known is None or known[0] is not worker:
+
+            async def send(items: list[Any]) -> Any:
+                return await self._call(worker, getattr(worker.actor, method).remote(items))
+
+            known = self._batchers[key] = (worker, CallBatcher(send))
+        return known[1].submit(item)
 
     async def _first_token(
-        self, request: GenerateRequest, prefill_stream: Any, prefill: WorkerHandle, reservation: Awaitable[Any]
+        self, request: GenerateRequest, results: Inbox, prefill: WorkerHandle, calls: tuple[asyncio.Future, ...]
     ) -> TokenBatch:
-        """P's first token once D has reserved the pages; whichever fails first ends the wait, D's failure winning
-        where both did (it is the cause: P's transfer ends for want of pages)."""
-        reserved = asyncio.ensure_future(_traced(reservation, "router.reserved", request.request_id))
-        first = asyncio.ensure_future(
-            _traced(self._next(prefill_stream, prefill), "router.first_token", request.request_id)
-        )
+        """P's first token once D has reserved the pages (``calls``: D's reservation, P's taking the prompt); whichever
+        fails first ends the wait, D's failure winning where several did: the client sees D's refusal, as if D had
+        been asked first."""
+        first = asyncio.ensure_future(_traced(results.next(), "router.first_token", request.request_id))
         try:
-            await asyncio.wait((reserved, first), return_when=asyncio.FIRST_EXCEPTION)
-            for task in (reserved, first):
+            await asyncio.wait((*calls, first), return_when=asyncio.FIRST_EXCEPTION)
+            for task in (*calls, first):
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            return first.result()
+            return _expect(first.result(), TokenBatch, prefill)
         finally:
-            for task in (reserved, first):
-                task.cancel()
+            first.cancel()
+
+    async def _transferred(self, results: Inbox, prefill: WorkerHandle, handover: asyncio.Task) -> TransferReport:
+        await handover
+        return _expect(await results.next(), TransferReport, prefill)
 
     async def _alive(self, worker: WorkerHandle) -> bool:
         try:
@@ -227,15 +278,6 @@ class RequestPath:
             raise WorkerDied(worker.worker_id) from None
         except RayTaskError as err:
             raise _cause(err) from None
-
-    async def _next(self, stream, worker: WorkerHandle) -> Any:
-        try:
-            ref = await stream.__anext__()
-        except StopAsyncIteration:
-            raise ServingError(ErrorCode.INTERNAL, f"{worker.worker_id} ended the stream early") from None
-        except RayActorError:
-            raise WorkerDied(worker.worker_id) from None
-        return await self._call(worker, ref)
 
     def _tokens(
         self, decode: WorkerHandle, request: GenerateRequest, start: Callable[[], Any]

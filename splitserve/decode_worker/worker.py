@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from splitserve import handoff_trace
+from splitserve.cluster.channel import Outbox
 from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
@@ -47,7 +48,7 @@ class DecodeWorker(WorkerBase):
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         # request id -> the attempt whose tokens the channel carries; only touched on the default event loop
         self._streams: dict[str, int] = {}
-        self._outbox: asyncio.Queue[ChannelMessage] | None = None  # the token channel's, made in ready()
+        self._outbox = Outbox()  # the token channel's; posted to on the default event loop only
         self._expected: dict[str, Future[TransferResult]] = {}
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
@@ -95,19 +96,14 @@ class DecodeWorker(WorkerBase):
         self._post([StreamFailure(request_id, attempt, error)])
 
     def _post(self, message: ChannelMessage) -> None:
-        assert self._outbox is not None  # made in ready(), before the router sends any request
-        self._outbox.put_nowait(message)
+        self._outbox.post(message)
 
     async def outputs(self) -> AsyncIterator[ChannelMessage]:
         """The token channel: one long-lived stream to the router carrying every request's tokens, one message per
         engine step (more when the router falls behind). Ray's cost is per message, so one channel for all requests
         carries many times the tokens a stream per request could. One reader: the cluster opens it once the worker
         is ready."""
-        assert self._outbox is not None
-        while True:
-            message = await self._outbox.get()
-            while not self._outbox.empty():
-                message.extend(self._outbox.get_nowait())
+        async for message in self._outbox.messages():
             yield message
 
     async def _on_engine(self, fn, during_step: bool = False):
@@ -118,8 +114,6 @@ class DecodeWorker(WorkerBase):
 
     async def ready(self) -> dict:
         self._loop = asyncio.get_running_loop()
-        if self._outbox is None:
-            self._outbox = asyncio.Queue()
         return self._info(endpoint=self.receiver.endpoint)
 
     async def reserve(self, request: GenerateRequest) -> list[int]:

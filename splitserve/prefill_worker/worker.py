@@ -1,11 +1,13 @@
 """The prompt-phase worker: packs queued prompts into batches of at most ``max_batch_tokens``, computes them, and
 streams each layer's KV pages to the request's decode worker as soon as that layer is done.
 
-A prompt is queued while its decode worker still reserves the pages for it (the router asks both at once): layers
-done before the pages are known wait in the transfer (``DeferredSend``) and go the moment they are.
+A prompt is queued while its decode worker still reserves the pages for it (the router asks both at once, and
+hands the pages over in ``pages`` once reserved): layers done before the pages are known wait in the transfer
+(``DeferredSend``) and go the moment they are.
 
-Per request it streams two messages back to the router: the first token (as soon as the prompt is computed), then
-a ``TransferReport`` once the KV has landed.
+Per request it posts two items on its channel to the router (``outputs``): the first token (as soon as the prompt
+is computed), then a ``TransferReport`` once the KV has landed; or the request's failure. Every call a request
+makes here is a plain, short one, so the control group's aborts never queue behind Ray's work for the others.
 
 A request's pages are read only by the gathers of its own pass, on the engine thread; every backend is handed those
 gathered copies, never the pages. The pages are still held until the transfer has finished, so that the copies in
@@ -31,11 +33,15 @@ from typing import Any
 import ray
 
 from splitserve import handoff_trace
+from splitserve.cluster.channel import Outbox
 from splitserve.cluster.messages import (
+    ChannelMessage,
     ErrorCode,
     GenerateRequest,
-    PendingPages,
+    PagesReady,
+    PrefillOrder,
     ServingError,
+    StreamFailure,
     Token,
     TokenBatch,
     TransferReport,
@@ -45,7 +51,6 @@ from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import RequestError
 from splitserve.engine.sequence import Sequence
 from splitserve.kv_transfer import (
-    PeerUnavailable,
     ReceiverEndpoint,
     Sender,
     SendHandle,
@@ -83,7 +88,7 @@ class _Job:
     # The engine's id for this job: unique per attempt, so a retry of the same request arriving while the aborted
     # attempt's transfer is still winding down never shares (and never frees) the other's pages.
     key: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
-    pages: Future = field(default_factory=Future)  # the decode worker's reserved block ids, once it has them
+    pages: Future = field(default_factory=Future)  # the decode worker's reserved block ids, once they came
     first: Future = field(default_factory=Future)  # TokenBatch with the first token
     transferred: Future = field(default_factory=Future)  # TransferReport
     handle: DeferredSend | None = None
@@ -108,9 +113,11 @@ class PrefillWorker(WorkerBase):
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
         self._aborted_early = AbortedAttempts()
-        # abort() runs on the control group's loop, prefill() on the default loop, passes on the engine thread: each
-        # one's look-then-act on _jobs, _queue, _aborted_early, job.stage, job.handle and job.aborted holds this lock
-        # (never across an await nor a blocking call), so an abort never waits for a pass.
+        self._outbox = Outbox()  # the channel's; posted to on the default loop only
+        self._reporting: set[asyncio.Task] = set()  # each job's ``_report``, held until it ends
+        # abort() runs on the control group's loop, prefill() and pages() on the default loop, passes on the engine
+        # thread: each one's look-then-act on _jobs, _queue, _aborted_early, job.stage, job.handle, job.pages and
+        # job.aborted holds this lock (never across an await nor a blocking call), so an abort never waits for a pass.
         self._lock = threading.Lock()
         # Jobs whose transfer has ended or was aborted: their pages are freed on the engine thread at the next layer
         # of a pass in flight, or before the next step, whichever comes first.
@@ -176,9 +183,8 @@ class PrefillWorker(WorkerBase):
                 job.first.set_exception(_cancelled(job))
                 self._await_transfer(job, abort="aborted by the router")
                 continue
-            batch = TokenBatch(
-                job.request.request_id, [Token(out.token_id, out.text, out.logprob)], out.finished, out.finish_reason
-            )
+            token = Token(out.token_id, out.text, out.logprob)
+            batch = TokenBatch(job.request.request_id, [token], out.finished, out.finish_reason, job.request.attempt)
             job.sampled = time.perf_counter()
             handoff_trace.mark("prefill.first_token", job.request.request_id)
             job.first.set_result(batch)
@@ -224,25 +230,14 @@ class PrefillWorker(WorkerBase):
         return on_layer
 
     def _open_transfer(self, job: _Job) -> None:
-        """Begin the job's transfer if its pass began and its pages are known (or end it if they never will be).
-        Called by both, the engine thread's layer hook and the pages' arrival: whichever comes second opens it."""
+        """Begin the job's transfer if its pass began and its pages are known. Called by both, the engine thread's
+        layer hook and the pages' arrival: whichever comes second opens it. Pages that never come (the decode worker
+        refused the request) are the router's to report, and its abort ends the transfer."""
         handle = job.handle
         if handle is None or handle.settled or not job.pages.done():
             return
-        error = job.pages.exception()
-        if error is None:
-            handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
-            handle.open(job.pages.result())
-        else:
-            handle.fail(PeerUnavailable(f"the decode worker reserved no pages: {error}"))
-
-    async def _await_pages(self, job: _Job, pending: PendingPages) -> None:
-        """The reservation's answer. Its failure is the router's to report: here it only ends the transfer."""
-        try:
-            job.pages.set_result(list(await pending.block_ids))
-        except Exception as err:  # a Ray error wrapping the decode worker's, or the worker gone
-            job.pages.set_exception(err)
-        self._open_transfer(job)
+        handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
+        handle.open(job.pages.result())
 
     def _sender(self, endpoint: ReceiverEndpoint) -> Sender:
         sender = self._senders.get(endpoint)
@@ -266,8 +261,10 @@ class PrefillWorker(WorkerBase):
                 done = time.perf_counter()
                 handoff_trace.mark("prefill.transfer_done", job.request.request_id)
                 backend = self.options.kv_transfer.backend.value
+                request = job.request
+                seconds, exposed = done - job.started, max(0.0, done - job.sampled)
                 job.transferred.set_result(
-                    TransferReport(done - job.started, max(0.0, done - job.sampled), int(sent or 0), backend)
+                    TransferReport(request.request_id, request.attempt, seconds, exposed, int(sent or 0), backend)
                 )
             except TransferAborted as err:  # either side's abort: the request is over, not failed
                 job.transferred.set_exception(ServingError(ErrorCode.CANCELLED, f"KV transfer aborted: {err}"))
@@ -323,42 +320,65 @@ class PrefillWorker(WorkerBase):
     async def ready(self) -> dict:
         return self._info()
 
-    async def prefill(
-        self, request: GenerateRequest, endpoint: ReceiverEndpoint, pages: PendingPages
-    ) -> AsyncIterator[TokenBatch | TransferReport]:
-        """Yields the first token (a TokenBatch), then a TransferReport when the KV is in the decode worker.
+    async def outputs(self) -> AsyncIterator[ChannelMessage]:
+        """The channel: one long-lived stream to the router carrying every request's first token, transfer report
+        or failure. One reader: the cluster opens it once the worker is ready."""
+        async for message in self._outbox.messages():
+            yield message
 
-        An aborted request (by the router, or by the decode worker's receiver) ends the stream with nothing more:
-        whoever aborted it reads it no longer, and an error left in it would be logged by Ray as unhandled."""
+    async def prefill(self, orders: list[PrefillOrder]) -> list[ServingError | None]:
+        """Queue the prompts and answer at once, per prompt, None or why it was not taken: each one's first token,
+        then its ``TransferReport`` (or its failure), follow on the channel, and the decode worker's pages come in
+        ``pages``. A prompt whose abort came first is refused without a word: whoever aborted it waits for nothing
+        from it. The router batches these calls (``CallBatcher``): few calls, so an abort never waits behind many."""
+        refusals = [self._take(order.request, order.endpoint) for order in orders]
+        self._thread.wake()
+        return refusals
+
+    def _take(self, request: GenerateRequest, endpoint: ReceiverEndpoint) -> ServingError | None:
         job = _Job(request, endpoint)
         with self._lock:
             if self._aborted_early.claim(request.request_id, request.attempt):
-                return  # refused: its abort came first
+                return None
             previous = self._jobs.get(request.request_id)
             if previous is not None and not previous.aborted:  # an aborted attempt may still be winding down: fine
-                raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
+                return ServingError(ErrorCode.INVALID_ARGUMENT, f"request_id: {request.request_id!r} is already here")
             if len(self._jobs) >= self.options.max_queue:
-                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
+                return ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
             self._jobs[request.request_id] = job
             self._queue.append(job)
-        self._thread.wake()
-        awaiting_pages = asyncio.ensure_future(self._await_pages(job, pages))
+        self._reporting.add(task := asyncio.ensure_future(self._report(job)))
+        task.add_done_callback(self._reporting.discard)
+        return None
+
+    async def pages(self, handovers: list[PagesReady]) -> None:
+        """The decode worker's pages for each attempt's KV: its transfer opens now, or when its pass reaches it. The
+        router sends them only once ``prefill`` has answered, so the job is here unless it has ended meanwhile."""
+        for pages in handovers:
+            with self._lock:
+                job = self._jobs.get(pages.request_id)
+                if job is None or job.request.attempt != pages.attempt or job.aborted or job.pages.done():
+                    continue
+                job.pages.set_result(pages.block_ids)
+            self._open_transfer(job)
+
+    async def _report(self, job: _Job) -> None:
+        """Post the job's first token, then its transfer report; or the failure that ended it (an aborted job's
+        too: it is dropped at the router unless someone still reads that attempt)."""
+        request = job.request
         completed = False
         try:
-            try:
-                first = await asyncio.wrap_future(job.first)
-                completed = first.finished
-                yield first
-                if not completed:
-                    yield await asyncio.wrap_future(job.transferred)
-                    completed = True
-            except ServingError as err:
-                if job.aborted or err.code == ErrorCode.CANCELLED:
-                    return
-                raise
+            first = await asyncio.wrap_future(job.first)
+            self._outbox.post([first])
+            completed = first.finished
+            if not completed:
+                self._outbox.post([await asyncio.wrap_future(job.transferred)])
+                completed = True
+        except Exception as err:
+            error = err if isinstance(err, ServingError) else ServingError(ErrorCode.INTERNAL, repr(err))
+            self._outbox.post([StreamFailure(request.request_id, request.attempt, error)])
         finally:
-            awaiting_pages.cancel()
-            if not completed:  # the router went away, or something failed: free everything now
+            if not completed:  # something failed: free everything now
                 self._abort_job(job)
 
     @ray.method(concurrency_group=CONTROL_GROUP)

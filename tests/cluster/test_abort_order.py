@@ -13,7 +13,8 @@ import pytest
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
-    PendingPages,
+    PagesReady,
+    PrefillOrder,
     ServingError,
     StreamFailure,
     TokenBatch,
@@ -29,13 +30,6 @@ from tests.support import tiny_cluster_config
 
 def _request(attempt: int) -> GenerateRequest:
     return GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True), attempt=attempt)
-
-
-def _reserved(block_ids: list[int]) -> asyncio.Future[list[int]]:
-    """What a decode worker's answered reservation looks like to the prefill worker (a resolved ObjectRef)."""
-    future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-    future.set_result(block_ids)
-    return future
 
 
 def test_aborted_attempts_are_claimed_once_and_bounded():
@@ -92,10 +86,17 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
         try:
             assert not await worker.abort("r1", 0)
             endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
-            # Refused: the stream ends with nothing in it (the router, which aborted it, reads it no longer).
-            assert [item async for item in worker.prefill(_request(0), endpoint, PendingPages(_reserved([0])))] == []
+            # Refused without a word: the router, which aborted it, waits for nothing from it.
+            assert await worker.prefill([PrefillOrder(_request(0), endpoint)]) == [None]
+            await worker.pages([PagesReady("r1", 0, [0])])  # the pages the router sends once it is taken: ignored
+            await asyncio.sleep(0.2)  # time for anything it would post, or for a pass that ran it
             stats = await worker.stats()
             assert stats.extra["jobs"] == 0 and stats.queued_requests == 0 and not worker.releases.snapshot()
+            assert worker._outbox._queue.empty()  # nothing posted for it
+            # The retry (attempt 1) is taken.
+            assert await worker.prefill([PrefillOrder(_request(1), endpoint)]) == [None]
+            assert worker._jobs["r1"].request.attempt == 1
+            assert await worker.abort("r1", 1)
         finally:
             worker._thread.stop()
 

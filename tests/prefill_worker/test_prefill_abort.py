@@ -1,14 +1,24 @@
 """A prefill worker's abort answers without waiting for the engine thread, and frees what the request holds as soon
-as nothing can use it: a queued prompt at once, one in the pass in flight at that pass's end. An aborted request's
-stream ends with nothing more in it, whoever aborted it (an error left there would be Ray's "unhandled error")."""
+as nothing can use it: a queued prompt at once, one in the pass in flight at that pass's end. An aborted request gets
+no first token; its end (CANCELLED) goes on the worker's channel, where the router drops what nobody reads."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from splitserve.cluster.messages import GenerateRequest, PendingPages, TokenBatch
+from splitserve.cluster.messages import (
+    ChannelItem,
+    ErrorCode,
+    GenerateRequest,
+    PagesReady,
+    PrefillOrder,
+    ServingError,
+    StreamFailure,
+    TokenBatch,
+    TransferReport,
+)
 from splitserve.cluster.worker_options import options_for
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine import SamplingParams
@@ -25,22 +35,56 @@ def _request(request_id: str, prompt_len: int = 40) -> GenerateRequest:
     return GenerateRequest(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8, ignore_eos=True))
 
 
-def _never_reserved() -> PendingPages:
-    return PendingPages(asyncio.get_running_loop().create_future())
+class ChannelReader:
+    """Reads an in-process worker's channel (``outputs``) as the router would, keeping each request's items."""
+
+    def __init__(self, worker: PrefillWorker):
+        self.items: dict[str, list[ChannelItem]] = {}
+        self._arrived = asyncio.Event()
+        self._pump = asyncio.ensure_future(self._read(worker))
+
+    async def _read(self, worker: PrefillWorker) -> None:
+        async for message in worker.outputs():
+            for item in message:
+                self.items.setdefault(item.request_id, []).append(item)
+            self._arrived.set()
+
+    async def ended(self, request_id: str) -> list[ChannelItem]:
+        """The request's items once its last one (a failure, a transfer report, a finished token) came."""
+
+        def done(items: list[ChannelItem]) -> bool:
+            last = items[-1]
+            return not isinstance(last, TokenBatch) or last.finished
+
+        while not (items := self.items.get(request_id, [])) or not done(items):
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), ANSWER_S)
+        return items
+
+    async def first(self, request_id: str) -> ChannelItem:
+        while not self.items.get(request_id):
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), ANSWER_S)
+        return self.items[request_id][0]
+
+    def close(self) -> None:
+        self._pump.cancel()
 
 
-async def _drain(stream: AsyncIterator) -> list:
-    return [item async for item in stream]
+def _cancelled_only(items: list[ChannelItem]) -> bool:
+    return len(items) == 1 and isinstance(items[0], StreamFailure) and items[0].error.code == ErrorCode.CANCELLED
 
 
-def _run_with_prefill_worker(model_dir, scenario: Callable[[PrefillWorker], Awaitable[None]]) -> None:
+def _run_with_prefill_worker(model_dir, scenario: Callable[[PrefillWorker, ChannelReader], Awaitable[None]]) -> None:
     config = tiny_cluster_config(model_dir)
 
     async def run() -> None:
         worker = PrefillWorker("prefill-0", options_for(config, config.prefill, str(model_dir)))
+        channel = ChannelReader(worker)
         try:
-            await scenario(worker)
+            await scenario(worker, channel)
         finally:
+            channel.close()
             worker._thread.stop()
 
     asyncio.run(asyncio.wait_for(run(), 120))
@@ -67,38 +111,55 @@ def _gate_passes(worker: PrefillWorker) -> tuple[threading.Event, threading.Even
 
 
 def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_dir):
-    async def scenario(worker: PrefillWorker) -> None:
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         in_pass, release = _gate_passes(worker)
-        running = asyncio.ensure_future(_drain(worker.prefill(_request("r-running"), NOWHERE, _never_reserved())))
+        assert await worker.prefill([PrefillOrder(_request("r-running"), NOWHERE)]) == [None]  # its pages never come
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set()
-        queued = asyncio.ensure_future(_drain(worker.prefill(_request("r-queued"), NOWHERE, _never_reserved())))
-        while "r-queued" not in worker._jobs:  # it is queued behind the held pass
-            await asyncio.sleep(0.01)
+        # Answered at once: queued behind the held pass.
+        assert await worker.prefill([PrefillOrder(_request("r-queued"), NOWHERE)]) == [None]
+        assert "r-queued" in worker._jobs
 
         assert await asyncio.wait_for(worker.abort("r-queued", 0), ANSWER_S)  # while the pass is still held
-        assert await asyncio.wait_for(queued, ANSWER_S) == []  # its stream ends, with nothing in it
+        assert _cancelled_only(await channel.ended("r-queued"))  # no token, just its end
         assert not worker._queue and "r-queued" not in worker._jobs
         assert "r-queued" not in worker.releases.snapshot()  # it never held pages
         release.set()
         await worker.abort("r-running", 0)
-        await asyncio.wait_for(running, ANSWER_S)
+        await channel.ended("r-running")
+
+    _run_with_prefill_worker(tiny_model_dir, scenario)
+
+
+def test_each_prompt_of_a_call_is_answered_on_its_own(tiny_model_dir):
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
+        _, release = _gate_passes(worker)
+        orders = [PrefillOrder(_request(rid), NOWHERE) for rid in ("r1", "r2", "r1")]
+        refusals = await worker.prefill(orders)
+        assert refusals[:2] == [None, None]
+        assert isinstance(refusals[2], ServingError) and refusals[2].code == ErrorCode.INVALID_ARGUMENT
+        assert "already here" in refusals[2].message and set(worker._jobs) == {"r1", "r2"}
+        for rid in ("r1", "r2"):
+            assert await worker.abort(rid, 0)
+        release.set()
+        for rid in ("r1", "r2"):
+            assert _cancelled_only(await channel.ended(rid))
 
     _run_with_prefill_worker(tiny_model_dir, scenario)
 
 
 def test_a_prompt_aborted_during_its_pass_frees_its_pages_when_that_pass_ends(tiny_model_dir):
-    async def scenario(worker: PrefillWorker) -> None:
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         free = worker.engine.blocks.num_free
         in_pass, release = _gate_passes(worker)
-        stream = asyncio.ensure_future(_drain(worker.prefill(_request("r1"), NOWHERE, _never_reserved())))
+        assert await worker.prefill([PrefillOrder(_request("r1"), NOWHERE)]) == [None]
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set() and worker.engine.blocks.num_free < free
 
         assert await asyncio.wait_for(worker.abort("r1", 0), ANSWER_S)  # answered while the pass is held
         assert "r1" not in worker.releases.snapshot()  # the pass still computes into its pages
         release.set()
-        assert await asyncio.wait_for(stream, ANSWER_S) == []  # no first token for an aborted request
+        assert _cancelled_only(await channel.ended("r1"))  # no first token for an aborted request
         for _ in range(100):  # the pass's end frees them; nothing else runs on the engine meanwhile
             if "r1" in worker.releases.snapshot():
                 break
@@ -109,30 +170,27 @@ def test_a_prompt_aborted_during_its_pass_frees_its_pages_when_that_pass_ends(ti
     _run_with_prefill_worker(tiny_model_dir, scenario)
 
 
-def test_a_transfer_the_receiver_aborted_ends_the_stream_quietly(tiny_model_dir):
-    """The decode worker's abort reaches the sender before the router's reaches the prefill worker: the stream,
-    which the router no longer reads, must end without an error, and the pages still come back."""
-    config = tiny_cluster_config(tiny_model_dir)
+Body = Callable[[PrefillWorker, ChannelReader, DecodeWorker, list[int]], Awaitable[None]]
 
-    async def scenario(worker: PrefillWorker) -> None:
-        decode = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
+
+def _with_a_receiver(model_dir, body: Body) -> None:
+    """Run ``body(worker, channel, decode, dst)`` once r1 is queued on ``worker`` and a real decode worker's receiver
+    expects its KV in pages ``dst``; then check that every page came back."""
+    config = tiny_cluster_config(model_dir)
+
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
+        decode = DecodeWorker("decode-0", options_for(config, config.decode, str(model_dir)))
         try:
             await decode.ready()
             free = worker.engine.blocks.num_free
-            request = _request("r1")
+            prompt_len = len(_request("r1").engine_prompt)
             runner = decode.engine.runner
-            dst = decode.engine.blocks.allocate(decode.engine.blocks.blocks_for(len(request.engine_prompt)))
-            spec = TransferSpec(
-                "r1", runner.spec.num_layers, len(request.engine_prompt), dst, runner.page_shape, "float32"
+            dst = decode.engine.blocks.allocate(decode.engine.blocks.blocks_for(prompt_len))
+            decode.receiver.expect(
+                TransferSpec("r1", runner.spec.num_layers, prompt_len, dst, runner.page_shape, "float32")
             )
-            decode.receiver.expect(spec)
-            pages: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-            stream = worker.prefill(request, decode.receiver.endpoint, PendingPages(pages))
-            first = await asyncio.wait_for(stream.__anext__(), ANSWER_S)
-            assert isinstance(first, TokenBatch) and not first.finished
-            decode.receiver.abort("r1")  # before the pages reach the prefill worker: its transfer meets the abort
-            pages.set_result(dst)
-            assert await asyncio.wait_for(_drain(stream), ANSWER_S) == []
+            assert await worker.prefill([PrefillOrder(_request("r1"), decode.receiver.endpoint)]) == [None]
+            await body(worker, channel, decode, dst)
             for _ in range(100):
                 if "r1" in worker.releases.snapshot():
                     break
@@ -142,4 +200,35 @@ def test_a_transfer_the_receiver_aborted_ends_the_stream_quietly(tiny_model_dir)
             decode._thread.stop()
             decode.receiver.close()
 
-    _run_with_prefill_worker(tiny_model_dir, scenario)
+    _run_with_prefill_worker(model_dir, scenario)
+
+
+def test_the_first_token_comes_before_the_pages_and_the_transfer_report_after_them(tiny_model_dir):
+    async def body(worker: PrefillWorker, channel: ChannelReader, decode: DecodeWorker, dst: list[int]) -> None:
+        await worker.pages([PagesReady("r1", 1, dst)])  # another attempt's: not this job's pages
+        assert not worker._jobs["r1"].pages.done()
+        first = await channel.first("r1")  # the reservation's round trip is not on the first token's path
+        assert isinstance(first, TokenBatch) and not first.finished and first.attempt == 0
+        await worker.pages([PagesReady("r1", 0, dst)])
+        items = await channel.ended("r1")
+        assert items[0] is first and len(items) == 2
+        report = items[1]
+        assert isinstance(report, TransferReport) and (report.request_id, report.attempt) == ("r1", 0)
+        assert report.bytes > 0
+
+    _with_a_receiver(tiny_model_dir, body)
+
+
+def test_a_transfer_the_receiver_aborted_ends_as_cancelled_and_frees_the_pages(tiny_model_dir):
+    """The decode worker's abort reaches the sender before the router's reaches the prefill worker: the request ends
+    as CANCELLED on the channel (no transfer report), and the pages still come back."""
+
+    async def body(worker: PrefillWorker, channel: ChannelReader, decode: DecodeWorker, dst: list[int]) -> None:
+        first = await channel.first("r1")
+        assert isinstance(first, TokenBatch) and not first.finished
+        decode.receiver.abort("r1")  # before the pages reach the prefill worker: its transfer meets the abort
+        await worker.pages([PagesReady("r1", 0, dst)])
+        items = await channel.ended("r1")
+        assert items[0] is first and _cancelled_only(items[1:])
+
+    _with_a_receiver(tiny_model_dir, body)

@@ -1,5 +1,6 @@
-"""The router's end of a decode worker's token channel, against a fake worker stream: routing by attempt, merging
-of batches that wait together, a stream's failure, and a broken channel failing every reader."""
+"""The router's end of a worker's channel, against a fake worker stream: routing by attempt, merging of token
+batches that wait together, a prefill worker's first token and transfer report, an attempt's failure, and a broken
+channel failing every reader."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import asyncio
 import pytest
 from ray.exceptions import RayActorError
 
-from splitserve.cluster.messages import ErrorCode, ServingError, StreamFailure, Token, TokenBatch
-from splitserve.cluster.token_channel import TokenChannel, WorkerDied
+from splitserve.cluster.channel import WorkerChannel, WorkerDied
+from splitserve.cluster.messages import ErrorCode, ServingError, StreamFailure, Token, TokenBatch, TransferReport
 
 
 class FakeWorkerStream:
@@ -55,7 +56,7 @@ async def _collect(stream) -> list[list[int]]:
 def test_tokens_reach_their_attempt_only_and_waiting_batches_merge():
     async def scenario():
         actor, broken = FakeActor(), []
-        channel = TokenChannel("decode-0", actor, on_broken=lambda: broken.append(True))
+        channel = WorkerChannel("decode-0", actor, on_broken=lambda: broken.append(True))
         started = asyncio.Event()
 
         async def start():
@@ -75,10 +76,29 @@ def test_tokens_reach_their_attempt_only_and_waiting_batches_merge():
     asyncio.run(scenario())
 
 
+def test_an_inbox_gets_its_attempts_items_in_order_and_nothing_once_closed():
+    async def scenario():
+        actor = FakeActor()
+        channel = WorkerChannel("prefill-0", actor, on_broken=lambda: None)
+        report = TransferReport("r1", 2, 0.01, 0.0, 4096, "grpc")
+        with channel.inbox("r1", 2) as inbox:
+            actor.outputs.messages.put_nowait([batch("r1", 1, 5), batch("r1", 2, 7), report])
+            first = await asyncio.wait_for(inbox.next(), 5)
+            assert isinstance(first, TokenBatch) and [t.token_id for t in first.tokens] == [7]
+            assert await asyncio.wait_for(inbox.next(), 5) is report
+        assert ("r1", 2) not in channel._inboxes  # closed: a late item for it is dropped
+        actor.outputs.messages.put_nowait([StreamFailure("r1", 2, ServingError(ErrorCode.CANCELLED, "r1 aborted"))])
+        await asyncio.sleep(0.05)
+        assert not channel._broken
+        channel.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_stream_failure_raises_its_error_for_that_attempt():
     async def scenario():
         actor = FakeActor()
-        channel = TokenChannel("decode-0", actor, on_broken=lambda: None)
+        channel = WorkerChannel("decode-0", actor, on_broken=lambda: None)
 
         async def start():
             error = ServingError(ErrorCode.CANCELLED, "r1 aborted")
@@ -95,7 +115,7 @@ def test_a_stream_failure_raises_its_error_for_that_attempt():
 def test_a_broken_channel_fails_every_reader_and_asks_for_a_replacement():
     async def scenario():
         actor, broken = FakeActor(), asyncio.Event()
-        channel = TokenChannel("decode-0", actor, on_broken=broken.set)
+        channel = WorkerChannel("decode-0", actor, on_broken=broken.set)
 
         async def start():
             pass
