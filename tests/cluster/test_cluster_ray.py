@@ -37,8 +37,10 @@ def _hf_greedy(model_dir, prompts):
     return hf_greedy_reference(model_dir, prompts, MAX_NEW)
 
 
-async def _collect(cluster: Cluster, rid: str, prompt: list[int], timing: RequestTiming | None = None):
-    request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True))
+async def _collect(
+    cluster: Cluster, rid: str, prompt: list[int], timing: RequestTiming | None = None, max_new: int = MAX_NEW
+):
+    request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=max_new, ignore_eos=True))
     tokens: list[int] = []
     async for batch in cluster.generate(request, timing):
         tokens.extend(t.token_id for t in batch.tokens)
@@ -113,8 +115,15 @@ def test_cancel_frees_pages_everywhere(ray_local, tiny_model_dir):
     assert after == before and not inflight and booked == {}
 
 
+async def _until_booked(cluster: Cluster, worker_id: str) -> None:
+    """Wait until the router has placed a request on the worker, so killing it must cost that request an attempt."""
+    while not cluster.router.loads()[worker_id]["requests"]:
+        await asyncio.sleep(0.002)
+
+
 def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_model_dir):
     prompts = _prompts(3)
+    max_new = 64  # long enough that the victim still holds its request when it is killed
     config = _config(tiny_model_dir, decode={"replicas": 2})
 
     async def scenario():
@@ -124,8 +133,10 @@ def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_mod
             victim = cluster.workers["decode-0"]
             pid = victim.info["pid"]
             timings = [RequestTiming(arrival=0.0) for _ in prompts]
-            tasks = [asyncio.ensure_future(_collect(cluster, f"k{i}", p, timings[i])) for i, p in enumerate(prompts)]
-            await asyncio.sleep(0.05)
+            tasks = [
+                asyncio.ensure_future(_collect(cluster, f"k{i}", p, timings[i], max_new)) for i, p in enumerate(prompts)
+            ]
+            await asyncio.wait_for(_until_booked(cluster, "decode-0"), 60)
             os.kill(pid, signal.SIGKILL)
             got = await asyncio.wait_for(asyncio.gather(*tasks), 120)
             return got, timings, _booked(cluster)
@@ -133,7 +144,8 @@ def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_mod
             await cluster.shutdown()
 
     got, timings, booked = _run(scenario())
-    assert got == _hf_greedy(tiny_model_dir, prompts)  # no token lost or duplicated across the retry
+    # No token lost or duplicated across the retry.
+    assert got == hf_greedy_reference(tiny_model_dir, prompts, max_new)
     assert sum(t.retries for t in timings) >= 1
     assert booked == {}  # the attempts on the dead worker gave their booking back too
 
