@@ -159,6 +159,7 @@ class RouterPolicy(StrEnum):
     round_robin = "round_robin"
     jsq = "jsq"  # join the shortest queue: pending prefill tokens / decode KV occupancy
     borrow_idle = "borrow_idle"  # jsq, plus idle workers of one pool serve the other phase under overload
+    cache_aware = "cache_aware"  # jsq less the prompt's prefix each worker's cache holds (the router's prefix index)
 
 
 # Values renamed: the old name is refused with the new one, so a config never silently changes meaning.
@@ -178,6 +179,18 @@ class RouterConfig(_Section):
 
     max_queue: int = Field(1024, ge=1, description="Requests admitted and not finished; more get RESOURCE_EXHAUSTED.")
     max_retries: int = Field(2, ge=0, description="Times a request is re-run after its worker died.")
+    decode_prefix_weight: float = Field(
+        1.0,
+        ge=0,
+        description="cache_aware: a prompt token a decode worker holds in its prefix cache counts as this many "
+        "tokens of its KV load (docs/multiturn.md).",
+    )
+    session_slack_tokens: int = Field(
+        256,
+        ge=0,
+        description="cache_aware: a request's session goes back to the worker that served it last while that "
+        "worker's cost exceeds the best one's by at most this many tokens.",
+    )
 
 
 class TLSConfig(_Section):

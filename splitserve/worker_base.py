@@ -7,7 +7,8 @@ import asyncio
 import time
 from typing import Any
 
-from splitserve.cluster.messages import WorkerStats
+from splitserve.cluster.channel import Outbox
+from splitserve.cluster.messages import ChannelMessage, WorkerStats
 from splitserve.cluster.rank_group import Followers, start_leader
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.engine import Engine
@@ -68,12 +69,31 @@ class WorkerBase(ReportsReleases):
             self.engine = Engine(options.engine_config())
         self.releases = ReleaseLog()
         self._gpu = GpuReader.for_device(self.engine.runner.device)
+        self.engine.blocks.record_events = True  # for the router's prefix index (``_send_cache_events``)
+        self._outbox = Outbox()  # the channel's (``outputs``); posted to on the default event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None  # the default event loop, once ``ready`` ran on it
         # Its first ``_step`` waits for a call or a wake-up, which nothing makes before the subclass is set up.
-        self._thread = EngineThread(self._step, name=f"{worker_id}-engine")
+        self._thread = EngineThread(self._step_and_report, name=f"{worker_id}-engine")
 
     def _step(self) -> bool:
         """One round of the engine thread's work; True while there is more."""
         raise NotImplementedError
+
+    def _step_and_report(self) -> bool:
+        more = self._step()
+        self._send_cache_events()
+        return more
+
+    def _send_cache_events(self) -> None:
+        """On the engine thread, after a step: the prefix cache's changes (that step's, and those of the calls run
+        since the last step) go to the router on the channel, one item per step at most. Before ``ready`` there is
+        no loop to post on; they stay with the engine until the next step."""
+        if self._loop is None:
+            return
+        events = self.engine.blocks.take_events()
+        if events is not None:
+            message: ChannelMessage = [events]
+            self._loop.call_soon_threadsafe(self._outbox.post, message)
 
     def _load(self) -> dict[str, Any]:
         """This role's WorkerStats fields (``extra`` merged into the common one), read on the engine thread."""

@@ -1,6 +1,7 @@
 """A worker's channel: one long-lived Ray stream from a worker to the router carrying the news of every request the
 worker holds (a decode worker's tokens, a prefill worker's first tokens and transfer reports, either one's
-failures), fanned out here to a queue per request attempt.
+failures), fanned out here to a queue per request attempt, and the news of its prefix cache (``CacheEvents``),
+handed to the router's prefix index.
 
 A Ray call per request that streams or stays open costs Ray work per request on both sides, and Ray serves an
 actor's calls from one queue: an abort would wait behind it. Over one channel per worker a message carries a
@@ -21,7 +22,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from splitserve.cluster.messages import ChannelItem, ChannelMessage, StreamFailure, TokenBatch
+from splitserve.cluster.messages import CacheEvents, ChannelItem, ChannelMessage, StreamFailure, TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,16 @@ class Inbox:
 
 
 class WorkerChannel:
-    def __init__(self, worker_id: str, actor: Any, on_broken: Callable[[], None]):
+    def __init__(
+        self,
+        worker_id: str,
+        actor: Any,
+        on_broken: Callable[[], None],
+        on_cache_events: Callable[[CacheEvents], None] = lambda events: None,
+    ):
         self.worker_id = worker_id
         self._on_broken = on_broken  # called when the channel breaks by itself (not on close)
+        self._on_cache_events = on_cache_events
         self._inboxes: dict[_Key, Inbox] = {}
         self._broken: WorkerDied | None = None
         self._pump = asyncio.create_task(self._read(actor.outputs.options(num_returns="streaming").remote()))
@@ -128,6 +136,9 @@ class WorkerChannel:
         self._on_broken()
 
     def _dispatch(self, item: ChannelItem) -> None:
+        if isinstance(item, CacheEvents):
+            self._on_cache_events(item)
+            return
         inbox = self._inboxes.get((item.request_id, item.attempt))
         if inbox is None:
             return  # its reader is gone (cancelled, failed over): nothing waits for it

@@ -33,7 +33,7 @@ class Cluster:
         (see splitserve.cluster.ray_watch); by then every request is already refused UNAVAILABLE."""
         self.config = config
         self.model_dir = str(resolve_model_path(config.model.path))
-        self.router = Router(config.router.policy)
+        self.router = Router.from_config(config.router)
         self.tokenizer: Any = None
         self.pools = Pools(config, self.model_dir, self.router)
         self.health = Health(self.pools, on_ray_gone)

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from splitserve.engine.block_manager import CacheEvents
 from splitserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ class GenerateRequest:
     # Which try of the request this is (0, then 1 per retry). An abort names the attempt it ends, so a worker can
     # refuse a call of that attempt which Ray delivers after the abort (async actors do not keep call order).
     attempt: int = 0
+    # The conversation the request belongs to (the APIs' session key): a placement hint for ``cache_aware``.
+    session_id: str | None = None
 
     @property
     def engine_prompt(self) -> list[int]:
@@ -50,11 +53,15 @@ class TokenBatch:
     finished: bool = False
     finish_reason: str | None = None
     attempt: int = 0  # the try of the request that produced them: a retry never receives an older try's tokens
+    # With the attempt's first token: the prompt tokens its prefill (or colocated) worker took from its prefix cache.
+    cached_prompt_tokens: int | None = None
 
     def absorb(self, later: TokenBatch) -> None:
         """Append the next batch of the same request (one message instead of two)."""
         self.tokens.extend(later.tokens)
         self.finished, self.finish_reason = later.finished, later.finish_reason
+        if self.cached_prompt_tokens is None:
+            self.cached_prompt_tokens = later.cached_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,9 @@ class TransferReport:
     backend: str
 
 
-ChannelItem = TokenBatch | TransferReport | StreamFailure
+# CacheEvents, on either worker's channel: its prefix cache's stored and evicted block hashes since the last ones,
+# sent after each engine step that changed it, for the router's prefix index (never about one request).
+ChannelItem = TokenBatch | TransferReport | StreamFailure | CacheEvents
 ChannelMessage = list[ChannelItem]
 """One message of a worker's channel: every attempt's news since the last message, in order."""
 
@@ -127,6 +136,10 @@ class RequestTiming:
     finished: float | None = None
     kv_transfer_s: float | None = None
     kv_exposed_s: float | None = None
+    # Of the last attempt: prompt tokens served from the prefill worker's prefix cache (not computed), and the bytes
+    # its KV transfer moved (0: run on one worker, or no transfer reported).
+    cached_prompt_tokens: int | None = None
+    kv_transfer_bytes: int | None = None
     prefill_worker: str | None = None
     decode_worker: str | None = None
     retries: int = 0

@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from splitserve.cluster.channel import WorkerChannel
-from splitserve.cluster.messages import ErrorCode, ServingError, WorkerStats
+from splitserve.cluster.messages import CacheEvents, ErrorCode, ServingError, WorkerStats
 from splitserve.cluster.rank_group import bundle_options, rank_bundles
 from splitserve.cluster.router import Move, Router
 from splitserve.cluster.worker_options import options_for
@@ -224,13 +224,26 @@ class Pools:
         except RayActorError as err:
             failure = f"{worker.worker_id} failed to start: {_last_line(err)}"
             raise ServingError(ErrorCode.UNAVAILABLE, failure) from None
-        worker.channel = WorkerChannel(worker.worker_id, worker.actor, on_broken=lambda: self.on_channel_broken(worker))
+        block_size = worker.info["block_size"]
+        # Registered before the channel opens: the index takes the worker's first cache events.
         if worker.role == Role.PREFILL:
-            self.router.add_prefill_worker(worker.worker_id, pool.max_queue)
+            self.router.add_prefill_worker(worker.worker_id, pool.max_queue, block_size=block_size)
         else:
-            capacity = worker.info["kv_blocks"] * worker.info["block_size"]
-            self.router.add_decode_worker(worker.worker_id, capacity, pool.max_queue, hybrid=worker.role == Role.HYBRID)
+            capacity = worker.info["kv_blocks"] * block_size
+            self.router.add_decode_worker(
+                worker.worker_id, capacity, pool.max_queue, hybrid=worker.role == Role.HYBRID, block_size=block_size
+            )
+        worker.channel = WorkerChannel(
+            worker.worker_id,
+            worker.actor,
+            on_broken=lambda: self.on_channel_broken(worker),
+            on_cache_events=lambda events: self._cache_events(worker, events),
+        )
         return worker
+
+    def _cache_events(self, worker: WorkerHandle, events: CacheEvents) -> None:
+        if self.workers.get(worker.worker_id) is worker:  # not a replaced worker's last words
+            self.router.cache_events(worker.worker_id, events)
 
     def ready_workers(self) -> list[WorkerHandle]:
         busy = self.restarting | self.retiring

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -102,14 +103,14 @@ class RequestPath:
         excluded: set[str] = set()
         try:
             while True:
-                attempt = GenerateRequest(
-                    request.request_id, request.prompt_token_ids, request.params, tuple(produced), timing.retries
-                )
+                attempt = replace(request, resumed_token_ids=tuple(produced), attempt=timing.retries)
                 try:
                     # aclosing: a client that goes away runs the attempt's cleanup (the aborts) now, not at GC.
                     async with aclosing(self._attempt(attempt, timing, frozenset(excluded))) as batches:
                         async for batch in batches:
                             produced.extend(t.token_id for t in batch.tokens)
+                            if batch.cached_prompt_tokens is not None:
+                                timing.cached_prompt_tokens = batch.cached_prompt_tokens
                             if timing.first_token is None and batch.tokens:
                                 timing.first_token = time.monotonic()
                             if batch.finished:
@@ -137,11 +138,15 @@ class RequestPath:
     async def _attempt(
         self, request: GenerateRequest, timing: RequestTiming, exclude: frozenset[str]
     ) -> AsyncGenerator[TokenBatch, None]:
-        placement = self.pools.router.place(len(request.engine_prompt), request.engine_params.max_tokens, exclude)
+        prompt = request.engine_prompt
+        placement = self.pools.router.place(
+            len(prompt), request.engine_params.max_tokens, exclude, prompt=prompt, session_id=request.session_id
+        )
         decode = self.pools.workers[placement.decode_worker]
         prefill = self.pools.workers[placement.prefill_worker] if placement.prefill_worker else None
         timing.decode_worker = decode.worker_id
         timing.prefill_worker = (prefill or decode).worker_id
+        timing.kv_transfer_bytes = 0  # until this attempt's transfer reports
         finished = False
         using = [w.worker_id for w in (prefill, decode) if w is not None]
         self.pools.using.update(using)
@@ -205,6 +210,7 @@ class RequestPath:
                             # D decodes only once every layer has landed, so the report is (nearly) in by now.
                             report = await transfer
                             timing.kv_transfer_s, timing.kv_exposed_s = report.seconds, report.exposed_seconds
+                            timing.kv_transfer_bytes = report.bytes
                         yield batch
                 finally:
                     transfer.cancel()

@@ -7,7 +7,15 @@ Policies:
 - ``jsq``: join the shortest queue, by pending prefill tokens for prompts and by KV occupancy for decoding
   (Splitwise's scheduler);
 - ``borrow_idle``: jsq, and when every prefill worker is backed up while a decode worker is lightly loaded, that
-  decode worker runs the prompt itself.
+  decode worker runs the prompt itself;
+- ``cache_aware``: jsq less what each worker's prefix cache saves, as the prefix index (``prefix_index.py``, fed by
+  the workers' cache events) sees it. A prefill worker's cost is its pending prompt tokens less the prompt's
+  tokens it holds (``pending - cached``: the tokens it computes before this request's first token, but for the
+  prompt's own uncached part, the same everywhere); a decode worker's is its KV occupancy less
+  ``decode_prefix_weight`` x the cached tokens, over its capacity (``(held - weight * cached) / capacity``). So a
+  conversation goes back to the worker holding its prefix unless that worker's load exceeds the others' by more than
+  the prefix saves. A request's ``session_id`` is a hint: the worker that served the session last wins while its
+  cost exceeds the best one's by at most ``session_slack_tokens``.
 
 Workers of the ``hybrid`` pool (Splitwise's mixed pool) are decode workers that also take prompt overflow under any
 policy: they decode like the others, and when every prefill worker is backed up (or none can take the request) the
@@ -21,11 +29,14 @@ lighter pool to the busier one once the imbalance has lasted a whole window.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from splitserve.cluster.messages import ErrorCode, ServingError
-from splitserve.config import RouterPolicy
+from splitserve.cluster.prefix_index import PrefixIndex
+from splitserve.config import RouterConfig, RouterPolicy
+from splitserve.engine.block_manager import CacheEvents
 from splitserve.roles import Role
 
 # Prefill backlog (tokens per worker) that counts as backed up, and decode occupancy that counts as idle (the
@@ -35,6 +46,8 @@ DECODE_IDLE_OCCUPANCY = 0.25
 # Rebalance policy: samples (one per health check) an imbalance must last, and the pressure gap that counts.
 REBALANCE_WINDOW = 10
 REBALANCE_MARGIN = 0.5
+# Sessions whose last workers the router remembers (``cache_aware``); the least recently placed is forgotten first.
+MAX_SESSIONS = 65536
 
 
 @dataclass
@@ -56,6 +69,18 @@ class _WorkerLoad:
 
 def _decode_key(w: _WorkerLoad) -> tuple[float, int]:
     return w.occupancy, w.requests
+
+
+def _prefill_key(w: _WorkerLoad) -> tuple[float, int]:
+    return w.pending_tokens, w.requests
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """``cache_aware``'s cost of a worker (lower is better), and what one token of session slack is worth in it."""
+
+    of: Callable[[_WorkerLoad], float]
+    per_token: Callable[[_WorkerLoad], float]
 
 
 @dataclass
@@ -128,6 +153,10 @@ class PhaseBalance:
 @dataclass
 class Router:
     policy: RouterPolicy
+    decode_prefix_weight: float = 1.0
+    session_slack_tokens: int = 256
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
+    _sessions: OrderedDict[str, tuple[str | None, str]] = field(default_factory=OrderedDict)
     _prefill: dict[str, _WorkerLoad] = field(default_factory=dict)
     _decode: dict[str, _WorkerLoad] = field(default_factory=dict)
     _rr_prefill: itertools.count = field(default_factory=itertools.count)
@@ -135,19 +164,38 @@ class Router:
     _rr_hybrid: itertools.count = field(default_factory=itertools.count)
     balance: PhaseBalance = field(default_factory=PhaseBalance)
 
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> Router:
+        return cls(config.policy, config.decode_prefix_weight, config.session_slack_tokens)
+
     # --- membership ---
 
-    def add_prefill_worker(self, worker_id: str, max_queue: int) -> None:
+    def add_prefill_worker(self, worker_id: str, max_queue: int, block_size: int | None = None) -> None:
+        """``block_size``: the worker's KV block size, which its cache events hash by (None: not indexed)."""
         self._prefill[worker_id] = _WorkerLoad(worker_id, max_queue=max_queue)
+        self._index(worker_id, block_size)
 
-    def add_decode_worker(self, worker_id: str, capacity_tokens: int, max_queue: int, hybrid: bool = False) -> None:
+    def add_decode_worker(
+        self, worker_id: str, capacity_tokens: int, max_queue: int, hybrid: bool = False, block_size: int | None = None
+    ) -> None:
         self._decode[worker_id] = _WorkerLoad(
             worker_id, capacity_tokens=capacity_tokens, max_queue=max_queue, hybrid=hybrid
         )
+        self._index(worker_id, block_size)
+
+    def _index(self, worker_id: str, block_size: int | None) -> None:
+        self.prefix_index.remove_worker(worker_id)  # a worker replaced under the same id starts with an empty cache
+        if block_size is not None:
+            self.prefix_index.add_worker(worker_id, block_size)
 
     def remove_worker(self, worker_id: str) -> None:
         self._prefill.pop(worker_id, None)
         self._decode.pop(worker_id, None)
+        self.prefix_index.remove_worker(worker_id)
+
+    def cache_events(self, worker_id: str, events: CacheEvents) -> None:
+        """A worker's prefix cache changed (its channel's ``CacheEvents``)."""
+        self.prefix_index.apply(worker_id, events)
 
     def set_healthy(self, worker_id: str, healthy: bool) -> None:
         for pool in (self._prefill, self._decode):
@@ -170,7 +218,16 @@ class Router:
 
     # --- decisions ---
 
-    def _choose(self, pool: dict[str, _WorkerLoad], key, rr: itertools.count, exclude: set[str]) -> _WorkerLoad:
+    def _choose(
+        self,
+        pool: dict[str, _WorkerLoad],
+        key,
+        rr: itertools.count,
+        exclude: set[str],
+        cost: _Cost | None = None,
+        favored: str | None = None,
+    ) -> _WorkerLoad:
+        """The pool's pick: by ``cost`` (``cache_aware``, with the session's ``favored`` worker) where given."""
         usable = [w for w in pool.values() if w.healthy and not w.draining and w.worker_id not in exclude]
         if not usable:
             raise ServingError(ErrorCode.UNAVAILABLE, "no healthy worker in the pool; retry later")
@@ -179,18 +236,55 @@ class Router:
             raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, "every worker's queue is full; retry later")
         if self.policy == RouterPolicy.round_robin:
             return candidates[next(rr) % len(candidates)]
-        return min(candidates, key=key)
+        if cost is None:
+            return min(candidates, key=key)
+        best = min(candidates, key=lambda w: (cost.of(w), w.requests))
+        session = next((w for w in candidates if w.worker_id == favored), None)
+        if session is not None and cost.of(session) - self.session_slack_tokens * cost.per_token(session) <= cost.of(
+            best
+        ):
+            return session
+        return best
 
-    def place(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> Placement:
-        """Pick the workers for a request and book its load on them, until the placement is released."""
+    def place(
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        exclude: frozenset[str] = frozenset(),
+        *,
+        prompt: Sequence[int] | None = None,
+        session_id: str | None = None,
+    ) -> Placement:
+        """Pick the workers for a request and book its load on them, until the placement is released. ``prompt``
+        (its token ids) and ``session_id`` count under ``cache_aware`` only."""
         excluded = set(exclude)
-        decode = self._choose(self._decode, _decode_key, self._rr_decode, excluded)
+        cache_aware = self.policy == RouterPolicy.cache_aware and prompt is not None
+        cached: dict[str, int] = {}
+        last_prefill = last_decode = None
+        if cache_aware:
+            assert prompt is not None
+            cached = self.prefix_index.cached_tokens(prompt, [*self._prefill, *self._decode])
+            if session_id is not None and session_id in self._sessions:
+                last_prefill, last_decode = self._sessions[session_id]
+        prefill_cost = _Cost(lambda w: w.pending_tokens - cached[w.worker_id], lambda w: 1.0)
+        decode_cost = _Cost(
+            lambda w: (w.held_tokens - self.decode_prefix_weight * cached[w.worker_id]) / max(w.capacity_tokens, 1),
+            lambda w: 1.0 / max(w.capacity_tokens, 1),
+        )
+        decode = self._choose(
+            self._decode, _decode_key, self._rr_decode, excluded, decode_cost if cache_aware else None, last_decode
+        )
         prefill: _WorkerLoad | None = None
         if self._prefill:
             refused: ServingError | None = None
             try:
                 prefill = self._choose(
-                    self._prefill, lambda w: (w.pending_tokens, w.requests), self._rr_prefill, excluded
+                    self._prefill,
+                    _prefill_key,
+                    self._rr_prefill,
+                    excluded,
+                    prefill_cost if cache_aware else None,
+                    last_prefill,
                 )
             except ServingError as err:
                 refused = err
@@ -200,19 +294,29 @@ class Router:
                     prefill, decode = None, local
                 elif refused is not None:
                     raise refused
+        # What the prompt adds to its prefill worker's queue: the tokens it computes there.
+        computed = prompt_tokens - (cached.get(prefill.worker_id, 0) if prefill is not None else 0)
         if prefill is not None:
-            prefill.pending_tokens += prompt_tokens
+            prefill.pending_tokens += computed
             prefill.requests += 1
         decode.held_tokens += prompt_tokens + max_tokens
         decode.requests += 1
+        if cache_aware and session_id is not None:
+            self._remember(session_id, prefill.worker_id if prefill else None, decode.worker_id)
         return Placement(
             prefill.worker_id if prefill else None,
             decode.worker_id,
             prefill,
             decode,
-            prompt_tokens,
+            computed,
             prompt_tokens + max_tokens,
         )
+
+    def _remember(self, session_id: str, prefill: str | None, decode: str) -> None:
+        self._sessions[session_id] = (prefill, decode)
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
 
     def _overflow(self, decode: _WorkerLoad, excluded: set[str]) -> _WorkerLoad | None:
         """Who runs a whole request while prefill is backed up: a hybrid-pool worker, else (``borrow_idle``) the

@@ -17,7 +17,6 @@ from typing import Any
 import ray
 
 from splitserve import handoff_trace
-from splitserve.cluster.channel import Outbox
 from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
@@ -48,11 +47,9 @@ class DecodeWorker(WorkerBase):
         self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
         # request id -> the attempt whose tokens the channel carries; only touched on the default event loop
         self._streams: dict[str, int] = {}
-        self._outbox = Outbox()  # the token channel's; posted to on the default event loop only
         self._expected: dict[str, Future[TransferResult]] = {}
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.engine.device_wait = self._thread.device_wait
 
     # --- engine thread ---
@@ -81,6 +78,8 @@ class DecodeWorker(WorkerBase):
             if batch is None:
                 batch = batches[out.request_id] = TokenBatch(out.request_id, [], attempt=attempt)
             batch.tokens.append(Token(out.token_id, out.text, out.logprob))
+            if out.cached_prompt_tokens is not None:  # a request it prefilled itself: its first token
+                batch.cached_prompt_tokens = out.cached_prompt_tokens
             batch.finished, batch.finish_reason = out.finished, out.finish_reason
             if out.finished:
                 del self._streams[out.request_id]

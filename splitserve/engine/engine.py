@@ -59,6 +59,8 @@ class TokenOutput:
     finished: bool = False
     finish_reason: str | None = None
     logprob: float | None = None
+    # On a request's first token only: the prompt tokens its prefill found in the prefix cache (not computed).
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass
@@ -340,6 +342,7 @@ class Engine:
             reason is not None,
             reason.value if reason else None,
             logprob if params.logprobs else None,
+            seq.num_cached_tokens if at == 0 else None,
         )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

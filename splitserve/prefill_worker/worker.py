@@ -33,7 +33,6 @@ from typing import Any
 import ray
 
 from splitserve import handoff_trace
-from splitserve.cluster.channel import Outbox
 from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
@@ -113,7 +112,6 @@ class PrefillWorker(WorkerBase):
         self._jobs: dict[str, _Job] = {}
         self._senders: dict[ReceiverEndpoint, Sender] = {}
         self._aborted_early = AbortedAttempts()
-        self._outbox = Outbox()  # the channel's; posted to on the default loop only
         self._reporting: set[asyncio.Task] = set()  # each job's ``_report``, held until it ends
         # abort() runs on the control group's loop, prefill() and pages() on the default loop, passes on the engine
         # thread: each one's look-then-act on _jobs, _queue, _aborted_early, job.stage, job.handle, job.pages and
@@ -184,7 +182,14 @@ class PrefillWorker(WorkerBase):
                 self._await_transfer(job, abort="aborted by the router")
                 continue
             token = Token(out.token_id, out.text, out.logprob)
-            batch = TokenBatch(job.request.request_id, [token], out.finished, out.finish_reason, job.request.attempt)
+            batch = TokenBatch(
+                job.request.request_id,
+                [token],
+                out.finished,
+                out.finish_reason,
+                job.request.attempt,
+                cached_prompt_tokens=out.cached_prompt_tokens,
+            )
             job.sampled = time.perf_counter()
             handoff_trace.mark("prefill.first_token", job.request.request_id)
             job.first.set_result(batch)
@@ -318,6 +323,7 @@ class PrefillWorker(WorkerBase):
     # --- actor API ---
 
     async def ready(self) -> dict:
+        self._loop = asyncio.get_running_loop()
         return self._info()
 
     async def outputs(self) -> AsyncIterator[ChannelMessage]:

@@ -1,0 +1,91 @@
+"""Cluster-wide prefix reuse on real Ray workers (tiny model, CPU): the workers' cache events reach the router's
+index, ``cache_aware`` sends a conversation's next turn to the prefill worker holding its prefix, that worker skips
+the prefix and still streams every page the decode worker needs, and evictions leave the index."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from splitserve.cluster.controller import Cluster
+from splitserve.cluster.messages import GenerateRequest, RequestTiming
+from splitserve.engine import SamplingParams
+from splitserve.engine.testing import hf_greedy_reference
+from tests.support import tiny_cluster_config
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 10
+BLOCK = 8
+
+
+async def _ask(cluster: Cluster, rid: str, prompt: list[int], session: str | None = None):
+    request = GenerateRequest(rid, prompt, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), session_id=session)
+    timing = RequestTiming(arrival=time.monotonic())
+    tokens: list[int] = []
+    async for batch in cluster.generate(request, timing):
+        tokens.extend(t.token_id for t in batch.tokens)
+    return tokens, timing
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Cache events travel on the workers' channels, after the step that made them: wait for them."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the router's prefix index never caught up"
+        await asyncio.sleep(0.02)
+
+
+def _random(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_dir):
+    config = tiny_cluster_config(
+        tiny_model_dir,
+        router={"policy": "cache_aware"},
+        prefill={"replicas": 2, "num_kv_blocks": 24},  # 192 tokens: a few prompts evict a conversation
+        decode={"replicas": 2, "num_kv_blocks": 128},
+    )
+    first = {"a": _random(50, 1), "b": _random(45, 2)}
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            index = cluster.router.prefix_index
+
+            def held(prompt: list[int], worker: str) -> int:
+                return index.cached_tokens(prompt, [worker])[worker]
+
+            # Both first turns at once: a's booking on one prefill worker sends b to the other.
+            turn1 = dict(zip(first, await asyncio.gather(*(_ask(cluster, f"{c}1", p) for c, p in first.items()))))
+            for c, (_, timing) in turn1.items():
+                await _until(lambda c=c, timing=timing: held(first[c], timing.prefill_worker) > 0)
+            # Turn 2: the first prompt, its answer and a new message; one at a time, so load alone would pick the
+            # same (first) prefill worker for both.
+            second = {c: first[c] + turn1[c][0] + _random(12, 3 + i) for i, c in enumerate(first)}
+            turn2 = {c: await _ask(cluster, f"{c}2", p) for c, p in second.items()}
+            # Evictions leave the index: other prompts, at once so both prefill workers get some, push b's blocks
+            # out of its worker's cache.
+            b_worker = turn1["b"][1].prefill_worker
+            await asyncio.gather(*(_ask(cluster, f"x{i}", _random(90, 10 + i)) for i in range(4)))
+            await _until(lambda: held(second["b"], b_worker) == 0)
+            return turn1, second, turn2
+        finally:
+            await cluster.shutdown()
+
+    turn1, second, turn2 = asyncio.new_event_loop().run_until_complete(scenario())
+    assert {t.prefill_worker for _, t in turn1.values()} == {"prefill-0", "prefill-1"}
+    for c in first:
+        tokens, timing = turn2[c]
+        assert timing.prefill_worker == turn1[c][1].prefill_worker  # where its prefix is cached
+        # The prefill worker skipped the first prompt's full blocks (its answer was decoded elsewhere)...
+        assert timing.cached_prompt_tokens == len(first[c]) // BLOCK * BLOCK
+        assert turn1[c][1].cached_prompt_tokens == 0
+        # ...and the decode worker got every page of the prompt: the reused ones too.
+        assert timing.kv_transfer_bytes is not None and timing.kv_transfer_bytes > turn1[c][1].kv_transfer_bytes
+        assert tokens == hf_greedy_reference(tiny_model_dir, [second[c]], MAX_NEW)[0]
