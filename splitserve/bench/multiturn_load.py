@@ -3,7 +3,8 @@
 Closed loop per conversation, open across them: a conversation sends its next turn once the previous answer has
 come back and its think time has passed, with the answer's token ids appended to the context (greedy,
 ``ignore_eos``, so the answer is exactly ``max_tokens`` long), while every conversation runs at once. A failed
-turn ends its conversation: the next prompt would need the answer that never came.
+turn ends its conversation: the next prompt would need the answer that never came. Each turn names its
+conversation as its ``session_id`` (a hint the ``cache_aware`` router may use; the others ignore it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class TurnRecord:
     kv_transfer_ms: float | None = None
     prefill_worker: str | None = None
     decode_worker: str | None = None
+    cached_prompt_tokens: int | None = None  # served from the prefill worker's prefix cache
+    kv_transfer_bytes: int | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -50,13 +53,20 @@ class _Answer:
     timing: Timing | None
 
 
-async def _ask(client: AsyncClient, prompt: list[int], max_tokens: int, timeout_s: float | None) -> _Answer:
+async def _ask(
+    client: AsyncClient, prompt: list[int], max_tokens: int, timeout_s: float | None, session_id: str
+) -> _Answer:
     sent = time.monotonic()
     first: float | None = None
     ids: list[int] = []
     timing: Timing | None = None
     stream = client.generate(
-        prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True, temperature=0.0, timeout=timeout_s
+        prompt_token_ids=prompt,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        temperature=0.0,
+        timeout=timeout_s,
+        session_id=session_id,
     )
     async with aclosing(stream) as events:
         async for event in events:
@@ -82,7 +92,7 @@ async def _converse(
         base = TurnRecord(conversation.index, k, time.monotonic() - start, len(prompt), reused, turn.max_tokens, OK)
         prompts.append(prompt)
         try:
-            answer = await _ask(client, prompt, turn.max_tokens, timeout_s)
+            answer = await _ask(client, prompt, turn.max_tokens, timeout_s, f"conversation-{conversation.index}")
         except SplitserveError as err:
             records.append(replace(base, status=err.code.name.lower() if err.code is not None else "error"))
             break
@@ -97,6 +107,8 @@ async def _converse(
                 ttft_ms=answer.ttft_ms,
                 e2e_ms=answer.e2e_ms,
                 kv_transfer_ms=None if t is None else t.kv_transfer_ms,
+                cached_prompt_tokens=None if t is None else t.cached_prompt_tokens,
+                kv_transfer_bytes=None if t is None else t.kv_transfer_bytes,
                 prefill_worker=None if t is None else t.prefill_worker,
                 decode_worker=None if t is None else t.decode_worker,
             )

@@ -1,9 +1,9 @@
-"""What a multi-turn run reports per turn index: TTFT, KV transfer time, prompt vs new tokens, worker affinity.
+"""What a multi-turn run reports per turn index: TTFT, KV moved, prefill tokens computed vs new tokens, prefix hit
+rate, worker affinity.
 
-Pure functions over turn records. Two figures the issue asks for are not in the SDK's per-request timing, so they
-are not reported (never estimated): ``RUNTIME_MISSING`` names them and what the runtime must expose. Until then,
-``same_prefill_worker`` / ``same_decode_worker`` say how often a turn went back to the worker that served the
-conversation's previous turn, the only place its prefix can be cached.
+Pure functions over turn records, whose cache and KV figures come from the server's per-request timing
+(``cached_prompt_tokens``, ``kv_transfer_bytes``). ``same_prefill_worker`` / ``same_decode_worker`` say how often a
+turn went back to the worker that served the conversation's previous turn.
 """
 
 from __future__ import annotations
@@ -20,13 +20,6 @@ from splitserve.bench.metrics import percentiles
 from splitserve.bench.multiturn_load import OK, TurnRecord
 from splitserve.simulator.turns import text_table
 
-RUNTIME_MISSING = {
-    "prefill tokens computed, prefix hit rate": "Timing.cached_prompt_tokens: the prompt tokens the prefill (or "
-    "colocated) worker found in its prefix cache, i.e. the engine's Sequence.num_cached_tokens at admission, carried "
-    "in RequestTiming and the proto's Timing",
-    "KV bytes moved per request": "Timing.kv_transfer_bytes: the bytes the request's KV transfer moved (0 colocated)",
-}
-
 
 @dataclass(frozen=True)
 class TurnSummary:
@@ -38,6 +31,10 @@ class TurnSummary:
     prompt_tokens: float  # means over the turn's requests
     new_tokens: float
     reused_tokens: float
+    computed_tokens: float | None  # prompt tokens the prefill computed (prompt - cached), mean
+    hit_rate: float | None  # cached / prompt tokens, over the turn's requests
+    kv_bytes: float | None  # KV bytes moved per request, mean
+    kv_bytes_per_new_token: float | None  # KV bytes moved / the turn's new tokens, over the turn's requests
     same_prefill_worker: float | None  # share of ok turns on the previous turn's worker; None on the first turn
     same_decode_worker: float | None
 
@@ -56,6 +53,14 @@ def _share(flags: Sequence[bool]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _ratio(num: Sequence[float], den: Sequence[float]) -> float | None:
+    return float(sum(num) / sum(den)) if num and sum(den) else None
+
+
 def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
     by_key = {(r.conversation, r.turn): r for r in records}
     summaries = []
@@ -63,6 +68,8 @@ def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
         turn = [r for r in records if r.turn == k]
         ok = [r for r in turn if r.status == OK]
         previous = [(r, by_key[(r.conversation, k - 1)]) for r in ok if k > 0]
+        cached = [r for r in ok if r.cached_prompt_tokens is not None]
+        moved = [r for r in ok if r.kv_transfer_bytes is not None]
         summaries.append(
             TurnSummary(
                 turn=k,
@@ -73,6 +80,10 @@ def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
                 prompt_tokens=float(np.mean([r.prompt_tokens for r in turn])),
                 new_tokens=float(np.mean([r.new_tokens for r in turn])),
                 reused_tokens=float(np.mean([r.reused_tokens for r in turn])),
+                computed_tokens=_mean([r.prompt_tokens - (r.cached_prompt_tokens or 0) for r in cached]),
+                hit_rate=_ratio([r.cached_prompt_tokens or 0 for r in cached], [r.prompt_tokens for r in cached]),
+                kv_bytes=_mean([r.kv_transfer_bytes or 0 for r in moved]),
+                kv_bytes_per_new_token=_ratio([r.kv_transfer_bytes or 0 for r in moved], [r.new_tokens for r in moved]),
                 same_prefill_worker=_share([r.prefill_worker == p.prefill_worker for r, p in previous]) if k else None,
                 same_decode_worker=_share([r.decode_worker == p.decode_worker for r, p in previous]) if k else None,
             )
@@ -85,8 +96,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(runs: Sequence[PolicyRun]) -> str:
-    headers = ["policy", "turn", "ok/sent", "TTFT p50 ms", "p90", "KV ms p50", "prompt", "new", "reused"]
-    headers += ["same P", "same D"]
+    headers = ["policy", "turn", "ok/sent", "TTFT p50 ms", "p90", "KV ms p50", "prompt", "new", "computed", "hit"]
+    headers += ["KV KB/req", "KV B/new tok", "same P", "same D"]
     cells = [
         [
             run.policy,
@@ -97,21 +108,22 @@ def format_table(runs: Sequence[PolicyRun]) -> str:
             _fmt(s.kv_transfer_ms["p50"], ".1f"),
             f"{s.prompt_tokens:.0f}",
             f"{s.new_tokens:.0f}",
-            f"{s.reused_tokens:.0f}",
+            _fmt(s.computed_tokens, ".0f"),
+            _fmt(s.hit_rate, ".0%"),
+            _fmt(None if s.kv_bytes is None else s.kv_bytes / 1024, ".0f"),
+            _fmt(s.kv_bytes_per_new_token, ".0f"),
             _fmt(s.same_prefill_worker, ".0%"),
             _fmt(s.same_decode_worker, ".0%"),
         ]
         for run in runs
         for s in run.per_turn()
     ]
-    missing = "; ".join(f"{what} need {field}" for what, field in RUNTIME_MISSING.items())
-    return f"{text_table(headers, cells)}\nnot reported (the runtime does not expose them yet): {missing}"
+    return text_table(headers, cells)
 
 
 def report_dict(meta: dict[str, Any], runs: Sequence[PolicyRun]) -> dict[str, Any]:
     return {
         "meta": meta,
-        "runtime_missing": RUNTIME_MISSING,
         "policies": [
             {
                 "policy": run.policy,

@@ -23,6 +23,7 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: list[int]
     ignore_eos: bool
     logprobs: bool
+    session_id: str  # the conversation it continues: a placement hint (docs/api.md)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Timing:
     decode_worker: str
     retries: int
     kv_exposed_ms: float  # of kv_transfer_ms, the part after the first token was sampled: what the prefill did not hide
+    cached_prompt_tokens: int  # prompt tokens served from the prefill worker's prefix cache (not computed)
+    kv_transfer_bytes: int  # bytes the request's KV transfer moved (0: prefilled where it decoded)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class TokenEvent:
                 decode_worker=message.timing.decode_worker,
                 retries=message.timing.retries,
                 kv_exposed_ms=message.timing.kv_exposed_ms,
+                cached_prompt_tokens=message.timing.cached_prompt_tokens,
+                kv_transfer_bytes=message.timing.kv_transfer_bytes,
             )
             if last
             else None,

@@ -155,6 +155,8 @@ def _response(run: Run, tokens: list[Token], finish_reason: str | None) -> pb.Ge
                 e2e_ms=summary.e2e_ms,
                 kv_transfer_ms=summary.kv_transfer_ms or 0.0,
                 kv_exposed_ms=summary.kv_exposed_ms or 0.0,
+                cached_prompt_tokens=summary.cached_prompt_tokens or 0,
+                kv_transfer_bytes=summary.kv_transfer_bytes or 0,
                 prefill_worker=summary.prefill_worker or "",
                 decode_worker=summary.decode_worker or "",
                 retries=summary.retries,

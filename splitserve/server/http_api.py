@@ -26,7 +26,10 @@ from splitserve.server.validation import (
 )
 
 log = logging.getLogger(__name__)
-Parser = Callable[[Any, ValidationContext], ApiRequest]
+Parser = Callable[[Any, ValidationContext, str | None], ApiRequest]
+# The conversation a request continues, for clients that cannot set a body field (docs/api.md); it wins over the
+# body's session_id and user.
+SESSION_HEADER = "x-session-id"
 
 
 def create_app(frontend: Frontend, auth_token: str | None) -> web.Application:
@@ -79,7 +82,8 @@ class HttpApi:
 
     async def _generate(self, request: web.Request, parse: Parser, fmt: OpenAIFormat) -> web.StreamResponse:
         try:
-            api_request = parse(await self._body(request), self.frontend.validation_context())
+            session = request.headers.get(SESSION_HEADER)
+            api_request = parse(await self._body(request), self.frontend.validation_context(), session)
             run = Run(api_request.generate)
             client = client_key(request.headers.get("Authorization"), request.remote or "")
             async with aclosing(self.frontend.stream(run, "http", client)) as batches:

@@ -15,6 +15,8 @@ class TimingSummary:
     e2e_ms: float
     kv_transfer_ms: float | None
     kv_exposed_ms: float | None  # the part of the transfer after the first token was sampled
+    cached_prompt_tokens: int | None  # prompt tokens served from the prefill worker's prefix cache
+    kv_transfer_bytes: int | None
     prefill_worker: str | None
     decode_worker: str | None
     retries: int
@@ -32,6 +34,8 @@ class TimingSummary:
             e2e_ms=(end - timing.arrival) * 1000,
             kv_transfer_ms=None if timing.kv_transfer_s is None else timing.kv_transfer_s * 1000,
             kv_exposed_ms=None if timing.kv_exposed_s is None else timing.kv_exposed_s * 1000,
+            cached_prompt_tokens=timing.cached_prompt_tokens,
+            kv_transfer_bytes=timing.kv_transfer_bytes,
             prefill_worker=timing.prefill_worker,
             decode_worker=timing.decode_worker,
             retries=timing.retries,

@@ -18,6 +18,7 @@ from splitserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's default for /v1/completions; chat requests default to the rest of the context, as OpenAI does.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+MAX_SESSION_ID_CHARS = 256  # the router remembers sessions by this key: bounded, as any key it keeps
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool"})
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -67,7 +68,8 @@ class _Body(_Strict):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     n: Literal[1] | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id: the session key unless one is given explicitly
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_SESSION_ID_CHARS)
 
 
 class _CompletionBody(_Body):
@@ -107,8 +109,8 @@ def parse_json(raw: bytes, limit: int) -> Any:
         raise invalid("body", f"not valid JSON ({str(err)[:200]})") from None
 
 
-def parse_completion(body: Any, ctx: ValidationContext) -> ApiRequest:
-    """A /v1/completions body or a gRPC GenerateRequest (as a dict)."""
+def parse_completion(body: Any, ctx: ValidationContext, session_header: str | None = None) -> ApiRequest:
+    """A /v1/completions body or a gRPC GenerateRequest (as a dict). ``session_header``: HTTP's x-session-id."""
     data = _validate(_CompletionBody, body)
     if (data.prompt is None) == (data.prompt_token_ids is None):
         raise invalid("prompt", "give exactly one of prompt (text or token ids) or prompt_token_ids")
@@ -118,10 +120,10 @@ def parse_completion(body: Any, ctx: ValidationContext) -> ApiRequest:
         ids = _check_ids(data.prompt, ctx, "prompt")
     else:
         ids = _tokenize(str(data.prompt), ctx, "prompt", add_special_tokens=True)
-    return _build(data, ids, ctx, "prompt", DEFAULT_COMPLETION_MAX_TOKENS)
+    return _build(data, ids, ctx, "prompt", DEFAULT_COMPLETION_MAX_TOKENS, session_header)
 
 
-def parse_chat(body: Any, ctx: ValidationContext) -> ApiRequest:
+def parse_chat(body: Any, ctx: ValidationContext, session_header: str | None = None) -> ApiRequest:
     """A /v1/chat/completions body: the messages go through the model's chat template."""
     data = _validate(_ChatBody, body)
     messages = [{"role": m.role, "content": m.text} for m in data.messages]
@@ -130,7 +132,7 @@ def parse_chat(body: Any, ctx: ValidationContext) -> ApiRequest:
     except Exception as err:  # templates raise anything they like (jinja errors, raise_exception, ValueError)
         raise invalid("messages", f"the model's chat template rejected them ({str(err)[:200]})") from None
     ids = _tokenize(text, ctx, "messages", add_special_tokens=False)
-    return _build(data, ids, ctx, "messages", None)
+    return _build(data, ids, ctx, "messages", None, session_header)
 
 
 def _validate(model: type[_M], body: Any) -> _M:
@@ -179,7 +181,20 @@ def _tokenize(text: str, ctx: ValidationContext, field: str, add_special_tokens:
     return list(ctx.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def _build(data: _Body, ids: list[int], ctx: ValidationContext, field: str, default_max: int | None) -> ApiRequest:
+def _session(data: _Body, header: str | None) -> str | None:
+    """The request's session key: the x-session-id header, else ``session_id``, else OpenAI's ``user``."""
+    for name, value in (("x-session-id", header), ("session_id", data.session_id), ("user", data.user)):
+        if value is None:
+            continue
+        if not 0 < len(value) <= MAX_SESSION_ID_CHARS:
+            raise invalid(name, f"{len(value)} characters; a session key has 1 to {MAX_SESSION_ID_CHARS}")
+        return value
+    return None
+
+
+def _build(
+    data: _Body, ids: list[int], ctx: ValidationContext, field: str, default_max: int | None, session_header: str | None
+) -> ApiRequest:
     if data.model is not None and data.model != ctx.served_name:
         raise invalid("model", f"unknown model {data.model!r} (this server serves {ctx.served_name!r})")
     n = len(ids)
@@ -212,6 +227,8 @@ def _build(data: _Body, ids: list[int], ctx: ValidationContext, field: str, defa
         )
     except ValidationError as err:
         raise _from_pydantic(err) from None
-    request = GenerateRequest(data.request_id or uuid.uuid4().hex, ids, params)
+    request = GenerateRequest(
+        data.request_id or uuid.uuid4().hex, ids, params, session_id=_session(data, session_header)
+    )
     include_usage = data.stream_options is not None and data.stream_options.include_usage
     return ApiRequest(request, stream=data.stream, include_usage=include_usage)

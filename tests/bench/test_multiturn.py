@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +91,16 @@ def test_bad_spec_values_name_their_flag(trace):
         spec(trace, followup_fraction=0)
 
 
-def record(c: int, k: int, ttft: float, prefill: str, decode: str, status: str = OK) -> TurnRecord:
+def record(c: int, k: int, ttft: float, prefill: str, decode: str, status: str = OK, cached: int = 0) -> TurnRecord:
     prompt = 10 + 5 * k
-    return TurnRecord(c, k, 0.0, prompt, prompt - 5 if k else 0, 3, status, 3, ttft, ttft + 1, 0.5, prefill, decode)
+    base = TurnRecord(c, k, 0.0, prompt, prompt - 5 if k else 0, 3, status, 3, ttft, ttft + 1, 0.5, prefill, decode)
+    return replace(base, cached_prompt_tokens=cached, kv_transfer_bytes=100 * (prompt - cached))
 
 
 def test_the_per_turn_summary_counts_affinity_to_the_previous_turns_workers():
     records = [
         record(0, 0, 10, "p0", "d0"),
-        record(0, 1, 20, "p0", "d1"),
+        record(0, 1, 20, "p0", "d1", cached=8),
         record(1, 0, 30, "p1", "d1"),
         record(1, 1, 40, "p0", "d1"),
         record(2, 0, 50, "p1", "d0"),
@@ -112,8 +114,12 @@ def test_the_per_turn_summary_counts_affinity_to_the_previous_turns_workers():
     assert second.same_decode_worker == 0.5
     assert (second.prompt_tokens, second.new_tokens, second.reused_tokens) == (15, 5, 10)
     assert second.ttft_ms["p50"] == 30  # the failed turn's latency is not counted
+    # Over the ok turns only: prompts of 15 tokens, 8 of one of them cached.
+    assert (second.computed_tokens, second.hit_rate) == (11, 8 / 30)
+    assert (second.kv_bytes, second.kv_bytes_per_new_token) == (1100, 2200 / 10)
+    assert (first.hit_rate, first.kv_bytes_per_new_token) == (0, 100)
     table = format_table([PolicyRun("jsq", 1.0, records)])
-    assert "2/3" in table and "cached_prompt_tokens" in table
+    assert "2/3" in table and "27%" in table and "KV B/new tok" in table
 
 
 def test_bad_multiturn_flags_exit_2_naming_the_flag(trace, capsys):

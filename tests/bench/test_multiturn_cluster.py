@@ -68,7 +68,10 @@ def test_turn_two_resends_turn_one_and_its_answer(ray_local, tiny_model_dir, tmp
         assert s["ttft_ms"]["p50"] > 0 and s["ttft_ms"]["p90"] >= s["ttft_ms"]["p50"]
         assert s["kv_transfer_ms"]["p50"] > 0  # disaggregated: every turn's KV moved
     assert run["per_turn"][1]["same_prefill_worker"] == 1.0  # one prefill worker: every turn goes back to it
-    assert set(report["runtime_missing"]) == {"prefill tokens computed, prefix hit rate", "KV bytes moved per request"}
+    # It held the first prompts' full blocks, so the second turns computed less than their prompts.
+    assert run["per_turn"][0]["hit_rate"] == 0 and run["per_turn"][1]["hit_rate"] > 0
+    assert run["per_turn"][1]["computed_tokens"] < run["per_turn"][1]["prompt_tokens"]
+    assert all(s["kv_bytes"] > 0 for s in run["per_turn"])
 
     assert code == 0
     written = json.loads((tmp_path / "tiny-multiturn.json").read_text())

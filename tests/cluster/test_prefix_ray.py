@@ -62,7 +62,8 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
                 return index.cached_tokens(prompt, [worker])[worker]
 
             # Both first turns at once: a's booking on one prefill worker sends b to the other.
-            turn1 = dict(zip(first, await asyncio.gather(*(_ask(cluster, f"{c}1", p) for c, p in first.items()))))
+            answers = await asyncio.gather(*(_ask(cluster, f"{c}1", p) for c, p in first.items()))
+            turn1 = dict(zip(first, answers, strict=True))
             for c, (_, timing) in turn1.items():
                 await _until(lambda c=c, timing=timing: held(first[c], timing.prefill_worker) > 0)
             # Turn 2: the first prompt, its answer and a new message; one at a time, so load alone would pick the

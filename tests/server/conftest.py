@@ -47,6 +47,7 @@ class FakeCluster:
         prompt = request.prompt_token_ids
         out = [prompt[i % len(prompt)] for i in range(request.params.max_tokens)]
         timing.prefill_worker, timing.decode_worker, timing.kv_transfer_s = "prefill-0", "decode-0", 0.001
+        timing.cached_prompt_tokens, timing.kv_transfer_bytes = len(request.prompt_token_ids) - 1, 4096
         try:
             for start in range(0, len(out), 2):
                 ids = out[start : start + 2]

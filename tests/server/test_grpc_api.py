@@ -50,6 +50,17 @@ def test_stream_equals_unary_and_last_event_has_usage_and_timing(harness):
     assert result.usage == last.usage
 
 
+def test_session_id_reaches_the_cluster_and_the_cache_figures_come_back(harness):
+    with Client(harness.grpc_address) as client:
+        result = client.generate(prompt_token_ids=[71, 72, 73], max_tokens=3, session_id="chat-7", stream=False)
+        plain = client.generate(prompt_token_ids=[71, 72, 73], max_tokens=3, stream=False)
+    assert [r.session_id for r in harness.cluster.requests] == ["chat-7", None]
+    assert result.timing is not None and plain.timing is not None
+    assert (result.timing.cached_prompt_tokens, result.timing.kv_transfer_bytes) == (2, 4096)
+    with Client(harness.grpc_address) as client, pytest.raises(InvalidArgument, match="session_id"):
+        client.generate("hi", session_id="s" * 257, stream=False)
+
+
 def test_token_ids_prompt_and_request_id_round_trip(harness):
     with Client(harness.grpc_address) as client:
         result = client.generate(prompt_token_ids=[71, 72], max_tokens=3, request_id="my-req", stream=False)

@@ -16,11 +16,14 @@ from .test_grpc_api import BAD_INPUTS
 openai = pytest.importorskip("openai")  # not on the GPU image; the CPU suite always has it
 
 
-def _post(url: str, body: dict | bytes, token: str | None = None) -> tuple[int, dict]:
+def _post(
+    url: str, body: dict | bytes, token: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     async def main():
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        sent = {"Authorization": f"Bearer {token}"} if token else {}
+        sent.update(headers or {})
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=headers) as response:
+        async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=sent) as response:
             return response.status, await response.json()
 
     return asyncio.run(main())
@@ -53,6 +56,27 @@ def test_stream_usage_chunk_when_asked(harness):
         )
     )
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 5
+
+
+def test_the_session_key_is_the_header_else_session_id_else_user(harness):
+    url = f"{harness.http_url}/v1/completions"
+    body = {"prompt": "hi", "max_tokens": 2, "user": "alice"}
+    sessions = []
+    for extra, headers in (({}, {"x-session-id": "tab-3"}), ({"session_id": "conv-9"}, {}), ({}, {})):
+        harness.cluster.requests.clear()
+        status, reply = _post(url, {**body, **extra}, headers=headers)
+        assert status == 200
+        sessions.append(harness.cluster.requests[0].session_id)
+    assert sessions == ["tab-3", "conv-9", "alice"]
+    # The figures the router measured come back in the timing extension.
+    cached = reply["usage"]["prompt_tokens"] - 1  # what the fake reports
+    assert (reply["timing"]["cached_prompt_tokens"], reply["timing"]["kv_transfer_bytes"]) == (cached, 4096)
+    client = openai.OpenAI(base_url=f"{harness.http_url}/v1", api_key="unused")
+    harness.cluster.requests.clear()
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, user="bob")
+    assert harness.cluster.requests[0].session_id == "bob"
+    status, reply = _post(url, body, headers={"x-session-id": "s" * 257})
+    assert status == 400 and "x-session-id" in reply["error"]["message"]
 
 
 @pytest.mark.parametrize(("fields", "field"), BAD_INPUTS)

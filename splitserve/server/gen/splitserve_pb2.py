@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitserve/server/gen/splitserve.proto\x12\rsplitserve.v1\"\xd4\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa9\x01\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x05 \x01(\t\x12\x15\n\rdecode_worker\x18\x06 \x01(\t\x12\x0f\n\x07retries\x18\x07 \x01(\r\x12\x15\n\rkv_exposed_ms\x18\x08 \x01(\x01\"\xbc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.splitserve.v1.Timing\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"W\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\xb7\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\x04\x12\x12\n\nbatch_size\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\r \x01(\r\x12\x0c\n\x04gpus\x18\x0e \x01(\x01\"\x94\x01\n\nRouterLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0epending_tokens\x18\x02 \x01(\x01\x12\x13\n\x0bheld_tokens\x18\x03 \x01(\x01\x12\x11\n\toccupancy\x18\x04 \x01(\x01\x12\x10\n\x08requests\x18\x05 \x01(\x01\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\xad\x02\n\x15\x43lusterStatusResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12,\n\x07workers\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\x12/\n\x0crouter_loads\x18\x06 \x03(\x0b\x32\x19.splitserve.v1.RouterLoad\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x04\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x15\n\rrate_window_s\x18\x0b \x01(\x01\"A\n\x0cScaleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x11\n\trebalance\x18\x03 \x01(\x08\"@\n\rScaleResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xdb\x03\n\nSplitserve\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12P\n\rGenerateUnary\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse\x12\x45\n\x06\x43\x61ncel\x12\x1c.splitserve.v1.CancelRequest\x1a\x1d.splitserve.v1.CancelResponse\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponse\x12Z\n\rClusterStatus\x12#.splitserve.v1.ClusterStatusRequest\x1a$.splitserve.v1.ClusterStatusResponse\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitserve/server/gen/splitserve.proto\x12\rsplitserve.v1\"\xe8\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x12\n\nsession_id\x18\x0e \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe2\x01\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x05 \x01(\t\x12\x15\n\rdecode_worker\x18\x06 \x01(\t\x12\x0f\n\x07retries\x18\x07 \x01(\r\x12\x15\n\rkv_exposed_ms\x18\x08 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\n \x01(\x04\"\xbc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.splitserve.v1.Timing\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"W\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\xb7\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\x04\x12\x12\n\nbatch_size\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\r \x01(\r\x12\x0c\n\x04gpus\x18\x0e \x01(\x01\"\x94\x01\n\nRouterLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0epending_tokens\x18\x02 \x01(\x01\x12\x13\n\x0bheld_tokens\x18\x03 \x01(\x01\x12\x11\n\toccupancy\x18\x04 \x01(\x01\x12\x10\n\x08requests\x18\x05 \x01(\x01\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\xad\x02\n\x15\x43lusterStatusResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12,\n\x07workers\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\x12/\n\x0crouter_loads\x18\x06 \x03(\x0b\x32\x19.splitserve.v1.RouterLoad\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x04\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x15\n\rrate_window_s\x18\x0b \x01(\x01\"A\n\x0cScaleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x11\n\trebalance\x18\x03 \x01(\x08\"@\n\rScaleResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xdb\x03\n\nSplitserve\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12P\n\rGenerateUnary\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse\x12\x45\n\x06\x43\x61ncel\x12\x1c.splitserve.v1.CancelRequest\x1a\x1d.splitserve.v1.CancelResponse\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponse\x12Z\n\rClusterStatus\x12#.splitserve.v1.ClusterStatusRequest\x1a$.splitserve.v1.ClusterStatusResponse\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.server.gen.split
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=58
-  _globals['_GENERATEREQUEST']._serialized_end=398
-  _globals['_USAGE']._serialized_start=400
-  _globals['_USAGE']._serialized_end=457
-  _globals['_TIMING']._serialized_start=460
-  _globals['_TIMING']._serialized_end=629
-  _globals['_GENERATERESPONSE']._serialized_start=632
-  _globals['_GENERATERESPONSE']._serialized_end=820
-  _globals['_CANCELREQUEST']._serialized_start=822
-  _globals['_CANCELREQUEST']._serialized_end=857
-  _globals['_CANCELRESPONSE']._serialized_start=859
-  _globals['_CANCELRESPONSE']._serialized_end=894
-  _globals['_HEALTHREQUEST']._serialized_start=896
-  _globals['_HEALTHREQUEST']._serialized_end=911
-  _globals['_HEALTHRESPONSE']._serialized_start=913
-  _globals['_HEALTHRESPONSE']._serialized_end=1000
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1002
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1024
-  _globals['_WORKERSTATUS']._serialized_start=1027
-  _globals['_WORKERSTATUS']._serialized_end=1338
-  _globals['_ROUTERLOAD']._serialized_start=1341
-  _globals['_ROUTERLOAD']._serialized_end=1489
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1492
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1793
-  _globals['_SCALEREQUEST']._serialized_start=1795
-  _globals['_SCALEREQUEST']._serialized_end=1860
-  _globals['_SCALERESPONSE']._serialized_start=1862
-  _globals['_SCALERESPONSE']._serialized_end=1926
-  _globals['_SPLITSERVE']._serialized_start=1929
-  _globals['_SPLITSERVE']._serialized_end=2404
+  _globals['_GENERATEREQUEST']._serialized_end=418
+  _globals['_USAGE']._serialized_start=420
+  _globals['_USAGE']._serialized_end=477
+  _globals['_TIMING']._serialized_start=480
+  _globals['_TIMING']._serialized_end=706
+  _globals['_GENERATERESPONSE']._serialized_start=709
+  _globals['_GENERATERESPONSE']._serialized_end=897
+  _globals['_CANCELREQUEST']._serialized_start=899
+  _globals['_CANCELREQUEST']._serialized_end=934
+  _globals['_CANCELRESPONSE']._serialized_start=936
+  _globals['_CANCELRESPONSE']._serialized_end=971
+  _globals['_HEALTHREQUEST']._serialized_start=973
+  _globals['_HEALTHREQUEST']._serialized_end=988
+  _globals['_HEALTHRESPONSE']._serialized_start=990
+  _globals['_HEALTHRESPONSE']._serialized_end=1077
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1079
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1101
+  _globals['_WORKERSTATUS']._serialized_start=1104
+  _globals['_WORKERSTATUS']._serialized_end=1415
+  _globals['_ROUTERLOAD']._serialized_start=1418
+  _globals['_ROUTERLOAD']._serialized_end=1566
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1569
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1870
+  _globals['_SCALEREQUEST']._serialized_start=1872
+  _globals['_SCALEREQUEST']._serialized_end=1937
+  _globals['_SCALERESPONSE']._serialized_start=1939
+  _globals['_SCALERESPONSE']._serialized_end=2003
+  _globals['_SPLITSERVE']._serialized_start=2006
+  _globals['_SPLITSERVE']._serialized_end=2481
 # @@protoc_insertion_point(module_scope)
