@@ -83,11 +83,13 @@ class PrefillOrder:
 
 @dataclass(frozen=True)
 class PagesReady:
-    """The decode worker's pages for an attempt's KV, which the router hands to the prefill worker once reserved."""
+    """The decode worker's reservation for an attempt's KV, which the router hands to the prefill worker: the pages
+    to fill, past the ``cached_tokens`` (whole blocks) the decode worker's prefix cache holds already."""
 
     request_id: str
     attempt: int
     block_ids: list[int]
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

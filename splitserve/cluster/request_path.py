@@ -223,8 +223,8 @@ class RequestPath:
         """D's pages to P once P holds the prompt (so they never overtake it) and D has reserved them. A failure of
         either call is the first token's wait to report."""
         await asyncio.shield(queued)
-        block_ids = await asyncio.shield(reserved)
-        await self._batched(prefill, "pages", PagesReady(request.request_id, request.attempt, block_ids))
+        pages: PagesReady = await asyncio.shield(reserved)
+        await self._batched(prefill, "pages", pages)
 
     def _batched(self, worker: WorkerHandle, method: str, item: Any) -> asyncio.Future[None]:
         """``worker.method`` for ``item``, sent with the other items submitted while its previous call is out."""

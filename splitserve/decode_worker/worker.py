@@ -21,6 +21,7 @@ from splitserve.cluster.messages import (
     ChannelMessage,
     ErrorCode,
     GenerateRequest,
+    PagesReady,
     ServingError,
     StreamFailure,
     Token,
@@ -115,19 +116,20 @@ class DecodeWorker(WorkerBase):
         self._loop = asyncio.get_running_loop()
         return self._info(endpoint=self.receiver.endpoint)
 
-    async def reserve(self, request: GenerateRequest) -> list[int]:
-        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them.
+    async def reserve(self, request: GenerateRequest) -> PagesReady:
+        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them. The prefix
+        this worker's cache holds is reused: the pages and the transfer cover only the rest of the prompt.
 
         Both happen in one engine-thread call, as does ``abort``'s cleanup: an abort that arrives while the
         reservation is being made (the client went away meanwhile) always finds, and frees, both.
         """
         runner = self.engine.runner
 
-        def reserve() -> list[int]:
+        def reserve() -> PagesReady:
             self._refuse_if_aborted(request)
             seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
-            blocks = self.engine.reserve(seq)
-            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt), blocks)
+            blocks, cached = self.engine.reserve(seq)
+            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt) - cached, blocks)
             try:
                 waiter = self.receiver.expect(spec)
             except BaseException:
@@ -140,7 +142,7 @@ class DecodeWorker(WorkerBase):
             self.receiver.unwritten(request.request_id).add_done_callback(
                 lambda _: self._thread.submit(lambda: self._drop_failed(request.request_id, waiter))
             )
-            return blocks
+            return PagesReady(request.request_id, request.attempt, blocks, cached)
 
         try:
             return await self._on_engine(reserve, during_step=True)  # free pages only: none the step uses

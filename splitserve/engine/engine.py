@@ -3,7 +3,11 @@
 Three ways to drive it, one per role:
 - colocated / offline: ``add_request`` + ``step`` (chunked prefill mixed with decode in one batch, as Sarathi does);
 - prefill worker: ``prefill`` runs whole prompts, yields the first token, and holds the pages until ``release``;
-- decode worker: ``reserve`` allocates pages for a prompt's KV, the transfer fills them, ``admit`` starts decoding.
+- decode worker: ``reserve`` allocates pages for a prompt's KV (reusing the prefix its cache holds), the transfer
+  fills the rest, ``admit`` starts decoding.
+
+Whatever role, a request's full blocks stay in the prefix cache once it ends (prompt and output alike, as far as
+their KV was computed), so a conversation's next turn finds its previous turn's context here.
 
 On CUDA, steps overlap: ``step`` launches the next step before it reads the previous one back (``overlap.py``),
 so a step's outputs come from the call after the one that launched it.
@@ -360,6 +364,11 @@ class Engine:
 
     def _free_pages(self, seq: Sequence) -> None:
         if seq.block_table:
+            # Only tokens whose KV is in the pages: a reservation's count stays 0 until its transfer landed.
+            computed = seq.all_token_ids[: seq.num_computed_tokens]
+            if PENDING_TOKEN in computed:  # never name a block by a token not read back
+                computed = computed[: computed.index(PENDING_TOKEN)]
+            self.blocks.commit_full_blocks(seq.block_table, computed)
             self.blocks.free(seq.block_table)
             if self.on_release is not None:
                 self.on_release(seq.request_id)
@@ -452,13 +461,16 @@ class Engine:
 
     # --- decode role ---
 
-    def reserve(self, seq: Sequence) -> list[int]:
-        """Pages for a prompt's KV arriving from a prefill worker. Raises OutOfBlocks when there is no room."""
+    def reserve(self, seq: Sequence) -> tuple[list[int], int]:
+        """Pages for a prompt's KV arriving from a prefill worker: the leading blocks this worker's prefix cache
+        holds are reused (held from now on, so no eviction can take them before admission), and the transfer fills
+        the others. Returns those other pages and the prompt tokens cached. Raises OutOfBlocks when there is no
+        room."""
         if seq.request_id in self.held or seq.request_id in self._detok:
             raise RequestError(f"request_id: {seq.request_id!r} is already here")
-        seq.block_table = self.blocks.allocate(self.blocks.blocks_for(seq.num_prompt_tokens))
+        seq.block_table, seq.num_cached_tokens = self.blocks.allocate_prompt(seq.prompt_token_ids)
         self.held[seq.request_id] = seq
-        return list(seq.block_table)
+        return seq.block_table[seq.num_cached_tokens // self.blocks.block_size :], seq.num_cached_tokens
 
     def admit(self, request_id: str, first_token: int) -> None:
         """Start decoding a request whose prompt KV is now in its reserved pages."""

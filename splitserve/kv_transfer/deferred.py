@@ -10,6 +10,9 @@ thread. A backend orders its device work after the calling thread's current stre
 default stream, behind the whole pass. So kept CUDA layers go on a stream of their own that waits only for each
 layer's gather (an event recorded where it was gathered), and the next layer sent from the engine waits for that
 stream, so every layer's device work stays in order.
+
+The pages may also say that the receiver holds the first ``skip_blocks`` of the prompt's blocks already (its prefix
+cache): every layer, kept or not, then goes without them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class DeferredSend:
         self._closed: TransferError | None = None  # ended before it opened: why
         self._settled = threading.Event()  # opened, or closed
         self._kept_sent: torch.cuda.Event | None = None  # the kept layers' device work, for the next layer to follow
+        self._skip = 0  # leading blocks the receiver holds: not sent
 
     @property
     def opened(self) -> bool:
@@ -53,20 +57,22 @@ class DeferredSend:
                 return
         if kept_sent is not None:
             torch.cuda.current_stream(pages.device).wait_event(kept_sent)
-        handle.send_layer(layer, pages)
+        handle.send_layer(layer, _trim(pages, self._skip))
 
-    def open(self, dst_block_ids: list[int]) -> None:
-        """The pages are reserved: begin the transfer and send the layers kept so far. A no-op once closed."""
+    def open(self, dst_block_ids: list[int], skip_blocks: int = 0) -> None:
+        """The pages are reserved: begin the transfer and send the layers kept so far, each without its first
+        ``skip_blocks`` blocks (which the receiver holds). A no-op once closed."""
         with self._lock:  # held while the kept layers go, so an abort meanwhile reaches the real transfer after them
             if self._closed is not None or self._handle is not None:
                 return
+            self._skip = skip_blocks
             self._handle = self._begin(dst_block_ids)
             kept, self._layers = self._layers, []
             if kept and kept[0][2] is not None:
-                self._kept_sent = _send_on_own_stream(self._handle, kept)
+                self._kept_sent = _send_on_own_stream(self._handle, kept, skip_blocks)
             else:
                 for layer, pages, _ in kept:
-                    self._handle.send_layer(layer, pages)
+                    self._handle.send_layer(layer, _trim(pages, skip_blocks))
         self._settled.set()
 
     def fail(self, error: TransferError) -> None:
@@ -101,8 +107,13 @@ class DeferredSend:
         return True
 
 
+def _trim(pages: torch.Tensor, skip_blocks: int) -> torch.Tensor:
+    """A layer's gathered pages ([2, blocks, ...]) without the first ``skip_blocks`` blocks, contiguous as sent."""
+    return pages if skip_blocks == 0 else pages[:, skip_blocks:].contiguous()
+
+
 def _send_on_own_stream(
-    handle: SendHandle, kept: list[tuple[int, torch.Tensor, torch.cuda.Event | None]]
+    handle: SendHandle, kept: list[tuple[int, torch.Tensor, torch.cuda.Event | None]], skip_blocks: int
 ) -> torch.cuda.Event:
     """Send kept CUDA layers from a stream that waits only for their gathers; an event after their device work."""
     device = kept[0][1].device
@@ -112,7 +123,7 @@ def _send_on_own_stream(
             assert gathered is not None
             stream.wait_event(gathered)
             pages.record_stream(stream)  # the allocator must not hand the pages out before this stream read them
-            handle.send_layer(layer, pages)
+            handle.send_layer(layer, _trim(pages, skip_blocks))
     done = torch.cuda.Event()
     done.record(stream)
     return done

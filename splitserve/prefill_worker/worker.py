@@ -68,8 +68,10 @@ log = logging.getLogger(__name__)
 _job_ids = itertools.count()
 
 
-def _begin(sender: Sender, spec: TransferSpec, dst_block_ids: list[int]) -> SendHandle:
-    return sender.begin(replace(spec, dst_block_ids=dst_block_ids))
+def _begin(sender: Sender, spec: TransferSpec, pages: Future, dst_block_ids: list[int]) -> SendHandle:
+    """The transfer into the decode worker's pages: the prompt's tokens past those its cache holds."""
+    reserved: PagesReady = pages.result()
+    return sender.begin(replace(spec, dst_block_ids=dst_block_ids, num_tokens=spec.num_tokens - reserved.cached_tokens))
 
 
 class _Stage(Enum):
@@ -87,7 +89,7 @@ class _Job:
     # The engine's id for this job: unique per attempt, so a retry of the same request arriving while the aborted
     # attempt's transfer is still winding down never shares (and never frees) the other's pages.
     key: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
-    pages: Future = field(default_factory=Future)  # the decode worker's reserved block ids, once they came
+    pages: Future = field(default_factory=Future)  # the decode worker's PagesReady, once it came
     first: Future = field(default_factory=Future)  # TokenBatch with the first token
     transferred: Future = field(default_factory=Future)  # TransferReport
     handle: DeferredSend | None = None
@@ -212,7 +214,7 @@ class PrefillWorker(WorkerBase):
             sender = self._sender(job.endpoint)
             job.backend = sender.backend
             spec = transfer_spec(runner, job.request.request_id, seq.num_prompt_tokens, dst_block_ids=[])
-            handle = DeferredSend(partial(_begin, sender, spec), self.options.kv_transfer.timeout_s)
+            handle = DeferredSend(partial(_begin, sender, spec, job.pages), self.options.kv_transfer.timeout_s)
             with self._lock:
                 job.handle = handle
                 aborted = job.aborted
@@ -242,7 +244,8 @@ class PrefillWorker(WorkerBase):
         if handle is None or handle.settled or not job.pages.done():
             return
         handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
-        handle.open(job.pages.result())
+        pages: PagesReady = job.pages.result()
+        handle.open(pages.block_ids, skip_blocks=pages.cached_tokens // self.engine.runner.block_size)
 
     def _sender(self, endpoint: ReceiverEndpoint) -> Sender:
         sender = self._senders.get(endpoint)
@@ -365,7 +368,7 @@ class PrefillWorker(WorkerBase):
                 job = self._jobs.get(pages.request_id)
                 if job is None or job.request.attempt != pages.attempt or job.aborted or job.pages.done():
                     continue
-                job.pages.set_result(pages.block_ids)
+                job.pages.set_result(pages)
             self._open_transfer(job)
 
     async def _report(self, job: _Job) -> None:

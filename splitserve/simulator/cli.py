@@ -59,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--full-transfer",
         action="store_true",
         help="with --multiturn: every KV transfer moves the whole prompt (no incremental transfer), as the runtime "
-        "does today",
+        "does without a prefix cache",
     )
     c.add_argument(
         "--decode-prefix-weight",

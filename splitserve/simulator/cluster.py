@@ -58,8 +58,8 @@ class ClusterSpec:
     (fractional ``gpus_per_replica``), counted once; a decode step slows while its GPU runs a prefill pass
     (``serving.shared_gpu_slowdown``), and a prefill pass that starts while the decode worker steps slows too
     (``serving.shared_gpu_prefill_slowdown``). ``incremental_transfer`` (conversation workloads): a decode worker that
-    holds a conversation's KV receives only the rest of the prompt's; off, every transfer moves the whole prompt's KV
-    (the runtime until its decode workers keep finished requests' KV). ``decode_prefix_weight`` (``cache_aware``): a
+    holds a conversation's KV receives only the rest of the prompt's (as the runtime does); off, every transfer moves
+    the whole prompt's KV (the runtime with ``kv_cache.prefix_caching: false``). ``decode_prefix_weight`` (``cache_aware``): a
     decode worker's held prefix counts as this many tokens of load per token (``Router``)."""
 
     mode: Mode

@@ -1,6 +1,7 @@
 """Cluster-wide prefix reuse on real Ray workers (tiny model, CPU): the workers' cache events reach the router's
-index, ``cache_aware`` sends a conversation's next turn to the prefill worker holding its prefix, that worker skips
-the prefix and still streams every page the decode worker needs, and evictions leave the index."""
+index, ``cache_aware`` sends a conversation's next turn to the prefill worker holding its prompt and to the decode
+worker holding its prompt and answer, the prefill worker skips its cached prefix, the transfer moves only the pages
+the decode worker lacks, the answer equals a cold run's, and evictions leave the index."""
 
 from __future__ import annotations
 
@@ -64,8 +65,12 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
             # Both first turns at once: a's booking on one prefill worker sends b to the other.
             answers = await asyncio.gather(*(_ask(cluster, f"{c}1", p) for c, p in first.items()))
             turn1 = dict(zip(first, answers, strict=True))
-            for c, (_, timing) in turn1.items():
+            for c, (tokens, timing) in turn1.items():
                 await _until(lambda c=c, timing=timing: held(first[c], timing.prefill_worker) > 0)
+                # The decode worker holds the full blocks of the prompt and the answer but its last token (whose KV
+                # was never computed).
+                context, kept = first[c] + tokens + [0], (len(first[c]) + MAX_NEW - 1) // BLOCK * BLOCK
+                await _until(lambda ctx=context, kept=kept, w=timing.decode_worker: held(ctx, w) == kept)
             # Turn 2: the first prompt, its answer and a new message; one at a time, so load alone would pick the
             # same (first) prefill worker for both.
             second = {c: first[c] + turn1[c][0] + _random(12, 3 + i) for i, c in enumerate(first)}
@@ -81,12 +86,17 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
 
     turn1, second, turn2 = asyncio.new_event_loop().run_until_complete(scenario())
     assert {t.prefill_worker for _, t in turn1.values()} == {"prefill-0", "prefill-1"}
+    assert {t.decode_worker for _, t in turn1.values()} == {"decode-0", "decode-1"}
     for c in first:
         tokens, timing = turn2[c]
-        assert timing.prefill_worker == turn1[c][1].prefill_worker  # where its prefix is cached
+        before = turn1[c][1]
+        # Where its prefix is cached: the prompt on the prefill side, prompt and answer on the decode side.
+        assert (timing.prefill_worker, timing.decode_worker) == (before.prefill_worker, before.decode_worker)
         # The prefill worker skipped the first prompt's full blocks (its answer was decoded elsewhere)...
         assert timing.cached_prompt_tokens == len(first[c]) // BLOCK * BLOCK
-        assert turn1[c][1].cached_prompt_tokens == 0
-        # ...and the decode worker got every page of the prompt: the reused ones too.
-        assert timing.kv_transfer_bytes is not None and timing.kv_transfer_bytes > turn1[c][1].kv_transfer_bytes
+        assert before.cached_prompt_tokens == 0
+        # ...and the transfer moved only the blocks the decode worker lacks.
+        held_blocks = (len(first[c]) + MAX_NEW - 1) // BLOCK
+        per_block = before.kv_transfer_bytes / -(-len(first[c]) // BLOCK)
+        assert timing.kv_transfer_bytes == per_block * (-(-len(second[c]) // BLOCK) - held_blocks)
         assert tokens == hf_greedy_reference(tiny_model_dir, [second[c]], MAX_NEW)[0]

@@ -74,7 +74,8 @@ def test_disaggregated_in_miniature(tiny_model_dir, overlap):
     assert layers_done == list(range(prefiller.spec.num_layers))  # one pass, every layer reported in order
     for seq, first in zip(seqs, firsts, strict=True):
         target = decoder.make_sequence(seq.request_id, seq.prompt_token_ids, GREEDY)
-        dst = decoder.reserve(target)
+        dst, cached = decoder.reserve(target)
+        assert cached == 0  # a fresh decoder holds no prefix
         layers = [prefiller.runner.gather_pages(layer, seq.block_table) for layer in range(prefiller.spec.num_layers)]
         decoder.runner.scatter_layers(0, dst, torch.stack(layers))
         decoder.admit(seq.request_id, first.token_id)
@@ -85,6 +86,60 @@ def test_disaggregated_in_miniature(tiny_model_dir, overlap):
         for out in decoder.step():
             outputs[out.request_id].append(out.token_id)
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == _hf_greedy(tiny_model_dir, prompts)
+    assert decoder.blocks.num_free == decoder.blocks.num_blocks
+
+
+def _hand_over(
+    prefiller: Engine, decoder: Engine, rid: str, prompt: list[int], meanwhile: Callable[[], None] = lambda: None
+) -> tuple[int, int]:
+    """One request the way the workers move it: prefilled, the decoder's reservation filled past the prefix its cache
+    holds (only those pages copied), ``meanwhile`` run, admitted; its first token, and the tokens found cached."""
+    seq = prefiller.make_sequence(rid, prompt, GREEDY)
+    (first,) = prefiller.prefill([seq])
+    dst, cached = decoder.reserve(decoder.make_sequence(rid, prompt, GREEDY))
+    meanwhile()
+    sent = seq.block_table[cached // 8 :]
+    assert len(sent) == len(dst)
+    layers = [prefiller.runner.gather_pages(layer, sent) for layer in range(prefiller.spec.num_layers)]
+    decoder.runner.scatter_layers(0, dst, torch.stack(layers))
+    decoder.admit(rid, first.token_id)
+    assert prefiller.release(rid)
+    return first.token_id, cached
+
+
+def _decode_all(decoder: Engine, firsts: dict[str, int]) -> dict[str, list[int]]:
+    outputs = {rid: [token] for rid, token in firsts.items()}
+    while decoder.has_work():
+        for out in decoder.step():
+            outputs[out.request_id].append(out.token_id)
+    return outputs
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_decoder_keeps_a_finished_turn_and_receives_only_the_next_turns_new_pages(tiny_model_dir, overlap):
+    """Incremental transfer: turn 2 (turn 1's prompt, its answer, a new message) reuses the decoder's cached blocks
+    of turn 1 and gets only the rest; its output equals a cold run's. Blocks held by a reservation survive any
+    eviction pressure until admission; a prefix evicted before the reservation is simply transferred."""
+    prefiller = _engine(tiny_model_dir, block_size=8)
+    decoder = _engine(tiny_model_dir, overlap, block_size=8, num_kv_blocks=24)
+    (turn1,) = _prompts(seed=21, lengths=(29,))
+    first, cached = _hand_over(prefiller, decoder, "t1", turn1)
+    answer = _decode_all(decoder, {"t1": first})["t1"]
+    turn2 = turn1 + answer + _prompts(seed=22, lengths=(6,))[0]
+
+    def evict_everything() -> None:  # between reservation and admission: every free block is taken and reused
+        decoder.blocks.free(decoder.blocks.allocate(decoder.blocks.num_free))
+        decoder.blocks.reset_prefix_cache()
+
+    # Turn 1's prompt and all but its last answer token have KV on the decoder: 40 tokens, 5 full blocks.
+    first2, cached2 = _hand_over(prefiller, decoder, "t2", turn2, meanwhile=evict_everything)
+    assert (cached, cached2) == (0, 40)
+    outputs = _decode_all(decoder, {"t2": first2})
+    assert outputs["t2"] == _hf_greedy(tiny_model_dir, [turn2])[0]  # the reserved blocks were never taken
+    # Evicted before the reservation, the prefix is simply transferred.
+    evict_everything()
+    first3, cached3 = _hand_over(prefiller, decoder, "t3", turn2)
+    assert cached3 == 0 and _decode_all(decoder, {"t3": first3})["t3"] == outputs["t2"]
     assert decoder.blocks.num_free == decoder.blocks.num_blocks
 
 
@@ -101,7 +156,7 @@ def test_requests_reserved_and_admitted_while_a_step_runs_decode_like_the_others
 
     def hand_over() -> None:  # what the decode worker's reserve + landing + admit do, one request at a time
         seq, first = arrivals.pop(0)
-        dst = decoder.reserve(decoder.make_sequence(seq.request_id, seq.prompt_token_ids, GREEDY))
+        dst, _ = decoder.reserve(decoder.make_sequence(seq.request_id, seq.prompt_token_ids, GREEDY))
         layers = [prefiller.runner.gather_pages(layer, seq.block_table) for layer in range(prefiller.spec.num_layers)]
         decoder.runner.scatter_layers(0, dst, torch.stack(layers))
         decoder.admit(seq.request_id, first.token_id)

@@ -56,6 +56,19 @@ def test_layers_kept_before_the_pages_are_known_arrive_in_order(pair, backend, k
     assert pages_equal(src, SRC_BLOCKS, dst, DST_BLOCKS)
 
 
+@pytest.mark.parametrize("kept", [0, 2, 4])
+def test_blocks_the_receiver_holds_are_not_sent(pair, kept):
+    """Pages that say the receiver holds the first block already: every layer, kept or not, goes without it."""
+    src, dst, open_ = pair
+    receiver, handle = open_("tcp")
+    done = receiver.expect(dst.spec("r1", DST_BLOCKS[1:]))
+    send_all(handle, src, SRC_BLOCKS, layers=range(kept))
+    handle.open(DST_BLOCKS[1:], skip_blocks=1)
+    send_all(handle, src, SRC_BLOCKS, layers=range(kept, src.num_layers))
+    assert done.result(timeout=5).bytes == handle.finish() > 0
+    assert pages_equal(src, SRC_BLOCKS[1:], dst, DST_BLOCKS[1:])
+
+
 def test_finish_waits_for_the_pages_from_another_thread(pair):
     src, dst, open_ = pair
     receiver, handle = open_("grpc")
