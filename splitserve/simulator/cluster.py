@@ -59,8 +59,8 @@ class ClusterSpec:
     (``serving.shared_gpu_slowdown``), and a prefill pass that starts while the decode worker steps slows too
     (``serving.shared_gpu_prefill_slowdown``). ``incremental_transfer`` (conversation workloads): a decode worker that
     holds a conversation's KV receives only the rest of the prompt's (as the runtime does); off, every transfer moves
-    the whole prompt's KV (the runtime with ``kv_cache.prefix_caching: false``). ``decode_prefix_weight`` (``cache_aware``): a
-    decode worker's held prefix counts as this many tokens of load per token (``Router``)."""
+    the whole prompt's KV (the runtime with ``kv_cache.prefix_caching: false``). ``decode_prefix_weight``
+    (``cache_aware``): a decode worker's held prefix counts as this many tokens of load per token (``Router``)."""
 
     mode: Mode
     prefill: PoolSpec
