@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from splitserve.cluster.messages import WorkerStats
-from splitserve.cluster.rank_group import Followers, start_leader
+from splitserve.cluster.rank_group import Followers, RankTransfer, start_leader
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.engine import Engine
 from splitserve.engine.engine_thread import EngineThread
@@ -63,7 +63,10 @@ class WorkerBase(ReportsReleases):
         self.options = options
         self.followers: Followers | None = None  # the other ranks of a tensor-parallel worker, which this one leads
         if options.tensor_parallel_size > 1:
-            self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size)
+            transfer = None
+            if options.prefill_tensor_parallel_size is not None:  # KV moves between pools: every rank its share
+                transfer = RankTransfer(self.role, options.kv_transfer, options.prefill_tensor_parallel_size)
+            self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size, transfer)
         else:
             self.engine = Engine(options.engine_config())
         self.releases = ReleaseLog()
