@@ -278,8 +278,10 @@ class RankedReceiver:
 
     @property
     def pending(self) -> int:
+        """Requests whose pages a sender of some rank may still write: not only those still landing, so that a
+        rank whose part never ends shows here."""
         with self._lock:
-            return sum(not request.future.done() for request in self._requests.values())
+            return len(self._requests)
 
     def close(self) -> None:
         self._local.close()
