@@ -31,25 +31,31 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _synthetic_sequences(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
+    """``batch`` distinct ``context``-token prompts that never end by themselves."""
+    vocab = engine.spec.vocab_size
+    return [
+        engine.make_sequence(
+            f"{tag}-{i}",
+            [(i * 7 + j) % vocab for j in range(context)],
+            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
+        )
+        for i in range(batch)
+    ]
+
+
 def decode_ready(engine: Engine, batch: int, context: int, tag: str) -> list[Sequence]:
     """Sequences whose ``context`` prompt tokens are (notionally) in the cache, ready for decode steps.
 
     Skipping the prefill keeps a large grid cheap: a decode step's time depends on how many tokens its attention
     reads, not on their values. The caller frees ``seq.block_table`` of each when done.
     """
-    vocab = engine.spec.vocab_size
-    seqs = []
-    for i in range(batch):
-        seq = engine.make_sequence(
-            f"{tag}-{i}",
-            [(i * 7 + j) % vocab for j in range(context)],
-            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
-        )
+    seqs = _synthetic_sequences(engine, batch, context, tag)
+    for seq in seqs:
         seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(context + 64))
         seq.num_computed_tokens = context
         seq.output_token_ids.append(1)
         seq.status = SeqStatus.RUNNING
-        seqs.append(seq)
     return seqs
 
 
@@ -70,17 +76,10 @@ def admitted_for_decode(engine: Engine, batch: int, context: int, tag: str) -> l
     """Requests admitted the way a decode worker admits them (pages reserved, first token in), so ``engine.step``
     runs a whole served step over them; their prompts' KV is never computed (``decode_ready``). ``finish`` them
     when done."""
-    vocab = engine.spec.vocab_size
-    seqs = []
-    for i in range(batch):
-        seq = engine.make_sequence(
-            f"{tag}-{i}",
-            [(i * 7 + j) % vocab for j in range(context)],
-            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
-        )
+    seqs = _synthetic_sequences(engine, batch, context, tag)
+    for seq in seqs:
         engine.reserve(seq)
         engine.admit(seq.request_id, 1)
-        seqs.append(seq)
     return seqs
 
 

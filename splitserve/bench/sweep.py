@@ -86,22 +86,12 @@ async def run_sweep(
     return SweepResult(label, max_model_len, runs)
 
 
-async def run_sweep_apart(
-    address: str,
-    spec: WorkloadSpec,
-    rates: Sequence[float | None],
-    slo: SLO,
-    label: str,
-    *,
-    warmup: int = 2,
-    timeout_s: float | None = None,
-) -> SweepResult:
-    """``run_sweep`` from a process of its own, for a cluster served from this one: a load generator in the server's
-    process shares its interpreter lock and event loop, and every token it reads slows the server it measures (a
-    real client runs elsewhere too)."""
+async def run_sweep_apart(*args: Any, **kwargs: Any) -> SweepResult:
+    """``run_sweep`` (the same arguments, picklable) from a process of its own, for a cluster served from this one:
+    a load generator in the server's process shares its interpreter lock and event loop, and every token it reads
+    slows the server it measures (a real client runs elsewhere too)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        kwargs = {"warmup": warmup, "timeout_s": timeout_s}
-        job = pool.submit(_sweep_in_process, address, spec, list(rates), slo, label, **kwargs)
+        job = pool.submit(_sweep_in_process, *args, **kwargs)
         return await asyncio.wrap_future(job)
 
 

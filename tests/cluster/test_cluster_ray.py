@@ -62,6 +62,15 @@ def _run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+async def _serve_all(cluster: Cluster, prompts: list[list[int]], tag: str):
+    """Every prompt at once; their tokens, timings, and each worker's free pages before and after."""
+    before = await _free_blocks(cluster)
+    timings = [RequestTiming(arrival=0.0) for _ in prompts]
+    got = await asyncio.gather(*(_collect(cluster, f"{tag}{i}", p, timings[i]) for i, p in enumerate(prompts)))
+    await asyncio.sleep(0.2)
+    return got, timings, before, await _free_blocks(cluster)
+
+
 @pytest.mark.parametrize(
     ("mode", "pools"), [("disaggregated", (1, 1)), ("disaggregated", (2, 2)), ("colocated", (0, 1))]
 )
@@ -73,12 +82,7 @@ def test_concurrent_requests_equal_hf_greedy(ray_local, tiny_model_dir, mode, po
         cluster = Cluster(config)
         await cluster.start()
         try:
-            before = await _free_blocks(cluster)
-            timings = [RequestTiming(arrival=0.0) for _ in prompts]
-            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p, timings[i]) for i, p in enumerate(prompts)))
-            await asyncio.sleep(0.2)
-            after = await _free_blocks(cluster)
-            return got, timings, before, after
+            return await _serve_all(cluster, prompts, "r")
         finally:
             await cluster.shutdown()
 
@@ -217,11 +221,8 @@ def test_a_hybrid_worker_runs_the_prompts_prefill_cannot_take(ray_local, tiny_mo
         cluster = Cluster(config)
         await cluster.start()
         try:
-            before = await _free_blocks(cluster)
-            timings = [RequestTiming(arrival=0.0) for _ in prompts]
-            got = await asyncio.gather(*(_collect(cluster, f"m{i}", p, timings[i]) for i, p in enumerate(prompts)))
-            await asyncio.sleep(0.2)
-            after, status = await _free_blocks(cluster), await cluster.status()
+            got, timings, before, after = await _serve_all(cluster, prompts, "m")
+            status = await cluster.status()
             emptied = await cluster.scale("hybrid", 0)  # the hybrid pool is optional: it can go
             return got, timings, before, after, status, emptied, await cluster.status()
         finally:

@@ -82,39 +82,31 @@ def _flip_last_byte_of_layer_1(backend: str, monkeypatch) -> None:
         monkeypatch.setattr(TcpLink, "send", send)
 
 
-@pytest.mark.parametrize("backend", ["grpc", "tcp"])
-def test_corrupted_byte_is_detected(backend, monkeypatch):
-    _flip_last_byte_of_layer_1(backend, monkeypatch)
+def _assert_refused_on_both_ends(cfg: KVTransferConfig, sent_blocks: list[int], match: str | None = None) -> None:
+    """Send the source's pages into a receiver expecting DST_BLOCKS: both the sender and the receiver must fail."""
     src, dst = FakeRunner(), FakeRunner()
-    cfg = KVTransferConfig(backend=backend, checksum=True)
     receiver = make_receiver(cfg, dst)
     try:
         done = receiver.expect(dst.spec("bad", DST_BLOCKS))
-        handle = make_sender(cfg, receiver.endpoint).begin(src.spec("bad", DST_BLOCKS))
-        send_all(handle, src, SRC_BLOCKS)
-        with pytest.raises(IntegrityError, match="checksum"):
+        handle = make_sender(cfg, receiver.endpoint).begin(src.spec("bad", sent_blocks))
+        send_all(handle, src, SRC_BLOCKS[: len(sent_blocks)])
+        with pytest.raises(IntegrityError, match=match):
             handle.finish()
         with pytest.raises(IntegrityError):
             done.result(timeout=5)
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp"])
+def test_corrupted_byte_is_detected(backend, monkeypatch):
+    _flip_last_byte_of_layer_1(backend, monkeypatch)
+    _assert_refused_on_both_ends(KVTransferConfig(backend=backend, checksum=True), DST_BLOCKS, match="checksum")
 
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
 def test_layout_mismatch_is_refused(backend):
-    src, dst = FakeRunner(), FakeRunner()
-    cfg = KVTransferConfig(backend=backend)
-    receiver = make_receiver(cfg, dst)
-    try:
-        done = receiver.expect(dst.spec("m", DST_BLOCKS))
-        handle = make_sender(cfg, receiver.endpoint).begin(src.spec("m", DST_BLOCKS[:-1]))
-        send_all(handle, src, SRC_BLOCKS[:-1])
-        with pytest.raises(IntegrityError):
-            handle.finish()
-        with pytest.raises(IntegrityError):
-            done.result(timeout=5)
-    finally:
-        receiver.close()
+    _assert_refused_on_both_ends(KVTransferConfig(backend=backend), DST_BLOCKS[:-1])
 
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
