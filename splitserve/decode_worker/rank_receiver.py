@@ -13,11 +13,13 @@ rank's), and it frees them only once ``unwritten`` says no rank's sender can wri
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
+from splitserve.cluster.messages import ErrorCode, ServingError
 from splitserve.cluster.rank_control import FollowerControl, LeaderControl
 from splitserve.cluster.rank_group import Followers, RankTransfer
 from splitserve.cluster.worker_options import WorkerOptions
@@ -33,8 +35,9 @@ from splitserve.worker_common import node_address
 @dataclass(frozen=True)
 class Expect:
     """Leader to follower: reserve your links of this request, into these blocks (the leader's block ids are every
-    rank's)."""
+    rank's). The follower's answers name ``token``, this reservation's: never an earlier one's of the same id."""
 
+    token: int
     request_id: str
     num_tokens: int
     block_ids: list[int]
@@ -44,7 +47,7 @@ class Expect:
 class Expected:
     """Follower to leader: the reservation is made (``error`` None), or why not."""
 
-    request_id: str
+    token: int
     error: str | None
 
 
@@ -60,7 +63,7 @@ class AbortExpected:
 class Landed:
     """Follower to leader: every link of the request landed here (``error`` None), or the rank's part failed."""
 
-    request_id: str
+    token: int
     result: TransferResult | None
     error: TransferError | None
 
@@ -69,10 +72,12 @@ class Landed:
 class Unwritten:
     """Follower to leader, after ``Landed``: no sender can write this rank's pages of the request any more."""
 
-    request_id: str
+    token: int
 
 
-def rank_specs(runner: ModelRunner, prefill_tp: int, request_id: str, num_tokens: int, blocks: list[int]):
+def rank_specs(
+    runner: ModelRunner, prefill_tp: int, request_id: str, num_tokens: int, blocks: list[int]
+) -> list[TransferSpec]:
     """The transfers this rank receives of a request: one per link that ends here."""
     group = runner.rank_group
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
@@ -101,7 +106,8 @@ class _Request:
     failed; ``unwritten`` once no rank's sender can write, and never before the request is done (the worker frees
     a failed request's pages from there, reading why it failed)."""
 
-    def __init__(self, request_id: str, ranks: list[int]):
+    def __init__(self, token: int, request_id: str, ranks: list[int]):
+        self.token = token
         self.request_id = request_id
         self.future: Future[TransferResult] = Future()
         self.unwritten: Future[None] = Future()
@@ -176,8 +182,10 @@ class RankedReceiver:
         self.endpoint = replace(local.endpoint, ranks=tuple(follower_endpoints))
         self._ranks = [0, *(control.ranks if control is not None else [])]
         self._lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}
-        self._acks: dict[str, tuple[set[int], list[str], Future[None]]] = {}
+        self._requests: dict[str, _Request] = {}  # by request id: what abort and unwritten name
+        self._tokens: dict[int, _Request] = {}  # by reservation: what the followers' answers name
+        self._next_token = itertools.count()
+        self._acks: dict[int, tuple[set[int], list[str], Future[None]]] = {}
         if control is not None:
             control.handler = self._on_message
 
@@ -186,19 +194,22 @@ class RankedReceiver:
         rank expects it."""
         rid = spec.request_id
         specs = rank_specs(self._runner, self._prefill_tp, rid, spec.num_tokens, list(spec.dst_block_ids))
-        request = _Request(rid, self._ranks)
+        request = _Request(next(self._next_token), rid, self._ranks)
         local = self._local.expect_links(specs, sink)
         local_unwritten = self._local.unwritten(rid)
         with self._lock:
             self._requests[rid] = request
+            self._tokens[request.token] = request
         request.unwritten.add_done_callback(lambda _: self._forget(request))
         local.add_done_callback(lambda done: self._local_landed(request, done))
         local_unwritten.add_done_callback(lambda _: request.written(0))
         if self._control is not None:
-            refused = self._ask(Expect(rid, spec.num_tokens, list(spec.dst_block_ids)))
+            refused = self._ask(Expect(request.token, rid, spec.num_tokens, list(spec.dst_block_ids)))
             if refused:
                 self.abort(rid, f"a rank refused it: {refused}")
-                raise ValueError(f"{rid}: a decode rank could not reserve its links: {refused}")
+                raise ServingError(
+                    ErrorCode.UNAVAILABLE, f"{rid}: a decode rank could not reserve its links: {refused}"
+                )
         return request.future
 
     def _ask(self, message: Expect) -> str | None:
@@ -208,7 +219,7 @@ class RankedReceiver:
         waiting = set(self._control.ranks)
         errors: list[str] = []
         with self._lock:
-            self._acks[message.request_id] = (waiting, errors, acked)
+            self._acks[message.token] = (waiting, errors, acked)
         try:
             self._control.broadcast(message)
             acked.result(self._timeout_s)
@@ -216,14 +227,14 @@ class RankedReceiver:
             return f"no answer from ranks {sorted(waiting)} in {self._timeout_s} s"
         finally:
             with self._lock:
-                self._acks.pop(message.request_id, None)
+                self._acks.pop(message.token, None)
         return errors[0] if errors else None
 
     def _on_message(self, rank: int, message: Any) -> None:
         """A follower's word, on its reader thread (in the order it sent them)."""
         if isinstance(message, Expected):
             with self._lock:
-                waiting, errors, acked = self._acks.get(message.request_id, (set(), [], None))
+                waiting, errors, acked = self._acks.get(message.token, (set(), [], None))
                 waiting.discard(rank)
                 if message.error is not None:
                     errors.append(f"rank {rank}: {message.error}")
@@ -231,7 +242,7 @@ class RankedReceiver:
                     acked.set_result(None)
             return
         with self._lock:
-            request = self._requests.get(message.request_id)
+            request = self._tokens.get(message.token)
         if request is None:
             return
         if isinstance(message, Landed):
@@ -252,6 +263,7 @@ class RankedReceiver:
 
     def _forget(self, request: _Request) -> None:
         with self._lock:
+            del self._tokens[request.token]
             if self._requests.get(request.request_id) is request:
                 del self._requests[request.request_id]
 
@@ -315,15 +327,15 @@ class FollowerReceiver:
             future = self.receiver.expect_links(specs)
             unwritten = self.receiver.unwritten(rid)
         except Exception as err:
-            self._control.send(Expected(rid, str(err)))
+            self._control.send(Expected(order.token, str(err)))
             return
-        self._control.send(Expected(rid, None))
+        self._control.send(Expected(order.token, None))
 
         def landed(done: Future[TransferResult]) -> None:
             error = done.exception()
             if error is not None and not isinstance(error, TransferError):
                 error = TransferError(repr(error))
-            self._control.send(Landed(rid, None if error is not None else done.result(), error))
-            unwritten.add_done_callback(lambda _: self._control.send(Unwritten(rid)))
+            self._control.send(Landed(order.token, None if error is not None else done.result(), error))
+            unwritten.add_done_callback(lambda _: self._control.send(Unwritten(order.token)))
 
         future.add_done_callback(landed)
