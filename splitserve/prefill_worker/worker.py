@@ -13,6 +13,10 @@ A request's pages are read only by the gathers of its own pass, on the engine th
 gathered copies, never the pages. The pages are still held until the transfer has finished, so that the copies in
 flight never outgrow the KV cache; an abort drops the copies, so an aborted request's pages are freed as soon as its
 pass has ended (at once if it had).
+
+Where either side is a tensor-parallel group, a request's transfer is one per link: every rank of this worker sends
+the KV heads it holds straight to the decode ranks that hold them (``rank_sends.py``), and the request's transfer
+has ended only once every rank's part has.
 """
 
 from __future__ import annotations
