@@ -33,7 +33,7 @@ def h(request, ray_local, tiny_model_dir):
     prefill_tp, decode_tp = request.param
     config = chaos_config(
         tiny_model_dir,
-        prefill={"replicas": 1, "tensor_parallel_size": prefill_tp, "num_kv_blocks": 256},
+        prefill={"replicas": 1, "tensor_parallel_size": prefill_tp, "num_kv_blocks": 256, "max_batch_tokens": 512},
         decode={"replicas": 1, "tensor_parallel_size": decode_tp, "num_kv_blocks": 256},
         router={"max_retries": 2},
     )
@@ -48,9 +48,10 @@ def h(request, ray_local, tiny_model_dir):
 def test_concurrent_requests_get_hf_greedy_tokens_with_the_kv_moved_rank_to_rank(h, tiny_model_dir):
     """Beside them, clients that leave at their first token (while the KV may still be moving): their aborts free
     every rank's part, and nothing is left held or expected anywhere."""
-    # Up to 5 blocks of 8 tokens each: the links carry several pages per layer.
+    # Up to 5 blocks of 8 tokens each, and one of ~50: the links carry several pages per layer, and the long prompt's
+    # step is longer than the hand-off's first buffer (the step's rest and its transfer orders follow it).
     ps = prompts(6, lo=3, hi=40, seed=53)
-    served, left = ps[:4], ps[4:]
+    served, left = [*ps[:4], *prompts(1, lo=380, hi=420, seed=54)], ps[4:]
 
     async def scenario():
         outs = await asyncio.gather(
