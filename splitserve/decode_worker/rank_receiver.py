@@ -101,7 +101,7 @@ def decode_receiver(
     return RankedReceiver(receiver, runner, prefill_tp, control, endpoints, options.kv_transfer.timeout_s)
 
 
-class _Request:
+class RankedRequest:
     """One request's transfers on every rank of the worker: done once each rank's landed, failed once one's
     failed; ``unwritten`` once no rank's sender can write, and never before the request is done (the worker frees
     a failed request's pages from there, reading why it failed)."""
@@ -182,8 +182,8 @@ class RankedReceiver:
         self.endpoint = replace(local.endpoint, ranks=tuple(follower_endpoints))
         self._ranks = [0, *(control.ranks if control is not None else [])]
         self._lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}  # by request id: what abort and unwritten name
-        self._tokens: dict[int, _Request] = {}  # by reservation: what the followers' answers name
+        self._requests: dict[str, RankedRequest] = {}  # by request id: what abort and unwritten name
+        self._tokens: dict[int, RankedRequest] = {}  # by reservation: what the followers' answers name
         self._next_token = itertools.count()
         self._acks: dict[int, tuple[set[int], list[str], Future[None]]] = {}
         if control is not None:
@@ -194,7 +194,7 @@ class RankedReceiver:
         rank expects it."""
         rid = spec.request_id
         specs = rank_specs(self._runner, self._prefill_tp, rid, spec.num_tokens, list(spec.dst_block_ids))
-        request = _Request(next(self._next_token), rid, self._ranks)
+        request = RankedRequest(next(self._next_token), rid, self._ranks)
         local = self._local.expect_links(specs, sink)
         local_unwritten = self._local.unwritten(rid)
         with self._lock:
@@ -252,7 +252,7 @@ class RankedReceiver:
         elif isinstance(message, Unwritten):
             request.written(rank)
 
-    def _local_landed(self, request: _Request, done: Future[TransferResult]) -> None:
+    def _local_landed(self, request: RankedRequest, done: Future[TransferResult]) -> None:
         """The leader's own links ended. This may run under a lock of the failed link: the local receiver aborts its
         other links itself, so only the followers are told here."""
         error = done.exception()
@@ -261,7 +261,7 @@ class RankedReceiver:
         if request.land(0, None if error is not None else done.result(), error):
             self._tell_followers(request.request_id, f"rank 0's part failed: {error}")
 
-    def _forget(self, request: _Request) -> None:
+    def _forget(self, request: RankedRequest) -> None:
         with self._lock:
             del self._tokens[request.token]
             if self._requests.get(request.request_id) is request:
