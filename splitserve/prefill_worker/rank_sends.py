@@ -164,8 +164,8 @@ class RequestSend:
         self._tell_followers(reason)
 
     def finish(self) -> int:
-        """Wait for every rank's part; the bytes of all. The first failure aborts the parts still under way and is
-        raised once they have all ended."""
+        """Wait for every rank's part (this rank's first); the bytes of all. The first failure aborts the followers'
+        parts still under way and is raised once they have all ended."""
         failure: TransferError | None = None
         total = 0
         try:
@@ -179,9 +179,8 @@ class RequestSend:
             except TimeoutError:
                 failure = failure or TransferTimeout(f"rank {rank}'s part did not end in {self._timeout_s} s")
             except TransferError as err:
-                if failure is None:
+                if failure is None:  # this rank's own links have ended already: the other followers' may not have
                     failure = err
-                    self._own.abort(f"rank {rank}'s part failed: {err}")
                     self._tell_followers(f"rank {rank}'s part failed: {err}")
         if failure is not None:
             raise failure
