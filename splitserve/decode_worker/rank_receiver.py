@@ -185,7 +185,7 @@ class RankedReceiver:
         self._requests: dict[str, RankedRequest] = {}  # by request id: what abort and unwritten name
         self._tokens: dict[int, RankedRequest] = {}  # by reservation: what the followers' answers name
         self._next_token = itertools.count()
-        self._acks: dict[int, tuple[set[int], list[str], Future[None]]] = {}
+        self._acks: dict[int, tuple[set[int], dict[int, str], Future[None]]] = {}
         if control is not None:
             control.handler = self._on_message
 
@@ -206,38 +206,42 @@ class RankedReceiver:
         if self._control is not None:
             refused = self._ask(Expect(request.token, rid, spec.num_tokens, list(spec.dst_block_ids)))
             if refused:
-                self.abort(rid, f"a rank refused it: {refused}")
-                raise ServingError(
-                    ErrorCode.UNAVAILABLE, f"{rid}: a decode rank could not reserve its links: {refused}"
-                )
+                why = "; ".join(f"rank {rank}: {error}" for rank, error in sorted(refused.items()))
+                self.abort(rid, f"a rank refused it: {why}")
+                for rank in refused:  # it reserved nothing: no word of it will come
+                    request.written(rank)
+                raise ServingError(ErrorCode.UNAVAILABLE, f"{rid}: a decode rank could not reserve its links: {why}")
         return request.future
 
-    def _ask(self, message: Expect) -> str | None:
-        """Send ``message`` to every follower and wait for each one's answer: the first refusal, or None."""
+    def _ask(self, message: Expect) -> dict[int, str]:
+        """Send ``message`` to every follower and wait for each one's answer: the refusals, by rank (a rank silent
+        past the timeout counts as one, though it may yet reserve: the abort that follows drops that too)."""
         assert self._control is not None
         acked: Future[None] = Future()
         waiting = set(self._control.ranks)
-        errors: list[str] = []
+        refused: dict[int, str] = {}
         with self._lock:
-            self._acks[message.token] = (waiting, errors, acked)
+            self._acks[message.token] = (waiting, refused, acked)
         try:
             self._control.broadcast(message)
             acked.result(self._timeout_s)
         except TimeoutError:
-            return f"no answer from ranks {sorted(waiting)} in {self._timeout_s} s"
+            with self._lock:
+                silent = sorted(waiting)
+            return {**refused, **dict.fromkeys(silent, f"no answer in {self._timeout_s} s")}
         finally:
             with self._lock:
                 self._acks.pop(message.token, None)
-        return errors[0] if errors else None
+        return refused
 
     def _on_message(self, rank: int, message: Any) -> None:
         """A follower's word, on its reader thread (in the order it sent them)."""
         if isinstance(message, Expected):
             with self._lock:
-                waiting, errors, acked = self._acks.get(message.token, (set(), [], None))
+                waiting, refused, acked = self._acks.get(message.token, (set(), {}, None))
                 waiting.discard(rank)
                 if message.error is not None:
-                    errors.append(f"rank {rank}: {message.error}")
+                    refused[rank] = message.error
                 if acked is not None and not waiting and not acked.done():
                     acked.set_result(None)
             return
