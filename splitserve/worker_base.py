@@ -9,7 +9,7 @@ from typing import Any
 
 from splitserve.cluster.channel import Outbox
 from splitserve.cluster.messages import ChannelMessage, WorkerStats
-from splitserve.cluster.rank_group import Followers, start_leader
+from splitserve.cluster.rank_group import Followers, RankTransfer, start_leader
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.engine import Engine
 from splitserve.engine.engine_thread import EngineThread
@@ -64,7 +64,10 @@ class WorkerBase(ReportsReleases):
         self.options = options
         self.followers: Followers | None = None  # the other ranks of a tensor-parallel worker, which this one leads
         if options.tensor_parallel_size > 1:
-            self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size)
+            transfer = None
+            if options.prefill_tensor_parallel_size is not None:  # KV moves between pools: every rank its share
+                transfer = RankTransfer(self.role, options.kv_transfer, options.prefill_tensor_parallel_size)
+            self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size, transfer)
         else:
             self.engine = Engine(options.engine_config())
         self.releases = ReleaseLog()

@@ -1,16 +1,13 @@
 """The tensor-parallel pool fields: whole GPUs per rank, GPUs counted per rank, one placement bundle per rank, and
-the split layouts refused until KV moves between tensor-parallel workers."""
+what a worker learns of the other pool's ranks (the links its KV moves over)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
-from splitserve.cluster.pools import Pools, refuse_split_tensor_parallel
 from splitserve.cluster.rank_group import CPU_PER_RANK, rank_bundles
-from splitserve.cluster.router import Router
 from splitserve.cluster.worker_options import options_for
 from splitserve.config import ConfigError, Device, load_config, parse_config
 
@@ -52,12 +49,8 @@ def test_one_bundle_per_rank_of_whole_gpus_of_the_pools_type_or_a_cpu_share():
     assert options_for(config, config.prefill, "/m").tensor_parallel_size == 4
 
 
-def test_a_split_cluster_with_a_tensor_parallel_pool_is_refused_before_any_worker_starts():
+def test_every_worker_of_a_split_cluster_learns_the_prefill_pools_ranks_and_none_of_a_colocated_one():
     config = load_config(SEVENTY_B)
-    with pytest.raises(ConfigError, match=r"prefill.tensor_parallel_size: 4, decode.tensor_parallel_size: 2 in mode"):
-        asyncio.run(Pools(config, "/m", Router(config.router.policy)).start())  # no Ray: refused first
-    one_sided = parse_config({"cluster": {"device": "cpu"}, "decode": {"tensor_parallel_size": 2}})
-    with pytest.raises(ConfigError, match=r"^decode.tensor_parallel_size: 2 in mode: disaggregated .* \(fix: mode"):
-        refuse_split_tensor_parallel(one_sided)
-    refuse_split_tensor_parallel(parse_config({}))
-    refuse_split_tensor_parallel(parse_config({"mode": "colocated", "decode": {"tensor_parallel_size": 2}}))
+    assert [options_for(config, pool, "/m").prefill_tensor_parallel_size for pool in config.pools().values()] == [4] * 3
+    colocated = parse_config({"mode": "colocated", "decode": {"tensor_parallel_size": 2}})
+    assert options_for(colocated, colocated.decode, "/m").prefill_tensor_parallel_size is None

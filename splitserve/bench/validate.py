@@ -153,8 +153,9 @@ def cluster_spec(config: SplitserveConfig, mode: ServingMode, profile: Profile) 
         if mixed.replicas
         else None
     )
-    # Fractional pools that whole GPUs could not hold apart share them: one prefill and one decode worker a GPU.
-    apart = sum(pool.replicas * math.ceil(pool.gpus_per_replica) for pool in (config.prefill, config.decode))
+    # Fractional pools that whole GPUs could not hold apart share them: one prefill and one decode worker a GPU. A
+    # worker holds a GPU per rank of its group (``gpus_per_worker``).
+    apart = sum(pool.replicas * math.ceil(pool.gpus_per_worker) for pool in (config.prefill, config.decode))
     shared = (
         on_gpu
         and overflow is None

@@ -22,7 +22,7 @@ from splitserve.cluster.messages import CacheEvents, ErrorCode, ServingError, Wo
 from splitserve.cluster.rank_group import bundle_options, rank_bundles
 from splitserve.cluster.router import Move, Router
 from splitserve.cluster.worker_options import options_for
-from splitserve.config import ConfigError, Device, ServingMode, SplitserveConfig, _PoolConfig
+from splitserve.config import Device, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.roles import Role
 from splitserve.worker_common import CONCURRENCY_GROUPS
 
@@ -109,7 +109,6 @@ class Pools:
 
     async def start(self) -> None:
         """Every pool at its configured size."""
-        refuse_split_tensor_parallel(self.config)
         roles = [role for role in self.roles() for _ in range(self.pool(role).replicas)]
         await self.bring_up([self.spawn(role, self.next_index(role)) for role in roles])
 
@@ -341,18 +340,3 @@ class Pools:
             }
             for w in list(self.workers.values())
         ]
-
-
-def refuse_split_tensor_parallel(config: SplitserveConfig) -> None:
-    """KV moves from one prefill process to one decode process: with a tensor-parallel worker on either side, only
-    its leader's KV heads would move, and the decode side would serve wrong tokens. Refused until the transfer
-    goes rank to rank."""
-    if config.mode != ServingMode.disaggregated:
-        return
-    sizes = {name: pool.tensor_parallel_size for name, pool in config.pools().items()}
-    split = [f"{name}.tensor_parallel_size: {size}" for name, size in sizes.items() if size > 1]
-    if split:
-        raise ConfigError(
-            f"{', '.join(split)} in mode: disaggregated needs KV transfer between tensor-parallel workers, which "
-            "splitserve does not have yet (fix: mode: colocated, or tensor_parallel_size: 1 on every pool)"
-        )

@@ -10,6 +10,11 @@ The group lives and dies as one: a follower's ``run`` ends only with the group, 
 too (the pool then sees the worker die and restarts the whole group); a rank whose step fails exits, so the others'
 collectives fail at once rather than wait on it; and the followers die with the leader, their owner, and with the
 placement group the pool removes.
+
+In mode: disaggregated each rank also moves its own share of every request's KV (``RankTransfer``): a prefill rank
+sends the KV heads it holds, a decode rank receives the heads it holds, rank to rank. What that needs beyond the
+steps goes over the group's side channel (rank_control.py): the leader's orders (``LeaderControl``), each rank's
+word that its part ended.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import torch
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from splitserve.config import Device, _PoolConfig
+from splitserve.cluster.rank_control import ControlAddress, FollowerControl, LeaderControl
+from splitserve.config import Device, KVTransferConfig, _PoolConfig
 from splitserve.engine.engine import Engine, EngineConfig
-from splitserve.engine.rank_loop import follow, free_port
+from splitserve.engine.rank_loop import StepHooks, follow, free_port
 from splitserve.engine.runner import ModelRunner, RunnerConfig, resolve_device
 from splitserve.engine.tensor_parallel import RankGroup, init_rank_group
+from splitserve.kv_transfer.base import ReceiverEndpoint
 from splitserve.worker_common import configure_worker_process, describe_device
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 CPU_PER_RANK = 0.01
 ACCELERATOR_SHARE = 0.001  # what Ray's own ``accelerator_type`` option reserves
 RENDEZVOUS_POLL_S = 0.2
+CONTROL_JOIN_S = 30.0  # a follower's connection is made in its set-up, which is over by then: this is a backstop
 
 
 def rank_bundles(pool: _PoolConfig, device: Device) -> list[dict[str, float]]:
@@ -65,26 +73,66 @@ def bundle_options(bundle: dict[str, float], group: PlacementGroup, index: int) 
     }
 
 
+@dataclass(frozen=True)
+class RankTransfer:
+    """A worker's part in moving KV, which each of its ranks plays for its own KV heads (mode: disaggregated)."""
+
+    role: str  # "prefill": each rank sends the heads it holds; "decode": each rank receives the heads it holds
+    kv_transfer: KVTransferConfig
+    prefill_tensor_parallel_size: int  # the senders' ranks, which a decode rank's links come from
+
+
 class RankFollower:
     """Rank ``rank`` of a tensor-parallel worker: the leader's model shard, running each step the leader hands
     over. Its set-up joins the group and builds the runner (with collectives the leader's set-up meets); ``run``
-    then lasts as long as the group."""
+    then lasts as long as the group. With a ``transfer`` part it also sends (prefill) or receives (decode) its KV
+    heads of each request, as the leader's orders on ``control`` and in the steps say."""
 
-    def __init__(self, rank: int, size: int, init_method: str, config: RunnerConfig):
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        init_method: str,
+        config: RunnerConfig,
+        transfer: RankTransfer | None = None,
+        control: ControlAddress | None = None,
+    ):
         configure_worker_process()
         # Ray shows an actor one GPU, its own: the rank's device is the first visible one.
         self.group = init_rank_group(rank, size, init_method, resolve_device(config.device), cuda_index=0)
         self.runner = ModelRunner(config, rank_group=self.group)
+        self.hooks: StepHooks | None = None
+        self.endpoint: ReceiverEndpoint | None = None  # a decode rank's receiver's
+        if transfer is not None and control is not None:
+            self._join_transfers(transfer, FollowerControl(control, rank))
+
+    def _join_transfers(self, transfer: RankTransfer, control: FollowerControl) -> None:
+        # Imported here: the workers' modules import this one.
+        if transfer.role == "decode":
+            from splitserve.decode_worker.rank_receiver import FollowerReceiver
+
+            receiver = FollowerReceiver(self.runner, transfer, control)
+            self.endpoint = receiver.endpoint
+            control.start(receiver.on_message)
+        else:
+            from splitserve.prefill_worker.rank_sends import FollowerSends
+
+            sends = FollowerSends(self.runner, transfer.kv_transfer, control)
+            self.hooks = sends
+            control.start(sends.on_message)
 
     def describe(self) -> dict[str, Any]:
-        return {"rank": self.group.rank, **describe_device(self.runner.device)}
+        info: dict[str, Any] = {"rank": self.group.rank, **describe_device(self.runner.device)}
+        if self.endpoint is not None:
+            info["endpoint"] = self.endpoint
+        return info
 
     def run(self) -> int:
         """Follow the leader until it stops the group; the steps run. A step that fails here (a rank died, or this
         rank's pass raised) ends the process: alive, it would keep its connections open, and the other ranks would
         wait on it in their next collective instead of failing."""
         try:
-            return follow(self.runner, self.group)
+            return follow(self.runner, self.group, self.hooks)
         except BaseException:
             log.exception("tensor-parallel rank %d failed; it leaves the group", self.group.rank)
             os._exit(1)
@@ -98,6 +146,7 @@ class Followers:
     info: list[dict[str, Any]] = field(default_factory=list)
     failure: str | None = None  # why the group broke, once a follower's run ended
     joined: bool = False  # set once every rank has joined: from then on a broken group ends the leader
+    control: LeaderControl | None = None  # the side channel of the ranks' KV transfers, where they move KV
 
     def watch(self, runs: list[ray.ObjectRef]) -> None:
         """React as soon as any follower's run ends: it ends only when the group does."""
@@ -119,22 +168,25 @@ class Followers:
             os._exit(1)
 
 
-def start_leader(config: EngineConfig, size: int) -> tuple[Engine, Followers]:
+def start_leader(config: EngineConfig, size: int, transfer: RankTransfer | None = None) -> tuple[Engine, Followers]:
     """In the worker actor: start its ``size - 1`` followers in its placement group's other bundles, join them as
-    rank 0 and build the engine, which leads the group. A follower that fails before the group forms fails this."""
+    rank 0 and build the engine, which leads the group. A follower that fails before the group forms fails this.
+    With ``transfer``, the followers take their part in the worker's KV transfers (``RankTransfer``)."""
     group_placement = get_current_placement_group()
     if group_placement is None:
         raise RuntimeError("a tensor-parallel worker must run in its placement group (the pool reserves one)")
     runner_config = Engine.runner_config(config)
     # STRICT_PACK puts every rank on this node: loopback reaches them all.
     init_method = f"tcp://127.0.0.1:{free_port()}"
+    control = LeaderControl(size) if transfer is not None else None
+    address = control.address if control is not None else None
     follower_cls: Any = ray.remote(max_restarts=0)(RankFollower)
     actors: list[Any] = []
     for rank in range(1, size):
         bundle = group_placement.bundle_specs[rank]
         options = bundle_options(bundle, group_placement, rank)
-        actors.append(follower_cls.options(**options).remote(rank, size, init_method, runner_config))
-    followers = Followers(actors)
+        actors.append(follower_cls.options(**options).remote(rank, size, init_method, runner_config, transfer, address))
+    followers = Followers(actors, control=control)
     described = [actor.describe.remote() for actor in actors]
     runs = [actor.run.remote() for actor in actors]  # queued behind describe: an actor runs its calls in order
     followers.watch(runs)
@@ -145,6 +197,8 @@ def start_leader(config: EngineConfig, size: int) -> tuple[Engine, Followers]:
         raise RuntimeError(f"the tensor-parallel group broke as it formed: {followers.failure}")
     engine = Engine(config, rank_group=rank_group)
     followers.info = ray.get(described)
+    if control is not None:  # each follower connects in its set-up, which ``describe`` followed
+        control.wait_joined(CONTROL_JOIN_S)
     return engine, followers
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.config import KVTransferConfig, PrefillPoolConfig, SplitserveConfig, _PoolConfig
+from splitserve.config import KVTransferConfig, PrefillPoolConfig, ServingMode, SplitserveConfig, _PoolConfig
 from splitserve.engine.engine import EngineConfig
 from splitserve.engine.runner import RunnerConfig
 
@@ -27,6 +27,9 @@ class WorkerOptions:
     overlap_decode: bool  # on where the device runs ahead of the host (CUDA)
     prompt_graph_tokens: int
     tensor_parallel_size: int = 1  # ranks of the worker's group: this actor leads, the others follow (rank_group)
+    # The prefill pool's, where KV moves between pools (mode: disaggregated): a decode worker's links come from its
+    # ranks (head_map.py). None: no KV moves (colocated).
+    prefill_tensor_parallel_size: int | None = None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -66,4 +69,7 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         overlap_decode=getattr(pool, "overlap_decode", config.decode.overlap_decode),
         prompt_graph_tokens=pool.prompt_graph_tokens,
         tensor_parallel_size=pool.tensor_parallel_size,
+        prefill_tensor_parallel_size=(
+            config.prefill.tensor_parallel_size if config.mode == ServingMode.disaggregated else None
+        ),
     )

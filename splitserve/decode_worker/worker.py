@@ -28,11 +28,12 @@ from splitserve.cluster.messages import (
     TokenBatch,
 )
 from splitserve.cluster.worker_options import WorkerOptions
+from splitserve.decode_worker.rank_receiver import decode_receiver
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import RequestError, TokenOutput
-from splitserve.kv_transfer import TransferError, TransferResult, make_receiver
+from splitserve.kv_transfer import TransferError, TransferResult
 from splitserve.worker_base import WorkerBase, transfer_spec
-from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts, node_address
+from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
 log = logging.getLogger(__name__)
 _FAILED_MEMORY = 4096
@@ -45,7 +46,7 @@ class DecodeWorker(WorkerBase):
     def __init__(self, worker_id: str, options: WorkerOptions):
         super().__init__(worker_id, options)
         self.engine.on_release = self.releases.record
-        self.receiver = make_receiver(options.kv_transfer, self.engine.runner, host=node_address())
+        self.receiver = decode_receiver(options, self.engine.runner, self.followers)
         # request id -> the attempt whose tokens the channel carries; only touched on the default event loop
         self._streams: dict[str, int] = {}
         self._expected: dict[str, Future[TransferResult]] = {}
@@ -129,7 +130,7 @@ class DecodeWorker(WorkerBase):
             self._refuse_if_aborted(request)
             seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
             blocks, cached = self.engine.reserve(seq)
-            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt) - cached, blocks)
+            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt), blocks)
             try:
                 waiter = self.receiver.expect(spec)
             except BaseException:

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.context import SpawnProcess
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ import torch.multiprocessing as mp
 
 from splitserve.engine.engine import Engine, EngineConfig
 from splitserve.engine.loader import load_hf_config
+from splitserve.engine.model import LayerHook
 from splitserve.engine.model_spec import spec_from_hf_config
 from splitserve.engine.runner import ModelRunner, RunnerConfig, resolve_device
 from splitserve.engine.tensor_parallel import RankGroup, Shard, StepChannel, TensorParallelError, init_rank_group
@@ -41,12 +43,26 @@ FollowerDone = Callable[[ModelRunner], None]
 _JOIN_SECONDS = 60
 
 
-def follow(runner: ModelRunner, group: RankGroup) -> int:
+class StepHooks(Protocol):
+    """A follower's part of a step beyond its passes, from the step's attachment (``StepChannel.attach``)."""
+
+    def layer_hook(self, attachment: bytes) -> LayerHook | None:
+        """The hook to run after each layer of the step's passes (None: none)."""
+
+    def step_done(self) -> None:
+        """After the step's passes: what waits for them to end (e.g. a transfer's last layer)."""
+
+
+def follow(runner: ModelRunner, group: RankGroup, hooks: StepHooks | None = None) -> int:
     """Run every step the leader hands over until it stops; the number of steps run."""
     steps = 0
-    while (passes := StepChannel.receive(group)) is not None:
+    while (step := StepChannel.receive(group)) is not None:
+        passes, attachment = step
+        hook = hooks.layer_hook(attachment) if hooks is not None and attachment else None
         with torch.inference_mode():
-            runner.run_passes(passes)
+            runner.run_passes(passes, hook)
+        if hook is not None and hooks is not None:
+            hooks.step_done()
         steps += 1
     return steps
 

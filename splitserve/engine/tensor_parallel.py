@@ -135,22 +135,37 @@ HANDOFF_COUNTERS: dict[str, str] = {
 
 class StepChannel:
     """The leader's side of the step hand-off: each step's passes as one int64 buffer broadcast over the gloo
-    control group (a second broadcast only for a step longer than the first buffer). Followers read it with
-    ``receive``; a negative length tells them to stop."""
+    control group (a second broadcast only for a step longer than the first buffer), and the step's attachment, if
+    any, as a byte buffer after it. Followers read both with ``receive``; a negative length tells them to stop.
+
+    The attachment carries what the followers' part of the step needs beyond its passes: a prefill worker's transfer
+    orders for the prompts that complete in it (prefill_worker/rank_sends.py), which the followers' layer hooks
+    need before the pass's first layer ends."""
 
     HEAD = 1024  # ints in the first broadcast: a decode step of a few dozen sequences fits
+    _FIELDS = 2  # the head's own: the passes' length, the attachment's
 
     def __init__(self, group: RankGroup):
         self.group = group
         self.steps_sent = 0
         self.send_seconds = 0.0  # the leader's host time in ``send``: the step's cost of tensor parallelism
+        self._attachment = b""
+
+    def attach(self, payload: bytes) -> None:
+        """Bytes the next step carries to the followers (one step's worth: the next ``send`` takes them)."""
+        self._attachment = payload
 
     def send(self, passes: list[Pass]) -> None:
         began = time.perf_counter()
         flat = pack(passes)
-        self._broadcast_head(len(flat), flat[: self.HEAD - 1])
-        if len(flat) > self.HEAD - 1:
-            dist.broadcast(torch.tensor(flat[self.HEAD - 1 :], dtype=torch.long), 0, group=self.group.control_group)
+        payload, self._attachment = self._attachment, b""
+        room = self.HEAD - self._FIELDS
+        self._broadcast_head(len(flat), len(payload), flat[:room])
+        if len(flat) > room:
+            dist.broadcast(torch.tensor(flat[room:], dtype=torch.long), 0, group=self.group.control_group)
+        if payload:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            dist.broadcast(data, 0, group=self.group.control_group)
         self.steps_sent += 1
         self.send_seconds += time.perf_counter() - began
 
@@ -158,27 +173,34 @@ class StepChannel:
         return {"tp_step_handoff_seconds_total": self.send_seconds}
 
     def stop(self) -> None:
-        self._broadcast_head(-1, [])
+        self._broadcast_head(-1, 0, [])
 
-    def _broadcast_head(self, length: int, first: list[int]) -> None:
+    def _broadcast_head(self, length: int, attached: int, first: list[int]) -> None:
         head = torch.zeros(self.HEAD, dtype=torch.long)
-        head[: len(first) + 1] = torch.tensor([length, *first], dtype=torch.long)
+        head[: len(first) + self._FIELDS] = torch.tensor([length, attached, *first], dtype=torch.long)
         dist.broadcast(head, 0, group=self.group.control_group)
 
     @classmethod
-    def receive(cls, group: RankGroup) -> list[Pass] | None:
-        """A follower's next step from the leader; None once the leader stops."""
+    def receive(cls, group: RankGroup) -> tuple[list[Pass], bytes] | None:
+        """A follower's next step from the leader, and its attachment (empty if none); None once the leader
+        stops."""
         head = torch.empty(cls.HEAD, dtype=torch.long)
         dist.broadcast(head, 0, group=group.control_group)
-        length = int(head[0])
+        length, attached = int(head[0]), int(head[1])
         if length < 0:
             return None
-        flat = head[1 : min(length, cls.HEAD - 1) + 1].tolist()
-        if length > cls.HEAD - 1:
-            rest = torch.empty(length - (cls.HEAD - 1), dtype=torch.long)
+        room = cls.HEAD - cls._FIELDS
+        flat = head[cls._FIELDS : min(length, room) + cls._FIELDS].tolist()
+        if length > room:
+            rest = torch.empty(length - room, dtype=torch.long)
             dist.broadcast(rest, 0, group=group.control_group)
             flat += rest.tolist()
-        return unpack(flat)
+        payload = b""
+        if attached:
+            data = torch.empty(attached, dtype=torch.uint8)
+            dist.broadcast(data, 0, group=group.control_group)
+            payload = data.numpy().tobytes()
+        return unpack(flat), payload
 
 
 def init_rank_group(

@@ -119,6 +119,14 @@ class ReceiverEndpoint:
     nccl_store: str | None = None  # "host:port" of the TCPStore for per-pair NCCL groups
     tcp_address: str | None = None  # "host:port" where the tcp backend's layer frames go
     backends: tuple[str, ...] = field(default_factory=tuple)  # what this receiver accepts
+    # A decode worker of several TP ranks publishes one endpoint per rank: this one is rank 0's, ``ranks`` the
+    # others' in rank order (head_map.py says which of them each prefill rank sends to).
+    ranks: tuple[ReceiverEndpoint, ...] = ()
+
+    @property
+    def by_rank(self) -> tuple[ReceiverEndpoint, ...]:
+        """Every rank's endpoint, rank 0's first: one for a single-rank worker."""
+        return (self, *self.ranks)
 
     def in_process(self, here: PeerInfo) -> bool:
         """Whether the receiver lives in the process ``here`` describes."""

@@ -13,6 +13,10 @@ A request's pages are read only by the gathers of its own pass, on the engine th
 gathered copies, never the pages. The pages are still held until the transfer has finished, so that the copies in
 flight never outgrow the KV cache; an abort drops the copies, so an aborted request's pages are freed as soon as its
 pass has ended (at once if it had).
+
+Where either side is a tensor-parallel group, a request's transfer is one per link: every rank of this worker sends
+the KV heads it holds straight to the decode ranks that hold them (``rank_sends.py``), and the request's transfer
+has ended only once every rank's part has.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
 from typing import Any
 
 import ray
@@ -49,29 +52,15 @@ from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import RequestError
 from splitserve.engine.sequence import Sequence
-from splitserve.kv_transfer import (
-    ReceiverEndpoint,
-    Sender,
-    SendHandle,
-    TransferAborted,
-    TransferError,
-    TransferSpec,
-    make_sender,
-)
-from splitserve.kv_transfer.deferred import DeferredSend
-from splitserve.worker_base import WorkerBase, transfer_spec
+from splitserve.kv_transfer import ReceiverEndpoint, TransferAborted, TransferError
+from splitserve.prefill_worker.rank_sends import PrefillTransfers, RequestSend
+from splitserve.worker_base import WorkerBase
 from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
 log = logging.getLogger(__name__)
 
 
 _job_ids = itertools.count()
-
-
-def _begin(sender: Sender, spec: TransferSpec, pages: Future, dst_block_ids: list[int]) -> SendHandle:
-    """The transfer into the decode worker's pages: the prompt's tokens past those its cache holds."""
-    reserved: PagesReady = pages.result()
-    return sender.begin(replace(spec, dst_block_ids=dst_block_ids, num_tokens=spec.num_tokens - reserved.cached_tokens))
 
 
 class _Stage(Enum):
@@ -92,7 +81,7 @@ class _Job:
     pages: Future = field(default_factory=Future)  # the decode worker's PagesReady, once it came
     first: Future = field(default_factory=Future)  # TokenBatch with the first token
     transferred: Future = field(default_factory=Future)  # TransferReport
-    handle: DeferredSend | None = None
+    handle: RequestSend | None = None
     backend: str = ""
     started: float = 0.0  # the transfer's begin
     sampled: float = 0.0  # the first token's
@@ -112,7 +101,8 @@ class PrefillWorker(WorkerBase):
         # Releases are logged by request id (``_release``): the engine knows the jobs by their per-attempt key.
         self._queue: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
-        self._senders: dict[ReceiverEndpoint, Sender] = {}
+        control = self.followers.control if self.followers is not None else None
+        self._transfers = PrefillTransfers(self.engine.runner, options.kv_transfer, control)
         self._aborted_early = AbortedAttempts()
         self._reporting: set[asyncio.Task] = set()  # each job's ``_report``, held until it ends
         # abort() runs on the control group's loop, prefill() and pages() on the default loop, passes on the engine
@@ -206,15 +196,15 @@ class PrefillWorker(WorkerBase):
             return bool(self._queue)
 
     def _layer_hook(self, completing: list[Sequence], jobs: dict[str, _Job]):
-        """Open a transfer per completing sequence; the hook then ships each layer's pages as it is done."""
+        """Open a transfer per completing sequence (on every rank: the followers' orders go with the pass's step);
+        the hook then ships each layer's pages as it is done."""
         runner = self.engine.runner
         sends = []
         for seq in completing:
             job = jobs[seq.request_id]
-            sender = self._sender(job.endpoint)
-            job.backend = sender.backend
-            spec = transfer_spec(runner, job.request.request_id, seq.num_prompt_tokens, dst_block_ids=[])
-            handle = DeferredSend(partial(_begin, sender, spec, job.pages), self.options.kv_transfer.timeout_s)
+            rid = job.request.request_id
+            handle = self._transfers.begin(job.key, rid, seq.num_prompt_tokens, seq.block_table, job.endpoint)
+            job.backend = handle.backend
             with self._lock:
                 job.handle = handle
                 aborted = job.aborted
@@ -223,13 +213,14 @@ class PrefillWorker(WorkerBase):
                 handle.fail(TransferAborted("aborted by the router"))
             else:
                 self._open_transfer(job)
-            sends.append((job, handle, runner.block_index(seq.block_table)))
+            sends.append((job, handle))
+        self._transfers.hand_over()
 
         last_layer = runner.spec.num_layers - 1
 
         def on_layer(layer: int) -> None:
-            for job, handle, blocks in sends:
-                handle.send_layer(layer, runner.gather_pages(layer, blocks))
+            for job, handle in sends:
+                handle.send_layer(layer)
                 if layer == last_layer:
                     handoff_trace.mark("prefill.last_layer", job.request.request_id)
             self._free_released()
@@ -246,13 +237,6 @@ class PrefillWorker(WorkerBase):
         handoff_trace.mark("prefill.transfer_begin", job.request.request_id)
         pages: PagesReady = job.pages.result()
         handle.open(pages.block_ids, skip_blocks=pages.cached_tokens // self.engine.runner.block_size)
-
-    def _sender(self, endpoint: ReceiverEndpoint) -> Sender:
-        sender = self._senders.get(endpoint)
-        if sender is None:
-            sender = make_sender(self.options.kv_transfer, endpoint, self.engine.runner.device)
-            self._senders[endpoint] = sender
-        return sender
 
     def _await_transfer(self, job: _Job, abort: str | None = None) -> None:
         """On the engine thread, at the end of the job's pass: wait for delivery (or for ``abort`` to be acknowledged)

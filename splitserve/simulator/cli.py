@@ -141,8 +141,8 @@ def _register_profile(subparsers: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="tensor-parallel ranks of the measured worker, recorded as tensor_parallel_size (N > 1 needs the "
-        "tensor-parallel engine; until then derive one: splitserve derive-profile)",
+        help="tensor-parallel ranks of the measured worker (N GPUs on CUDA, N gloo processes on CPU), recorded as "
+        "tensor_parallel_size; its kv_transfer figures are one rank's link",
     )
     g = pr.add_argument_group("the gpu entry (default: measured where possible)")
     g.add_argument(

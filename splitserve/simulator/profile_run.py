@@ -19,6 +19,9 @@ import yaml
 
 from splitserve.config import ConfigError, SplitserveConfig, load_config
 from splitserve.engine import Engine
+from splitserve.engine.engine import EngineConfig
+from splitserve.engine.rank_loop import offline_engine
+from splitserve.engine.tensor_parallel import TensorParallelError
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.hardware import PowerSampler, describe_device, device_slug
 from splitserve.simulator.measure import (
@@ -53,7 +56,7 @@ class Result:
     seconds: float
 
 
-def engine_for(config: SplitserveConfig) -> Engine:
+def engine_config_for(config: SplitserveConfig) -> EngineConfig:
     """The engine a decode worker of ``config`` runs (its KV cache is the capacity the profile reports), with the
     prefill pool's batch budget, prefix caching off (a repeated prompt must be recomputed, not found cached) and no
     tokenizer (only token ids go in)."""
@@ -65,7 +68,7 @@ def engine_for(config: SplitserveConfig) -> Engine:
     except FileNotFoundError as err:
         raise SimInputError(str(err)) from None
     engine_config = options_for(config, config.decode, model_dir).engine_config()
-    return Engine(replace(engine_config, enable_prefix_caching=False, load_tokenizer=False))
+    return replace(engine_config, enable_prefix_caching=False, load_tokenizer=False)
 
 
 def _gpu_spec(
@@ -210,15 +213,27 @@ def run_profile(
     if device.type == "cuda" and (flags.power_w is None or flags.idle_power_w is None) and power.read() is None:
         raise SimInputError("--power-w/--idle-power-w: NVML gives no power reading here (fix: pass both)")
     idle = power.sample_for(IDLE_SAMPLE_S) if flags.idle_power_w is None else None  # before the model loads
-    engine = engine_for(config)
     sweep = QUICK if quick else FULL
-    with power:
-        compute = measure_compute(engine, sweep)
-    backends = local_backends(engine.runner.device)
-    transfers = measure_kv_transfer(engine, backends, sweep, config.kv_transfer.model_dump(exclude={"backend"}))
+    try:
+        # At tp > 1 the engine leads its ranks, as a worker's does: every figure is the whole group's, but the KV
+        # transfer's, which is one rank's link (the links of a request go in parallel).
+        with offline_engine(engine_config_for(config), tensor_parallel_size) as engine:
+            with power:
+                compute = measure_compute(engine, sweep)
+            backends = local_backends(engine.runner.device)
+            options = config.kv_transfer.model_dump(exclude={"backend"})
+            transfers = measure_kv_transfer(engine, backends, sweep, options)
+            header = [
+                *_provenance(engine, config, command, quick),
+                *_compute_notes(engine, compute, sweep),
+                *_transfer_notes(backends, nccl),
+            ]
+            device = engine.runner.device
+    except TensorParallelError as err:
+        raise SimInputError(str(err)) from None
     if nccl is not None:
         transfers["nccl"] = TransferSpec(latency_s=nccl[0], bandwidth_bytes_per_s=nccl[1])
-    gpu, gpu_notes = _gpu_spec(engine.runner.device, flags, idle, power.median)
+    gpu, gpu_notes = _gpu_spec(device, flags, idle, power.median)
     profile = Profile(
         model=config.model.served_name,
         gpu=gpu,
@@ -230,27 +245,14 @@ def run_profile(
         kv_transfer=transfers,
         mixed=compute.mixed,
     )
-    header = [
-        *_provenance(engine, config, command, quick),
-        *_compute_notes(engine, compute, sweep),
-        *_transfer_notes(backends, nccl),
-        *gpu_notes,
-    ]
+    header += gpu_notes
     path = Path(out)
     return Result(write_checked(render(profile, header), path), path, time.perf_counter() - started)
 
 
 def check_measurable_tp(tensor_parallel_size: int) -> None:
-    """Only what this engine can run is measured: it has no tensor-parallel entry point, so a tp > 1 profile can
-    only be derived (``splitserve derive-profile``), never faked as a measurement."""
     if tensor_parallel_size < 1:
         raise SimInputError(f"--tp: must be >= 1, got {tensor_parallel_size}")
-    if tensor_parallel_size > 1:
-        raise SimInputError(
-            f"--tp {tensor_parallel_size}: measuring a tp > 1 profile needs the tensor-parallel engine, which this "
-            "build does not have (fix: --tp 1, or derive one for planning: splitserve derive-profile PROFILE "
-            f"--tp {tensor_parallel_size} ...)"
-        )
 
 
 def write_checked(text: str, path: Path) -> Profile:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from splitserve.cluster.controller import Cluster
-from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError, WorkerStats
+from splitserve.cluster.messages import ErrorCode, GenerateRequest, RequestTiming, ServingError, WorkerStats
 from splitserve.engine import SamplingParams
 from tests.support import tiny_cluster_config
 
@@ -178,3 +178,26 @@ async def until(pred: Callable[[], bool], deadline_s: float, what: str) -> None:
         if time.monotonic() - t0 > deadline_s:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def serve_after_restart(
+    h: Harness, worker_id: str, restarts: int, rid: str, prompt: list[int], max_tokens: int
+) -> Outcome:
+    """Once ``worker_id`` has restarted (more than ``restarts``) and nothing is held anywhere: one request served by
+    the fresh worker, and nothing held again after it."""
+    await until(lambda: h.cluster.workers[worker_id].restarts > restarts, 60, f"{worker_id} restarted")
+    await h.audit(deadline_s=60)
+    again = await run_request(h.cluster, rid, prompt, max_tokens)
+    await h.audit()
+    return again
+
+
+def assert_cut_short_cleanly(outs: list[Outcome], want: list[list[int]]) -> None:
+    """A death mid-request: each request completed with its reference tokens (retried elsewhere, or untouched) or
+    failed UNAVAILABLE, and the death did cut some short."""
+    for o, tokens in zip(outs, want, strict=True):
+        if o.status == "completed":
+            assert o.tokens == tokens, o.request_id
+        else:
+            assert o.status == "error" and o.error is not None and o.error.code == ErrorCode.UNAVAILABLE, o
+    assert any(o.status == "error" or o.timing.retries for o in outs)

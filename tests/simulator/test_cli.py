@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from splitserve.engine.testing import tiny_config_dict
 from splitserve.simulator.cli import main
+from splitserve.simulator.profile import load_profile
 from tests.simulator.conftest import PROFILES
 
 H100 = str(PROFILES / "llama3-8b-h100.yaml")
@@ -106,11 +108,16 @@ def test_registers_into_the_main_cli(capsys):
     assert "h100-sxm" in capsys.readouterr().out
 
 
-def test_profile_at_tp_above_1_needs_the_tensor_parallel_engine(tmp_path, capsys):
+@pytest.mark.slow
+def test_profile_at_tp_2_measures_the_engine_over_two_ranks(tmp_path, capsys):
     out = tmp_path / "tp2.yaml"
-    assert main(["profile", "configs/tiny-cpu.yaml", "--out", str(out), "--quick", "--tp", "2"]) == 2
-    assert "needs the tensor-parallel engine" in capsys.readouterr().err
-    assert not out.exists()
+    assert main(["profile", "configs/tiny-cpu.yaml", "--out", str(out), "--quick", "--tp", "2"]) == 0
+    profile = load_profile(out)
+    assert profile.tensor_parallel_size == 2 and profile.prefill.seconds[-1] > 0
+    assert "--tp 2" in out.read_text().split("\nmodel:")[0]
+    cfg = tiny_config_dict()  # the whole model's KV per token, though each rank holds half of its heads
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert profile.kv_bytes_per_token == 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
 
 
 def test_a_derived_profile_plans_beside_the_measured_one_and_the_plan_says_which_is_derived(tmp_path, capsys):
