@@ -71,6 +71,27 @@ def test_concurrent_requests_get_hf_greedy_tokens_with_the_kv_moved_rank_to_rank
     assert len(h.cluster.workers["prefill-0"].info["followers"]) == prefill_tp - 1
 
 
+def test_a_second_turn_moves_only_the_blocks_the_decode_ranks_lack(h, tiny_model_dir):
+    """Incremental transfer between groups: the decode group keeps turn 1's prompt and answer, so turn 2's every
+    prefill rank sends only the later blocks, and the answer still equals HF's."""
+    (first,) = prompts(1, lo=30, hi=31, seed=61)
+    (message,) = prompts(1, lo=10, hi=11, seed=62)
+
+    async def scenario():
+        turn1 = await run_request(h.cluster, "turn-1", first, MAX_NEW)
+        second = first + turn1.tokens + message
+        turn2 = await run_request(h.cluster, "turn-2", second, MAX_NEW)
+        await h.audit()
+        return turn1, second, turn2
+
+    turn1, second, turn2 = h.run(scenario())
+    assert turn2.tokens == hf_greedy_reference(tiny_model_dir, [second], MAX_NEW)[0]
+    block = 8
+    held = (len(first) + MAX_NEW - 1) // block  # full blocks of the prompt and the answer but its last token
+    per_block = turn1.timing.kv_transfer_bytes / -(-len(first) // block)
+    assert turn2.timing.kv_transfer_bytes == per_block * (-(-len(second) // block) - held)
+
+
 def test_a_follower_killed_mid_request_retries_or_fails_it_and_strands_nothing(h, tiny_model_dir):
     """A decode follower dies under the first wave's decodes; a prefill follower under the second wave's prompts,
     sent right after the kill. Each request completes with HF's tokens (retried on the restarted group) or fails
