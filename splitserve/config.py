@@ -191,6 +191,15 @@ class RouterConfig(_Section):
         description="cache_aware: a request's session goes back to the worker that served it last while that "
         "worker's cost exceeds the best one's by at most this many tokens.",
     )
+    local_prefill_max_tokens: int = Field(
+        512,
+        ge=0,
+        description="cache_aware: a request whose decode worker holds its prefix, all but at most this many prompt "
+        "tokens, runs there alone: the rest of the prompt is computed in that worker's batch on top of its cached "
+        "context and no KV moves. The default is about one prompt chunk that keeps a step near a decode step's "
+        "time, so the worker's running requests lose little, and covers a typical follow-up turn (the previous "
+        "answer and a new message). 0: every request with a prefill pool is split (docs/multiturn.md).",
+    )
 
 
 class TLSConfig(_Section):

@@ -15,7 +15,10 @@ Policies:
   ``decode_prefix_weight`` x the cached tokens, over its capacity (``(held - weight * cached) / capacity``). So a
   conversation goes back to the worker holding its prefix unless that worker's load exceeds the others' by more than
   the prefix saves. A request's ``session_id`` is a hint: the worker that served the session last wins while its
-  cost exceeds the best one's by at most ``session_slack_tokens``.
+  cost exceeds the best one's by at most ``session_slack_tokens``. Conditional disaggregation: a request whose
+  decode worker holds its prefix, all but at most ``local_prefill_max_tokens`` of the prompt, runs there alone
+  (the rest of its prompt computed on top of the cached context, no KV moved), and such a worker counts the whole
+  prompt as saved in its cost, since none of its KV would move to it.
 
 Workers of the ``hybrid`` pool (Splitwise's mixed pool) are decode workers that also take prompt overflow under any
 policy: they decode like the others, and when every prefill worker is backed up (or none can take the request) the
@@ -90,7 +93,8 @@ class Placement:
     call ``release`` and its load comes back exactly once. Equal when the workers are (the booking is not compared).
     """
 
-    prefill_worker: str | None  # None: the decode worker prefills locally (hybrid pool, borrow_idle, colocated)
+    prefill_worker: str | None  # None: the decode worker prefills locally (hybrid pool, borrow_idle, a short
+    # uncached suffix under cache_aware, colocated)
     decode_worker: str
     # What is still booked: the loads themselves, so a worker replaced under the same id is never un-booked for us.
     _prefill: _WorkerLoad | None = field(default=None, compare=False, repr=False)
@@ -155,6 +159,7 @@ class Router:
     policy: RouterPolicy
     decode_prefix_weight: float = 1.0
     session_slack_tokens: int = 256
+    local_prefill_max_tokens: int = 512
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     _sessions: OrderedDict[str, tuple[str | None, str]] = field(default_factory=OrderedDict)
     _prefill: dict[str, _WorkerLoad] = field(default_factory=dict)
@@ -166,7 +171,9 @@ class Router:
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> Router:
-        return cls(config.policy, config.decode_prefix_weight, config.session_slack_tokens)
+        return cls(
+            config.policy, config.decode_prefix_weight, config.session_slack_tokens, config.local_prefill_max_tokens
+        )
 
     # --- membership ---
 
@@ -266,16 +273,27 @@ class Router:
             cached = self.prefix_index.cached_tokens(prompt, [*self._prefill, *self._decode])
             if session_id is not None and session_id in self._sessions:
                 last_prefill, last_decode = self._sessions[session_id]
+        local_max = self.local_prefill_max_tokens if self._prefill else 0
+
+        def runs_alone(w: _WorkerLoad) -> bool:
+            """``w`` holds the prompt's prefix, all but at most ``local_max`` tokens: it runs the request alone."""
+            held = cached.get(w.worker_id, 0)
+            return held > 0 and prompt_tokens - held <= local_max
+
+        def not_moved(w: _WorkerLoad) -> int:
+            """The prompt's KV tokens that need not move to decode worker ``w``."""
+            return prompt_tokens if runs_alone(w) else cached[w.worker_id]
+
         prefill_cost = _Cost(lambda w: w.pending_tokens - cached[w.worker_id], lambda w: 1.0)
         decode_cost = _Cost(
-            lambda w: (w.held_tokens - self.decode_prefix_weight * cached[w.worker_id]) / max(w.capacity_tokens, 1),
+            lambda w: (w.held_tokens - self.decode_prefix_weight * not_moved(w)) / max(w.capacity_tokens, 1),
             lambda w: 1.0 / max(w.capacity_tokens, 1),
         )
         decode = self._choose(
             self._decode, _decode_key, self._rr_decode, excluded, decode_cost if cache_aware else None, last_decode
         )
         prefill: _WorkerLoad | None = None
-        if self._prefill:
+        if self._prefill and not runs_alone(decode):
             refused: ServingError | None = None
             try:
                 prefill = self._choose(
@@ -302,7 +320,8 @@ class Router:
         decode.held_tokens += prompt_tokens + max_tokens
         decode.requests += 1
         if cache_aware and session_id is not None:
-            self._remember(session_id, prefill.worker_id if prefill else None, decode.worker_id)
+            # A run without a prefill worker leaves the session's last one holding its longest prompt there.
+            self._remember(session_id, prefill.worker_id if prefill else last_prefill, decode.worker_id)
         return Placement(
             prefill.worker_id if prefill else None,
             decode.worker_id,

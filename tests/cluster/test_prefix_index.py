@@ -108,7 +108,7 @@ def _holds(r: Router, worker: str, prompt: list[int]) -> None:
 
 
 def test_cache_aware_follows_the_prefix_until_the_load_outweighs_it():
-    r = _router()
+    r = _router(local_prefill_max_tokens=0)  # every request split, as its prefill side is what is tested
     context = list(range(400))
     turn = [*context, 7, 8, 9]
     _holds(r, "p1", context)
@@ -136,6 +136,49 @@ def test_decode_prefix_weight_scales_what_a_cached_token_is_worth():
         assert r.place(len(turn), 10, prompt=turn).decode_worker == expected
 
 
+def test_a_short_uncached_suffix_runs_on_the_decode_worker_holding_the_prefix():
+    r = _router(local_prefill_max_tokens=16)
+    context = list(range(400))
+    _holds(r, "p1", context)
+    _holds(r, "d1", context)
+    turn = [*context, *range(1000, 1010)]  # 10 tokens past the cached 400
+    placed = r.place(len(turn), 16, prompt=turn, session_id="chat")
+    # d1 runs it alone: no prefill worker, no prompt booked on any, only the decode worker's KV.
+    assert (placed.prefill_worker, placed.decode_worker) == (None, "d1")
+    loads = r.loads()
+    assert [loads[w]["pending_tokens"] for w in ("p0", "p1")] == [0, 0]
+    assert [loads[w]["requests"] for w in ("p0", "p1", "d0", "d1")] == [0, 0, 0, 1]
+    assert loads["d1"]["held_tokens"] == len(turn) + 16
+    placed.release()
+    assert r.loads()["d1"]["held_tokens"] == 0 and r.loads()["d1"]["requests"] == 0
+    # A longer suffix is split, its prompt going to the prefill worker holding the most of it.
+    longer = [*context, *range(1000, 1020)]
+    placed = r.place(len(longer), 16, prompt=longer, session_id="chat")
+    assert (placed.prefill_worker, placed.decode_worker) == ("p1", "d1")
+    assert r.loads()["p1"]["pending_tokens"] == 20
+
+
+def test_a_local_run_needs_a_cached_prefix_and_is_off_at_zero():
+    short = list(range(10))
+    assert _router(local_prefill_max_tokens=16).place(10, 4, prompt=short).prefill_worker is not None  # cold
+    r = _router(local_prefill_max_tokens=0)
+    _holds(r, "d1", list(range(400)))
+    assert r.place(403, 4, prompt=list(range(403))).prefill_worker is not None
+
+
+def test_the_local_run_weighs_in_the_decode_choice():
+    """A worker that can run the request alone counts the whole prompt as KV not moved: it wins over a lighter one
+    that the cached prefix alone would not outweigh."""
+    context = list(range(96))
+    turn = [*context, *range(1000, 1008)]
+    for local_max, expected in ((0, "d0"), (16, "d1")):
+        r = _router(local_prefill_max_tokens=local_max)
+        _holds(r, "d1", context)
+        r.place(100, 0, prompt=list(range(5000, 5100)), exclude=frozenset({"d0"}))  # d1: 100 tokens held
+        # d1's cost: 100 - 96 cached > 0 (d0's); run alone, 100 - 104 < 0.
+        assert r.place(len(turn), 4, prompt=turn).decode_worker == expected
+
+
 def test_session_goes_back_to_its_worker_within_the_slack():
     r = _router(session_slack_tokens=100)
     first = r.place(50, 10, prompt=list(range(50)), session_id="chat")
@@ -154,10 +197,13 @@ def test_session_goes_back_to_its_worker_within_the_slack():
 
 
 def test_other_policies_ignore_the_index_and_sessions():
-    r = _router(RouterPolicy.jsq)
+    r = _router(RouterPolicy.jsq, local_prefill_max_tokens=16)
     _holds(r, "p1", list(range(400)))
-    r.place(10, 1, prompt=list(range(500, 510)), exclude=frozenset({"p0"}))
-    assert r.place(401, 16, prompt=list(range(401)), session_id="s").prefill_worker == "p0"
+    _holds(r, "d1", list(range(400)))
+    r.place(10, 1, prompt=list(range(500, 510)), exclude=frozenset({"p0", "d0"}))
+    # Neither the prefix nor a short suffix counts: the least loaded workers, split.
+    placed = r.place(401, 16, prompt=list(range(401)), session_id="s")
+    assert (placed.prefill_worker, placed.decode_worker) == ("p0", "d0")
 
 
 @pytest.mark.parametrize("pool", ["prefill", "decode"])
