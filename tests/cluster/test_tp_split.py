@@ -28,7 +28,15 @@ MAX_NEW = 8
 LONG = 40
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (1, 2), (2, 4)], ids=lambda tp: f"p{tp[0]}-d{tp[1]}")
+def _layouts(*layouts: tuple[int, int]) -> pytest.MarkDecorator:
+    """Run the test on a cluster of each (prefill, decode) tensor-parallel layout; tests of one layout share it."""
+    return pytest.mark.parametrize("h", layouts, indirect=True, ids=lambda tp: f"p{tp[0]}-d{tp[1]}")
+
+
+ALL_LAYOUTS = _layouts((2, 1), (1, 2), (2, 4))
+
+
+@pytest.fixture(scope="module")
 def h(request, ray_local, tiny_model_dir):
     prefill_tp, decode_tp = request.param
     config = chaos_config(
@@ -45,6 +53,7 @@ def h(request, ray_local, tiny_model_dir):
         harness.close()
 
 
+@ALL_LAYOUTS
 def test_concurrent_requests_get_hf_greedy_tokens_with_the_kv_moved_rank_to_rank(h, tiny_model_dir):
     """Beside them, clients that leave at their first token (while the KV may still be moving): their aborts free
     every rank's part, and nothing is left held or expected anywhere."""
@@ -71,6 +80,7 @@ def test_concurrent_requests_get_hf_greedy_tokens_with_the_kv_moved_rank_to_rank
     assert len(h.cluster.workers["prefill-0"].info["followers"]) == prefill_tp - 1
 
 
+@ALL_LAYOUTS
 def test_a_second_turn_moves_only_the_blocks_the_decode_ranks_lack(h, tiny_model_dir):
     """Incremental transfer between groups: the decode group keeps turn 1's prompt and answer, so turn 2's every
     prefill rank sends only the later blocks, and the answer still equals HF's."""
@@ -92,15 +102,13 @@ def test_a_second_turn_moves_only_the_blocks_the_decode_ranks_lack(h, tiny_model
     assert turn2.timing.kv_transfer_bytes == per_block * (-(-len(second) // block) - held)
 
 
+@_layouts((2, 1), (1, 2))  # one prefill follower (p2-d1) and one decode follower (p1-d2) to kill
 def test_a_follower_killed_mid_request_retries_or_fails_it_and_strands_nothing(h, tiny_model_dir):
     """A decode follower dies under the first wave's decodes; a prefill follower under the second wave's prompts,
     sent right after the kill. Each request completes with HF's tokens (retried on the restarted group) or fails
     UNAVAILABLE; then no page is held on any worker and nothing is booked at the router, and the fresh group
     serves."""
-    prefill_tp, decode_tp = h.layout
-    if (prefill_tp, decode_tp) == (2, 4):
-        pytest.skip("each side's follower dies at p2-d1 (prefill) and p1-d2 (decode)")
-    role = "prefill" if prefill_tp > 1 else "decode"
+    role = "prefill" if h.layout[0] > 1 else "decode"
     ps = prompts(5, lo=20, hi=40, seed=59)
     want = hf_greedy_reference(tiny_model_dir, ps, LONG)
     worker = h.cluster.workers[f"{role}-0"]
