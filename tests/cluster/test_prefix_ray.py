@@ -1,7 +1,8 @@
 """Cluster-wide prefix reuse on real Ray workers (tiny model, CPU): the workers' cache events reach the router's
 index, ``cache_aware`` sends a conversation's next turn to the prefill worker holding its prompt and to the decode
 worker holding its prompt and answer, the prefill worker skips its cached prefix, the transfer moves only the pages
-the decode worker lacks, the answer equals a cold run's, and evictions leave the index."""
+the decode worker lacks, the answer equals a cold run's, and evictions leave the index; a follow-up whose uncached
+suffix is short runs on the decode worker holding the conversation alone, moving no KV."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _random(n: int, seed: int) -> list[int]:
 def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_dir):
     config = tiny_cluster_config(
         tiny_model_dir,
-        router={"policy": "cache_aware"},
+        router={"policy": "cache_aware", "local_prefill_max_tokens": 0},  # every turn split: its prefill side tested
         prefill={"replicas": 2, "num_kv_blocks": 24},  # 192 tokens: a few prompts evict a conversation
         decode={"replicas": 2, "num_kv_blocks": 128},
     )
@@ -100,3 +101,39 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
         per_block = before.kv_transfer_bytes / -(-len(first[c]) // BLOCK)
         assert timing.kv_transfer_bytes == per_block * (-(-len(second[c]) // BLOCK) - held_blocks)
         assert tokens == hf_greedy_reference(tiny_model_dir, [second[c]], MAX_NEW)[0]
+
+
+def test_a_short_follow_up_runs_alone_on_the_decode_worker_holding_the_conversation(ray_local, tiny_model_dir):
+    config = tiny_cluster_config(
+        tiny_model_dir,
+        router={"policy": "cache_aware", "local_prefill_max_tokens": 32},
+        decode={"replicas": 2, "num_kv_blocks": 128},
+    )
+    first = _random(50, 1)
+
+    async def scenario():
+        cluster = Cluster(config)
+        await cluster.start()
+        try:
+            index = cluster.router.prefix_index
+            turn1 = await _ask(cluster, "c1", first)
+            tokens, timing = turn1
+            # The decode worker holds the full blocks of the prompt and the answer but its last token.
+            context, kept = first + tokens + [0], (len(first) + MAX_NEW - 1) // BLOCK * BLOCK
+            w = timing.decode_worker
+            await _until(lambda: index.cached_tokens(context, [w])[w] == kept)
+            second = first + tokens + _random(12, 3)  # 16 tokens past the held blocks: within the 32
+            turn2 = await _ask(cluster, "c2", second)
+            return turn1, second, turn2, cluster.router.loads()
+        finally:
+            await cluster.shutdown()
+
+    (_, before), second, (tokens, timing), loads = asyncio.new_event_loop().run_until_complete(scenario())
+    assert before.prefill_worker == "prefill-0" and before.kv_transfer_bytes > 0  # a cold first turn is split
+    # Turn 2 ran on turn 1's decode worker alone: it computed only the tokens past its cached blocks, moved no KV.
+    assert timing.prefill_worker == timing.decode_worker == before.decode_worker
+    assert timing.cached_prompt_tokens == (len(first) + MAX_NEW - 1) // BLOCK * BLOCK
+    assert timing.kv_transfer_bytes == 0
+    assert tokens == hf_greedy_reference(tiny_model_dir, [second], MAX_NEW)[0]
+    # Its booking, on the decode worker only, came back.
+    assert all(load["pending_tokens"] == load["held_tokens"] == load["requests"] == 0 for load in loads.values())
