@@ -68,11 +68,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
     )
     c.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=ClusterSpec.local_prefill_max_tokens,
+        help="cache_aware: a turn whose decode worker holds all but at most this many of its prompt tokens is "
+        "prefilled there and moves no KV, as router.local_prefill_max_tokens (0: every turn split)",
+    )
+    c.add_argument(
         "--router",
         default="jsq",
         metavar="{" + ",".join(POLICIES) + "}",
         help="as router.policy: borrow_idle lets an idle decode worker prefill while prefill is backed up; "
-        "cache_aware (simulator only, for now) places a conversation's turn where its prefix is cached (--multiturn)",
+        "cache_aware places a conversation's turn where its prefix is cached (--multiturn)",
     )
     c.add_argument("--kv-backend", default="nccl", help="a kv_transfer entry of the profile")
     c.add_argument(
@@ -282,6 +289,7 @@ def _cluster(
         kv_backend=args.kv_backend,
         incremental_transfer=not args.full_transfer,
         decode_prefix_weight=args.decode_prefix_weight,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
         hybrid=PoolSpec(n_hybrid, profiles[-1], **limits) if n_hybrid else None,
     )
 
@@ -516,6 +524,7 @@ def cluster_dict(c: ClusterSpec) -> dict:
         "shared_gpus": c.shared_gpus,
         "incremental_transfer": c.incremental_transfer,
         "decode_prefix_weight": c.decode_prefix_weight,
+        "local_prefill_max_tokens": c.local_prefill_max_tokens,
         "cost_per_hour": c.cost_per_hour,
         "pools": {
             name: {

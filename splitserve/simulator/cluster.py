@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from splitserve.config import RouterConfig
 from splitserve.simulator.errors import SimInputError
 from splitserve.simulator.profile import Profile
 
 Mode = Literal["disaggregated", "colocated"]
-# As the runtime's router.policy; ``cache_aware`` (prefix-aware placement, see ``Router``) is the simulator's only,
-# until the runtime has one.
+# As the runtime's router.policy (``cache_aware``: prefix-aware placement, see ``Router``).
 Policy = Literal["round_robin", "jsq", "borrow_idle", "cache_aware"]
 POLICIES: tuple[Policy, ...] = ("jsq", "round_robin", "borrow_idle", "cache_aware")
 RENAMED_POLICIES = {"mixed": "borrow_idle"}  # old name -> new name: an old name is an error naming the new one
@@ -60,7 +60,10 @@ class ClusterSpec:
     (``serving.shared_gpu_prefill_slowdown``). ``incremental_transfer`` (conversation workloads): a decode worker that
     holds a conversation's KV receives only the rest of the prompt's (as the runtime does); off, every transfer moves
     the whole prompt's KV (the runtime with ``kv_cache.prefix_caching: false``). ``decode_prefix_weight``
-    (``cache_aware``): a decode worker's held prefix counts as this many tokens of load per token (``Router``)."""
+    (``cache_aware``): a decode worker's held prefix counts as this many tokens of load per token (``Router``).
+    ``local_prefill_max_tokens`` (``cache_aware``, with incremental transfer): a request whose decode worker holds
+    all but at most this many of its prompt tokens is prefilled there, chunked into its steps, and moves no KV (the
+    runtime's ``router.local_prefill_max_tokens``; 0: every request is split)."""
 
     mode: Mode
     prefill: PoolSpec
@@ -71,11 +74,14 @@ class ClusterSpec:
     shared_gpus: bool = False
     incremental_transfer: bool = True
     decode_prefix_weight: float = 1.0
+    local_prefill_max_tokens: int = RouterConfig.model_fields["local_prefill_max_tokens"].default
 
     def __post_init__(self) -> None:
         check_policy(self.policy, "--router")
         if not self.decode_prefix_weight >= 0:
             raise SimInputError(f"--decode-prefix-weight: must be >= 0, got {self.decode_prefix_weight}")
+        if self.local_prefill_max_tokens < 0:
+            raise SimInputError(f"--local-prefill-max-tokens: must be >= 0, got {self.local_prefill_max_tokens}")
         pools = [self.prefill] if self.mode == "colocated" else [self.prefill, self.decode]
         if any(p is None for p in pools):
             raise SimInputError("--decode: disaggregated mode needs a decode pool (fix: pass --decode N)")

@@ -8,7 +8,8 @@ change its batch.
 A workload of conversations (``Workload.conversations``) is closed loop per conversation: a follow-up turn arrives
 (a ``NEXT_TURN`` event) its think time after the client got the previous turn's last token. Every worker then keeps
 a ``PrefixCache``: a prefill (or colocated) worker computes only the prompt past its cached prefix of the
-conversation, and a decode worker that still holds the conversation's KV receives only the rest of the prompt's KV.
+conversation, and a decode worker that still holds the conversation's KV receives only the rest of the prompt's KV,
+or, under ``cache_aware`` with at most ``local_prefill_max_tokens`` of it left, prefills that rest itself.
 A prefill worker caches the prompts it computed; a decode (or colocated) worker the whole context it ended with
 (prompt and answer, less the last token, whose KV is never computed).
 """
@@ -370,14 +371,22 @@ class _Disaggregated(_Sim):
         self.hybrid_router = Router(cluster.policy, hybrid.replicas) if hybrid is not None else None
         self.idle_fallback = cluster.policy == "borrow_idle"
         self.incremental = self.multiturn and cluster.incremental_transfer
+        self.local_max = cluster.local_prefill_max_tokens
 
     def arrive(self, r: int, t: float) -> None:
-        saved_pf = saved_dec = None
+        saved_pf = saved_dec = alone = None
         if self.cache_aware:  # what each worker holds of the conversation: the router's prefix index, exact
             saved_pf = self.saved(self.pf_caches, r, computed=True)
-            saved_dec = self.saved(self.caches, r, computed=False) if self.incremental else None
-        w = self.pf_router.choose(self.pf_load, saved_pf)
+            if self.incremental:
+                alone = self.runs_alone(r)
+                # A worker that would run it alone receives none of its KV.
+                saved = self.saved(self.caches, r, computed=False)
+                saved_dec = [self.prompt[r] if a else s for a, s in zip(alone, saved, strict=True)]
         d = self.dec_router.choose(self.load, saved_dec)
+        if alone is not None and alone[d]:  # the runtime's conditional disaggregation (``Router.place``)
+            self.assign(r, d, t, prefill_here=True)
+            return
+        w = self.pf_router.choose(self.pf_load, saved_pf)
         if self.pf_load[w] >= PREFILL_BACKLOG_TOKENS:
             local = self.overflow(d)
             if local is not None:
@@ -402,6 +411,12 @@ class _Disaggregated(_Sim):
         self.queues[w].append(r)
         if self.pf_batch[w] is None:
             self.start_prefill(w, t)
+
+    def runs_alone(self, r: int) -> list[bool]:
+        """Per stepping worker, whether it holds ``r``'s prefix, all but at most ``local_max`` prompt tokens: then
+        it prefills the rest itself (``cache_aware``)."""
+        held = self.saved(self.caches, r, computed=True)
+        return [h > 0 and self.prompt[r] - h <= self.local_max for h in held]
 
     def overflow(self, d: int) -> int | None:
         """The worker that runs a whole request while prefill is backed up (``Router._overflow`` of the runtime)."""

@@ -92,7 +92,10 @@ def test_cache_aware_keeps_a_conversation_on_its_workers_and_round_robin_moves_i
     toy = make_profile()
     moved, computed = {}, {}
     for policy in ("cache_aware", "round_robin"):
-        cluster = ClusterSpec("disaggregated", PoolSpec(2, toy), PoolSpec(2, toy), policy=policy)
+        # Every turn split (local_prefill_max_tokens 0): the placement on both pools is what is tested.
+        cluster = ClusterSpec(
+            "disaggregated", PoolSpec(2, toy), PoolSpec(2, toy), policy=policy, local_prefill_max_tokens=0
+        )
         result = simulate(cluster, one_conversation())
         assert result.prefix is not None
         moved[policy] = result.prefix.moved_tokens.tolist()
@@ -104,6 +107,29 @@ def test_cache_aware_keeps_a_conversation_on_its_workers_and_round_robin_moves_i
     # prompt (prefill) and context (decode) only.
     assert moved["round_robin"] == [p[0], p[1], p[2] - (p[0] + ANSWERS[0] - 1)]
     assert computed["round_robin"] == [p[0], p[1], p[2] - p[0]]
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "jsq"])
+def test_a_short_follow_up_is_prefilled_alone_on_the_decode_worker_holding_its_context(policy):
+    """Under cache_aware, a turn with at most local_prefill_max_tokens past what its decode worker holds (the
+    message and the answer's last token) is prefilled there, in its steps: it computes those tokens and moves no KV.
+    A longer one is split, and its prefill worker, which never saw the local turn, holds only the older prompt.
+    jsq splits every turn (onto the same idle workers, so incremental transfer still applies)."""
+    toy = make_profile()
+    cluster = ClusterSpec(
+        "disaggregated", PoolSpec(2, toy), PoolSpec(2, toy), policy=policy, local_prefill_max_tokens=MESSAGES[1] + 1
+    )
+    result = simulate(cluster, one_conversation())
+    assert result.prefix is not None
+    p = prompts()
+    moved, computed = result.prefix.moved_tokens.tolist(), [t.computed_tokens for t in per_turn(result)]
+    if policy == "jsq":
+        assert moved == [p[0], MESSAGES[1] + 1, MESSAGES[2] + 1]
+        assert computed == [p[0], ANSWERS[0] + MESSAGES[1], ANSWERS[1] + MESSAGES[2]]
+        return
+    assert moved == [p[0], 0, MESSAGES[2] + 1]
+    assert computed == [p[0], MESSAGES[1] + 1, p[2] - p[0]]
+    assert result.prefix.cached_tokens.tolist() == [0, p[0] + ANSWERS[0] - 1, p[0]]
 
 
 def test_cache_aware_leaves_the_prefix_when_its_worker_is_loaded_beyond_what_it_saves():
