@@ -180,10 +180,13 @@ class RouterConfig(_Section):
     max_queue: int = Field(1024, ge=1, description="Requests admitted and not finished; more get RESOURCE_EXHAUSTED.")
     max_retries: int = Field(2, ge=0, description="Times a request is re-run after its worker died.")
     decode_prefix_weight: float = Field(
-        1.0,
+        10.0,
         ge=0,
-        description="cache_aware: a prompt token a decode worker holds in its prefix cache counts as this many "
-        "tokens of its KV load (docs/multiturn.md).",
+        description="cache_aware: a prompt token a decode worker holds in its prefix cache (every prompt token, "
+        "where it would run the request alone) counts as this many tokens of its KV load. The default sends a "
+        "conversation back to its decode worker until that worker holds 10x the prompt's tokens of KV more than the "
+        "least loaded one: a small share of a worker's KV, and what moving the context would cost is the whole "
+        "prompt's KV or its recompute (docs/multiturn.md).",
     )
     session_slack_tokens: int = Field(
         256,

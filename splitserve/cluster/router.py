@@ -157,9 +157,9 @@ class PhaseBalance:
 @dataclass
 class Router:
     policy: RouterPolicy
-    decode_prefix_weight: float = 1.0
-    session_slack_tokens: int = 256
-    local_prefill_max_tokens: int = 512
+    decode_prefix_weight: float = RouterConfig.model_fields["decode_prefix_weight"].default
+    session_slack_tokens: int = RouterConfig.model_fields["session_slack_tokens"].default
+    local_prefill_max_tokens: int = RouterConfig.model_fields["local_prefill_max_tokens"].default
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     _sessions: OrderedDict[str, tuple[str | None, str]] = field(default_factory=OrderedDict)
     _prefill: dict[str, _WorkerLoad] = field(default_factory=dict)

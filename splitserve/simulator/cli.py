@@ -64,7 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--decode-prefix-weight",
         type=float,
-        default=1.0,
+        default=ClusterSpec.decode_prefix_weight,
         help="cache_aware: a token of a conversation's KV a decode worker holds counts as this many tokens of load",
     )
     c.add_argument(

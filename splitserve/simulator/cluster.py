@@ -73,7 +73,7 @@ class ClusterSpec:
     hybrid: PoolSpec | None = None
     shared_gpus: bool = False
     incremental_transfer: bool = True
-    decode_prefix_weight: float = 1.0
+    decode_prefix_weight: float = RouterConfig.model_fields["decode_prefix_weight"].default
     local_prefill_max_tokens: int = RouterConfig.model_fields["local_prefill_max_tokens"].default
 
     def __post_init__(self) -> None:

@@ -172,7 +172,7 @@ def test_the_local_run_weighs_in_the_decode_choice():
     context = list(range(96))
     turn = [*context, *range(1000, 1008)]
     for local_max, expected in ((0, "d0"), (16, "d1")):
-        r = _router(local_prefill_max_tokens=local_max)
+        r = _router(decode_prefix_weight=1.0, local_prefill_max_tokens=local_max)
         _holds(r, "d1", context)
         r.place(100, 0, prompt=list(range(5000, 5100)), exclude=frozenset({"d0"}))  # d1: 100 tokens held
         # d1's cost: 100 - 96 cached > 0 (d0's); run alone, 100 - 104 < 0.
