@@ -9,34 +9,19 @@ from typing import Any, Literal, TypeVar, Unpack, overload
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from splitserve.client.calls import Deadline, RetryPolicy, build_request, credentials, metadata
+from splitserve.client.calls import ClientBase, Deadline, build_request
 from splitserve.client.errors import from_rpc_error
 from splitserve.client.types import GenerateOptions, GenerateResult, Health, ScaleResult, TokenEvent
 from splitserve.server.gen import splitserve_pb2 as pb
-from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
 
 _T = TypeVar("_T")
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """``async for event in client.generate("Hi", max_tokens=8)``; leaving the loop early cancels the request
     once the iterator is closed (``await it.aclose()``, or ``contextlib.aclosing``)."""
 
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        timeout: float | None = None,
-        retries: int = 3,
-        secure: bool = False,
-        root_certificates: bytes | None = None,
-    ):
-        creds = credentials(secure, root_certificates)
-        self._channel = grpc.aio.insecure_channel(address) if creds is None else grpc.aio.secure_channel(address, creds)
-        self._stub = pb_grpc.SplitserveStub(self._channel)
-        self._metadata = metadata(token)
-        self.timeout = timeout
-        self.retry = RetryPolicy(retries)
+    _grpc = grpc.aio
 
     @overload
     def generate(
@@ -133,9 +118,6 @@ class AsyncClient:
         request = pb.ScaleRequest(role=role, replicas=replicas, rebalance=rebalance)
         response = await self._unary(lambda: self._stub.Scale(request, **self._call_args(deadline)), deadline)
         return ScaleResult.from_message(response)
-
-    def _call_args(self, deadline: Deadline) -> dict[str, Any]:
-        return {"timeout": deadline.remaining(), "metadata": self._metadata}
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,4 +1,5 @@
-"""What the sync and async clients share: request building, the retry policy, deadlines, channel credentials."""
+"""What the sync and async clients share: the channel and its settings, request building, the retry policy,
+deadlines, channel credentials."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 
 from splitserve.client.types import GenerateOptions
 from splitserve.server.gen import splitserve_pb2 as pb
+from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
 
 
 def build_request(prompt: str | None, options: GenerateOptions) -> pb.GenerateRequest:
@@ -54,3 +56,30 @@ def credentials(secure: bool, root_certificates: bytes | None) -> grpc.ChannelCr
     if not secure and root_certificates is None:
         return None
     return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+class ClientBase:
+    """The channel, its stub and the per-call settings; ``_grpc`` is the module whose channels a client opens
+    (``grpc`` for the blocking client, ``grpc.aio`` for the asyncio one)."""
+
+    _grpc: Any
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        secure: bool = False,
+        root_certificates: bytes | None = None,
+    ):
+        creds = credentials(secure, root_certificates)
+        opened = self._grpc.insecure_channel(address) if creds is None else self._grpc.secure_channel(address, creds)
+        self._channel: Any = opened
+        self._stub = pb_grpc.SplitserveStub(opened)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+        self.retry = RetryPolicy(retries)
+
+    def _call_args(self, deadline: Deadline) -> dict[str, Any]:
+        return {"timeout": deadline.remaining(), "metadata": self._metadata}

@@ -9,33 +9,18 @@ from typing import Any, Literal, TypeVar, Unpack, overload
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from splitserve.client.calls import Deadline, RetryPolicy, build_request, credentials, metadata
+from splitserve.client.calls import ClientBase, Deadline, build_request
 from splitserve.client.errors import from_rpc_error
 from splitserve.client.types import GenerateOptions, GenerateResult, Health, ScaleResult, TokenEvent
 from splitserve.server.gen import splitserve_pb2 as pb
-from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
 
 _T = TypeVar("_T")
 
 
-class Client:
+class Client(ClientBase):
     """``for event in client.generate("Hi", max_tokens=8)``; ``break`` or ``it.close()`` cancels the request."""
 
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        timeout: float | None = None,
-        retries: int = 3,
-        secure: bool = False,
-        root_certificates: bytes | None = None,
-    ):
-        creds = credentials(secure, root_certificates)
-        self._channel = grpc.insecure_channel(address) if creds is None else grpc.secure_channel(address, creds)
-        self._stub = pb_grpc.SplitserveStub(self._channel)
-        self._metadata = metadata(token)
-        self.timeout = timeout
-        self.retry = RetryPolicy(retries)
+    _grpc = grpc
 
     @overload
     def generate(
@@ -123,9 +108,6 @@ class Client:
         deadline = Deadline(self.timeout)
         request = pb.ScaleRequest(role=role, replicas=replicas, rebalance=rebalance)
         return ScaleResult.from_message(self._unary(lambda: self._stub.Scale(request, **self._call_args(deadline))))
-
-    def _call_args(self, deadline: Deadline) -> dict[str, Any]:
-        return {"timeout": deadline.remaining(), "metadata": self._metadata}
 
     def close(self) -> None:
         self._channel.close()

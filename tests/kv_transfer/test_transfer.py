@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitserve.config import KVTransferConfig
-from splitserve.kv_transfer import IntegrityError, make_receiver, make_sender, wire
+from splitserve.kv_transfer import IntegrityError, TransferResult, make_receiver, make_sender, wire
 from splitserve.kv_transfer.tcp import TcpLink
 from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
 
@@ -14,21 +14,25 @@ SRC_BLOCKS = [3, 0, 7, 5]
 DST_BLOCKS = [9, 2, 14, 6]  # non-contiguous, unsorted
 
 
-@pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pages_arrive_bit_exact(backend, dtype):
-    src, dst = FakeRunner(dtype=dtype, seed=1), FakeRunner(dtype=dtype, seed=2)
-    untouched = dst.gather_pages(0, [1, 3])
-    cfg = KVTransferConfig(backend=backend, checksum=True)
+def _transfer(cfg: KVTransferConfig, src: FakeRunner, dst: FakeRunner) -> tuple[int, TransferResult]:
+    """The source's SRC_BLOCKS into the destination's DST_BLOCKS: the bytes sent and the receiver's result."""
     receiver = make_receiver(cfg, dst)
     try:
         done = receiver.expect(dst.spec("r1", DST_BLOCKS))
         handle = make_sender(cfg, receiver.endpoint).begin(src.spec("r1", DST_BLOCKS))
         send_all(handle, src, SRC_BLOCKS)
         sent = handle.finish()
-        result = done.result(timeout=5)
+        return sent, done.result(timeout=5)
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pages_arrive_bit_exact(backend, dtype):
+    src, dst = FakeRunner(dtype=dtype, seed=1), FakeRunner(dtype=dtype, seed=2)
+    untouched = dst.gather_pages(0, [1, 3])
+    sent, result = _transfer(KVTransferConfig(backend=backend, checksum=True), src, dst)
     assert pages_equal(src, SRC_BLOCKS, dst, DST_BLOCKS)
     assert torch.equal(dst.gather_pages(0, [1, 3]), untouched)  # nothing outside the reserved pages
     layer_bytes = src.gather_pages(0, SRC_BLOCKS).numel() * dtype.itemsize
@@ -115,16 +119,7 @@ def test_compression_error_is_bounded(backend, compression, max_rel):
     if compression == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no float8 in this torch")
     src, dst = FakeRunner(dtype=torch.bfloat16, seed=3), FakeRunner(dtype=torch.bfloat16, seed=4)
-    cfg = KVTransferConfig(backend=backend, compression=compression, checksum=True)
-    receiver = make_receiver(cfg, dst)
-    try:
-        done = receiver.expect(dst.spec("q", DST_BLOCKS))
-        handle = make_sender(cfg, receiver.endpoint).begin(src.spec("q", DST_BLOCKS))
-        send_all(handle, src, SRC_BLOCKS)
-        sent = handle.finish()
-        done.result(timeout=5)
-    finally:
-        receiver.close()
+    sent, _ = _transfer(KVTransferConfig(backend=backend, compression=compression, checksum=True), src, dst)
     for layer in range(src.num_layers):
         a = src.gather_pages(layer, SRC_BLOCKS).float()
         b = dst.gather_pages(layer, DST_BLOCKS).float()
