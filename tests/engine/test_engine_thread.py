@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -90,6 +91,60 @@ def test_a_during_step_call_waits_for_host_work_and_wakes_an_idle_thread():
         during.result(timeout=5)
         assert stepped_again.wait(5)
         assert steps == ["host work", "call", "stepped after the call"]
+    finally:
+        thread.stop()
+
+
+def test_a_during_step_call_waits_for_no_more_than_the_step_in_flight():
+    """A busy thread that never waits for the device (a CPU engine) lets go of the engine only between steps and takes
+    it again at once: the call must still run before the next step, not whenever the side thread wins the lock."""
+    in_step = threading.Event()
+    go_on = threading.Event()
+    steps = 0
+
+    def step() -> bool:
+        nonlocal steps
+        steps += 1
+        if steps == 1:
+            in_step.set()
+            assert go_on.wait(5)
+        return steps < 200  # busy for many steps
+
+    thread = EngineThread(step, name="test-engine")
+    try:
+        thread.wake()
+        assert in_step.wait(5)
+        during = thread.submit(lambda: steps, during_step=True)
+        go_on.set()
+        assert during.result(timeout=5) == 1  # ran after the step in flight, before the next one
+    finally:
+        thread.stop()
+
+
+def test_a_call_that_a_during_step_call_submits_runs_before_the_next_step():
+    """A decode worker's abort frees a reservation during the step, and hands a request in the batch on to the next
+    gap between steps: that must be the gap after the step in flight, not the one after the next step."""
+    in_step = threading.Event()
+    go_on = threading.Event()
+    steps = 0
+    handed_on: list[Future] = []
+
+    def step() -> bool:
+        nonlocal steps
+        steps += 1
+        if steps == 1:
+            in_step.set()
+            assert go_on.wait(5)
+        return steps < 200
+
+    thread = EngineThread(step, name="test-engine")
+    try:
+        thread.wake()
+        assert in_step.wait(5)
+        during = thread.submit(lambda: handed_on.append(thread.submit(lambda: steps)), during_step=True)
+        go_on.set()
+        during.result(timeout=5)
+        assert handed_on[0].result(timeout=5) == 1  # between the first step and the second
     finally:
         thread.stop()
 
