@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
-Send = Callable[[list[Item]], Awaitable[Sequence[BaseException | None] | None]]
+Send = Callable[[list[Item]], Awaitable[Sequence[Any] | None]]
 
 
 class CallBatcher(Generic[Item]):
     def __init__(self, send: Send[Item]):
-        """``send`` makes the call with a batch and returns, per item in order, its error or None (or just None:
-        every item was taken)."""
+        """``send`` makes the call with a batch and returns, per item in order, its answer or its error (an
+        exception, which the item's caller gets raised); or just None: every item was taken, with no answer."""
         self._send = send
-        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Item, asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task | None = None
 
-    def submit(self, item: Item) -> asyncio.Future[None]:
-        """The item's answer: None, or its error (the call's own error for every item of a call that failed)."""
-        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def submit(self, item: Item) -> asyncio.Future[Any]:
+        """The item's answer, or its error (the call's own error for every item of a call that failed)."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, answer))
         if self._flushing is None:
             self._flushing = asyncio.ensure_future(self._flush())
@@ -40,15 +40,15 @@ class CallBatcher(Generic[Item]):
         finally:
             self._flushing = None
 
-    async def _deliver(self, batch: list[tuple[Item, asyncio.Future[None]]]) -> None:
+    async def _deliver(self, batch: list[tuple[Item, asyncio.Future[Any]]]) -> None:
         try:
-            errors = await self._send([item for item, _ in batch]) or [None] * len(batch)
+            replies: Sequence[Any] = await self._send([item for item, _ in batch]) or [None] * len(batch)
         except Exception as err:
-            errors = [err] * len(batch)
-        for (_, answer), error in zip(batch, errors, strict=True):
+            replies = [err] * len(batch)
+        for (_, answer), reply in zip(batch, replies, strict=True):
             if answer.done():  # its caller stopped waiting
                 continue
-            if error is None:
-                answer.set_result(None)
+            if isinstance(reply, BaseException):
+                answer.set_exception(reply)
             else:
-                answer.set_exception(error)
+                answer.set_result(reply)

@@ -93,6 +93,16 @@ class PagesReady:
 
 
 @dataclass(frozen=True)
+class DecodeOrder:
+    """An attempt for the decode worker that reserved its pages: admit it once its KV has landed, with the prefill
+    worker's first token."""
+
+    request_id: str
+    attempt: int
+    first_token: Token
+
+
+@dataclass(frozen=True)
 class TransferReport:
     """On a prefill worker's channel: the attempt's KV has fully landed in the decode worker's pages."""
 

@@ -27,6 +27,7 @@ from splitserve.cluster.channel import Inbox, WorkerDied
 from splitserve.cluster.health import HEALTH_TIMEOUT_S, Health
 from splitserve.cluster.messages import (
     ChannelItem,
+    DecodeOrder,
     ErrorCode,
     GenerateRequest,
     PagesReady,
@@ -152,7 +153,9 @@ class RequestPath:
         self.pools.using.update(using)
         try:
             if prefill is None:
-                flow = self._tokens(decode, request, lambda: decode.actor.start_local.remote(request))
+                flow = self._tokens(
+                    decode, request, lambda: self._call(decode, decode.actor.start_local.remote(request))
+                )
             else:
                 flow = self._split_flow(request, timing, prefill, decode)
             async for batch in flow:
@@ -187,8 +190,7 @@ class RequestPath:
         rid = request.request_id
         with prefill.channel.inbox(rid, request.attempt) as results:
             handoff_trace.mark("router.reserve", rid)
-            reservation = self._call(decode, decode.actor.reserve.remote(request))
-            reserved = _settled(_traced(reservation, "router.reserved", rid))
+            reserved = _settled(_traced(self._batched(decode, "reserve", request), "router.reserved", rid))
             queued = _settled(self._batched(prefill, "prefill", PrefillOrder(request, decode.info["endpoint"])))
             handover = asyncio.ensure_future(self._hand_over(request, prefill, queued, reserved))
             try:
@@ -200,8 +202,8 @@ class RequestPath:
                 yield first
                 transfer = asyncio.ensure_future(self._transferred(results, prefill, handover))
 
-                def start() -> Any:
-                    return decode.actor.start.remote(rid, request.attempt, first.tokens[0])
+                def start() -> asyncio.Future[None]:
+                    return self._batched(decode, "start", DecodeOrder(rid, request.attempt, first.tokens[0]))
 
                 try:
                     async for batch in self._tokens(decode, request, start):
@@ -226,8 +228,9 @@ class RequestPath:
         pages: PagesReady = await asyncio.shield(reserved)
         await self._batched(prefill, "pages", pages)
 
-    def _batched(self, worker: WorkerHandle, method: str, item: Any) -> asyncio.Future[None]:
-        """``worker.method`` for ``item``, sent with the other items submitted while its previous call is out."""
+    def _batched(self, worker: WorkerHandle, method: str, item: Any) -> asyncio.Future[Any]:
+        """``worker.method`` for ``item``, sent with the other items submitted while its previous call is out; the
+        item's answer."""
         key = (worker.worker_id, method)
         known = self._batchers.get(key)
         if known is None or known[0] is not worker:
@@ -286,8 +289,9 @@ class RequestPath:
             raise _cause(err) from None
 
     def _tokens(
-        self, decode: WorkerHandle, request: GenerateRequest, start: Callable[[], Any]
+        self, decode: WorkerHandle, request: GenerateRequest, start: Callable[[], Awaitable[Any]]
     ) -> AsyncIterator[TokenBatch]:
-        """The attempt's tokens from ``decode``'s channel; ``start`` makes the call that admits it there."""
+        """The attempt's tokens from ``decode``'s channel (or its failure there); ``start`` makes the call that admits
+        it there."""
         assert decode.channel is not None  # made when the worker registered
-        return decode.channel.tokens(request.request_id, request.attempt, lambda: self._call(decode, start()))
+        return decode.channel.tokens(request.request_id, request.attempt, start)

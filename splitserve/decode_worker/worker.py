@@ -12,6 +12,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ import ray
 from splitserve import handoff_trace
 from splitserve.cluster.messages import (
     ChannelMessage,
+    DecodeOrder,
     ErrorCode,
     GenerateRequest,
     PagesReady,
@@ -52,6 +54,7 @@ class DecodeWorker(WorkerBase):
         self._expected: dict[str, Future[TransferResult]] = {}
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
+        self._starting: set[asyncio.Task] = set()  # each ``start``ed attempt's wait for its KV, held until it ends
         self.engine.device_wait = self._thread.device_wait
 
     # --- engine thread ---
@@ -117,40 +120,52 @@ class DecodeWorker(WorkerBase):
         self._loop = asyncio.get_running_loop()
         return self._info(endpoint=self.receiver.endpoint)
 
-    async def reserve(self, request: GenerateRequest) -> PagesReady:
-        """Pages for the prompt's KV, and an expectation on the receiver so the transfer can fill them. The prefix
-        this worker's cache holds is reused: the pages and the transfer cover only the rest of the prompt.
+    async def reserve(self, requests: list[GenerateRequest]) -> list[PagesReady | ServingError]:
+        """Per prompt, pages for its KV and an expectation on the receiver so the transfer can fill them; or why not.
+        The prefix this worker's cache holds is reused: the pages and the transfer cover only the rest of the prompt.
 
-        Both happen in one engine-thread call, as does ``abort``'s cleanup: an abort that arrives while the
-        reservation is being made (the client went away meanwhile) always finds, and frees, both.
+        The router batches these calls (``CallBatcher``): few calls, so an abort never waits behind many in Ray's
+        queue for this actor. The batch is one engine-side call, in which each prompt's pages and expectation are
+        made together, as ``abort``'s cleanup is: an abort that arrives while the reservation is being made (the
+        client went away meanwhile) always finds, and frees, both.
         """
-        runner = self.engine.runner
 
-        def reserve() -> PagesReady:
-            self._refuse_if_aborted(request)
-            seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
-            blocks, cached = self.engine.reserve(seq)
-            spec = transfer_spec(runner, request.request_id, len(request.engine_prompt), blocks)
-            try:
-                waiter = self.receiver.expect(spec)
-            except BaseException:
-                self.engine.abort(request.request_id)
-                raise
-            self._failed.pop(request.request_id, None)
-            self._expected[request.request_id] = waiter
-            handoff_trace.mark("decode.reserved", request.request_id)
-            # Not on the waiter itself: a cuda_ipc sender may still be writing the pages when the transfer fails.
-            self.receiver.unwritten(request.request_id).add_done_callback(
-                lambda _: self._thread.submit(lambda: self._drop_failed(request.request_id, waiter))
-            )
-            return PagesReady(request.request_id, request.attempt, blocks, cached)
+        def reserve_all() -> list[PagesReady | ServingError]:
+            return [self._reserve_one(request) for request in requests]
 
+        return await self._on_engine(reserve_all, during_step=True)  # free pages only: none the step uses
+
+    def _reserve_one(self, request: GenerateRequest) -> PagesReady | ServingError:
+        """One prompt's reservation, or the error that refused it: the batch's other prompts are not affected."""
         try:
-            return await self._on_engine(reserve, during_step=True)  # free pages only: none the step uses
+            return self._reserve(request)
+        except ServingError as err:
+            return err
         except OutOfBlocks as err:
-            raise ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: KV cache full ({err})") from None
+            return ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: KV cache full ({err})")
         except (RequestError, ValueError) as err:
-            raise ServingError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
+            return ServingError(ErrorCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:
+            return ServingError(ErrorCode.INTERNAL, f"{self.worker_id}: reserving {request.request_id}: {err!r}")
+
+    def _reserve(self, request: GenerateRequest) -> PagesReady:
+        self._refuse_if_aborted(request)
+        seq = self.engine.make_sequence(request.request_id, request.engine_prompt, request.engine_params)
+        blocks, cached = self.engine.reserve(seq)
+        spec = transfer_spec(self.engine.runner, request.request_id, len(request.engine_prompt), blocks)
+        try:
+            waiter = self.receiver.expect(spec)
+        except BaseException:
+            self.engine.abort(request.request_id)
+            raise
+        self._failed.pop(request.request_id, None)
+        self._expected[request.request_id] = waiter
+        handoff_trace.mark("decode.reserved", request.request_id)
+        # Not on the waiter itself: a cuda_ipc sender may still be writing the pages when the transfer fails.
+        self.receiver.unwritten(request.request_id).add_done_callback(
+            lambda _: self._thread.submit(partial(self._drop_failed, request.request_id, waiter), during_step=True)
+        )
+        return PagesReady(request.request_id, request.attempt, blocks, cached)
 
     def _refuse_if_aborted(self, request: GenerateRequest) -> None:
         """On the engine thread, like abort's cleanup: an abort of this attempt that ran first has the last word."""
@@ -169,9 +184,24 @@ class DecodeWorker(WorkerBase):
         while len(self._failed) > _FAILED_MEMORY:
             self._failed.popitem(last=False)
 
-    async def start(self, request_id: str, attempt: int, first_token: Token) -> None:
-        """Wait for the prompt's KV to land, then admit it to the batch; its tokens follow on the token channel
-        (the first one came from the prefill worker)."""
+    async def start(self, orders: list[DecodeOrder]) -> None:
+        """Admit each attempt to the batch once its KV has landed, and answer at once: its tokens (the first one came
+        from the prefill worker), or its failure, follow on the token channel. The router batches these calls too,
+        and none stays open: Ray's queue for this actor holds no call per request waiting for its KV."""
+        for order in orders:
+            task = asyncio.ensure_future(self._start(order))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start(self, order: DecodeOrder) -> None:
+        request_id = order.request_id
+        try:
+            await self._admit_when_landed(request_id, order.attempt, order.first_token)
+        except Exception as err:
+            error = err if isinstance(err, ServingError) else ServingError(ErrorCode.INTERNAL, repr(err))
+            self._post([StreamFailure(request_id, order.attempt, error)])
+
+    async def _admit_when_landed(self, request_id: str, attempt: int, first_token: Token) -> None:
         handoff_trace.mark("decode.start", request_id)
         # Left in _expected until admitted: a transfer that fails meanwhile is freed by _drop_failed.
         waiter = self._expected.get(request_id)
@@ -242,11 +272,14 @@ class DecodeWorker(WorkerBase):
         # A cuda_ipc sender writes the pages itself: they are freed only once it has confirmed it stopped.
         await asyncio.wrap_future(unwritten)
 
-        def drop() -> bool:
-            # Again on the engine thread, after any reservation submitted before this abort: that one is freed too.
+        def drop() -> bool | None:
+            # On the engine's side thread, after any reservation submitted before this abort: that one is freed too.
+            # During a step: only what no step uses is freed here; None for a request in the batch.
             self.receiver.abort(request_id)
             if not self.receiver.unwritten(request_id).done():
                 return True  # made since, and a sender is writing it: _drop_failed frees it once that one stopped
+            if self.engine.in_batch(request_id):
+                return None
             waiter = self._expected.pop(request_id, None)
             # The receiver's abort above may have had _drop_failed free the reservation already.
             found = self.engine.abort(request_id) or waiter is not None or request_id in self._failed
@@ -254,7 +287,10 @@ class DecodeWorker(WorkerBase):
                 self._aborted_early.add(request_id, attempt)
             return found
 
-        found = await self._on_engine(drop)
+        found = await self._on_engine(drop, during_step=True)  # a reservation's pages: none a step uses
+        if found is None:  # in the batch: dropped between two steps, once the step in flight is done with its pages
+            await self._on_engine(partial(self.engine.abort, request_id))
+            found = True
         # The request may have been admitted after the stream was ended above (its start overtook this abort): the
         # engine dropped it now, so its stream must end too, or it stays open with nothing left to finish it.
         if self._loop is not None:

@@ -15,6 +15,7 @@ so a step's outputs come from the call after the one that launched it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -156,6 +157,10 @@ class Engine:
             return False
         self._finish(found, FinishReason.ABORT)
         return True
+
+    def in_batch(self, request_id: str) -> bool:
+        """Whether the request is waiting or running: a step in flight may be writing its pages."""
+        return any(seq.request_id == request_id for seq in itertools.chain(self.running, self.waiting))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._in_flight)

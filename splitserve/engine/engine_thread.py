@@ -6,10 +6,13 @@ Every engine call goes through this thread (``submit``), or holds the engine the
 
 A call that touches nothing a step in flight uses (reserving free pages, queueing a request for the next step) may
 be submitted ``during_step``: it then runs on a side thread as soon as it can take the engine, which the engine
-thread lets go of while it waits for the device (``device_wait``), so it does not wait for the step to end. On a
-decode worker a step is ~5-10 ms of GPU time, and a reservation on the time-to-first-token path or an admission on
-the first-to-second-token path waited for the step in flight, then for the next step's launch (4-6 ms p50 each on
-two H200s).
+thread lets go of while it waits for the device (``device_wait``), so it does not wait for the step to end. The
+engine thread itself runs the ones still waiting before its next step: a lock is not handed over in turn, and a
+thread that lets go of it and takes it again at once would otherwise keep them waiting for as long as it has work
+(on a CPU the device wait is over as soon as it begins). So a during-step call never waits for more than the step in
+flight. On a decode worker a step is ~5-10 ms of GPU time, and a reservation on the time-to-first-token path, an
+admission on the first-to-second-token path or an abort's freeing of reserved pages would otherwise wait for the
+step in flight, then for the next step's launch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class EngineThread:
     def __init__(self, step: Callable[[], bool], name: str = "engine"):
         self._step = step
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        # during-step calls not run yet: by the side thread, or by the engine thread before its next step
+        self._beside: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._engine = threading.Lock()  # whoever holds it may use the engine
         self._stopped = False
@@ -46,7 +51,8 @@ class EngineThread:
                 future.set_exception(RuntimeError("engine thread stopped"))
                 return future
             if during_step:
-                self._side.submit(self._run_beside, fn, future)
+                self._beside.append((fn, future))
+                self._side.submit(self._run_beside)
             else:
                 self._calls.append((fn, future))
                 self._wake.notify()
@@ -60,13 +66,23 @@ class EngineThread:
         finally:
             self._engine.acquire()
 
-    def _run_beside(self, fn: Callable[[], Any], future: Future) -> None:
+    def _run_beside(self) -> None:
         with self._engine:
+            calls = self._take_beside()
             if self._stopped:
-                future.set_exception(RuntimeError("engine thread stopped"))
+                for _, future in calls:
+                    future.set_exception(RuntimeError("engine thread stopped"))
                 return
-            self._run_calls([(fn, future)])
-        self.wake()  # what it queued for the engine (a request to admit) runs from the next step on
+            self._run_calls(calls)
+        if calls:
+            self.wake()  # what they queued for the engine (a request to admit) runs from the next step on
+
+    def _take_beside(self) -> list[tuple[Callable[[], Any], Future]]:
+        """The during-step calls waiting, in the order submitted; taken while holding the engine, so each runs once."""
+        with self._wake:
+            calls = list(self._beside)
+            self._beside.clear()
+        return calls
 
     @staticmethod
     def _run_calls(calls: list[tuple[Callable[[], Any], Future]]) -> None:
@@ -100,10 +116,13 @@ class EngineThread:
                     for _, future in self._calls:
                         future.set_exception(RuntimeError("engine thread stopped"))
                     return
-                calls = list(self._calls)
-                self._calls.clear()
                 self._poked = False
             with self._engine:
+                self._run_calls(self._take_beside())
+                # Taken after the during-step calls ran: what they submitted for between two steps runs now too.
+                with self._wake:
+                    calls = list(self._calls)
+                    self._calls.clear()
                 self._run_calls(calls)
                 try:
                     busy = self._step()

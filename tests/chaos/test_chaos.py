@@ -197,7 +197,9 @@ def test_cancel_mid_decode(h):
         outs = await asyncio.gather(
             *(run_request(h.cluster, f"dec-{i}", p, 50, close_after_tokens=5 + i) for i, p in enumerate(ps))
         )
-        assert all(o.status == "cancelled" and 5 + i <= len(o.tokens) < 50 for i, o in enumerate(outs))
+        assert all(o.status == "cancelled" and 5 + i <= len(o.tokens) < 50 for i, o in enumerate(outs)), [
+            (i, o.status, len(o.tokens), o.error) for i, o in enumerate(outs)
+        ]
         return await h.audit()
 
     assert h.run(scenario()) < 5.0

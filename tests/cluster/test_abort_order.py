@@ -8,8 +8,6 @@ import asyncio
 import threading
 from concurrent.futures import Future
 
-import pytest
-
 from splitserve.cluster.messages import (
     ErrorCode,
     GenerateRequest,
@@ -62,13 +60,13 @@ def test_decode_worker_refuses_a_reservation_whose_abort_came_first(tiny_model_d
             await worker.ready()
             free = worker.engine.blocks.num_free
             assert not await worker.abort("r1", 0)  # nothing here yet: remembered
-            with pytest.raises(ServingError) as refused:
-                await worker.reserve(_request(0))
-            assert refused.value.code == ErrorCode.CANCELLED
+            [refused] = await worker.reserve([_request(0)])
+            assert isinstance(refused, ServingError) and refused.code == ErrorCode.CANCELLED
             stats = await worker.stats()
             assert stats.kv_blocks_free == free and stats.extra["expected"] == 0 and stats.extra["held"] == 0
             # The retry (attempt 1) is served; an abort in the usual order frees it.
-            assert await worker.reserve(_request(1))
+            [pages] = await worker.reserve([_request(1)])
+            assert isinstance(pages, PagesReady) and pages.block_ids
             assert await worker.abort("r1", 1)
             assert (await worker.stats()).kv_blocks_free == free
         finally:
@@ -171,12 +169,12 @@ def test_a_reservation_made_while_its_abort_runs_is_freed_by_that_abort(tiny_mod
     async def scenario(worker: DecodeWorker, control: asyncio.AbstractEventLoop):
         free = worker.engine.blocks.num_free
         real_abort = worker.receiver.abort
-        reserved: list[list[int]] = []
+        reserved: list[PagesReady | ServingError] = []
 
         def abort_then_reserve(request_id: str, *args) -> bool:  # fake: forces the interleaving
             told = real_abort(request_id, *args)
             if not reserved:  # the abort's first word to the receiver: the reservation comes in right after it
-                helper = threading.Thread(target=lambda: reserved.append(asyncio.run(worker.reserve(_request(0)))))
+                helper = threading.Thread(target=lambda: reserved.extend(asyncio.run(worker.reserve([_request(0)]))))
                 helper.start()
                 helper.join()
             return told
@@ -184,7 +182,7 @@ def test_a_reservation_made_while_its_abort_runs_is_freed_by_that_abort(tiny_mod
         worker.receiver.abort = abort_then_reserve
         aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
         assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
-        assert reserved and reserved[0]  # the reservation was made, and then freed
+        assert reserved and isinstance(reserved[0], PagesReady) and reserved[0].block_ids  # made, and then freed
         stats = await worker.stats()
         assert stats.kv_blocks_free == free
         assert (stats.extra["expected"], stats.extra["held"], stats.extra["pending_transfers"]) == (0, 0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -92,6 +93,52 @@ def test_a_during_step_call_waits_for_host_work_and_wakes_an_idle_thread():
         assert steps == ["host work", "call", "stepped after the call"]
     finally:
         thread.stop()
+
+
+class BusyEngine:
+    """An engine thread busy for many steps that never waits for the device (a CPU engine), held in its first step
+    until ``go_on`` is set: it lets go of the engine only between steps, and takes it straight back."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.go_on = threading.Event()
+        self._in_step = threading.Event()
+        self.thread = EngineThread(self._step, name="test-engine")
+        self.thread.wake()
+        assert self._in_step.wait(5)
+
+    def _step(self) -> bool:
+        self.steps += 1
+        if self.steps == 1:
+            self._in_step.set()
+            assert self.go_on.wait(5)
+        return self.steps < 200
+
+
+def test_a_during_step_call_waits_for_no_more_than_the_step_in_flight():
+    """The call must run before the next step, not whenever the side thread happens to win the lock."""
+    busy = BusyEngine()
+    try:
+        during = busy.thread.submit(lambda: busy.steps, during_step=True)
+        busy.go_on.set()
+        assert during.result(timeout=5) == 1  # ran after the step in flight, before the next one
+    finally:
+        busy.thread.stop()
+
+
+def test_a_call_that_a_during_step_call_submits_runs_before_the_next_step():
+    """A decode worker's abort frees a reservation during the step, and hands a request in the batch on to the next
+    gap between steps: that must be the gap after the step in flight, not the one after the next step."""
+    busy = BusyEngine()
+    handed_on: list[Future] = []
+    try:
+        thread = busy.thread
+        during = thread.submit(lambda: handed_on.append(thread.submit(lambda: busy.steps)), during_step=True)
+        busy.go_on.set()
+        during.result(timeout=5)
+        assert handed_on[0].result(timeout=5) == 1  # between the first step and the second
+    finally:
+        busy.thread.stop()
 
 
 def test_calls_after_stop_fail_instead_of_hanging():
