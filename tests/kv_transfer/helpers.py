@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.config import KVTransferConfig
 from splitserve.engine.host_copy import index_tensor
-from splitserve.kv_transfer import TransferSpec
+from splitserve.kv_transfer import TransferResult, TransferSpec, make_receiver, make_sender
 
 
 class FakeRunner:
@@ -57,3 +58,19 @@ def pages_equal(src, src_blocks, dst, dst_blocks):
         torch.equal(src.gather_pages(i, src_blocks).cpu(), dst.gather_pages(i, dst_blocks).cpu())
         for i in range(src.num_layers)
     )
+
+
+def transfer(
+    cfg: KVTransferConfig, src, dst, src_blocks, dst_blocks, device: str | None = None
+) -> tuple[int, TransferResult]:
+    """``src_blocks`` of the source into ``dst_blocks`` of the destination through a receiver opened for it: the
+    bytes sent and the receiver's result."""
+    receiver = make_receiver(cfg, dst)
+    try:
+        done = receiver.expect(dst.spec("r1", dst_blocks))
+        handle = make_sender(cfg, receiver.endpoint, device).begin(src.spec("r1", dst_blocks))
+        send_all(handle, src, src_blocks)
+        sent = handle.finish()
+        return sent, done.result(timeout=10)
+    finally:
+        receiver.close()

@@ -13,7 +13,7 @@ from splitserve.engine.host_copy import index_tensor
 from splitserve.kv_transfer import make_receiver, make_sender
 from splitserve.kv_transfer.cuda_ipc import IpcWriter
 from splitserve.kv_transfer.deferred import DeferredSend
-from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
+from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all, transfer
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -80,16 +80,7 @@ def _roundtrip(backend: str, src_device: str, dst_device: str, send=_send) -> No
 @pytest.mark.parametrize("backend", ["local", "grpc"])
 def test_same_process_on_gpu(backend):
     src, dst = _on("cuda", 1), _on("cuda", 2)
-    cfg = KVTransferConfig(backend=backend, checksum=True)
-    receiver = make_receiver(cfg, dst)
-    try:
-        done = receiver.expect(dst.spec("s", BLOCKS))
-        handle = make_sender(cfg, receiver.endpoint, "cuda").begin(src.spec("s", BLOCKS))
-        send_all(handle, src, BLOCKS)
-        handle.finish()
-        done.result(timeout=10)
-    finally:
-        receiver.close()
+    transfer(KVTransferConfig(backend=backend, checksum=True), src, dst, BLOCKS, BLOCKS, "cuda")
     assert pages_equal(src, BLOCKS, dst, BLOCKS)
 
 

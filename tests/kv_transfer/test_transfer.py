@@ -6,25 +6,12 @@ import pytest
 import torch
 
 from splitserve.config import KVTransferConfig
-from splitserve.kv_transfer import IntegrityError, TransferResult, make_receiver, make_sender, wire
+from splitserve.kv_transfer import IntegrityError, make_receiver, make_sender, wire
 from splitserve.kv_transfer.tcp import TcpLink
-from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all
+from tests.kv_transfer.helpers import FakeRunner, pages_equal, send_all, transfer
 
 SRC_BLOCKS = [3, 0, 7, 5]
 DST_BLOCKS = [9, 2, 14, 6]  # non-contiguous, unsorted
-
-
-def _transfer(cfg: KVTransferConfig, src: FakeRunner, dst: FakeRunner) -> tuple[int, TransferResult]:
-    """The source's SRC_BLOCKS into the destination's DST_BLOCKS: the bytes sent and the receiver's result."""
-    receiver = make_receiver(cfg, dst)
-    try:
-        done = receiver.expect(dst.spec("r1", DST_BLOCKS))
-        handle = make_sender(cfg, receiver.endpoint).begin(src.spec("r1", DST_BLOCKS))
-        send_all(handle, src, SRC_BLOCKS)
-        sent = handle.finish()
-        return sent, done.result(timeout=5)
-    finally:
-        receiver.close()
 
 
 @pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
@@ -32,7 +19,7 @@ def _transfer(cfg: KVTransferConfig, src: FakeRunner, dst: FakeRunner) -> tuple[
 def test_pages_arrive_bit_exact(backend, dtype):
     src, dst = FakeRunner(dtype=dtype, seed=1), FakeRunner(dtype=dtype, seed=2)
     untouched = dst.gather_pages(0, [1, 3])
-    sent, result = _transfer(KVTransferConfig(backend=backend, checksum=True), src, dst)
+    sent, result = transfer(KVTransferConfig(backend=backend, checksum=True), src, dst, SRC_BLOCKS, DST_BLOCKS)
     assert pages_equal(src, SRC_BLOCKS, dst, DST_BLOCKS)
     assert torch.equal(dst.gather_pages(0, [1, 3]), untouched)  # nothing outside the reserved pages
     layer_bytes = src.gather_pages(0, SRC_BLOCKS).numel() * dtype.itemsize
@@ -119,7 +106,9 @@ def test_compression_error_is_bounded(backend, compression, max_rel):
     if compression == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no float8 in this torch")
     src, dst = FakeRunner(dtype=torch.bfloat16, seed=3), FakeRunner(dtype=torch.bfloat16, seed=4)
-    sent, _ = _transfer(KVTransferConfig(backend=backend, compression=compression, checksum=True), src, dst)
+    sent, _ = transfer(
+        KVTransferConfig(backend=backend, compression=compression, checksum=True), src, dst, SRC_BLOCKS, DST_BLOCKS
+    )
     for layer in range(src.num_layers):
         a = src.gather_pages(layer, SRC_BLOCKS).float()
         b = dst.gather_pages(layer, DST_BLOCKS).float()
