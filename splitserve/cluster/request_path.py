@@ -205,9 +205,11 @@ class RequestPath:
                 def start() -> asyncio.Future[None]:
                     return self._batched(decode, "start", DecodeOrder(rid, request.attempt, first.tokens[0]))
 
+                reported = False  # this attempt's transfer: a retry's replaces an earlier attempt's figures
                 try:
                     async for batch in self._tokens(decode, request, start):
-                        if timing.kv_transfer_s is None:
+                        if not reported:
+                            reported = True
                             handoff_trace.mark("router.second_token", rid)
                             # D decodes only once every layer has landed, so the report is (nearly) in by now.
                             report = await transfer

@@ -151,6 +151,7 @@ def test_dead_decode_worker_is_retried_without_losing_tokens(ray_local, tiny_mod
     # No token lost or duplicated across the retry.
     assert got == hf_greedy_reference(tiny_model_dir, prompts, max_new)
     assert sum(t.retries for t in timings) >= 1
+    assert all(t.kv_transfer_bytes for t in timings)  # the figures of each request's last attempt, retried or not
     assert booked == {}  # the attempts on the dead worker gave their booking back too
 
 
