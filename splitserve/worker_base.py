@@ -72,7 +72,8 @@ class WorkerBase(ReportsReleases):
             self.engine = Engine(options.engine_config())
         self.releases = ReleaseLog()
         self._gpu = GpuReader.for_device(self.engine.runner.device)
-        self.engine.blocks.record_events = True  # for the router's prefix index (``_send_cache_events``)
+        # For the router's prefix index (``_send_cache_events``), which only cache_aware reads.
+        self.engine.blocks.record_events = options.cache_events
         self._outbox = Outbox()  # the channel's (``outputs``); posted to on the default event loop only
         self._loop: asyncio.AbstractEventLoop | None = None  # the default event loop, once ``ready`` ran on it
         # Its first ``_step`` waits for a call or a wake-up, which nothing makes before the subclass is set up.

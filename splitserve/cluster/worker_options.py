@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.config import KVTransferConfig, PrefillPoolConfig, ServingMode, SplitserveConfig, _PoolConfig
+from splitserve.config import (
+    KVTransferConfig,
+    PrefillPoolConfig,
+    RouterPolicy,
+    ServingMode,
+    SplitserveConfig,
+    _PoolConfig,
+)
 from splitserve.engine.engine import EngineConfig
 from splitserve.engine.runner import RunnerConfig
 
@@ -30,6 +37,8 @@ class WorkerOptions:
     # The prefill pool's, where KV moves between pools (mode: disaggregated): a decode worker's links come from its
     # ranks (head_map.py). None: no KV moves (colocated).
     prefill_tensor_parallel_size: int | None = None
+    # The router places by the workers' prefix caches (cache_aware): each step's cache changes go to it.
+    cache_events: bool = False
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -72,4 +81,5 @@ def options_for(config: SplitserveConfig, pool: _PoolConfig, model_dir: str) -> 
         prefill_tensor_parallel_size=(
             config.prefill.tensor_parallel_size if config.mode == ServingMode.disaggregated else None
         ),
+        cache_events=config.router.policy == RouterPolicy.cache_aware,
     )

@@ -302,7 +302,7 @@ class _Session:
         threading.Thread(target=self._read, name=f"kv-session-{peer}", daemon=True).start()
 
     def register(self, handle: StreamHandle) -> bool:
-        """Take the transfer on; False once this session is over (the sender opens a new one)."""
+        """Take the transfer on; False once this stream to the peer is over (the sender opens a new one)."""
         with self._cond:
             if self._over:
                 return False
