@@ -17,6 +17,7 @@ from splitserve.engine.runner import ModelRunner
 from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import TransferSpec
 from splitserve.kv_transfer.head_map import HeadLink
+from splitserve.roles import Role
 from splitserve.worker_common import ReleaseLog, ReportsReleases, configure_worker_process, describe_device
 
 
@@ -54,7 +55,7 @@ class WorkerBase(ReportsReleases):
     A subclass gives its ``role``, its ``_step``, and ``_load`` (its part of the stats, read on the engine thread).
     """
 
-    role: str
+    role: Role
     # Whether ``_load`` reads only what a step in flight leaves alone, so that stats need not wait for the step.
     _stats_during_step = False
 

@@ -39,6 +39,7 @@ from splitserve.engine.rank_loop import StepHooks, follow, free_port
 from splitserve.engine.runner import ModelRunner, RunnerConfig, resolve_device
 from splitserve.engine.tensor_parallel import RankGroup, init_rank_group
 from splitserve.kv_transfer.base import ReceiverEndpoint
+from splitserve.roles import Role
 from splitserve.worker_common import configure_worker_process, describe_device
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def bundle_options(bundle: dict[str, float], group: PlacementGroup, index: int) 
 class RankTransfer:
     """A worker's part in moving KV, which each of its ranks plays for its own KV heads (mode: disaggregated)."""
 
-    role: str  # "prefill": each rank sends the heads it holds; "decode": each rank receives the heads it holds
+    role: Role  # prefill: each rank sends the heads it holds; decode: each rank receives the heads it holds
     kv_transfer: KVTransferConfig
     prefill_tensor_parallel_size: int  # the senders' ranks, which a decode rank's links come from
 
@@ -108,7 +109,7 @@ class RankFollower:
 
     def _join_transfers(self, transfer: RankTransfer, control: FollowerControl) -> None:
         # Imported here: the workers' modules import this one.
-        if transfer.role == "decode":
+        if transfer.role == Role.DECODE:
             from splitserve.decode_worker.rank_receiver import FollowerReceiver
 
             receiver = FollowerReceiver(self.runner, transfer, control)

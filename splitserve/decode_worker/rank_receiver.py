@@ -75,12 +75,19 @@ class Unwritten:
     token: int
 
 
+def _outcome(done: Future[TransferResult]) -> tuple[TransferResult | None, TransferError | None]:
+    """A rank's links' end: their result, or the error (any failure as a TransferError)."""
+    error = done.exception()
+    if error is None:
+        return done.result(), None
+    return None, error if isinstance(error, TransferError) else TransferError(repr(error))
+
+
 def rank_specs(
     runner: ModelRunner, prefill_tp: int, request_id: str, num_tokens: int, blocks: list[int]
 ) -> list[TransferSpec]:
     """The transfers this rank receives of a request: one per link that ends here."""
-    group = runner.rank_group
-    rank, size = (group.rank, group.size) if group is not None else (0, 1)
+    rank, size = runner.rank_and_size
     return [
         transfer_spec(runner, request_id, num_tokens, blocks, link)
         for link in links_to(runner.spec.num_kv_heads, prefill_tp, size, rank)
@@ -259,10 +266,8 @@ class RankedReceiver:
     def _local_landed(self, request: RankedRequest, done: Future[TransferResult]) -> None:
         """The leader's own links ended. This may run under a lock of the failed link: the local receiver aborts its
         other links itself, so only the followers are told here."""
-        error = done.exception()
-        if error is not None and not isinstance(error, TransferError):
-            error = TransferError(repr(error))
-        if request.land(0, None if error is not None else done.result(), error):
+        result, error = _outcome(done)
+        if request.land(0, result, error):
             self._tell_followers(request.request_id, f"rank 0's part failed: {error}")
 
     def _forget(self, request: RankedRequest) -> None:
@@ -336,10 +341,7 @@ class FollowerReceiver:
         self._control.send(Expected(order.token, None))
 
         def landed(done: Future[TransferResult]) -> None:
-            error = done.exception()
-            if error is not None and not isinstance(error, TransferError):
-                error = TransferError(repr(error))
-            self._control.send(Landed(order.token, None if error is not None else done.result(), error))
+            self._control.send(Landed(order.token, *_outcome(done)))
             unwritten.add_done_callback(lambda _: self._control.send(Unwritten(order.token)))
 
         future.add_done_callback(landed)

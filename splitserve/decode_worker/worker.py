@@ -34,6 +34,7 @@ from splitserve.decode_worker.rank_receiver import decode_receiver
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import RequestError, TokenOutput
 from splitserve.kv_transfer import TransferError, TransferResult
+from splitserve.roles import Role
 from splitserve.worker_base import WorkerBase, transfer_spec
 from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
@@ -42,7 +43,7 @@ _FAILED_MEMORY = 4096
 
 
 class DecodeWorker(WorkerBase):
-    role = "decode"
+    role = Role.DECODE
     _stats_during_step = True  # its stats only read counts, which a step waiting for the device leaves alone
 
     def __init__(self, worker_id: str, options: WorkerOptions):

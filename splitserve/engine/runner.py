@@ -178,6 +178,12 @@ class ModelRunner(page_copy.PagedKVCache):
         )
 
     @property
+    def rank_and_size(self) -> tuple[int, int]:
+        """This process's rank in its tensor-parallel group and the group's size: (0, 1) for a single rank."""
+        group = self.rank_group
+        return (group.rank, group.size) if group is not None else (0, 1)
+
+    @property
     def block_bytes(self) -> int:
         """Bytes of one block across all layers (K and V), of this rank's KV heads."""
         return self.model.shard.local_spec().kv_bytes_per_token(self.dtype.itemsize) * self.block_size

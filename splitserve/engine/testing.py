@@ -145,7 +145,7 @@ def hf_greedy_reference(
 def save_rank_state(runner: Any, directory: str) -> None:
     """Write a tensor-parallel rank's KV cache and its parameters' byte count to ``directory/rank<r>.pt``: run in a
     follower's process (``rank_loop.offline_engine``'s ``follower_done``), so a test can compare ranks."""
-    rank = runner.rank_group.rank if runner.rank_group is not None else 0
+    rank, _ = runner.rank_and_size
     torch.save(rank_state(runner), Path(directory) / f"rank{rank}.pt")
 
 

@@ -84,16 +84,11 @@ class _LinkSenders:
         self.config = config
         self._senders: dict[ReceiverEndpoint, Sender] = {}
 
-    @property
-    def rank(self) -> tuple[int, int]:
-        group = self.runner.rank_group
-        return (group.rank, group.size) if group is not None else (0, 1)
-
     def sends(self, request_id: str, num_tokens: int, blocks: list[int], endpoint: ReceiverEndpoint) -> LinkSends:
         """This rank's transfers of the request, one per link that starts here, each opening once the decode side's
         pages are known (``DeferredSend``). Between single-rank workers, one transfer of every head, as always."""
         runner = self.runner
-        rank, size = self.rank
+        rank, size = runner.rank_and_size
         endpoints = endpoint.by_rank
         kv_heads = runner.spec.num_kv_heads
         links: list[tuple[HeadLink, HeadLink | None]]
@@ -151,15 +146,13 @@ class RequestSend:
     def open(self, dst_block_ids: list[int], skip_blocks: int = 0) -> None:
         """The decode worker's pages, which it holds the first ``skip_blocks`` of the prompt's blocks past (its
         prefix cache): every rank sends the rest."""
-        for handle in self._own.handles:
-            handle.open(dst_block_ids, skip_blocks)
+        _open_all(self._own, dst_block_ids, skip_blocks)
         if self._control is not None:
             self._control.broadcast(OpenSends(self.key, dst_block_ids, skip_blocks))
 
     def fail(self, error: TransferError) -> None:
         """The pages will never come: end it unopened, on every rank."""
-        for handle in self._own.handles:
-            handle.fail(error)
+        _fail_all(self._own, error)
         self._tell_followers(str(error))
 
     def abort(self, reason: str) -> None:
@@ -281,11 +274,9 @@ class FollowerSends:
             pages = self._early_pages.pop(order.key, None)
             aborted = self._early_aborts.pop(order.key, None)
         if aborted is not None:
-            for handle in sends.handles:
-                handle.fail(TransferAborted(f"aborted by the sender ({aborted})"))
+            _fail_all(sends, TransferAborted(f"aborted by the sender ({aborted})"))
         elif pages is not None:
-            for handle in sends.handles:
-                handle.open(pages.block_ids, pages.skip_blocks)
+            _open_all(sends, pages.block_ids, pages.skip_blocks)
         return sends
 
     def step_done(self) -> None:
@@ -314,8 +305,7 @@ class FollowerSends:
                 if sends is None:
                     _remember(self._early_pages, message.key, message)
             if sends is not None:
-                for handle in sends.handles:
-                    handle.open(message.block_ids, message.skip_blocks)
+                _open_all(sends, message.block_ids, message.skip_blocks)
         elif isinstance(message, AbortSends):
             with self._lock:
                 sends = self._sends.get(message.key)
@@ -323,6 +313,18 @@ class FollowerSends:
                     _remember(self._early_aborts, message.key, message.reason)
             if sends is not None:
                 sends.abort(message.reason)
+
+
+def _open_all(sends: LinkSends[DeferredSend], dst_block_ids: list[int], skip_blocks: int) -> None:
+    """The decode side's pages are known: open every link of the request from this rank."""
+    for handle in sends.handles:
+        handle.open(dst_block_ids, skip_blocks)
+
+
+def _fail_all(sends: LinkSends[DeferredSend], error: TransferError) -> None:
+    """The pages will never come: end every link of the request from this rank unopened."""
+    for handle in sends.handles:
+        handle.fail(error)
 
 
 def _remember(memory: OrderedDict[str, Any], key: str, value: Any) -> None:

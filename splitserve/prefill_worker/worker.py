@@ -54,6 +54,7 @@ from splitserve.engine.engine import RequestError
 from splitserve.engine.sequence import Sequence
 from splitserve.kv_transfer import ReceiverEndpoint, TransferAborted, TransferError
 from splitserve.prefill_worker.rank_sends import PrefillTransfers, RequestSend
+from splitserve.roles import Role
 from splitserve.worker_base import WorkerBase
 from splitserve.worker_common import CONTROL_GROUP, AbortedAttempts
 
@@ -94,7 +95,7 @@ def _cancelled(job: _Job) -> ServingError:
 
 
 class PrefillWorker(WorkerBase):
-    role = "prefill"
+    role = Role.PREFILL
 
     def __init__(self, worker_id: str, options: WorkerOptions):
         super().__init__(worker_id, options)
