@@ -1,9 +1,11 @@
 """What a multi-turn run reports per turn index: TTFT, KV moved, prefill tokens computed vs new tokens, prefix hit
-rate, worker affinity.
+rate next to an oracle's, worker affinity.
 
 Pure functions over turn records, whose cache and KV figures come from the server's per-request timing
 (``cached_prompt_tokens``, ``kv_transfer_bytes``). ``same_prefill_worker`` / ``same_decode_worker`` say how often a
-turn went back to the worker that served the conversation's previous turn.
+turn went back to the worker that served the conversation's previous turn. The oracle hit rate is what a placement
+that always finds a turn's whole previous context cached would hit: that context less its last token (whose KV is never
+computed), at token granularity, so it bounds every placement from above (the runtime caches whole blocks).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class TurnSummary:
     reused_tokens: float
     computed_tokens: float | None  # prompt tokens the prefill computed (prompt - cached), mean
     hit_rate: float | None  # cached / prompt tokens, over the turn's requests
+    oracle_hit_rate: float | None  # the same with the whole previous context cached (module docstring)
     kv_bytes: float | None  # KV bytes moved per request, mean
     kv_bytes_per_new_token: float | None  # KV bytes moved / the turn's new tokens, over the turn's requests
     same_prefill_worker: float | None  # share of ok turns on the previous turn's worker; None on the first turn
@@ -69,6 +72,7 @@ def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
         ok = [r for r in turn if r.status == OK]
         previous = [(r, by_key[(r.conversation, k - 1)]) for r in ok if k > 0]
         cached = [r for r in ok if r.cached_prompt_tokens is not None]
+        prompts = [r.prompt_tokens for r in cached]
         moved = [r for r in ok if r.kv_transfer_bytes is not None]
         summaries.append(
             TurnSummary(
@@ -81,7 +85,8 @@ def summarize_turns(records: Sequence[TurnRecord]) -> list[TurnSummary]:
                 new_tokens=float(np.mean([r.new_tokens for r in turn])),
                 reused_tokens=float(np.mean([r.reused_tokens for r in turn])),
                 computed_tokens=_mean([r.prompt_tokens - (r.cached_prompt_tokens or 0) for r in cached]),
-                hit_rate=_ratio([r.cached_prompt_tokens or 0 for r in cached], [r.prompt_tokens for r in cached]),
+                hit_rate=_ratio([r.cached_prompt_tokens or 0 for r in cached], prompts),
+                oracle_hit_rate=_ratio([max(r.reused_tokens - 1, 0) for r in cached], prompts),
                 kv_bytes=_mean([r.kv_transfer_bytes or 0 for r in moved]),
                 kv_bytes_per_new_token=_ratio([r.kv_transfer_bytes or 0 for r in moved], [r.new_tokens for r in moved]),
                 same_prefill_worker=_share([r.prefill_worker == p.prefill_worker for r, p in previous]) if k else None,
@@ -97,7 +102,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(runs: Sequence[PolicyRun]) -> str:
     headers = ["policy", "turn", "ok/sent", "TTFT p50 ms", "p90", "KV ms p50", "prompt", "new", "computed", "hit"]
-    headers += ["KV KB/req", "KV B/new tok", "same P", "same D"]
+    headers += ["oracle", "KV KB/req", "KV B/new tok", "same P", "same D"]
     cells = [
         [
             run.policy,
@@ -110,6 +115,7 @@ def format_table(runs: Sequence[PolicyRun]) -> str:
             f"{s.new_tokens:.0f}",
             _fmt(s.computed_tokens, ".0f"),
             _fmt(s.hit_rate, ".0%"),
+            _fmt(s.oracle_hit_rate, ".0%"),
             _fmt(None if s.kv_bytes is None else s.kv_bytes / 1024, ".0f"),
             _fmt(s.kv_bytes_per_new_token, ".0f"),
             _fmt(s.same_prefill_worker, ".0%"),

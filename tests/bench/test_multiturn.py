@@ -116,10 +116,12 @@ def test_the_per_turn_summary_counts_affinity_to_the_previous_turns_workers():
     assert second.ttft_ms["p50"] == 30  # the failed turn's latency is not counted
     # Over the ok turns only: prompts of 15 tokens, 8 of one of them cached.
     assert (second.computed_tokens, second.hit_rate) == (11, 8 / 30)
+    # The oracle finds each ok turn's previous 10 tokens cached, less the last one: 9 of 15, twice.
+    assert (first.oracle_hit_rate, second.oracle_hit_rate) == (0, 18 / 30)
     assert (second.kv_bytes, second.kv_bytes_per_new_token) == (1100, 2200 / 10)
     assert (first.hit_rate, first.kv_bytes_per_new_token) == (0, 100)
     table = format_table([PolicyRun("jsq", 1.0, records)])
-    assert "2/3" in table and "27%" in table and "KV B/new tok" in table
+    assert "2/3" in table and "27%" in table and "60%" in table and "KV B/new tok" in table
 
 
 def test_bad_multiturn_flags_exit_2_naming_the_flag(trace, capsys):
