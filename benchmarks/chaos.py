@@ -115,7 +115,7 @@ async def _one(cluster: Cluster, rid: str, prompt: list[int], max_tokens: int, l
 
 
 async def _prefix_hits(cluster: Cluster) -> int:
-    return sum(s.prefix_cache_hits for s in await cluster.refresh_stats())
+    return sum(s.prefix_cache_hit_blocks for s in await cluster.refresh_stats())
 
 
 async def _steady(cluster: Cluster, tag: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:

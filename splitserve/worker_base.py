@@ -137,7 +137,8 @@ class WorkerBase(ReportsReleases):
                 role=self.role,
                 kv_blocks_total=e.blocks.num_blocks,
                 kv_blocks_free=e.blocks.num_free,
-                prefix_cache_hits=e.blocks.prefix_hits,
+                prefix_cache_lookup_blocks=e.blocks.prefix_queries,
+                prefix_cache_hit_blocks=e.blocks.prefix_hits,
                 extra=extra,
                 **load,
             )

@@ -170,7 +170,9 @@ class WorkerStats:
     pending_prefill_tokens: int
     kv_blocks_total: int
     kv_blocks_free: int
-    prefix_cache_hits: int = 0
+    # Cumulative, in KV blocks: prompt blocks looked up in the prefix cache, and of those found there.
+    prefix_cache_lookup_blocks: int = 0
+    prefix_cache_hit_blocks: int = 0
     batch_size: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 

@@ -20,6 +20,7 @@ WORKER_COLUMNS = (
     "ACTIVE",
     "BATCH",
     "KV USED",
+    "PREFIX HIT",
     "ROUTED",
 )
 
@@ -31,6 +32,12 @@ def _n(value: Any) -> int:
 
 def _kv(used: int, total: int) -> str:
     return f"{used}/{total} ({100 * used / total:.0f}%)" if total else "-"
+
+
+def _prefix_hits(worker: dict[str, Any]) -> str:
+    """Share of the prompt blocks looked up that the prefix cache held, since the worker started."""
+    lookups = _n(worker.get("prefix_cache_lookup_blocks"))
+    return f"{100 * _n(worker.get('prefix_cache_hit_blocks')) / lookups:.0f}%" if lookups else "-"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -100,6 +107,7 @@ def format_status(status: dict[str, Any]) -> str:
             str(_n(w.get("active_requests"))),
             str(_n(w.get("batch_size"))),
             _kv(_n(w.get("kv_blocks_total")) - _n(w.get("kv_blocks_free")), _n(w.get("kv_blocks_total"))),
+            _prefix_hits(w),
             str(routed.get(w["worker_id"], 0)),
         ]
         for w in sorted(workers, key=lambda w: (ROLES.index(w.get("role", "decode")), w["worker_id"]))

@@ -30,6 +30,11 @@ _STATS_HELP: dict[str, str] = {
     "kv_blocks_total": "KV cache blocks of the worker.",
     "batch_size": "Sequences in the worker's current decode batch.",
 }
+# Counter name (after ``splitserve_worker_``, before ``_total``) -> help; also from the polled WorkerStats.
+_PREFIX_HELP: dict[str, str] = {
+    "prefix_cache_lookup_blocks": "Prompt KV blocks looked up in the worker's prefix cache.",
+    "prefix_cache_hit_blocks": "Prompt KV blocks found in the worker's prefix cache (not computed).",
+}
 
 
 def _stats_values(worker: Mapping[str, Any]) -> dict[str, float]:
@@ -69,6 +74,10 @@ class ClusterCollector(Collector):
             name: GaugeMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
             for name, text in _STATS_HELP.items()
         }
+        prefix = {
+            name: CounterMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
+            for name, text in _PREFIX_HELP.items()
+        }
         steps = {
             key: CounterMetricFamily(f"splitserve_worker_{key.removesuffix('_total')}", text, labels=_LABELS)
             for key, text in {**STEP_COUNTERS, **HANDOFF_COUNTERS}.items()
@@ -86,6 +95,8 @@ class ClusterCollector(Collector):
                 continue
             for name, value in _stats_values(w).items():
                 stats[name].add_metric(labels, value)
+            for name, counter in prefix.items():
+                counter.add_metric(labels, float(w.get(name) or 0))
             extra: Mapping[str, float] = w.get("extra") or {}
             for key, counter in steps.items():
                 if key in extra:
@@ -97,5 +108,6 @@ class ClusterCollector(Collector):
         yield ranks
         yield gpus
         yield from stats.values()
+        yield from prefix.values()
         yield from steps.values()
         yield from gpu.values()

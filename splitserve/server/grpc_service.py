@@ -111,6 +111,8 @@ def cluster_status_message(status: dict[str, Any]) -> pb.ClusterStatusResponse:
             draining=w.get("draining", False),
             tensor_parallel_size=w.get("tensor_parallel_size", 1),
             gpus=w.get("gpus", 0.0),
+            prefix_cache_lookup_blocks=w.get("prefix_cache_lookup_blocks", 0),
+            prefix_cache_hit_blocks=w.get("prefix_cache_hit_blocks", 0),
         )
         for w in status.get("workers", [])
     ]

@@ -76,16 +76,18 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
             # same (first) prefill worker for both.
             second = {c: first[c] + turn1[c][0] + _random(12, 3 + i) for i, c in enumerate(first)}
             turn2 = {c: await _ask(cluster, f"{c}2", p) for c, p in second.items()}
+            stats = {s.worker_id: s for s in await cluster.refresh_stats()}
+            prefill_hits = sum(stats[w].prefix_cache_hit_blocks for w in ("prefill-0", "prefill-1"))
             # Evictions leave the index: other prompts, at once so both prefill workers get some, push b's blocks
             # out of its worker's cache.
             b_worker = turn1["b"][1].prefill_worker
             await asyncio.gather(*(_ask(cluster, f"x{i}", _random(90, 10 + i)) for i in range(4)))
             await _until(lambda: held(second["b"], b_worker) == 0)
-            return turn1, second, turn2
+            return turn1, second, turn2, prefill_hits
         finally:
             await cluster.shutdown()
 
-    turn1, second, turn2 = asyncio.new_event_loop().run_until_complete(scenario())
+    turn1, second, turn2, prefill_hits = asyncio.new_event_loop().run_until_complete(scenario())
     assert {t.prefill_worker for _, t in turn1.values()} == {"prefill-0", "prefill-1"}
     assert {t.decode_worker for _, t in turn1.values()} == {"decode-0", "decode-1"}
     for c in first:
@@ -101,6 +103,8 @@ def test_second_turn_reuses_the_prefix_where_it_is_cached(ray_local, tiny_model_
         per_block = before.kv_transfer_bytes / -(-len(first[c]) // BLOCK)
         assert timing.kv_transfer_bytes == per_block * (-(-len(second[c]) // BLOCK) - held_blocks)
         assert tokens == hf_greedy_reference(tiny_model_dir, [second[c]], MAX_NEW)[0]
+    # The workers' stats count the same hits (status and /metrics show them): the first prompts' full blocks.
+    assert prefill_hits == sum(len(first[c]) // BLOCK for c in first)
 
 
 def test_a_short_follow_up_runs_alone_on_the_decode_worker_holding_the_conversation(ray_local, tiny_model_dir):

@@ -46,7 +46,8 @@ def test_status_table_lists_pools_and_workers():
         "kv_blocks_free": "144",
         "workers": [
             {"worker_id": "decode-0", "role": "decode", "healthy": True, "device": "cpu", "batch_size": 2,
-             "kv_blocks_total": "128", "kv_blocks_free": "96", "active_requests": 2},
+             "kv_blocks_total": "128", "kv_blocks_free": "96", "active_requests": 2,
+             "prefix_cache_lookup_blocks": "40", "prefix_cache_hit_blocks": "30"},
             {"worker_id": "prefill-1", "role": "prefill", "healthy": True, "draining": True, "device": "cuda:0",
              "kv_blocks_total": "64", "kv_blocks_free": "48", "restarts": 1},
         ],
@@ -58,8 +59,9 @@ def test_status_table_lists_pools_and_workers():
     lines = table.splitlines()
     prefill = next(line for line in lines if line.startswith("prefill-1")).split()
     assert prefill[:5] == ["prefill-1", "prefill", "draining", "1", "cuda:0"]
+    assert prefill[-2:] == ["-", "0"]  # nothing looked up in its prefix cache yet
     decode = next(line for line in lines if line.startswith("decode-0")).split()
-    assert decode[-4:] == ["2", "32/128", "(25%)", "2"]
+    assert decode[-5:] == ["2", "32/128", "(25%)", "75%", "2"]
     assert lines.index(next(line for line in lines if line.startswith("prefill-1"))) < lines.index(
         next(line for line in lines if line.startswith("decode-0"))
     )

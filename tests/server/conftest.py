@@ -93,8 +93,9 @@ class FakeCluster:
     def worker_status(self) -> list[dict[str, Any]]:
         return [
             {"worker_id": "prefill-0", "role": "prefill", "healthy": True, "kv_blocks_total": 64, "kv_blocks_free": 60},
-            {"worker_id": "decode-0", "role": "decode", "healthy": True, "kv_blocks_total": 128, "kv_blocks_free": 100},
-        ]
+            {"worker_id": "decode-0", "role": "decode", "healthy": True, "kv_blocks_total": 128, "kv_blocks_free": 100,
+             "prefix_cache_lookup_blocks": 40, "prefix_cache_hit_blocks": 30},
+        ]  # fmt: skip
 
 
 @dataclass

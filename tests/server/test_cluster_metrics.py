@@ -28,6 +28,8 @@ class FakeStatusCluster:
                 "kv_blocks_total": 64,
                 "kv_blocks_free": 60,
                 "batch_size": 0,
+                "prefix_cache_lookup_blocks": 40,
+                "prefix_cache_hit_blocks": 30,
                 "extra": {
                     "engine_failed": 0.0,
                     "gpu_power_watts": 312.5,
@@ -92,6 +94,9 @@ def test_exports_each_workers_stats_and_gpu_readings():
         _key("splitserve_worker_kv_blocks_used", "decode-0"): 28.0,
         _key("splitserve_worker_kv_blocks_total", "decode-0"): 128.0,
         _key("splitserve_worker_batch_size", "decode-0"): 5.0,
+        _key("splitserve_worker_prefix_cache_lookup_blocks_total", "prefill-0"): 40.0,
+        _key("splitserve_worker_prefix_cache_hit_blocks_total", "prefill-0"): 30.0,
+        _key("splitserve_worker_prefix_cache_hit_blocks_total", "decode-0"): 0.0,
         _key("splitserve_gpu_power_watts", "prefill-0", gpu=GPU): 312.5,
         _key("splitserve_gpu_memory_used_bytes", "prefill-0", gpu=GPU): 7e10,
         _key("splitserve_gpu_memory_total_bytes", "prefill-0", gpu=GPU): 8e10,
@@ -104,6 +109,7 @@ def test_exports_each_workers_stats_and_gpu_readings():
     assert "# TYPE splitserve_gpu_power_watts gauge" in text
     types = {family.name: family.type for family in text_string_to_metric_families(text)}
     assert types["splitserve_worker_engine_step_host_seconds"] == "counter"
+    assert types["splitserve_worker_prefix_cache_hit_blocks"] == "counter"
     # a worker that reports no step counters (prefill-0 here) gets none
     assert not [key for key in samples if "engine_step" in key[0] and ("worker_id", "prefill-0") in key[1]]
     assert not [key for key in samples if key[0].startswith("splitserve_gpu_") and ("worker_id", "decode-0") in key[1]]

@@ -128,6 +128,7 @@ def test_async_client_break_cancels_and_health_and_status(harness):
     health, status, result = asyncio.run(main())
     assert (health.serving, health.model, health.max_model_len) == (True, MODEL, MAX_MODEL_LEN)
     assert status["kv_blocks_total"] == "192" and status["workers"][1]["kv_blocks_free"] == "100"
+    assert status["workers"][1]["prefix_cache_hit_blocks"] == "30"
     assert status["router_loads"][0]["held_tokens"] == 40.0
     assert result.text == "heyh"
     assert harness.cluster.cancelled == ["async-break"]

@@ -121,7 +121,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size", "draining", "tensor_parallel_size", "gpus")
+    __slots__ = ("worker_id", "role", "healthy", "restarts", "device", "queued_requests", "active_requests", "pending_prefill_tokens", "kv_blocks_total", "kv_blocks_free", "batch_size", "draining", "tensor_parallel_size", "gpus", "prefix_cache_lookup_blocks", "prefix_cache_hit_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,8 @@ class WorkerStatus(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_LOOKUP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     healthy: bool
@@ -150,7 +152,9 @@ class WorkerStatus(_message.Message):
     draining: bool
     tensor_parallel_size: int
     gpus: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ..., draining: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., gpus: _Optional[float] = ...) -> None: ...
+    prefix_cache_lookup_blocks: int
+    prefix_cache_hit_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., queued_requests: _Optional[int] = ..., active_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., batch_size: _Optional[int] = ..., draining: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., gpus: _Optional[float] = ..., prefix_cache_lookup_blocks: _Optional[int] = ..., prefix_cache_hit_blocks: _Optional[int] = ...) -> None: ...
 
 class RouterLoad(_message.Message):
     __slots__ = ("worker_id", "pending_tokens", "held_tokens", "occupancy", "requests", "healthy", "draining")
