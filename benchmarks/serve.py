@@ -29,9 +29,9 @@ from splitserve.bench.cli import (
     workload_spec,
 )
 from splitserve.bench.hf_baseline import run_hf_baseline
-from splitserve.bench.local_cluster import local_cluster
+from splitserve.bench.local_cluster import sweep_local
 from splitserve.bench.requests import WorkloadSpec, make_requests
-from splitserve.bench.sweep import SweepResult, run_sweep_apart
+from splitserve.bench.sweep import SweepResult
 from splitserve.config import ConfigError, ServingMode, SplitserveConfig, load_config
 from splitserve.engine.resolve import resolve_model_path
 from splitserve.simulator.errors import SimInputError
@@ -55,11 +55,7 @@ async def sweep_modes(
     """One mode at a time, so each has the machine to itself."""
     results = []
     for mode in modes:
-        async with local_cluster(config, mode) as address:
-            print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
-            results.append(
-                await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
-            )
+        results.append(await sweep_local(config, mode, spec, rates, slo, args.warmup, args.timeout))
     return results
 
 
