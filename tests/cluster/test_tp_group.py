@@ -18,16 +18,7 @@ from splitserve.engine.testing import hf_greedy_reference
 from splitserve.ops.status_table import WORKER_COLUMNS, format_status
 from splitserve.server.cluster_metrics import ClusterCollector
 from splitserve.server.grpc_service import cluster_status_message
-from tests.chaos.harness import (
-    Harness,
-    assert_cut_short_cleanly,
-    chaos_config,
-    prompts,
-    run_request,
-    serve_after_restart,
-    settle,
-    until,
-)
+from tests.chaos.harness import Harness, chaos_config, kill_mid_request, prompts, run_request, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MAX_NEW = 8
@@ -106,22 +97,8 @@ def test_a_rank_killed_mid_request_restarts_the_whole_group(h, tiny_model_dir, v
     worker = h.cluster.workers["decode-0"]
     leader_pid, (follower,) = worker.info["pid"], worker.info["followers"]
     old_placement = worker.placement
-
-    async def scenario():
-        first = asyncio.Event()
-        tasks = [
-            asyncio.ensure_future(run_request(h.cluster, f"kill-{victim}-{i}", p, 40, first_token=first))
-            for i, p in enumerate(ps)
-        ]
-        await asyncio.wait_for(first.wait(), 60)
-        os.kill(follower["pid"] if victim == "follower" else leader_pid, signal.SIGKILL)
-        await settle(tasks, timeout_s=120)
-        again = await serve_after_restart(h, "decode-0", worker.restarts, f"after-{victim}", ps[0], 40)
-        return [t.result() for t in tasks], again
-
-    outs, again = h.run(scenario(), timeout=300)
-    assert_cut_short_cleanly(outs, want)
-    assert again.status == "completed" and again.tokens == want[0]
+    pid = follower["pid"] if victim == "follower" else leader_pid
+    kill_mid_request(h, "decode-0", pid, ps, want, 40, f"kill-{victim}", timeout=300)
     assert not _alive(leader_pid) and not _alive(follower["pid"])
     assert placement_group_table(old_placement)["state"] == "REMOVED"
     fresh = h.cluster.workers["decode-0"]
