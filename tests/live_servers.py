@@ -16,11 +16,13 @@ from splitserve.server.frontend import ServingCluster
 _C = TypeVar("_C", bound=ServingCluster)
 _T = TypeVar("_T")
 
-START_S = 120.0  # a real cluster's workers take ~15 s each to start on a loaded 2-core machine
+START_S = 120.0  # bounds a real cluster's start too: its workers load the model before the servers open
 
 
 @dataclass
 class LiveServers(Generic[_C]):
+    """What a test drives: the servers' addresses, and their loop to run the cluster's coroutines on."""
+
     cluster: _C
     servers: Servers
     loop: asyncio.AbstractEventLoop

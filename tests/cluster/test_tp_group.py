@@ -9,11 +9,11 @@ import os
 import signal
 
 import pytest
-from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.util.placement_group import placement_group_table
 
+from splitserve.client.calls import status_dict
 from splitserve.engine.testing import hf_greedy_reference
 from splitserve.ops.status_table import WORKER_COLUMNS, format_status
 from splitserve.server.cluster_metrics import ClusterCollector
@@ -68,7 +68,7 @@ def test_status_and_metrics_show_the_group_as_one_worker_of_its_ranks(h):
     (status,) = h.cluster.worker_status()
     assert (status["worker_id"], status["tensor_parallel_size"], status["gpus"]) == ("decode-0", TP, 0.0)
     message = cluster_status_message(h.run(h.cluster.status()))
-    answer = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    answer = status_dict(message)
     table = format_status(answer).splitlines()
     header = table.index(next(line for line in table if line.startswith("WORKER")))
     (row,) = [line.split() for line in table[header + 1 :]]
