@@ -18,20 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitserve import handoff_trace
-from splitserve.bench import handoff_report, report
-from splitserve.bench.cli import (
-    add_workload_args,
-    device_name,
-    parse_rates,
-    run_meta,
-    slo_from_args,
-    workload_meta,
-    workload_spec,
-)
+from splitserve.bench import cli, handoff_report, report
 from splitserve.bench.hf_baseline import run_hf_baseline
-from splitserve.bench.local_cluster import local_cluster
+from splitserve.bench.local_cluster import sweep_local
 from splitserve.bench.requests import WorkloadSpec, make_requests
-from splitserve.bench.sweep import SweepResult, run_sweep_apart
+from splitserve.bench.sweep import SweepResult
 from splitserve.config import ConfigError, ServingMode, SplitserveConfig, load_config
 from splitserve.engine.resolve import resolve_model_path
 from splitserve.simulator.errors import SimInputError
@@ -45,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-baseline", action="store_true", help="also run HF transformers generate on the requests")
     p.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of the HF baseline")
     p.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], help="default: the config's cluster.device")
-    add_workload_args(p)
+    cli.add_workload_args(p)
     return p.parse_args(argv)
 
 
@@ -55,11 +46,7 @@ async def sweep_modes(
     """One mode at a time, so each has the machine to itself."""
     results = []
     for mode in modes:
-        async with local_cluster(config, mode) as address:
-            print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
-            results.append(
-                await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
-            )
+        results.append(await sweep_local(config, mode, spec, rates, slo, args.warmup, args.timeout))
     return results
 
 
@@ -68,14 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         modes = [ServingMode(m.strip()) for m in args.modes.split(",") if m.strip()]
-        spec, rates = workload_spec(args), parse_rates(args.rates)
+        spec, rates = cli.workload_spec(args), cli.parse_rates(args.rates)
     except (ConfigError, SimInputError) as err:
         print(err, file=sys.stderr)
         return 2
     except ValueError:
         print(f"--modes: {args.modes!r} (fix: a comma-separated list of disaggregated, colocated)", file=sys.stderr)
         return 2
-    slo = slo_from_args(args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
+    slo = cli.slo_from_args(args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
     sweeps = asyncio.run(sweep_modes(config, modes, spec, rates, slo, args))
 
     import ray
@@ -95,12 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     out = Path(args.out_dir)
-    meta = run_meta(
+    meta = cli.run_meta(
         args,
         config=args.config,
-        device=device_name(config.cluster.device.value),
+        device=cli.device_name(config.cluster.device.value),
         model=config.model.path,
-        workload=workload_meta(args, spec, rates),
+        workload=cli.workload_meta(args, spec, rates),
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         hf_batch_size=args.hf_batch_size if args.hf_baseline else None,
     )

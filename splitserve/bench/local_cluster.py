@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from splitserve.bench.requests import WorkloadSpec
+from splitserve.bench.sweep import SweepResult, run_sweep_apart
 from splitserve.config import ServingMode, SplitserveConfig
 from splitserve.netaddr import join_host_port
+from splitserve.slo import SLO
 
 
 def config_for(config: SplitserveConfig, mode: ServingMode) -> SplitserveConfig:
@@ -36,3 +39,19 @@ async def local_cluster(config: SplitserveConfig, mode: ServingMode) -> AsyncIte
             await servers.stop(grace=1.0)
     finally:
         await cluster.shutdown()
+
+
+async def sweep_local(
+    config: SplitserveConfig,
+    mode: ServingMode,
+    spec: WorkloadSpec,
+    rates: list[float | None],
+    slo: SLO,
+    warmup: int,
+    timeout_s: float,
+) -> SweepResult:
+    """The rates swept, one after the other, on a cluster of ``config`` in ``mode`` started for them and stopped
+    after; the load comes from a process of its own (``run_sweep_apart``)."""
+    async with local_cluster(config, mode) as address:
+        print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
+        return await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=warmup, timeout_s=timeout_s)

@@ -36,11 +36,11 @@ from splitserve.bench.cli import (
     workload_meta,
     workload_spec,
 )
-from splitserve.bench.local_cluster import local_cluster
+from splitserve.bench.local_cluster import sweep_local
 from splitserve.bench.metrics import RequestRecord, Summary
 from splitserve.bench.requests import BenchRequest, WorkloadSpec, make_requests
 from splitserve.bench.serving_fit import fit_serving
-from splitserve.bench.sweep import RateRun, SweepResult, run_sweep_apart
+from splitserve.bench.sweep import RateRun, SweepResult
 from splitserve.config import ConfigError, Device, KVBackend, ServingMode, SplitserveConfig, load_config
 from splitserve.engine import step_trace
 from splitserve.engine.step_trace import StepRecord
@@ -289,12 +289,6 @@ def _served_steps(rows: list[dict[str, Any]], steps: Sequence[StepRecord], profi
     return tables
 
 
-async def _live(config: SplitserveConfig, mode: ServingMode, spec, rates, slo, args) -> SweepResult:  # type: ignore[no-untyped-def]
-    async with local_cluster(config, mode) as address:
-        print(f"{mode.value}: serving on {address}; sweeping rates {rates}", flush=True)
-        return await run_sweep_apart(address, spec, rates, slo, mode.value, warmup=args.warmup, timeout_s=args.timeout)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sweep: SweepResult | None = None
@@ -313,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     slo = slo_from_args(run_args, SLO(config.slo.ttft_ms, config.slo.tpot_ms))
     if sweep is None:
-        sweep = asyncio.run(_live(config, mode, spec, rates, slo, args))
+        sweep = asyncio.run(sweep_local(config, mode, spec, rates, slo, args.warmup, args.timeout))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = step_trace.load(args.step_trace) if args.step_trace else []

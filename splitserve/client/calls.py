@@ -6,14 +6,19 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
+from splitserve.client.errors import from_rpc_error
 from splitserve.client.types import GenerateOptions
 from splitserve.server.gen import splitserve_pb2 as pb
 from splitserve.server.gen import splitserve_pb2_grpc as pb_grpc
+
+_T = TypeVar("_T")
 
 
 def build_request(prompt: str | None, options: GenerateOptions) -> pb.GenerateRequest:
@@ -46,6 +51,11 @@ class Deadline:
 
     def remaining(self) -> float | None:
         return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+
+def status_dict(message: pb.ClusterStatusResponse) -> dict[str, Any]:
+    """ClusterStatus as plain data, every field present (zeros and empty lists included)."""
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -83,3 +93,16 @@ class ClientBase:
 
     def _call_args(self, deadline: Deadline) -> dict[str, Any]:
         return {"timeout": deadline.remaining(), "metadata": self._metadata}
+
+    def _sender(self, method: Callable[..., _T], request: Any, deadline: Deadline | None = None) -> Callable[[], _T]:
+        """One attempt of a unary call of ``method``, with what is left of ``deadline`` (by default the client's
+        timeout from now)."""
+        within = Deadline(self.timeout) if deadline is None else deadline
+        return lambda: method(request, **self._call_args(within))
+
+    def _backoff(self, err: grpc.RpcError, attempt: int, received: bool) -> float:
+        """Seconds to wait before the attempt after ``attempt`` failed with ``err``; raises the SDK's error instead
+        where the policy retries no more."""
+        if not self.retry.should_retry(err, attempt, received):
+            raise from_rpc_error(err) from None
+        return self.retry.delay(attempt)

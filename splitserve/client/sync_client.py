@@ -7,10 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
-from splitserve.client.calls import ClientBase, Deadline, build_request
-from splitserve.client.errors import from_rpc_error
+from splitserve.client.calls import ClientBase, Deadline, build_request, status_dict
 from splitserve.client.types import GenerateOptions, GenerateResult, Health, ScaleResult, TokenEvent
 from splitserve.server.gen import splitserve_pb2 as pb
 
@@ -54,8 +52,7 @@ class Client(ClientBase):
         deadline = Deadline(self.timeout if timeout is None else timeout)
         if stream:
             return self._stream(request, deadline)
-        message = self._unary(lambda: self._stub.GenerateUnary(request, **self._call_args(deadline)))
-        return GenerateResult.from_message(message)
+        return GenerateResult.from_message(self._unary(self._sender(self._stub.GenerateUnary, request, deadline)))
 
     def _stream(self, request: pb.GenerateRequest, deadline: Deadline) -> Iterator[TokenEvent]:
         attempt = 0
@@ -68,11 +65,10 @@ class Client(ClientBase):
                     yield TokenEvent.from_message(message)
                 return
             except grpc.RpcError as err:
-                if not self.retry.should_retry(err, attempt, received):
-                    raise from_rpc_error(err) from None
+                delay = self._backoff(err, attempt, received)
             finally:
                 call.cancel()  # a no-op after the last message; otherwise the server aborts the request
-            time.sleep(self.retry.delay(attempt))
+            time.sleep(delay)
             attempt += 1
 
     def _unary(self, send: Callable[[], _T]) -> _T:
@@ -81,33 +77,25 @@ class Client(ClientBase):
             try:
                 return send()
             except grpc.RpcError as err:
-                if not self.retry.should_retry(err, attempt, received=False):
-                    raise from_rpc_error(err) from None
-            time.sleep(self.retry.delay(attempt))
+                delay = self._backoff(err, attempt, received=False)
+            time.sleep(delay)
             attempt += 1
 
     def cancel(self, request_id: str) -> bool:
         """True when the request was running and is now aborted."""
-        deadline = Deadline(self.timeout)
-        request = pb.CancelRequest(request_id=request_id)
-        return self._unary(lambda: self._stub.Cancel(request, **self._call_args(deadline))).cancelled
+        return self._unary(self._sender(self._stub.Cancel, pb.CancelRequest(request_id=request_id))).cancelled
 
     def health(self) -> Health:
-        deadline = Deadline(self.timeout)
-        response = self._unary(lambda: self._stub.Health(pb.HealthRequest(), **self._call_args(deadline)))
-        return Health(response.serving, response.model, response.max_model_len)
+        return Health.from_message(self._unary(self._sender(self._stub.Health, pb.HealthRequest())))
 
     def cluster_status(self) -> dict[str, Any]:
-        deadline = Deadline(self.timeout)
-        response = self._unary(lambda: self._stub.ClusterStatus(pb.ClusterStatusRequest(), **self._call_args(deadline)))
-        return MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        return status_dict(self._unary(self._sender(self._stub.ClusterStatus, pb.ClusterStatusRequest())))
 
     def scale(self, role: str = "", replicas: int = 0, rebalance: bool = False) -> ScaleResult:
         """Resize the ``role`` pool to ``replicas`` workers, or (``rebalance=True``) move one worker to the busier
         phase if the router saw a sustained imbalance. Returns once new workers are ready / removed ones drained."""
-        deadline = Deadline(self.timeout)
         request = pb.ScaleRequest(role=role, replicas=replicas, rebalance=rebalance)
-        return ScaleResult.from_message(self._unary(lambda: self._stub.Scale(request, **self._call_args(deadline))))
+        return ScaleResult.from_message(self._unary(self._sender(self._stub.Scale, request)))
 
     def close(self) -> None:
         self._channel.close()

@@ -95,6 +95,10 @@ class Health:
     model: str
     max_model_len: int
 
+    @classmethod
+    def from_message(cls, message: pb.HealthResponse) -> Self:
+        return cls(message.serving, message.model, message.max_model_len)
+
 
 @dataclass(frozen=True)
 class ScaleResult:

@@ -33,6 +33,15 @@ class ControlAddress:
     authkey: bytes
 
 
+@dataclass(frozen=True)
+class AbortLinks:
+    """Leader to followers: drop your links of the transfer ``key`` (the request's id on a decode worker, the
+    attempt's key on a prefill worker), and tell their other ends ``reason``."""
+
+    key: str
+    reason: str
+
+
 class _Link:
     """One connection: sends from any thread (one at a time), reads on a thread of its own."""
 

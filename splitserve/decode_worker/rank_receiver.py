@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from splitserve.cluster.messages import ErrorCode, ServingError
-from splitserve.cluster.rank_control import FollowerControl, LeaderControl
+from splitserve.cluster.rank_control import AbortLinks, FollowerControl, LeaderControl
 from splitserve.cluster.rank_group import Followers, RankTransfer
 from splitserve.cluster.worker_options import WorkerOptions
 from splitserve.engine.runner import ModelRunner
@@ -49,14 +49,6 @@ class Expected:
 
     token: int
     error: str | None
-
-
-@dataclass(frozen=True)
-class AbortExpected:
-    """Leader to follower: drop the request's links (the senders are told)."""
-
-    request_id: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -278,7 +270,7 @@ class RankedReceiver:
 
     def _tell_followers(self, request_id: str, reason: str) -> None:
         if self._control is not None:
-            self._control.broadcast(AbortExpected(request_id, reason))
+            self._control.broadcast(AbortLinks(request_id, reason))
 
     def abort(self, request_id: str, reason: str = "aborted by the receiver") -> bool:
         found = self._local.abort(request_id, reason)
@@ -314,7 +306,7 @@ class RankedReceiver:
 
 class FollowerReceiver:
     """A decode follower's receiver: reserves its links of each request when the leader says (``Expect``), drops
-    them when it says (``AbortExpected``), and tells it how each request's part ended (``Landed``, ``Unwritten``)."""
+    them when it says (``AbortLinks``), and tells it how each request's part ended (``Landed``, ``Unwritten``)."""
 
     def __init__(self, runner: ModelRunner, transfer: RankTransfer, control: FollowerControl):
         self._runner = runner
@@ -326,8 +318,8 @@ class FollowerReceiver:
     def on_message(self, message: Any) -> None:
         if isinstance(message, Expect):
             self._expect(message)
-        elif isinstance(message, AbortExpected):
-            self.receiver.abort(message.request_id, message.reason)
+        elif isinstance(message, AbortLinks):
+            self.receiver.abort(message.key, message.reason)
 
     def _expect(self, order: Expect) -> None:
         rid = order.request_id

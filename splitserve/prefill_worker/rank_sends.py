@@ -6,7 +6,7 @@ from its own layer hook: the leader its links (``PrefillTransfers.begin``), each
 A follower learns of the request in the step that completes its prompt: the leader attaches the step's transfer
 orders (``SendOrder``: the request, its pages here, the decode worker's endpoints) to the step hand-off
 (``StepChannel.attach``). What comes later goes over the group's side channel (rank_control.py): the decode side's
-pages once reserved (``OpenSends``), an abort (``AbortSends``), and
+pages once reserved (``OpenSends``), an abort (``AbortLinks``), and
 back from each follower the end of its part (``SendsEnded``). The leader's ``RequestSend`` is done once every rank's
 part is: only then is the request's KV reported landed, or its pages freed.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from splitserve.cluster.rank_control import FollowerControl, LeaderControl
+from splitserve.cluster.rank_control import AbortLinks, FollowerControl, LeaderControl
 from splitserve.config import KVTransferConfig
 from splitserve.engine.runner import ModelRunner
 from splitserve.kv_transfer import ReceiverEndpoint, Sender, SendHandle, TransferError, TransferSpec, make_sender
@@ -55,12 +55,6 @@ class OpenSends:
     key: str
     block_ids: list[int]
     skip_blocks: int = 0
-
-
-@dataclass(frozen=True)
-class AbortSends:
-    key: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -184,7 +178,7 @@ class RequestSend:
 
     def _tell_followers(self, reason: str) -> None:
         if self._control is not None and self._ended:
-            self._control.broadcast(AbortSends(self.key, reason))
+            self._control.broadcast(AbortLinks(self.key, reason))
 
 
 class PrefillTransfers:
@@ -306,7 +300,7 @@ class FollowerSends:
                     _remember(self._early_pages, message.key, message)
             if sends is not None:
                 _open_all(sends, message.block_ids, message.skip_blocks)
-        elif isinstance(message, AbortSends):
+        elif isinstance(message, AbortLinks):
             with self._lock:
                 sends = self._sends.get(message.key)
                 if sends is None:

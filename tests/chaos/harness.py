@@ -8,7 +8,9 @@ expectations), the controller has nothing in flight and the router has nothing b
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -166,6 +168,20 @@ async def cancel_at_random(tasks: list[asyncio.Task], rng: random.Random, max_de
     await asyncio.gather(*(later(t) for t in tasks))
 
 
+async def start_until_a_first_token(
+    h: Harness, tag: str, ps: list[list[int]], max_tokens: int, deadline_s: float = 30
+) -> list[asyncio.Task]:
+    """Start the requests (``{tag}-{i}``) and return once any has its first token: the rest are mid-prefill or
+    mid-transfer."""
+    first = asyncio.Event()
+    tasks = [
+        asyncio.ensure_future(run_request(h.cluster, f"{tag}-{i}", p, max_tokens, first_token=first))
+        for i, p in enumerate(ps)
+    ]
+    await asyncio.wait_for(first.wait(), deadline_s)
+    return tasks
+
+
 async def settle(tasks: list[asyncio.Task], timeout_s: float) -> None:
     """Every client task ends (completed, failed or cancelled) within the bound: nothing hangs."""
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -201,3 +217,37 @@ def assert_cut_short_cleanly(outs: list[Outcome], want: list[list[int]]) -> None
         else:
             assert o.status == "error" and o.error is not None and o.error.code == ErrorCode.UNAVAILABLE, o
     assert any(o.status == "error" or o.timing.retries for o in outs)
+
+
+def kill_mid_request(
+    h: Harness,
+    worker_id: str,
+    pid: int,
+    ps: list[list[int]],
+    want: list[list[int]],
+    max_tokens: int,
+    tag: str,
+    *,
+    sent_after_kill: int = 0,
+    timeout: float = 400,
+) -> None:
+    """SIGKILL ``pid`` (a process of ``worker_id``) once one of the requests sent first has its first token, then
+    send the last ``sent_after_kill`` of ``ps``: each request completes with its ``want`` tokens or fails
+    UNAVAILABLE, none hangs, and the restarted worker serves again with nothing left held anywhere."""
+    restarts = h.cluster.workers[worker_id].restarts
+    first_wave = len(ps) - sent_after_kill
+
+    async def scenario() -> tuple[list[Outcome], Outcome]:
+        tasks = await start_until_a_first_token(h, tag, ps[:first_wave], max_tokens, deadline_s=60)
+        os.kill(pid, signal.SIGKILL)
+        tasks += [
+            asyncio.ensure_future(run_request(h.cluster, f"{tag}-{i}", ps[i], max_tokens))
+            for i in range(first_wave, len(ps))
+        ]
+        await settle(tasks, timeout_s=180)
+        again = await serve_after_restart(h, worker_id, restarts, f"{tag}-after", ps[0], max_tokens)
+        return [t.result() for t in tasks], again
+
+    outs, again = h.run(scenario(), timeout=timeout)
+    assert_cut_short_cleanly(outs, want)
+    assert again.status == "completed" and again.tokens == want[0]

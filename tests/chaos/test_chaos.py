@@ -26,6 +26,7 @@ from tests.chaos.harness import (
     prompts,
     run_request,
     settle,
+    start_until_a_first_token,
     until,
 )
 
@@ -70,17 +71,6 @@ async def _batch(h: Harness, tag: str, ps: list[list[int]], max_tokens: int) -> 
     t0 = time.monotonic()
     outs = await asyncio.gather(*(run_request(h.cluster, f"{tag}-{i}", p, max_tokens) for i, p in enumerate(ps)))
     return time.monotonic() - t0, list(outs)
-
-
-async def _until_a_first_token(h: Harness, tag: str, ps: list[list[int]]) -> list[asyncio.Future]:
-    """Start the requests (40 tokens each) and return once any has its first token: the rest are mid-prefill or
-    mid-transfer."""
-    first = asyncio.Event()
-    tasks = [
-        asyncio.ensure_future(run_request(h.cluster, f"{tag}-{i}", p, 40, first_token=first)) for i, p in enumerate(ps)
-    ]
-    await asyncio.wait_for(first.wait(), 30)
-    return tasks
 
 
 def _assert_completed(outs: list[Outcome]) -> None:
@@ -180,7 +170,9 @@ def test_cancel_mid_transfer(h):
     mid-prefill or mid-transfer. The transfer must stop by message, not spin until kv_transfer.timeout_s."""
 
     async def scenario():
-        tasks = await _until_a_first_token(h, "mid", prompts(10, lo=LONG_PROMPT, hi=LONG_PROMPT + 100, seed=41))
+        tasks = await start_until_a_first_token(
+            h, "mid", prompts(10, lo=LONG_PROMPT, hi=LONG_PROMPT + 100, seed=41), 40
+        )
         t0 = time.monotonic()
         for t in tasks:
             t.cancel()
@@ -210,7 +202,7 @@ def test_cluster_cancel_api(h):
 
     async def scenario():
         ps = prompts(12, lo=LONG_PROMPT, hi=LONG_PROMPT + 20, seed=61)
-        tasks = await _until_a_first_token(h, "api", ps)
+        tasks = await start_until_a_first_token(h, "api", ps, 40)
         results = await asyncio.gather(*(h.cluster.cancel(f"api-{i}") for i in range(len(ps))))
         assert any(results)
         await settle(tasks, timeout_s=10)

@@ -8,26 +8,11 @@ import asyncio
 import threading
 from concurrent.futures import Future
 
-from splitserve.cluster.messages import (
-    ErrorCode,
-    GenerateRequest,
-    PagesReady,
-    PrefillOrder,
-    ServingError,
-    StreamFailure,
-    TokenBatch,
-)
-from splitserve.cluster.worker_options import options_for
+from splitserve.cluster.messages import ErrorCode, PagesReady, PrefillOrder, ServingError, StreamFailure, TokenBatch
 from splitserve.decode_worker.worker import DecodeWorker
-from splitserve.engine import SamplingParams
 from splitserve.kv_transfer import ReceiverEndpoint
-from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.worker_common import AbortedAttempts, ReleaseLog
-from tests.support import tiny_cluster_config
-
-
-def _request(attempt: int) -> GenerateRequest:
-    return GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True), attempt=attempt)
+from tests.in_process import decode_worker, next_failure, prefill_worker, tiny_request
 
 
 def test_aborted_attempts_are_claimed_once_and_bounded():
@@ -52,51 +37,39 @@ def test_release_log_keeps_the_latest_time_per_request_and_is_bounded():
 
 
 def test_decode_worker_refuses_a_reservation_whose_abort_came_first(tiny_model_dir):
-    config = tiny_cluster_config(tiny_model_dir)
-
     async def scenario():
-        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(tiny_model_dir)))
-        try:
-            await worker.ready()
+        async with decode_worker(tiny_model_dir) as worker:
             free = worker.engine.blocks.num_free
             assert not await worker.abort("r1", 0)  # nothing here yet: remembered
-            [refused] = await worker.reserve([_request(0)])
+            [refused] = await worker.reserve([tiny_request("r1", attempt=0)])
             assert isinstance(refused, ServingError) and refused.code == ErrorCode.CANCELLED
             stats = await worker.stats()
             assert stats.kv_blocks_free == free and stats.extra["expected"] == 0 and stats.extra["held"] == 0
             # The retry (attempt 1) is served; an abort in the usual order frees it.
-            [pages] = await worker.reserve([_request(1)])
+            [pages] = await worker.reserve([tiny_request("r1", attempt=1)])
             assert isinstance(pages, PagesReady) and pages.block_ids
             assert await worker.abort("r1", 1)
             assert (await worker.stats()).kv_blocks_free == free
-        finally:
-            worker._thread.stop()
-            worker.receiver.close()
 
     asyncio.run(scenario())
 
 
 def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
-    config = tiny_cluster_config(tiny_model_dir)
-
     async def scenario():
-        worker = PrefillWorker("prefill-0", options_for(config, config.prefill, str(tiny_model_dir)))
-        try:
+        async with prefill_worker(tiny_model_dir) as worker:
             assert not await worker.abort("r1", 0)
             endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
             # Refused without a word: the router, which aborted it, waits for nothing from it.
-            assert await worker.prefill([PrefillOrder(_request(0), endpoint)]) == [None]
+            assert await worker.prefill([PrefillOrder(tiny_request("r1", attempt=0), endpoint)]) == [None]
             await worker.pages([PagesReady("r1", 0, [0])])  # the pages the router sends once it is taken: ignored
             await asyncio.sleep(0.2)  # time for anything it would post, or for a pass that ran it
             stats = await worker.stats()
             assert stats.extra["jobs"] == 0 and stats.queued_requests == 0 and not worker.releases.snapshot()
             assert worker._outbox._queue.empty()  # nothing posted for it
             # The retry (attempt 1) is taken.
-            assert await worker.prefill([PrefillOrder(_request(1), endpoint)]) == [None]
+            assert await worker.prefill([PrefillOrder(tiny_request("r1", attempt=1), endpoint)]) == [None]
             assert worker._jobs["r1"].request.attempt == 1
             assert await worker.abort("r1", 1)
-        finally:
-            worker._thread.stop()
 
     asyncio.run(scenario())
 
@@ -108,7 +81,7 @@ def test_decode_worker_abort_on_the_control_loop_ends_a_stream_of_the_default_lo
     async def scenario(worker: DecodeWorker, control: asyncio.AbstractEventLoop):
         free = worker.engine.blocks.num_free
         channel = worker.outputs()
-        long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=100, ignore_eos=True), attempt=0)
+        long = tiny_request("r1", max_tokens=100)
         await worker.start_local(long)
         first = await channel.__anext__()
         assert first and all(isinstance(item, TokenBatch) and item.attempt == 0 for item in first)
@@ -142,18 +115,12 @@ def test_an_abort_overtaken_by_the_start_it_cancels_still_ends_the_stream(tiny_m
         worker.receiver.unwritten = lambda request_id: gate  # fake: the abort waits here until the start is in
         aborted = asyncio.run_coroutine_threadsafe(worker.abort("r1", 0), control)
         await asyncio.sleep(0.2)  # its first end of the stream has run, with no stream open
-        long = GenerateRequest("r1", [5, 6, 7, 8], SamplingParams(max_tokens=1000, ignore_eos=True), attempt=0)
+        long = tiny_request("r1", max_tokens=1000)
         await worker.start_local(long)
         gate.set_result(None)
         assert await asyncio.wait_for(asyncio.wrap_future(aborted), 10)
 
-        async def failure() -> StreamFailure:
-            while True:
-                for item in await channel.__anext__():
-                    if isinstance(item, StreamFailure):
-                        return item
-
-        ended = await asyncio.wait_for(failure(), 10)
+        ended = await next_failure(channel, "r1")
         assert (ended.request_id, ended.attempt, ended.error.code) == ("r1", 0, ErrorCode.CANCELLED)
         stats = await worker.stats()
         assert stats.kv_blocks_free == free and stats.extra["streams"] == 0
@@ -174,7 +141,8 @@ def test_a_reservation_made_while_its_abort_runs_is_freed_by_that_abort(tiny_mod
         def abort_then_reserve(request_id: str, *args) -> bool:  # fake: forces the interleaving
             told = real_abort(request_id, *args)
             if not reserved:  # the abort's first word to the receiver: the reservation comes in right after it
-                helper = threading.Thread(target=lambda: reserved.extend(asyncio.run(worker.reserve([_request(0)]))))
+                first_try = [tiny_request("r1", attempt=0)]
+                helper = threading.Thread(target=lambda: reserved.extend(asyncio.run(worker.reserve(first_try))))
                 helper.start()
                 helper.join()
             return told
@@ -193,18 +161,12 @@ def test_a_reservation_made_while_its_abort_runs_is_freed_by_that_abort(tiny_mod
 def _run_beside_a_control_loop(model_dir, scenario) -> None:
     """Run ``scenario(worker, control)`` on an in-process decode worker, with a second event loop on its own thread
     standing in for the control concurrency group's, where Ray runs aborts."""
-    config = tiny_cluster_config(model_dir)
     control = asyncio.new_event_loop()
     threading.Thread(target=control.run_forever, name="control-group", daemon=True).start()
 
     async def run() -> None:
-        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(model_dir)))
-        try:
-            await worker.ready()
+        async with decode_worker(model_dir) as worker:
             await scenario(worker, control)
-        finally:
-            worker._thread.stop()
-            worker.receiver.close()
 
     try:
         asyncio.run(asyncio.wait_for(run(), 60))

@@ -9,25 +9,16 @@ import os
 import signal
 
 import pytest
-from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.util.placement_group import placement_group_table
 
+from splitserve.client.calls import status_dict
 from splitserve.engine.testing import hf_greedy_reference
 from splitserve.ops.status_table import WORKER_COLUMNS, format_status
 from splitserve.server.cluster_metrics import ClusterCollector
 from splitserve.server.grpc_service import cluster_status_message
-from tests.chaos.harness import (
-    Harness,
-    assert_cut_short_cleanly,
-    chaos_config,
-    prompts,
-    run_request,
-    serve_after_restart,
-    settle,
-    until,
-)
+from tests.chaos.harness import Harness, chaos_config, kill_mid_request, prompts, run_request, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MAX_NEW = 8
@@ -77,7 +68,7 @@ def test_status_and_metrics_show_the_group_as_one_worker_of_its_ranks(h):
     (status,) = h.cluster.worker_status()
     assert (status["worker_id"], status["tensor_parallel_size"], status["gpus"]) == ("decode-0", TP, 0.0)
     message = cluster_status_message(h.run(h.cluster.status()))
-    answer = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    answer = status_dict(message)
     table = format_status(answer).splitlines()
     header = table.index(next(line for line in table if line.startswith("WORKER")))
     (row,) = [line.split() for line in table[header + 1 :]]
@@ -106,22 +97,8 @@ def test_a_rank_killed_mid_request_restarts_the_whole_group(h, tiny_model_dir, v
     worker = h.cluster.workers["decode-0"]
     leader_pid, (follower,) = worker.info["pid"], worker.info["followers"]
     old_placement = worker.placement
-
-    async def scenario():
-        first = asyncio.Event()
-        tasks = [
-            asyncio.ensure_future(run_request(h.cluster, f"kill-{victim}-{i}", p, 40, first_token=first))
-            for i, p in enumerate(ps)
-        ]
-        await asyncio.wait_for(first.wait(), 60)
-        os.kill(follower["pid"] if victim == "follower" else leader_pid, signal.SIGKILL)
-        await settle(tasks, timeout_s=120)
-        again = await serve_after_restart(h, "decode-0", worker.restarts, f"after-{victim}", ps[0], 40)
-        return [t.result() for t in tasks], again
-
-    outs, again = h.run(scenario(), timeout=300)
-    assert_cut_short_cleanly(outs, want)
-    assert again.status == "completed" and again.tokens == want[0]
+    pid = follower["pid"] if victim == "follower" else leader_pid
+    kill_mid_request(h, "decode-0", pid, ps, want, 40, f"kill-{victim}", timeout=300)
     assert not _alive(leader_pid) and not _alive(follower["pid"])
     assert placement_group_table(old_placement)["state"] == "REMOVED"
     fresh = h.cluster.workers["decode-0"]

@@ -7,21 +7,11 @@ request retried or failed UNAVAILABLE, and nothing held anywhere."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 
 import pytest
 
 from splitserve.engine.testing import hf_greedy_reference
-from tests.chaos.harness import (
-    Harness,
-    assert_cut_short_cleanly,
-    chaos_config,
-    prompts,
-    run_request,
-    serve_after_restart,
-    settle,
-)
+from tests.chaos.harness import Harness, chaos_config, kill_mid_request, prompts, run_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 MAX_NEW = 8
@@ -111,23 +101,5 @@ def test_a_follower_killed_mid_request_retries_or_fails_it_and_strands_nothing(h
     role = "prefill" if h.layout[0] > 1 else "decode"
     ps = prompts(5, lo=20, hi=40, seed=59)
     want = hf_greedy_reference(tiny_model_dir, ps, LONG)
-    worker = h.cluster.workers[f"{role}-0"]
-    (follower,) = worker.info["followers"]
-
-    async def scenario():
-        first = asyncio.Event()
-
-        def start(i: int) -> asyncio.Task:
-            return asyncio.ensure_future(run_request(h.cluster, f"kill-{role}-{i}", ps[i], LONG, first_token=first))
-
-        tasks = [start(i) for i in range(3)]
-        await asyncio.wait_for(first.wait(), 60)
-        os.kill(follower["pid"], signal.SIGKILL)
-        tasks += [start(i) for i in range(3, len(ps))]
-        await settle(tasks, timeout_s=180)
-        again = await serve_after_restart(h, f"{role}-0", worker.restarts, f"after-{role}", ps[0], LONG)
-        return [t.result() for t in tasks], again
-
-    outs, again = h.run(scenario(), timeout=400)
-    assert_cut_short_cleanly(outs, want)
-    assert again.status == "completed" and again.tokens == want[0]
+    (follower,) = h.cluster.workers[f"{role}-0"].info["followers"]
+    kill_mid_request(h, f"{role}-0", follower["pid"], ps, want, LONG, f"kill-{role}", sent_after_kill=2, timeout=400)

@@ -7,50 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from splitserve.cluster.messages import (
-    ChannelMessage,
-    DecodeOrder,
-    ErrorCode,
-    GenerateRequest,
-    PagesReady,
-    ServingError,
-    StreamFailure,
-    Token,
-)
-from splitserve.cluster.worker_options import options_for
+from splitserve.cluster.messages import DecodeOrder, ErrorCode, PagesReady, ServingError, Token
 from splitserve.decode_worker.worker import DecodeWorker
-from splitserve.engine import SamplingParams
-from tests.support import tiny_cluster_config
-
-ANSWER_S = 10  # generous for a loaded 2-core machine
-
-
-def _request(request_id: str, prompt_len: int = 12, max_tokens: int = 8) -> GenerateRequest:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return GenerateRequest(request_id, list(range(1, prompt_len + 1)), params)
-
-
-async def _failure(channel: AsyncIterator[ChannelMessage], request_id: str) -> StreamFailure:
-    """The next failure posted for ``request_id`` on the worker's token channel (its tokens, if any, skipped)."""
-    while True:
-        for item in await asyncio.wait_for(channel.__anext__(), ANSWER_S):
-            if isinstance(item, StreamFailure) and item.request_id == request_id:
-                return item
+from tests.in_process import ANSWER_S, decode_worker, next_failure, tiny_request
 
 
 def _run_with_decode_worker(model_dir, scenario: Callable[[DecodeWorker], Awaitable[None]]) -> None:
-    config = tiny_cluster_config(model_dir)
-
     async def run() -> None:
-        worker = DecodeWorker("decode-0", options_for(config, config.decode, str(model_dir)))
-        try:
-            await worker.ready()
+        async with decode_worker(model_dir) as worker:
             await scenario(worker)
-        finally:
-            worker._thread.stop()
-            worker.receiver.close()
 
     asyncio.run(asyncio.wait_for(run(), 120))
 
@@ -58,8 +25,8 @@ def _run_with_decode_worker(model_dir, scenario: Callable[[DecodeWorker], Awaita
 def test_each_reservation_of_a_call_is_answered_on_its_own(tiny_model_dir):
     async def scenario(worker: DecodeWorker) -> None:
         free = worker.engine.blocks.num_free
-        too_long = _request("r-long", prompt_len=worker.engine.max_model_len + 1)
-        answers = await worker.reserve([_request("r1"), _request("r2"), _request("r1"), too_long])
+        too_long = tiny_request("r-long", prompt_len=worker.engine.max_model_len + 1)
+        answers = await worker.reserve([tiny_request("r1"), tiny_request("r2"), tiny_request("r1"), too_long])
         assert all(isinstance(pages, PagesReady) and pages.block_ids for pages in answers[:2])
         assert isinstance(answers[2], ServingError) and answers[2].code == ErrorCode.INVALID_ARGUMENT
         assert isinstance(answers[3], ServingError) and answers[3].code == ErrorCode.INVALID_ARGUMENT
@@ -78,16 +45,16 @@ def test_start_answers_at_once_and_a_failure_comes_on_the_token_channel(tiny_mod
         token = Token(7, "")
         # No reservation for it: the call still answers, and the failure comes on the channel for that attempt.
         assert await worker.start([DecodeOrder("r-none", 3, token)]) is None
-        ended = await _failure(channel, "r-none")
+        ended = await next_failure(channel, "r-none")
         assert (ended.attempt, ended.error.code) == (3, ErrorCode.INTERNAL) and "no reservation" in ended.error.message
 
         # Reserved, and its KV still on the way: start answers without waiting for it.
-        [pages] = await worker.reserve([_request("r1")])
+        [pages] = await worker.reserve([tiny_request("r1")])
         assert isinstance(pages, PagesReady)
         assert await asyncio.wait_for(worker.start([DecodeOrder("r1", 0, token)]), ANSWER_S) is None
         assert "r1" in worker._expected and not worker._expected["r1"].done()
         worker.receiver.abort("r1")  # the transfer fails (the sender gave up): the attempt ends there
-        ended = await _failure(channel, "r1")
+        ended = await next_failure(channel, "r1")
         assert ended.attempt == 0 and ended.error.code == ErrorCode.UNAVAILABLE
         assert "KV transfer failed" in ended.error.message
         for _ in range(100):  # _drop_failed frees the reservation on the engine's side
@@ -124,11 +91,11 @@ def test_an_abort_frees_a_reservation_during_a_step_and_a_request_in_the_batch_a
         free = worker.engine.blocks.num_free
         channel = worker.outputs()
         in_wait, release = _hold_the_next_device_wait(worker)
-        await worker.start_local(_request("r-batch", max_tokens=1000))
+        await worker.start_local(tiny_request("r-batch", max_tokens=1000))
         await asyncio.to_thread(in_wait.wait, ANSWER_S)
         assert in_wait.is_set()  # a step of r-batch is held in its device wait
 
-        [pages] = await worker.reserve([_request("r-reserved")])  # during the step: free pages only
+        [pages] = await worker.reserve([tiny_request("r-reserved")])  # during the step: free pages only
         assert isinstance(pages, PagesReady)
         assert await asyncio.wait_for(worker.abort("r-reserved", 0), ANSWER_S)  # while the step is still held
         assert "r-reserved" in worker.releases.snapshot() and not release.is_set()
@@ -139,7 +106,7 @@ def test_an_abort_frees_a_reservation_during_a_step_and_a_request_in_the_batch_a
         release.set()
         assert await asyncio.wait_for(dropping, ANSWER_S)
         assert "r-batch" in worker.releases.snapshot()
-        ended = await _failure(channel, "r-batch")
+        ended = await next_failure(channel, "r-batch")
         assert ended.error.code == ErrorCode.CANCELLED
         stats = await worker.stats()
         assert stats.kv_blocks_free == free and stats.extra["streams"] == 0 and stats.extra["expected"] == 0

@@ -21,29 +21,40 @@ BLOCKS = [5, 1, 8]
 SLOW = 30.0  # a timeout no test should ever reach
 
 
-@pytest.fixture
-def pair():
-    src, dst = FakeRunner(layers=4), FakeRunner(layers=4, seed=9)
-    receivers = []
+class Pair:
+    """A source and a destination runner, and the receivers and senders opened between them."""
 
-    def open_(backend="grpc", timeout_s=SLOW):
+    def __init__(self):
+        self.src, self.dst = FakeRunner(layers=4), FakeRunner(layers=4, seed=9)
+        self.receivers = []
+
+    def open(self, backend="grpc", timeout_s=SLOW):
         cfg = KVTransferConfig(backend=backend, timeout_s=timeout_s)
-        receiver = make_receiver(cfg, dst)
-        receivers.append(receiver)
+        receiver = make_receiver(cfg, self.dst)
+        self.receivers.append(receiver)
         return receiver, make_sender(cfg, receiver.endpoint)
 
-    yield src, dst, open_
-    for r in receivers:
+    def start(self, backend, request_id, layers, timeout_s=SLOW):
+        """A transfer of ``request_id`` the receiver expects and the sender has begun, with ``layers`` sent:
+        the receiver, its expectation's future and the sender's handle."""
+        receiver, sender = self.open(backend, timeout_s)
+        done = receiver.expect(self.dst.spec(request_id, BLOCKS))
+        handle = sender.begin(self.src.spec(request_id, BLOCKS))
+        send_all(handle, self.src, BLOCKS, layers=layers)
+        return receiver, done, handle
+
+
+@pytest.fixture
+def pair():
+    opened = Pair()
+    yield opened
+    for r in opened.receivers:
         r.close()
 
 
 @pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
 def test_sender_abort_frees_the_expectation(pair, backend):
-    src, dst, open_ = pair
-    receiver, sender = open_(backend)
-    done = receiver.expect(dst.spec("a", BLOCKS))
-    handle = sender.begin(src.spec("a", BLOCKS))
-    send_all(handle, src, BLOCKS, layers=[0, 1])
+    _, done, handle = pair.start(backend, "a", layers=[0, 1])
     t0 = time.monotonic()
     handle.abort("prefill failed")
     with pytest.raises(TransferAborted, match="prefill failed"):
@@ -55,57 +66,47 @@ def test_sender_abort_frees_the_expectation(pair, backend):
 
 @pytest.mark.parametrize("backend", ["local", "grpc", "tcp"])
 def test_receiver_abort_reaches_the_sender(pair, backend):
-    src, dst, open_ = pair
-    receiver, sender = open_(backend)
-    done = receiver.expect(dst.spec("b", BLOCKS))
-    handle = sender.begin(src.spec("b", BLOCKS))
-    send_all(handle, src, BLOCKS, layers=[0])
+    receiver, done, handle = pair.start(backend, "b", layers=[0])
     time.sleep(0.1)
-    before = dst.kv_cache.clone()
+    before = pair.dst.kv_cache.clone()
     assert receiver.abort("b", "client went away")
     t0 = time.monotonic()
-    send_all(handle, src, BLOCKS, layers=[1, 2, 3])  # later data is discarded, never raises here
+    send_all(handle, pair.src, BLOCKS, layers=[1, 2, 3])  # later data is discarded, never raises here
     with pytest.raises(TransferAborted):
         handle.finish()
     assert time.monotonic() - t0 < 2
     with pytest.raises(TransferAborted):
         done.result(timeout=1)
-    assert dst.kv_cache.equal(before)  # nothing written after abort()
+    assert pair.dst.kv_cache.equal(before)  # nothing written after abort()
 
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
 def test_abort_before_the_sender_starts(pair, backend):
-    src, dst, open_ = pair
-    receiver, sender = open_(backend)
-    receiver.expect(dst.spec("c", BLOCKS))
+    receiver, sender = pair.open(backend)
+    receiver.expect(pair.dst.spec("c", BLOCKS))
     receiver.abort("c")
-    handle = sender.begin(src.spec("c", BLOCKS))
-    send_all(handle, src, BLOCKS)
+    handle = sender.begin(pair.src.spec("c", BLOCKS))
+    send_all(handle, pair.src, BLOCKS)
     with pytest.raises(TransferAborted):
         handle.finish()
 
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
 def test_unknown_transfer_is_refused(pair, backend):
-    src, _, open_ = pair
-    _, sender = open_(backend)
-    handle = sender.begin(src.spec("nobody-expects-me", BLOCKS))
-    send_all(handle, src, BLOCKS)
+    _, sender = pair.open(backend)
+    handle = sender.begin(pair.src.spec("nobody-expects-me", BLOCKS))
+    send_all(handle, pair.src, BLOCKS)
     with pytest.raises(TransferError, match="no transfer expected"):
         handle.finish()
 
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
 def test_receiver_killed_mid_transfer(pair, backend):
-    src, dst, open_ = pair
-    receiver, sender = open_(backend)
-    receiver.expect(dst.spec("d", BLOCKS))
-    handle = sender.begin(src.spec("d", BLOCKS))
-    send_all(handle, src, BLOCKS, layers=[0])
+    receiver, _, handle = pair.start(backend, "d", layers=[0])
     time.sleep(0.1)
     t0 = time.monotonic()
     receiver.close()
-    send_all(handle, src, BLOCKS, layers=[1, 2, 3])
+    send_all(handle, pair.src, BLOCKS, layers=[1, 2, 3])
     with pytest.raises(PeerUnavailable):
         handle.finish()
     assert time.monotonic() - t0 < 3
@@ -127,11 +128,7 @@ def test_no_receiver_at_all(backend):
 
 @pytest.mark.parametrize("backend", ["grpc", "tcp"])
 def test_silent_sender_times_out(pair, backend):
-    src, dst, open_ = pair
-    receiver, sender = open_(backend, timeout_s=0.5)
-    done = receiver.expect(dst.spec("f", BLOCKS))
-    handle = sender.begin(src.spec("f", BLOCKS))
-    send_all(handle, src, BLOCKS, layers=[0])
+    _, done, handle = pair.start(backend, "f", layers=[0], timeout_s=0.5)
     t0 = time.monotonic()
     with pytest.raises(TransferTimeout):
         done.result(timeout=5)

@@ -3,61 +3,23 @@ background event loop so tests drive it through the blocking SDK and the CLI lik
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import pytest
 
 from splitserve.cluster.controller import Cluster
-from splitserve.server.app import Servers, serve
+from tests.live_servers import LiveServers, serve_on_a_thread
 from tests.ops.ray_head import RayHead, start_ray_head
 from tests.support import tiny_cluster_config
 
-_T = TypeVar("_T")
-
-
-tiny_config = tiny_cluster_config
-
-
-@dataclass
-class Live:
-    cluster: Cluster
-    servers: Servers
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.servers.grpc_port}"
-
-    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 120) -> _T:
-        """Run ``coro`` on the servers' loop and wait for it (bounded)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
 
 @pytest.fixture(scope="module")
-def live(ray_local, tiny_model_dir) -> Iterator[Live]:
+def live(ray_local, tiny_model_dir) -> Iterator[LiveServers[Cluster]]:
     """A 1 prefill + 1 decode cluster shared by a module (a worker takes ~15 s to start on 2 cores); stopped at
     teardown unless a test stopped it."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    cluster = Cluster(tiny_config(tiny_model_dir))
-
-    async def start() -> Servers:
-        await cluster.start()
-        return await serve(cluster, cluster.config)
-
-    harness = Live(cluster, asyncio.run_coroutine_threadsafe(start(), loop).result(120), loop)
-    try:
-        yield harness
-    finally:
-        harness.call(cluster.shutdown())
-        harness.call(harness.servers.stop(0))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    cluster = Cluster(tiny_cluster_config(tiny_model_dir))
+    with serve_on_a_thread(cluster, setup=cluster.start, teardown=cluster.shutdown) as servers:
+        yield servers
 
 
 @pytest.fixture

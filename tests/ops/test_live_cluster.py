@@ -61,12 +61,12 @@ class _Load:
 
 
 def test_scale_up_and_down_under_load_loses_no_request(live, capsys):
-    with _Load(live.address) as load, Client(live.address) as admin:
+    with _Load(live.grpc_address) as load, Client(live.grpc_address) as admin:
         assert admin.scale("prefill", 2).added == ["prefill-1"]
         assert admin.scale("decode", 2).added == ["decode-1"]
         _wait_for(lambda: {"prefill-1", "decode-1"} <= load.served_by(), "the new workers to serve requests")
 
-        assert main(["status", "--address", live.address]) == 0
+        assert main(["status", "--address", live.grpc_address]) == 0
         table = capsys.readouterr().out
         for worker in ("prefill-0", "prefill-1", "decode-0", "decode-1"):
             assert f"\n{worker} " in table, table
@@ -86,7 +86,7 @@ def test_scale_up_and_down_under_load_loses_no_request(live, capsys):
 
 def test_drain_lets_in_flight_requests_finish_and_rejects_new_ones(live):
     """Stops the module's cluster, so it stays the last test here."""
-    with Client(live.address, retries=0, timeout=WAIT_S) as client:
+    with Client(live.grpc_address, retries=0, timeout=WAIT_S) as client:
         stream = client.generate("a long one", max_tokens=LONG_TOKENS, ignore_eos=True)
         tokens = list(next(stream).token_ids)
         drained = asyncio.run_coroutine_threadsafe(drain_and_stop(live.cluster, live.servers, WAIT_S), live.loop)

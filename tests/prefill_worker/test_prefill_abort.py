@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from splitserve.cluster.messages import (
     ChannelItem,
     ErrorCode,
-    GenerateRequest,
     PagesReady,
     PrefillOrder,
     ServingError,
@@ -19,20 +18,14 @@ from splitserve.cluster.messages import (
     TokenBatch,
     TransferReport,
 )
-from splitserve.cluster.worker_options import options_for
 from splitserve.decode_worker.worker import DecodeWorker
-from splitserve.engine import SamplingParams
 from splitserve.kv_transfer import ReceiverEndpoint, TransferSpec
 from splitserve.prefill_worker.worker import PrefillWorker
-from tests.support import tiny_cluster_config
+from tests.in_process import decode_worker, prefill_worker, tiny_request
 
 # A receiver nobody runs: these tests' transfers are never opened (their pages never come), so nothing dials it.
 NOWHERE = ReceiverEndpoint("nobody", "localhost", 0, "cpu", address="127.0.0.1:1", backends=("grpc",))
 ANSWER_S = 10  # generous for a loaded 2-core machine; an abort that waits for the gated pass never answers
-
-
-def _request(request_id: str, prompt_len: int = 40) -> GenerateRequest:
-    return GenerateRequest(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8, ignore_eos=True))
 
 
 class ChannelReader:
@@ -76,16 +69,13 @@ def _cancelled_only(items: list[ChannelItem]) -> bool:
 
 
 def _run_with_prefill_worker(model_dir, scenario: Callable[[PrefillWorker, ChannelReader], Awaitable[None]]) -> None:
-    config = tiny_cluster_config(model_dir)
-
     async def run() -> None:
-        worker = PrefillWorker("prefill-0", options_for(config, config.prefill, str(model_dir)))
-        channel = ChannelReader(worker)
-        try:
-            await scenario(worker, channel)
-        finally:
-            channel.close()
-            worker._thread.stop()
+        async with prefill_worker(model_dir) as worker:
+            channel = ChannelReader(worker)
+            try:
+                await scenario(worker, channel)
+            finally:
+                channel.close()
 
     asyncio.run(asyncio.wait_for(run(), 120))
 
@@ -113,11 +103,12 @@ def _gate_passes(worker: PrefillWorker) -> tuple[threading.Event, threading.Even
 def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_dir):
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         in_pass, release = _gate_passes(worker)
-        assert await worker.prefill([PrefillOrder(_request("r-running"), NOWHERE)]) == [None]  # its pages never come
+        running = tiny_request("r-running", prompt_len=40)
+        assert await worker.prefill([PrefillOrder(running, NOWHERE)]) == [None]  # its pages never come
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set()
         # Answered at once: queued behind the held pass.
-        assert await worker.prefill([PrefillOrder(_request("r-queued"), NOWHERE)]) == [None]
+        assert await worker.prefill([PrefillOrder(tiny_request("r-queued", prompt_len=40), NOWHERE)]) == [None]
         assert "r-queued" in worker._jobs
 
         assert await asyncio.wait_for(worker.abort("r-queued", 0), ANSWER_S)  # while the pass is still held
@@ -134,7 +125,7 @@ def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_d
 def test_each_prompt_of_a_call_is_answered_on_its_own(tiny_model_dir):
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         _, release = _gate_passes(worker)
-        orders = [PrefillOrder(_request(rid), NOWHERE) for rid in ("r1", "r2", "r1")]
+        orders = [PrefillOrder(tiny_request(rid, prompt_len=40), NOWHERE) for rid in ("r1", "r2", "r1")]
         refusals = await worker.prefill(orders)
         assert refusals[:2] == [None, None]
         assert isinstance(refusals[2], ServingError) and refusals[2].code == ErrorCode.INVALID_ARGUMENT
@@ -152,7 +143,7 @@ def test_a_prompt_aborted_during_its_pass_frees_its_pages_when_that_pass_ends(ti
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         free = worker.engine.blocks.num_free
         in_pass, release = _gate_passes(worker)
-        assert await worker.prefill([PrefillOrder(_request("r1"), NOWHERE)]) == [None]
+        assert await worker.prefill([PrefillOrder(tiny_request("r1", prompt_len=40), NOWHERE)]) == [None]
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set() and worker.engine.blocks.num_free < free
 
@@ -176,29 +167,24 @@ Body = Callable[[PrefillWorker, ChannelReader, DecodeWorker, list[int]], Awaitab
 def _with_a_receiver(model_dir, body: Body) -> None:
     """Run ``body(worker, channel, decode, dst)`` once r1 is queued on ``worker`` and a real decode worker's receiver
     expects its KV in pages ``dst``; then check that every page came back."""
-    config = tiny_cluster_config(model_dir)
 
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
-        decode = DecodeWorker("decode-0", options_for(config, config.decode, str(model_dir)))
-        try:
-            await decode.ready()
+        async with decode_worker(model_dir) as decode:
             free = worker.engine.blocks.num_free
-            prompt_len = len(_request("r1").engine_prompt)
+            request = tiny_request("r1", prompt_len=40)
+            prompt_len = len(request.engine_prompt)
             runner = decode.engine.runner
             dst = decode.engine.blocks.allocate(decode.engine.blocks.blocks_for(prompt_len))
             decode.receiver.expect(
                 TransferSpec("r1", runner.spec.num_layers, prompt_len, dst, runner.page_shape, "float32")
             )
-            assert await worker.prefill([PrefillOrder(_request("r1"), decode.receiver.endpoint)]) == [None]
+            assert await worker.prefill([PrefillOrder(request, decode.receiver.endpoint)]) == [None]
             await body(worker, channel, decode, dst)
             for _ in range(100):
                 if "r1" in worker.releases.snapshot():
                     break
                 await asyncio.sleep(0.05)
             assert worker.engine.blocks.num_free == free and not worker._jobs
-        finally:
-            decode._thread.stop()
-            decode.receiver.close()
 
     _run_with_prefill_worker(model_dir, scenario)
 

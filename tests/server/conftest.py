@@ -6,8 +6,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from splitserve.cluster.messages import GenerateRequest, RequestTiming, ServingError, Token, TokenBatch
 from splitserve.config import ModelConfig, ServerConfig, SplitserveConfig
 from splitserve.engine.testing import build_byte_tokenizer
-from splitserve.server.app import Servers, serve
+from tests.live_servers import LiveServers, serve_on_a_thread
 
 MODEL = "fake-model"
 MAX_MODEL_LEN = 128
@@ -98,43 +96,19 @@ class FakeCluster:
         ]  # fmt: skip
 
 
-@dataclass
-class Harness:
-    cluster: FakeCluster
-    servers: Servers
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.servers.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.servers.http_port}"
-
-
-def _start(server: ServerConfig) -> Iterator[Harness]:
-    config = SplitserveConfig(model=ModelConfig(name=MODEL), server=server)
-    cluster = FakeCluster(config)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    started: Future[Servers] = asyncio.run_coroutine_threadsafe(serve(cluster, config, 0, 0), loop)
-    servers = started.result(timeout=10)
-    yield Harness(cluster, servers, loop)
-    asyncio.run_coroutine_threadsafe(servers.stop(0), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=5)
+def _start(server: ServerConfig) -> Iterator[LiveServers[FakeCluster]]:
+    with serve_on_a_thread(FakeCluster(SplitserveConfig(model=ModelConfig(name=MODEL), server=server))) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
-def harness() -> Iterator[Harness]:
+def harness() -> Iterator[LiveServers[FakeCluster]]:
     """Open servers (no token) with a roomy per-client limit."""
     yield from _start(ServerConfig(host="127.0.0.1", max_request_bytes=4096))
 
 
 @pytest.fixture(scope="module")
-def secured() -> Iterator[Harness]:
+def secured() -> Iterator[LiveServers[FakeCluster]]:
     """Servers that require TOKEN and allow one request in flight per client."""
     yield from _start(ServerConfig(host="127.0.0.1", auth_token=TOKEN, max_concurrent_per_client=1))
 
