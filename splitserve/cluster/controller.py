@@ -96,12 +96,21 @@ class Cluster:
 
     @property
     def max_model_len(self) -> int:
-        """The longest prompt + output any request may have (the smallest over the workers). UNAVAILABLE while no
-        worker is registered: there is nothing to take the figure from."""
-        lengths = [w.info["max_model_len"] for w in self.workers.values() if w.info]
-        if not lengths:
+        """The longest prompt + output any request may have (the smallest over the workers)."""
+        return self._least_over_workers("max_model_len")
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the model's embedding rows, which may outnumber the tokenizer's ids (padded
+        vocabularies), so the model can answer with ids the tokenizer lacks and a follow-up resends them."""
+        return self._least_over_workers("vocab_size")
+
+    def _least_over_workers(self, key: str) -> int:
+        """UNAVAILABLE while no worker is registered: there is nothing to take the figure from."""
+        figures = [w.info[key] for w in self.workers.values() if w.info]
+        if not figures:
             raise ServingError(ErrorCode.UNAVAILABLE, self.unavailable_reason() or "no worker is registered")
-        return min(lengths)
+        return min(figures)
 
     async def status(self) -> dict[str, Any]:
         return {

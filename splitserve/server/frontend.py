@@ -35,6 +35,9 @@ class ServingCluster(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
     def unavailable_reason(self) -> str | None: ...
 
     def generate(
@@ -81,6 +84,7 @@ class Frontend:
         return ValidationContext(
             tokenizer=self.cluster.tokenizer,
             max_model_len=self.cluster.max_model_len,
+            vocab_size=self.cluster.vocab_size,
             served_name=self.model_name,
             max_request_bytes=self.server.max_request_bytes,
         )

@@ -29,6 +29,7 @@ class ValidationContext:
 
     tokenizer: Any
     max_model_len: int
+    vocab_size: int  # the model's, not len(tokenizer): its answers may hold ids past the tokenizer's
     served_name: str
     max_request_bytes: int
 
@@ -164,10 +165,9 @@ def _path_part(part: str | int) -> str:
 def _check_ids(ids: list[int], ctx: ValidationContext, field: str) -> list[int]:
     if not ids:
         raise invalid(field, "is empty")
-    vocab = len(ctx.tokenizer)
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    bad = next((t for t in ids if not 0 <= t < ctx.vocab_size), None)
     if bad is not None:
-        raise invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        raise invalid(field, f"token id {bad} is outside the model's vocabulary [0, {ctx.vocab_size})")
     return ids
 
 

@@ -17,6 +17,7 @@ from tests.live_servers import LiveServers, serve_on_a_thread
 
 MODEL = "fake-model"
 MAX_MODEL_LEN = 128
+VOCAB_SIZE = 300  # past the byte tokenizer's ids, as a padded embedding table is
 TOKEN = "s3cret"
 
 
@@ -27,6 +28,7 @@ class FakeCluster:
         self.config = config
         self.tokenizer = build_byte_tokenizer()
         self.max_model_len = MAX_MODEL_LEN
+        self.vocab_size = VOCAB_SIZE
         self.hold = threading.Event()  # set = generation pauses after the first batch
         self.started = threading.Event()
         self.cancelled: list[str] = []

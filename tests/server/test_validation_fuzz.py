@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
@@ -13,7 +14,9 @@ from splitserve.cluster.messages import ErrorCode, ServingError
 from splitserve.engine.testing import build_byte_tokenizer
 from splitserve.server.validation import ValidationContext, parse_chat, parse_completion, parse_json
 
-CTX = ValidationContext(build_byte_tokenizer(), max_model_len=64, served_name="m", max_request_bytes=4096)
+CTX = ValidationContext(
+    build_byte_tokenizer(), max_model_len=64, vocab_size=300, served_name="m", max_request_bytes=4096
+)
 FUZZ = settings(
     database=DirectoryBasedExampleDatabase(str(Path(__file__).parent / "fuzz_corpus")), max_examples=150, deadline=None
 )
@@ -62,3 +65,13 @@ def test_raw_bytes(raw):
         assert err.code == ErrorCode.INVALID_ARGUMENT
         return
     _accepts_or_invalid(parse_completion, body)
+
+
+def test_token_ids_are_checked_against_the_models_vocabulary_not_the_tokenizers():
+    """A padded embedding table has more rows than the tokenizer has ids: the model may answer with such an id, and a
+    follow-up turn that resends the answer must be served."""
+    assert len(CTX.tokenizer) < 280 < CTX.vocab_size
+    assert parse_completion({"prompt": [1, 280], "max_tokens": 2}, CTX).generate.prompt_token_ids == [1, 280]
+    with pytest.raises(ServingError, match=r"prompt.*model's vocabulary \[0, 300\)") as err:
+        parse_completion({"prompt": [1, CTX.vocab_size]}, CTX)
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT
