@@ -50,7 +50,8 @@ def _sent(engine: Engine) -> float:
 
 
 def decode_row(engine: Engine, clock: CollectiveClock, batch: int, steps: int) -> dict[str, float]:
-    """Per decode step of ``batch`` sequences: wall ms, the leader's hand-off ms, collective ms. Timed on a second
+    """Per decode step of ``batch`` sequences: wall ms, the leader's host ms (all but its waits for the device; the
+    hand-off included), the leader's hand-off ms, collective ms. Timed on a second
     run of the same lengths: on the CPU each new context length costs its first step a set-up."""
     _decode_steps(engine, clock, batch, steps, "warm")
     return _decode_steps(engine, clock, batch, steps, "timed")
@@ -62,7 +63,7 @@ def _decode_steps(engine: Engine, clock: CollectiveClock, batch: int, steps: int
         engine.add_request(f"{tag}{batch}-{i}", [(7 * i + j) % 200 + 1 for j in range(16)], params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.running) or engine.waiting:
         engine.step()
-    began, sent, coll = time.perf_counter(), _sent(engine), clock.seconds
+    began, sent, coll, host = time.perf_counter(), _sent(engine), clock.seconds, engine.step_times.host_s
     for _ in range(steps):
         engine.step()
     wall = (time.perf_counter() - began) / steps
@@ -70,6 +71,7 @@ def _decode_steps(engine: Engine, clock: CollectiveClock, batch: int, steps: int
         engine.step()
     return {
         "step_ms": 1e3 * wall,
+        "host_ms": 1e3 * (engine.step_times.host_s - host) / steps,
         "handoff_ms": 1e3 * (_sent(engine) - sent) / steps,
         "collective_ms": 1e3 * (clock.seconds - coll) / steps,
     }
@@ -115,14 +117,17 @@ def main() -> None:
                 rows.append({"tp": tp, "batch": batch, **row})
             for length in lengths:
                 rows.append({"tp": tp, "prompt": length, "ttft_ms": ttft_ms(engine, length)})
-    print(f"{'tp':>3} {'batch':>6} {'step ms':>9} {'hand-off ms':>12} {'(% of step)':>12} {'collectives ms':>15}")
+    print(
+        f"{'tp':>3} {'batch':>6} {'step ms':>9} {'host ms':>8} {'hand-off ms':>12} {'(% of step)':>12} "
+        f"{'collectives ms':>15}"
+    )
     for row in rows:
         if "batch" in row:
             share = 100 * row["handoff_ms"] / row["step_ms"]
             coll = "-" if row["collective_ms"] != row["collective_ms"] else f"{row['collective_ms']:.2f}"
             print(
-                f"{row['tp']:>3} {row['batch']:>6} {row['step_ms']:>9.2f} {row['handoff_ms']:>12.3f} "
-                f"{share:>11.1f}% {coll:>15}"
+                f"{row['tp']:>3} {row['batch']:>6} {row['step_ms']:>9.2f} {row['host_ms']:>8.2f} "
+                f"{row['handoff_ms']:>12.3f} {share:>11.1f}% {coll:>15}"
             )
     for row in rows:
         if "prompt" in row:
