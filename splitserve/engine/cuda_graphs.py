@@ -13,8 +13,10 @@ writes zeros) and a KV slot in a scratch block that the block manager never hand
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -184,6 +186,21 @@ def capture(
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # thread_local: a worker's other threads (KV transfer, server) may touch CUDA while this one captures.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with _collector_paused(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = forward()
     return graph, out
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection inside a capture: a collection runs finalizers on the capturing thread, and a CUDA call
+    one makes there (releasing an old engine's graphs, events or memory) may invalidate the capture. Collected once
+    before instead, so the pause does not grow the heap."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

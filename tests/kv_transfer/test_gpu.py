@@ -103,6 +103,13 @@ def test_cuda_ipc_writer_scatters_with_an_index_ready_on_its_own_stream():
     gather, side = torch.cuda.Stream(), torch.cuda.Stream()
     with torch.cuda.stream(gather):
         pages = src.gather_pages(0, BLOCKS)
+    # A first write loads the kernels and grows the allocator, either of which may synchronize the whole device:
+    # done here, before the default stream is made busy, the timed write below can only wait on it by its streams.
+    warm = IpcWriter(dst.kv_cache, dst.spec("warm", BLOCKS), side)
+    warm.ready()
+    with torch.cuda.stream(gather):
+        warm.prepare(1, pages)
+    warm.drain()
     stale = [index_tensor([0] * len(BLOCKS), dst.device) for _ in range(256)]
     untouched = dst.gather_pages(0, [0])  # block 0 is no destination: a stale index of zeros would write it
     torch.cuda.synchronize()
