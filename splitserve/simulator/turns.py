@@ -22,6 +22,7 @@ class TurnMetrics:
     computed_tokens: float  # prefill tokens computed
     moved_kv_bytes: float  # 0 colocated
     hit_rate: float  # prompt tokens found in a prefix cache / prompt tokens
+    oracle_hit_rate: float  # the same with each turn's whole previous context cached (less its last token)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +50,7 @@ def per_turn(result: RunResult) -> list[TurnMetrics]:
                 computed_tokens=float((prompt - cached).mean()),
                 moved_kv_bytes=float(stats.moved_tokens[at].mean() * bytes_per_token),
                 hit_rate=float(cached.sum() / prompt.sum()),
+                oracle_hit_rate=float(np.maximum(conv.prefix_tokens[at] - 1, 0).sum() / prompt.sum()),
             )
         )
     return rows
@@ -62,7 +64,8 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_turns(rows: Sequence[TurnMetrics]) -> str:
-    headers = ["turn", "requests", "TTFT p50 ms", "p90", "prompt", "new", "computed", "hit rate", "KV MB moved"]
+    headers = ["turn", "requests", "TTFT p50 ms", "p90", "prompt", "new", "computed", "hit rate", "oracle"]
+    headers.append("KV MB moved")
     cells = [
         [
             str(r.turn),
@@ -73,6 +76,7 @@ def format_turns(rows: Sequence[TurnMetrics]) -> str:
             f"{r.new_tokens:.0f}",
             f"{r.computed_tokens:.0f}",
             f"{r.hit_rate:.1%}",
+            f"{r.oracle_hit_rate:.1%}",
             f"{r.moved_kv_bytes / 1e6:.2f}",
         ]
         for r in rows

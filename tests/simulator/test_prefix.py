@@ -47,8 +47,11 @@ def test_colocated_on_one_worker_computes_only_each_turns_message():
     p = prompts()
     assert result.workload.prompt_tokens.tolist() == p
     assert result.prefix.cached_tokens.tolist() == [0, p[0] + ANSWERS[0] - 1, p[1] + ANSWERS[1] - 1]
-    computed = [t.computed_tokens for t in per_turn(result)]
-    assert computed == [MESSAGES[0], MESSAGES[1] + 1, MESSAGES[2] + 1]
+    turns = per_turn(result)
+    assert [t.computed_tokens for t in turns] == [MESSAGES[0], MESSAGES[1] + 1, MESSAGES[2] + 1]
+    # One worker that keeps everything is the oracle: its hit rate is the oracle's on every turn.
+    assert [t.hit_rate for t in turns] == pytest.approx([t.oracle_hit_rate for t in turns])
+    assert turns[1].oracle_hit_rate == pytest.approx((p[0] + ANSWERS[0] - 1) / p[1])
     assert result.prefix.moved_tokens.tolist() == [0, 0, 0]
 
 
@@ -65,6 +68,7 @@ def test_disaggregated_prefill_recomputes_the_answer_and_decode_receives_only_th
     turns = per_turn(result)
     assert turns[1].moved_kv_bytes == (MESSAGES[1] + 1) * toy.kv_bytes_per_token
     assert turns[2].hit_rate == pytest.approx(p[1] / p[2])
+    assert turns[2].oracle_hit_rate == pytest.approx((p[1] + ANSWERS[1] - 1) / p[2])  # the answer's KV was elsewhere
 
 
 def test_a_follow_up_arrives_its_think_time_after_the_previous_answer():
