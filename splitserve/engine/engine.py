@@ -15,7 +15,6 @@ so a step's outputs come from the call after the one that launched it.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -145,13 +144,10 @@ class Engine:
         """Drop a request wherever it is and free its pages now. True if it was here."""
         found = self.held.pop(request_id, None)
         if found is None:
-            found = next((s for s in self.running if s.request_id == request_id), None)
-            if found is not None:
-                self.running.remove(found)
-            else:
-                found = next((s for s in self.waiting if s.request_id == request_id), None)
-                if found is not None:
-                    self.waiting.remove(found)
+            queued = self._queued(request_id)
+            if queued is not None:
+                queue, found = queued
+                queue.remove(found)
         self._detok.pop(request_id, None)
         if found is None:
             return False
@@ -160,7 +156,15 @@ class Engine:
 
     def in_batch(self, request_id: str) -> bool:
         """Whether the request is waiting or running: a step in flight may be writing its pages."""
-        return any(seq.request_id == request_id for seq in itertools.chain(self.running, self.waiting))
+        return self._queued(request_id) is not None
+
+    def _queued(self, request_id: str) -> tuple[list[Sequence] | deque[Sequence], Sequence] | None:
+        """The request's sequence where it is running or waiting, and that queue."""
+        for queue in (self.running, self.waiting):
+            seq = next((s for s in queue if s.request_id == request_id), None)
+            if seq is not None:
+                return queue, seq
+        return None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._in_flight)

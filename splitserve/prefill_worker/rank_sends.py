@@ -250,9 +250,7 @@ class FollowerSends:
 
     def layer_hook(self, attachment: bytes):
         """The step's orders begun; the hook that sends each layer's heads of them."""
-        self._step = []
-        for order in pickle.loads(attachment):
-            self._step.append((order.key, self._begin(order)))
+        self._step = [(order.key, self._begin(order)) for order in pickle.loads(attachment)]
         step = list(self._step)
 
         def on_layer(layer: int) -> None:
