@@ -20,6 +20,8 @@ EVENTS = (
     "router.reserve",  # the router asks the decode worker for pages (and the prefill worker to start meanwhile)
     "decode.reserved",  # the decode worker has reserved them and expects the transfer
     "router.reserved",  # ... the router has its answer
+    "prefill.queued",  # the prefill worker has queued the prompt
+    "prefill.pass_launched",  # its engine thread launches a pass that computes (part of) the prompt
     "prefill.transfer_begin",  # the prompt's last prefill pass, the pages known, opens its transfer
     "receiver.begin",  # the decode worker's transfer server has BEGIN
     "receiver.claimed",  # ... has set up the receive (nccl: receives posted) and claimed the pages

@@ -1,5 +1,5 @@
 """The hand-off timeline from ``splitserve.handoff_trace`` files: per event, milliseconds relative to the prefill's
-last layer (p10/p50/p90 over requests).
+last layer, or to another ``--anchor`` (p10/p50/p90 over requests).
 
     SPLITSERVE_HANDOFF_TRACE=/tmp/handoff python benchmarks/serve.py ...
     python -m splitserve.bench.handoff_report /tmp/handoff
@@ -41,12 +41,12 @@ def timeline(
     return [(e, len(offsets[e]), percentiles(offsets[e], (10, 50, 90))) for e in EVENTS if offsets[e]]
 
 
-def format_timeline(events: dict[str, dict[str, float]]) -> str:
+def format_timeline(events: dict[str, dict[str, float]], anchor: str = ANCHOR) -> str:
     lines = [
-        f"{len(events)} requests; ms since {ANCHOR}",
+        f"{len(events)} requests; ms since {anchor}",
         f"{'event':24s} {'n':>5s} {'p10':>9s} {'p50':>9s} {'p90':>9s}",
     ]
-    for event, n, p in timeline(events):
+    for event, n, p in timeline(events, anchor):
         lines.append(f"{event:24s} {n:5d}" + "".join(f" {v:9.2f}" for v in p.values() if v is not None))
     return "\n".join(lines)
 
@@ -54,8 +54,14 @@ def format_timeline(events: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory", type=Path)
+    ap.add_argument(
+        "--anchor",
+        default=ANCHOR,
+        choices=EVENTS,
+        help="the event each request's times count from; router.reserve times the first token's whole path",
+    )
     args = ap.parse_args(argv)
-    print(format_timeline(load(args.directory)))
+    print(format_timeline(load(args.directory), args.anchor))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ class PrefillWorker(WorkerBase):
         if not runnable:
             return self._has_queued()
         by_id = {job.key: job for job in runnable}
+        for job in runnable:
+            handoff_trace.mark("prefill.pass_launched", job.request.request_id)
         try:
             outputs = self.engine.prefill(seqs, hook_for=lambda done: self._layer_hook(done, by_id))
         except OutOfBlocks:
@@ -341,6 +343,7 @@ class PrefillWorker(WorkerBase):
                 return ServingError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.worker_id}: queue full")
             self._jobs[request.request_id] = job
             self._queue.append(job)
+        handoff_trace.mark("prefill.queued", request.request_id)
         self._reporting.add(task := asyncio.ensure_future(self._report(job)))
         task.add_done_callback(self._reporting.discard)
         return None
