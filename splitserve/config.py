@@ -114,7 +114,13 @@ class _PoolConfig(_Section):
 
 
 class PrefillPoolConfig(_PoolConfig):
-    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one prefill batch (prompts are packed).")
+    max_batch_tokens: int = Field(
+        8192,
+        ge=16,
+        description="Token budget of one prefill batch (prompts are packed). A prompt aborted during its pass frees "
+        "its pages when the pass ends: a smaller budget shortens that wait, at some throughput (docs/benchmarks.md, "
+        "Chaos and abort).",
+    )
 
 
 class DecodePoolConfig(_PoolConfig):
