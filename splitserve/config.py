@@ -71,7 +71,9 @@ class _PoolConfig(_Section):
     gpus_per_replica: float = Field(
         1.0,
         ge=0,
-        description="GPUs per worker at tensor_parallel_size 1 (fractions share a GPU); ignored on CPU.",
+        description="GPUs per worker at tensor_parallel_size 1 (fractions share a GPU: start NVIDIA's MPS daemon, "
+        '"nvidia-cuda-mps-control -d", first, so that their kernels run side by side rather than in time slices; '
+        "docs/multiturn.md); ignored on CPU.",
     )
     tensor_parallel_size: int = Field(
         1,
