@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from splitserve import handoff_trace
-from splitserve.bench.handoff_report import load, timeline
+from splitserve.bench.handoff_report import load, main, timeline
 from splitserve.cluster.controller import Cluster
 from splitserve.cluster.messages import GenerateRequest
 from splitserve.engine import SamplingParams
@@ -63,6 +63,15 @@ def test_the_report_times_each_event_from_the_last_layer_and_keeps_a_retry_first
         1,
         {"p10": pytest.approx(50.0), "p50": pytest.approx(50.0), "p90": pytest.approx(50.0)},
     )
+
+
+def test_the_report_counts_from_another_anchor_where_asked(tmp_path, capsys):
+    (tmp_path / "1.log").write_text("5.000 router.reserve r1\n5.080 prefill.first_token r1\n9.0 prefill.queued r2\n")
+    main([str(tmp_path), "--anchor", "router.reserve"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "2 requests; ms since router.reserve"
+    first_token = next(line.split() for line in lines if line.startswith("prefill.first_token"))
+    assert first_token[1] == "1" and float(first_token[3]) == pytest.approx(80.0)  # r2 has no anchor: not counted
 
 
 @pytest.mark.slow
