@@ -51,8 +51,8 @@ def _sent(engine: Engine) -> float:
 
 def decode_row(engine: Engine, clock: CollectiveClock, batch: int, steps: int) -> dict[str, float]:
     """Per decode step of ``batch`` sequences: wall ms, the leader's host ms (all but its waits for the device; the
-    hand-off included), the leader's hand-off ms, collective ms. Timed on a second
-    run of the same lengths: on the CPU each new context length costs its first step a set-up."""
+    hand-off included), the leader's hand-off ms, collective ms. Timed on a second run of the same lengths: on the
+    CPU each new context length costs its first step a set-up."""
     _decode_steps(engine, clock, batch, steps, "warm")
     return _decode_steps(engine, clock, batch, steps, "timed")
 

@@ -141,13 +141,12 @@ class PrefillWorker(WorkerBase):
             try:
                 seqs.append(self.engine.make_sequence(job.key, job.request.engine_prompt, job.request.engine_params))
                 runnable.append(job)
+                handoff_trace.mark("prefill.pass_launched", job.request.request_id)
             except RequestError as err:
                 self._fail(job, ServingError(ErrorCode.INVALID_ARGUMENT, str(err)))
         if not runnable:
             return self._has_queued()
         by_id = {job.key: job for job in runnable}
-        for job in runnable:
-            handoff_trace.mark("prefill.pass_launched", job.request.request_id)
         try:
             outputs = self.engine.prefill(seqs, hook_for=lambda done: self._layer_hook(done, by_id))
         except OutOfBlocks:
