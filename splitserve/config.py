@@ -119,9 +119,10 @@ class PrefillPoolConfig(_PoolConfig):
     max_batch_tokens: int = Field(
         8192,
         ge=16,
-        description="Token budget of one prefill batch (prompts are packed). A prompt aborted during its pass frees "
-        "its pages when the pass ends: a smaller budget shortens that wait, at some throughput (docs/benchmarks.md, "
-        "Chaos and abort).",
+        description="Token budget of one prefill batch (prompts are packed). A prompt that arrives during a pass "
+        "waits for its end, and over cuda_ipc an aborted transfer's pages on the decode worker are free only once "
+        "the pass writing them has run: a smaller budget shortens both waits, at some throughput "
+        "(docs/benchmarks.md, Chaos and abort).",
     )
 
 

@@ -56,7 +56,6 @@ class DecodeWorker(WorkerBase):
         self._failed: OrderedDict[str, str] = OrderedDict()  # reservations freed because their transfer failed
         self._aborted_early = AbortedAttempts()
         self._starting: set[asyncio.Task] = set()  # each ``start``ed attempt's wait for its KV, held until it ends
-        self.engine.device_wait = self._thread.device_wait
 
     # --- engine thread ---
 

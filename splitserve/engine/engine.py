@@ -422,7 +422,9 @@ class Engine:
         """Compute whole prompts (chunked to the token budget) and sample each one's first token.
 
         The pages stay held until ``release``, so the transfer can read them. ``hook_for`` is asked, before each
-        forward pass, for a layer hook given the sequences whose prompts complete in that pass.
+        forward pass, for a layer hook given the sequences whose prompts complete in that pass. A sequence released
+        while a pass waits for the device (``device_wait``) gets no first token and no further pass: its pages are
+        free at once, because only passes queued behind this one on the same stream can write them again.
         Raises OutOfBlocks (nothing allocated) when the prompts do not fit now.
         """
         needed = sum(self.blocks.blocks_for(s.num_tokens) for s in seqs)
@@ -453,7 +455,7 @@ class Engine:
                 self._commit_prompt_blocks(s for s, _ in chunks)
                 outputs += self._apply(out)
                 self._count_step(start, waited, chunks, [], read_back=False)
-                pending = [s for s in pending if s.num_computed_tokens < s.num_prompt_tokens]
+                pending = [s for s in pending if not s.is_finished and s.num_computed_tokens < s.num_prompt_tokens]
         except BaseException:
             for seq in seqs:
                 self.abort(seq.request_id)

@@ -11,8 +11,8 @@ makes here is a plain, short one, so the control group's aborts never queue behi
 
 A request's pages are read only by the gathers of its own pass, on the engine thread; every backend is handed those
 gathered copies, never the pages. The pages are still held until the transfer has finished, so that the copies in
-flight never outgrow the KV cache; an abort drops the copies, so an aborted request's pages are freed as soon as its
-pass has ended (at once if it had).
+flight never outgrow the KV cache; an abort drops the copies, so an aborted request's pages are freed at once, while
+its pass still runs too (the passes that can write them again are queued behind that one).
 
 Where either side is a tensor-parallel group, a request's transfer is one per link: every rank of this worker sends
 the KV heads it holds straight to the decode ranks that hold them (``rank_sends.py``), and the request's transfer
@@ -68,7 +68,8 @@ class _Stage(Enum):
     """Who owns a job's next move. Changed only under the worker's ``_lock``, so an abort always knows it."""
 
     QUEUED = "queued"  # in the queue, holding no pages: an abort takes it out and fails it at once
-    COMPUTING = "computing"  # in the pass in flight: that pass's end aborts its transfer and frees its pages
+    COMPUTING = "computing"  # in the pass in flight: an abort frees its pages at the pass's next layer, and the
+    # pass's end aborts its transfer
     TRANSFERRING = "transferring"  # its pass ended: a wait thread follows its transfer; an abort frees its pages
 
 
@@ -110,8 +111,8 @@ class PrefillWorker(WorkerBase):
         # thread: each one's look-then-act on _jobs, _queue, _aborted_early, job.stage, job.handle, job.pages and
         # job.aborted holds this lock (never across an await nor a blocking call), so an abort never waits for a pass.
         self._lock = threading.Lock()
-        # Jobs whose transfer has ended or was aborted: their pages are freed on the engine thread at the next layer
-        # of a pass in flight, or before the next step, whichever comes first.
+        # Jobs whose transfer has ended, or that were aborted after their pass began: their pages are freed at the
+        # next layer of a pass in flight, while it waits for the device, or before the next step, whichever is first.
         self._to_free: deque[_Job] = deque()
 
     # --- engine thread ---
@@ -166,15 +167,19 @@ class PrefillWorker(WorkerBase):
                 self._abort_transfer(job, f"prefill failed: {err}")
                 self._fail(job, ServingError(ErrorCode.INTERNAL, f"prefill failed: {err}"))
             raise
-        for out in outputs:
-            job = by_id[out.request_id]
+        firsts = {out.request_id: out for out in outputs}
+        for job in runnable:
             with self._lock:
                 job.stage = _Stage.TRANSFERRING
                 aborted = job.aborted
-            if aborted:  # during the pass: nobody wants the token, and its pages are no longer read
+            if aborted:  # during the pass: nobody wants the token (an abort during the device wait freed its pages)
                 job.first.set_exception(_cancelled(job))
-                self._await_transfer(job, abort="aborted by the router")
+                if job.handle is None:  # freed before its last chunk's pass: it never began a transfer
+                    self._release(job)
+                else:
+                    self._await_transfer(job, abort="aborted by the router")
                 continue
+            out = firsts[job.key]
             token = Token(out.token_id, out.text, out.logprob)
             batch = TokenBatch(
                 job.request.request_id,
@@ -284,11 +289,14 @@ class PrefillWorker(WorkerBase):
     def _free_soon(self, job: _Job) -> None:
         """Any thread: have the engine thread free the job's pages at its next chance (idempotent)."""
         self._to_free.append(job)
-        self._thread.submit(self._free_released)
+        self._thread.submit(self._free_released, during_step=True)
 
     def _free_released(self) -> None:
-        """On the engine thread, between two layers of a pass too: the jobs here are past their own pass, so no pass
-        reads their pages, and the pass in flight allocated its pages before it began."""
+        """Holding the engine (between two layers of a pass, or while one waits for the device). The jobs here are
+        past their pass, or aborted in the pass in flight; either way no pass can write their pages before the one
+        in flight ends (the next is queued behind it on the same stream), the pass in flight allocated its pages
+        before it began, and transfers send the copies each layer gathered, never the pages. A job released in the
+        pass in flight gets no first token from it and no further pass (``Engine.prefill``)."""
         while self._to_free:
             self._release(self._to_free.popleft())
 
@@ -382,7 +390,8 @@ class PrefillWorker(WorkerBase):
         """Drop the request wherever it is: queued, computing, or transferring (the receiver is told).
 
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
-        Answers without waiting for the engine thread: what it must do there, the pass in flight does at its end.
+        Answers without waiting for the engine thread: the pages are freed at the pass's next layer, and what else
+        must happen there, the pass in flight does at its end.
         """
         with self._lock:
             job = self._jobs.get(request_id)
@@ -393,9 +402,9 @@ class PrefillWorker(WorkerBase):
         return self._abort_job(job)
 
     def _abort_job(self, job: _Job) -> bool:
-        """Any thread. A queued job leaves the queue now (it holds no pages); one in the pass in flight is left to
-        that pass's end (``_step``); a transferring one has its transfer aborted, and its wait thread frees the pages
-        once the sender has stopped."""
+        """Any thread. A queued job leaves the queue now (it holds no pages); one in the pass in flight has its pages
+        freed at the pass's next layer (or once the pass waits for the device) and its transfer aborted at the pass's
+        end (``_step``); a transferring one has its transfer aborted and its pages freed."""
         with self._lock:
             if job.aborted:
                 return False
@@ -405,6 +414,8 @@ class PrefillWorker(WorkerBase):
                 self._queue.remove(job)
         if stage is _Stage.QUEUED:
             self._fail(job, _cancelled(job))
+        elif stage is _Stage.COMPUTING:
+            self._free_soon(job)  # its pass's end aborts its transfer
         elif stage is _Stage.TRANSFERRING:
             # On a thread of its own: abort() waits for the receiver's answer. The pages need not: no send reads them.
             threading.Thread(

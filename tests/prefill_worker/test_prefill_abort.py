@@ -1,6 +1,7 @@
 """A prefill worker's abort answers without waiting for the engine thread, and frees what the request holds as soon
-as nothing can use it: a queued prompt at once, one in the pass in flight at that pass's end. An aborted request gets
-no first token; its end (CANCELLED) goes on the worker's channel, where the router drops what nobody reads."""
+as nothing can use it: a queued prompt at once, one in the pass in flight once that pass waits for the device (or at
+its end). An aborted request gets no first token; its end (CANCELLED) goes on the worker's channel, where the router
+drops what nobody reads."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from splitserve.cluster.messages import (
     TransferReport,
 )
 from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine.testing import hf_greedy_reference
 from splitserve.kv_transfer import ReceiverEndpoint, TransferSpec
 from splitserve.prefill_worker.worker import PrefillWorker
 from tests.in_process import decode_worker, prefill_worker, tiny_request
@@ -80,8 +82,11 @@ def _run_with_prefill_worker(model_dir, scenario: Callable[[PrefillWorker, Chann
     asyncio.run(asyncio.wait_for(run(), 120))
 
 
-def _gate_passes(worker: PrefillWorker) -> tuple[threading.Event, threading.Event]:
-    """Hold every pass at its first layer until ``release`` is set; ``in_pass`` is set once one is held there."""
+def _gate_passes(
+    worker: PrefillWorker, at_layer: int = 0, after_layer: Callable[[int], None] | None = None
+) -> tuple[threading.Event, threading.Event]:
+    """Hold every pass before its ``at_layer``'s hook until ``release`` is set; ``in_pass`` is set once one is held
+    there. ``after_layer`` runs after each layer's hook."""
     in_pass, release = threading.Event(), threading.Event()
     real_hook = worker._layer_hook
 
@@ -89,15 +94,44 @@ def _gate_passes(worker: PrefillWorker) -> tuple[threading.Event, threading.Even
         on_layer = real_hook(completing, jobs)
 
         def gated(layer: int) -> None:
-            if layer == 0:
+            if layer == at_layer:
                 in_pass.set()
                 release.wait()
             on_layer(layer)
+            if after_layer is not None:
+                after_layer(layer)
 
         return gated
 
     worker._layer_hook = gated_hook  # type: ignore[method-assign]
     return in_pass, release
+
+
+def _hold_device_waits(worker: PrefillWorker) -> tuple[threading.Event, threading.Event]:
+    """Hold every pass in its wait for the device, with the engine let go of as on a GPU still computing, until
+    ``release`` is set; ``waiting`` is set once one is held there."""
+    waiting, release = threading.Event(), threading.Event()
+    device_wait = worker.engine.device_wait
+    assert device_wait is not None
+
+    def held(wait: Callable[[], None]) -> None:
+        def blocked() -> None:
+            waiting.set()
+            release.wait()
+            wait()
+
+        device_wait(blocked)
+
+    worker.engine.device_wait = held
+    return waiting, release
+
+
+async def _until(condition: Callable[[], bool]) -> bool:
+    for _ in range(200):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
 
 
 def test_an_aborted_queued_prompt_leaves_the_queue_without_any_pass(tiny_model_dir):
@@ -139,24 +173,59 @@ def test_each_prompt_of_a_call_is_answered_on_its_own(tiny_model_dir):
     _run_with_prefill_worker(tiny_model_dir, scenario)
 
 
-def test_a_prompt_aborted_during_its_pass_frees_its_pages_when_that_pass_ends(tiny_model_dir):
+def test_a_prompt_aborted_while_its_pass_is_launched_has_its_pages_back_at_the_next_layer(tiny_model_dir):
     async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
         free = worker.engine.blocks.num_free
-        in_pass, release = _gate_passes(worker)
+        freed_at: list[int] = []  # the layers after whose hook r1's pages were back
+
+        def watch(layer: int) -> None:
+            if "r1" in worker.releases.snapshot():
+                freed_at.append(layer)
+
+        in_pass, release = _gate_passes(worker, at_layer=1, after_layer=watch)
         assert await worker.prefill([PrefillOrder(tiny_request("r1", prompt_len=40), NOWHERE)]) == [None]
         await asyncio.to_thread(in_pass.wait, ANSWER_S)
         assert in_pass.is_set() and worker.engine.blocks.num_free < free
 
         assert await asyncio.wait_for(worker.abort("r1", 0), ANSWER_S)  # answered while the pass is held
-        assert "r1" not in worker.releases.snapshot()  # the pass still computes into its pages
+        assert "r1" not in worker.releases.snapshot()  # the engine thread holds the engine: nothing freed yet
         release.set()
         assert _cancelled_only(await channel.ended("r1"))  # no first token for an aborted request
-        for _ in range(100):  # the pass's end frees them; nothing else runs on the engine meanwhile
-            if "r1" in worker.releases.snapshot():
-                break
-            await asyncio.sleep(0.05)
-        assert "r1" in worker.releases.snapshot()
-        assert worker.engine.blocks.num_free == free and not worker.engine.held and not worker._jobs
+        assert await _until(lambda: not worker._jobs)
+        assert freed_at[0] == 1 and len(freed_at) == worker.engine.spec.num_layers - 1  # from the next layer on
+        assert worker.engine.blocks.num_free == free and not worker.engine.held and worker._thread.error is None
+
+    _run_with_prefill_worker(tiny_model_dir, scenario)
+
+
+def test_a_prompt_aborted_while_its_pass_waits_for_the_device_has_its_pages_back_before_the_pass_ends(tiny_model_dir):
+    request = tiny_request("r1", prompt_len=40)
+    expected_first = hf_greedy_reference(tiny_model_dir, [request.engine_prompt], 1)[0][0]
+
+    async def scenario(worker: PrefillWorker, channel: ChannelReader) -> None:
+        free = worker.engine.blocks.num_free
+        waiting, release = _hold_device_waits(worker)
+        assert await worker.prefill([PrefillOrder(request, NOWHERE)]) == [None]
+        await asyncio.to_thread(waiting.wait, ANSWER_S)
+        assert waiting.is_set() and worker.engine.blocks.num_free < free
+
+        assert await asyncio.wait_for(worker.abort("r1", 0), ANSWER_S)
+        assert await _until(lambda: "r1" in worker.releases.snapshot())  # the pass is still held
+        assert worker.engine.blocks.num_free == free and not worker.engine.held
+        release.set()
+        assert _cancelled_only(await channel.ended("r1"))
+        assert await _until(lambda: not worker._jobs)
+        assert worker.engine.blocks.num_free == free and worker._thread.error is None  # nothing freed twice
+
+        # The same prompt again finds the aborted one's full blocks cached, and its first token is still right.
+        again = tiny_request("r2", prompt_len=40)
+        assert await worker.prefill([PrefillOrder(again, NOWHERE)]) == [None]
+        first = await channel.first("r2")
+        assert isinstance(first, TokenBatch) and first.tokens[0].token_id == expected_first
+        block = worker.engine.runner.block_size
+        assert first.cached_prompt_tokens == (40 - 1) // block * block  # all but the block of the last token
+        await worker.abort("r2", 0)
+        await channel.ended("r2")
 
     _run_with_prefill_worker(tiny_model_dir, scenario)
 
