@@ -12,7 +12,8 @@ prefix-cache hit, so the prompts are barely computed and their KV transfers all 
 reported apart, never compared with ``before``).
 Abort to pages freed: for each cancelled request, the time from its cancel until the last worker that held its
 pages gave them back, from the times the workers log when they free a request's pages (``release_times``; a
-worker that had freed them before the cancel counts as zero). Abort acknowledged: until the router's abort calls
+worker that had freed them before the cancel counts as zero); per role, split at the abort's arrival there
+(``abort_times``) into the router's part and the worker's own. Abort acknowledged: until the router's abort calls
 returned. "Every page free" is the time from the last cancel until every worker's free page count is back at its
 total. Stranded pages: pages still in use once the cluster is idle (must be 0). Unhandled errors: Ray's "Unhandled
 error" (a failed call's result nobody read) and asyncio's "never retrieved" logged in this process, the router's
@@ -146,20 +147,28 @@ async def _used_pages(cluster: Cluster) -> int:
     return sum(s.kv_blocks_total - s.kv_blocks_free for s in await cluster.refresh_stats())
 
 
-async def _freed_after(cluster: Cluster, aborted_at: dict[str, float]) -> dict[str, list[float]]:
+async def _freed_after(cluster: Cluster, aborted_at: dict[str, float]) -> dict[str, dict[str, list[float]]]:
     """Seconds from each cancel until the request's pages were freed: on every worker that held them ("all"), and
-    per role (requests whose pages that role held)."""
+    per role (requests whose pages that role held), split per role into the abort's way to the worker ("reached":
+    the router's part) and the worker's own part ("on_worker": from the abort's arrival, 0 where it had freed them
+    before)."""
     workers = list(cluster.workers.values())
-    logs = await asyncio.gather(*(w.actor.release_times.remote() for w in workers))
-    delays: dict[str, list[float]] = {"all": []}
+    releases = await asyncio.gather(*(w.actor.release_times.remote() for w in workers))
+    arrivals = await asyncio.gather(*(w.actor.abort_times.remote() for w in workers))
+    delays: dict[str, dict[str, list[float]]] = {"all": {"freed": []}}
     for request_id, cancelled in aborted_at.items():
         latest = 0.0
-        for worker, log in zip(workers, logs, strict=True):
-            if request_id in log:
-                delay = max(0.0, log[request_id] - cancelled)
-                delays.setdefault(worker.role, []).append(delay)
-                latest = max(latest, delay)
-        delays["all"].append(latest)
+        for worker, released, arrived in zip(workers, releases, arrivals, strict=True):
+            if request_id not in released:
+                continue
+            delay = max(0.0, released[request_id] - cancelled)
+            role = delays.setdefault(worker.role, {"freed": [], "reached": [], "on_worker": []})
+            role["freed"].append(delay)
+            if request_id in arrived:
+                role["reached"].append(max(0.0, arrived[request_id] - cancelled))
+                role["on_worker"].append(max(0.0, released[request_id] - arrived[request_id]))
+            latest = max(latest, delay)
+        delays["all"]["freed"].append(latest)
     return delays
 
 
@@ -220,11 +229,19 @@ async def scenario(cluster: Cluster, args) -> dict[str, Any]:
         "error_codes": dict(Counter(r for r in results if isinstance(r, str) and r.startswith("error"))),
         "seconds": storm_wall,
         "goodput_rps": completed / storm_wall,
-        "abort_to_freed_p50_s": _pct(freed_after["all"], 0.5),
-        "abort_to_freed_p99_s": _pct(freed_after["all"], 0.99),
-        "abort_to_freed_max_s": max(freed_after["all"], default=None),
+        "abort_to_freed_p50_s": _pct(freed_after["all"]["freed"], 0.5),
+        "abort_to_freed_p99_s": _pct(freed_after["all"]["freed"], 0.99),
+        "abort_to_freed_max_s": max(freed_after["all"]["freed"], default=None),
         "abort_to_freed_by_role": {
-            role: {"requests": len(xs), "p50_s": _pct(xs, 0.5), "p99_s": _pct(xs, 0.99)}
+            role: {
+                "requests": len(xs["freed"]),
+                "p50_s": _pct(xs["freed"], 0.5),
+                "p99_s": _pct(xs["freed"], 0.99),
+                "reached_p50_s": _pct(xs["reached"], 0.5),
+                "reached_p99_s": _pct(xs["reached"], 0.99),
+                "on_worker_p50_s": _pct(xs["on_worker"], 0.5),
+                "on_worker_p99_s": _pct(xs["on_worker"], 0.99),
+            }
             for role, xs in freed_after.items()
             if role != "all"
         },
@@ -270,7 +287,8 @@ def _table(report: dict[str, Any]) -> str:
         f"max {ms(s['abort_to_freed_max_s'])}",
         *(
             f"  on {role} workers ({r['requests']} requests held pages there): p50 {ms(r['p50_s'])}, "
-            f"p99 {ms(r['p99_s'])}"
+            f"p99 {ms(r['p99_s'])}; the abort's way there p50 {ms(r['reached_p50_s'])}, p99 {ms(r['reached_p99_s'])}; "
+            f"from its arrival p50 {ms(r['on_worker_p50_s'])}, p99 {ms(r['on_worker_p99_s'])}"
             for role, r in s["abort_to_freed_by_role"].items()
         ),
         f"abort -> acknowledged to the router: p50 {ms(s['abort_acked_p50_s'])}, p99 {ms(s['abort_acked_p99_s'])}",

@@ -18,7 +18,7 @@ from splitserve.gpu_stats import GpuReader
 from splitserve.kv_transfer import TransferSpec
 from splitserve.kv_transfer.head_map import HeadLink
 from splitserve.roles import Role
-from splitserve.worker_common import ReleaseLog, ReportsReleases, configure_worker_process, describe_device
+from splitserve.worker_common import ReportsRequestTimes, RequestTimes, configure_worker_process, describe_device
 
 
 def transfer_spec(
@@ -49,7 +49,7 @@ def transfer_spec(
     )
 
 
-class WorkerBase(ReportsReleases):
+class WorkerBase(ReportsRequestTimes):
     """An engine driven by one ``EngineThread`` (running ``_step``), in a process set up for it.
 
     A subclass gives its ``role``, its ``_step``, and ``_load`` (its part of the stats, read on the engine thread).
@@ -71,7 +71,8 @@ class WorkerBase(ReportsReleases):
             self.engine, self.followers = start_leader(options.engine_config(), options.tensor_parallel_size, transfer)
         else:
             self.engine = Engine(options.engine_config())
-        self.releases = ReleaseLog()
+        self.releases = RequestTimes()
+        self.aborts = RequestTimes()
         self._gpu = GpuReader.for_device(self.engine.runner.device)
         # For the router's prefix index (``_send_cache_events``), which only cache_aware reads.
         self.engine.blocks.record_events = options.cache_events

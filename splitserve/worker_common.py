@@ -82,34 +82,41 @@ class AbortedAttempts:
         return True
 
 
-class ReleaseLog:
-    """When each request's pages were last given back here (wall clock, so times from several processes on one
-    host compare): what the abort-storm benchmark measures "abort to pages freed" with. Bounded; written by the
-    engine thread, read from an actor call."""
+class RequestTimes:
+    """When one event last happened here per request (wall clock, so times from several processes on one host
+    compare): a worker logs when it freed each request's pages and when each abort reached it, which the
+    abort-storm benchmark measures "abort to pages freed" with. Bounded; written from any thread."""
 
     def __init__(self, capacity: int = 16384):
         self._capacity = capacity
-        self._freed: OrderedDict[str, float] = OrderedDict()
+        self._times: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
     def record(self, request_id: str) -> None:
         with self._lock:
-            self._freed[request_id] = time.time()
-            self._freed.move_to_end(request_id)
-            while len(self._freed) > self._capacity:
-                self._freed.popitem(last=False)
+            self._times[request_id] = time.time()
+            self._times.move_to_end(request_id)
+            while len(self._times) > self._capacity:
+                self._times.popitem(last=False)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._freed)
+            return dict(self._times)
 
 
-class ReportsReleases:
-    """Gives a worker actor its ``release_times`` call, answered from the control group (no queueing)."""
+class ReportsRequestTimes:
+    """Gives a worker actor its ``release_times`` and ``abort_times`` calls, answered from the control group (no
+    queueing)."""
 
-    releases: ReleaseLog
+    releases: RequestTimes
+    aborts: RequestTimes
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def release_times(self) -> dict[str, float]:
         """Request id -> wall-clock time its pages were last freed here, for the most recent requests."""
         return self.releases.snapshot()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    async def abort_times(self) -> dict[str, float]:
+        """Request id -> wall-clock time its last abort call reached this worker, for the most recent requests."""
+        return self.aborts.snapshot()

@@ -261,6 +261,7 @@ class DecodeWorker(WorkerBase):
         With ``attempt`` (the router's aborts), an attempt not seen yet is remembered and refused when it arrives.
         This runs on the control group's loop; the streams belong to the default loop, so the stream is ended there.
         """
+        self.aborts.record(request_id)
         # What to wait for is taken before the abort: a reservation made in between (its call racing this one on
         # the engine's side thread) is aborted by ``drop`` below. Taken after, it would be that reservation's, never
         # done: this abort would wait on it forever and nothing else would free it.

@@ -393,6 +393,7 @@ class PrefillWorker(WorkerBase):
         Answers without waiting for the engine thread: the pages are freed at the pass's next layer, and what else
         must happen there, the pass in flight does at its end.
         """
+        self.aborts.record(request_id)
         with self._lock:
             job = self._jobs.get(request_id)
             if job is None or (attempt is not None and job.request.attempt != attempt):

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import Future
 
 from splitserve.cluster.messages import ErrorCode, PagesReady, PrefillOrder, ServingError, StreamFailure, TokenBatch
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.kv_transfer import ReceiverEndpoint
-from splitserve.worker_common import AbortedAttempts, ReleaseLog
+from splitserve.worker_common import AbortedAttempts, RequestTimes
 from tests.in_process import decode_worker, next_failure, prefill_worker, tiny_request
 
 
@@ -25,8 +26,8 @@ def test_aborted_attempts_are_claimed_once_and_bounded():
     assert not aborted.claim("b", 0) and aborted.claim("b", 2)  # the oldest was forgotten
 
 
-def test_release_log_keeps_the_latest_time_per_request_and_is_bounded():
-    log = ReleaseLog(capacity=2)
+def test_request_times_keep_the_latest_time_per_request_and_are_bounded():
+    log = RequestTimes(capacity=2)
     log.record("a")
     first = log.snapshot()["a"]
     log.record("b")
@@ -40,7 +41,9 @@ def test_decode_worker_refuses_a_reservation_whose_abort_came_first(tiny_model_d
     async def scenario():
         async with decode_worker(tiny_model_dir) as worker:
             free = worker.engine.blocks.num_free
+            before = time.time()
             assert not await worker.abort("r1", 0)  # nothing here yet: remembered
+            assert before <= (await worker.abort_times())["r1"] <= time.time()  # its arrival is logged all the same
             [refused] = await worker.reserve([tiny_request("r1", attempt=0)])
             assert isinstance(refused, ServingError) and refused.code == ErrorCode.CANCELLED
             stats = await worker.stats()
@@ -58,6 +61,7 @@ def test_prefill_worker_refuses_a_prompt_whose_abort_came_first(tiny_model_dir):
     async def scenario():
         async with prefill_worker(tiny_model_dir) as worker:
             assert not await worker.abort("r1", 0)
+            assert "r1" in await worker.abort_times()
             endpoint = ReceiverEndpoint("nobody", "localhost", 0, "cpu", backends=("grpc",))
             # Refused without a word: the router, which aborted it, waits for nothing from it.
             assert await worker.prefill([PrefillOrder(tiny_request("r1", attempt=0), endpoint)]) == [None]
