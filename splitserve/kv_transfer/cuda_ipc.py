@@ -2,7 +2,8 @@
 
 The receiver exports its whole cache tensor once (in its endpoint); a sender on the same node that can see the same
 physical GPU opens it (by UUID: Ray gives each actor its own CUDA_VISIBLE_DEVICES, so device indices differ) and
-copies each layer's pages into the destination blocks on a side stream, from the layer hook itself. gRPC carries
+copies each layer's pages into the destination blocks on a side stream, issued as soon as the layer is done
+(``copy_issuer``: issued earlier, a copy could not be taken back from the stream before the pass ended). gRPC carries
 only control: BEGIN; READY once the receiver has claimed the pages (no copy is issued before it: the pages of a
 transfer aborted before it began may already belong to another request); END, with the layers moved, after the side
 stream has been synchronized. A receiver abort is answered with STOP, and the receiver keeps the pages out of reuse
@@ -22,12 +23,14 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from splitserve.engine.page_copy import scatter_pages, select_blocks
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
-from splitserve.kv_transfer.errors import IntegrityError
+from splitserve.kv_transfer.copy_issuer import CopyIssuer, CopyJob
+from splitserve.kv_transfer.errors import IntegrityError, TransferError
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand
 from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index, this_process
 from splitserve.kv_transfer.stream_sender import LayerWriter
 
+ISSUER = CopyIssuer("cuda_ipc copies")
 _STORAGE_CLASSES = {"TypedStorage": torch.TypedStorage, "UntypedStorage": torch.UntypedStorage}
 
 
@@ -120,6 +123,9 @@ class _Pending:
 
 
 class IpcWriter(LayerWriter):
+    """Copies each layer into the receiver's pages on a side stream, issued by ``ISSUER`` once the layer is done,
+    so that a stop waits for the copies running, never for the rest of the pass."""
+
     transport = "cuda_ipc"
 
     def __init__(self, remote_kv: torch.Tensor, spec: TransferSpec, stream: torch.cuda.Stream):
@@ -132,38 +138,55 @@ class IpcWriter(LayerWriter):
             self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._heads = spec.head_link.dst_slice  # a link of a transfer between TP degrees writes its heads only
         self._go = threading.Event()  # READY came, or the transfer is over
-        self._lock = threading.Lock()  # a copy is issued entirely before or after ``halt``
+        # Guards the fields below; a copy is issued entirely before or after ``halt``.
+        self._lock = threading.Condition()
         self._halted = False
+        self._unissued = 0  # layers handed to ISSUER and not yet issued (or skipped)
+        self._failure: Exception | None = None
         self._written: list[int] = []
 
     def begin_fields(self) -> dict:
         return {"checksum": False}
 
     def prepare(self, layer: int, pages: torch.Tensor) -> _Pending | None:
-        """Once READY has come, copy here, on the engine's thread (an async launch); before, leave it to gRPC's
+        """Once READY has come, hand the copy to the issuer here, on the engine's thread; before, leave it to gRPC's
         thread, which waits for READY."""
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # the issuer waits on it asleep, not spinning
         event.record()
         if self._go.is_set():
-            self._copy(layer, pages, event)
+            self._submit(layer, pages, event)
             return None
         return _Pending(pages, event)
 
     def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, _Pending)
         self._go.wait()  # READY, STOP or the end of the call sets it
-        self._copy(layer, prepared.pages, prepared.event)
+        self._submit(layer, prepared.pages, prepared.event)
         yield from ()  # nothing goes on the wire per layer
 
-    def _copy(self, layer: int, pages: torch.Tensor, produced: torch.cuda.Event) -> None:
+    def _submit(self, layer: int, pages: torch.Tensor, produced: torch.cuda.Event) -> None:
         with self._lock:
             if self._halted:
                 return
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(produced)
-                scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device), self._heads)
-            pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
-            self._written.append(layer)
+            self._unissued += 1
+        # ``pages`` stays referenced until its copy is issued (then ``record_stream`` keeps it for the side stream).
+        ISSUER.submit(CopyJob(produced.synchronize, lambda failure: self._issue(layer, pages, failure)))
+
+    def _issue(self, layer: int, pages: torch.Tensor, failure: Exception | None) -> None:
+        with self._lock:
+            try:
+                if failure is not None:
+                    self._failure = failure
+                elif not self._halted and self._failure is None:
+                    with torch.cuda.device(self._remote.device), torch.cuda.stream(self._stream):
+                        scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device), self._heads)
+                    pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
+                    self._written.append(layer)
+            except Exception as err:
+                self._failure = err
+            finally:
+                self._unissued -= 1
+                self._lock.notify_all()
 
     def ready(self) -> None:
         self._go.set()
@@ -171,9 +194,15 @@ class IpcWriter(LayerWriter):
     def halt(self) -> None:
         with self._lock:
             self._halted = True
+            self._lock.notify_all()
         self._go.set()
 
     def drain(self) -> None:
+        """Halted: wait for the copies issued (the rest never will be). Otherwise for every layer's copy."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._halted or self._unissued == 0)
+            if self._failure is not None and not self._halted:
+                raise TransferError(f"cuda_ipc: copying a layer failed: {self._failure}")
         self._stream.synchronize()
 
     def end_fields(self) -> dict:

@@ -66,10 +66,12 @@ class LayerWriter:
         """The receiver claimed its pages (READY), on the reader thread: a writer that writes them itself may."""
 
     def halt(self) -> None:
-        """Write nothing more (the receiver said STOP, or the call is over), on the reader thread."""
+        """Write nothing more (the receiver said STOP, the transfer is aborted, or the call is over), on the reader
+        thread or gRPC's."""
 
     def drain(self) -> None:
-        """Before END or ABORT, on gRPC's thread: wait until nothing this writer issued can still write."""
+        """Before END or ABORT (after ``halt``), on gRPC's thread: wait until nothing this writer issued can still
+        write; before END, until every layer is written."""
 
     def end_fields(self) -> dict:
         """The END header's own fields, after ``drain``: e.g. the checksum, or the layers moved."""
@@ -264,7 +266,8 @@ class StreamHandle:
         yield {"kind": wire.END, **self._writer.end_fields()}, b""
 
     def _abort_message(self, reason: str) -> Iterator[wire.Outgoing]:
-        self._writer.drain()  # the receiver frees the pages once it reads this
+        self._writer.halt()  # the receiver frees the pages once it reads this: nothing may write them after
+        self._writer.drain()
         yield {"kind": wire.ABORT, "reason": reason}, b""
 
     def _wait(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 
 import pytest
 import torch
@@ -124,6 +125,32 @@ def test_cuda_ipc_writer_scatters_with_an_index_ready_on_its_own_stream():
     torch.cuda.synchronize()
     assert torch.equal(dst.gather_pages(0, BLOCKS), src.gather_pages(0, BLOCKS))
     assert torch.equal(dst.gather_pages(0, [0]), untouched)
+
+
+@needs_cuda
+def test_a_stopped_cuda_ipc_writer_waits_for_the_copies_of_done_layers_only():
+    """A stop is answered once the copies already running are done, not once the prefill pass has run: a layer the
+    device is still computing is never copied, so its copy is not waited for."""
+    src, dst = _on("cuda", 1), _on("cuda", 2)
+    side, pass_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    before = dst.kv_cache.clone()
+    writer = IpcWriter(dst.kv_cache, dst.spec("s", BLOCKS), side)
+    writer.ready()
+    writer.prepare(0, src.gather_pages(0, BLOCKS))
+    deadline = time.monotonic() + 60
+    while writer.end_fields()["layers"] != [0]:  # layer 0 is done: the issuer copies it soon
+        assert time.monotonic() < deadline, "layer 0 was never copied"
+        time.sleep(0.001)
+    with torch.cuda.stream(pass_stream):
+        torch.cuda._sleep(2_000_000_000)  # the rest of the pass
+        writer.prepare(1, src.gather_pages(1, BLOCKS))
+    writer.halt()
+    writer.drain()
+    assert not pass_stream.query(), "the pass ended first: nothing was tested"
+    torch.cuda.synchronize()
+    assert writer.end_fields() == {"layers": [0]}
+    assert torch.equal(dst.gather_pages(0, BLOCKS), src.gather_pages(0, BLOCKS))
+    assert torch.equal(dst.kv_cache[1:], before[1:])
 
 
 def _send_slowly(endpoint, device: str, results, go_on) -> None:
