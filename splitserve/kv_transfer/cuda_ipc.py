@@ -23,8 +23,8 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from splitserve.engine.page_copy import scatter_pages, select_blocks
 from splitserve.kv_transfer import wire
 from splitserve.kv_transfer.base import ReceiverEndpoint, TransferSpec
-from splitserve.kv_transfer.copy_issuer import CopyIssuer, CopyJob
-from splitserve.kv_transfer.errors import IntegrityError, TransferError
+from splitserve.kv_transfer.copy_issuer import CopyIssuer, LayerCopies
+from splitserve.kv_transfer.errors import IntegrityError
 from splitserve.kv_transfer.expectations import Expectation
 from splitserve.kv_transfer.grpc_server import AbortMode, OutOfBand
 from splitserve.kv_transfer.peer import gpu_uuid, local_cuda_index, this_process
@@ -138,12 +138,7 @@ class IpcWriter(LayerWriter):
             self._blocks = select_blocks(spec.dst_block_ids, remote_kv.device)
         self._heads = spec.head_link.dst_slice  # a link of a transfer between TP degrees writes its heads only
         self._go = threading.Event()  # READY came, or the transfer is over
-        # Guards the fields below; a copy is issued entirely before or after ``halt``.
-        self._lock = threading.Condition()
-        self._halted = False
-        self._unissued = 0  # layers handed to ISSUER and not yet issued (or skipped)
-        self._failure: Exception | None = None
-        self._written: list[int] = []
+        self._copies = LayerCopies(ISSUER, self._copy, stream.synchronize)
 
     def begin_fields(self) -> dict:
         return {"checksum": False}
@@ -154,60 +149,34 @@ class IpcWriter(LayerWriter):
         event = torch.cuda.Event(blocking=True)  # the issuer waits on it asleep, not spinning
         event.record()
         if self._go.is_set():
-            self._submit(layer, pages, event)
+            self._copies.submit(layer, event.synchronize, pages)
             return None
         return _Pending(pages, event)
 
     def messages(self, layer: int, prepared: object) -> Iterator[wire.Outgoing]:
         assert isinstance(prepared, _Pending)
         self._go.wait()  # READY, STOP or the end of the call sets it
-        self._submit(layer, prepared.pages, prepared.event)
+        self._copies.submit(layer, prepared.event.synchronize, prepared.pages)
         yield from ()  # nothing goes on the wire per layer
 
-    def _submit(self, layer: int, pages: torch.Tensor, produced: torch.cuda.Event) -> None:
-        with self._lock:
-            if self._halted:
-                return
-            self._unissued += 1
-        # ``pages`` stays referenced until its copy is issued (then ``record_stream`` keeps it for the side stream).
-        ISSUER.submit(CopyJob(produced.synchronize, lambda failure: self._issue(layer, pages, failure)))
-
-    def _issue(self, layer: int, pages: torch.Tensor, failure: Exception | None) -> None:
-        with self._lock:
-            try:
-                if failure is not None:
-                    self._failure = failure
-                elif not self._halted and self._failure is None:
-                    with torch.cuda.device(self._remote.device), torch.cuda.stream(self._stream):
-                        scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device), self._heads)
-                    pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
-                    self._written.append(layer)
-            except Exception as err:
-                self._failure = err
-            finally:
-                self._unissued -= 1
-                self._lock.notify_all()
+    def _copy(self, layer: int, pages: torch.Tensor) -> None:
+        """On the issuer's thread, once ``pages`` is produced."""
+        with torch.cuda.device(self._remote.device), torch.cuda.stream(self._stream):
+            scatter_pages(self._remote[layer], self._blocks, pages.to(self._remote.device), self._heads)
+        pages.record_stream(self._stream)  # the allocator must not reuse it before the side stream is done
 
     def ready(self) -> None:
         self._go.set()
 
     def halt(self) -> None:
-        with self._lock:
-            self._halted = True
-            self._lock.notify_all()
+        self._copies.halt()
         self._go.set()
 
     def drain(self) -> None:
-        """Halted: wait for the copies issued (the rest never will be). Otherwise for every layer's copy."""
-        with self._lock:
-            self._lock.wait_for(lambda: self._halted or self._unissued == 0)
-            if self._failure is not None and not self._halted:
-                raise TransferError(f"cuda_ipc: copying a layer failed: {self._failure}")
-        self._stream.synchronize()
+        self._copies.drain()
 
     def end_fields(self) -> dict:
-        with self._lock:
-            return {"layers": sorted(self._written)}
+        return {"layers": self._copies.written()}
 
 
 def writer_factory(endpoint: ReceiverEndpoint) -> Callable[[TransferSpec], IpcWriter]:
