@@ -119,7 +119,7 @@ def test_cuda_ipc_writer_scatters_with_an_index_ready_on_its_own_stream():
     writer = IpcWriter(dst.kv_cache, dst.spec("w", BLOCKS), side)
     writer.ready()
     with torch.cuda.stream(gather):
-        assert writer.prepare(0, pages) is None  # READY came: copied at once
+        assert writer.prepare(0, pages) is None  # READY came: handed to the issuer at once
     writer.drain()
     assert not torch.cuda.default_stream().query(), "the default stream was idle: nothing was tested"
     torch.cuda.synchronize()
