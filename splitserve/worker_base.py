@@ -80,8 +80,8 @@ class WorkerBase(ReportsRequestTimes):
         self._loop: asyncio.AbstractEventLoop | None = None  # the default event loop, once ``ready`` ran on it
         # Its first ``_step`` waits for a call or a wake-up, which nothing makes before the subclass is set up.
         self._thread = EngineThread(self._step_and_report, name=f"{worker_id}-engine")
-        # While a step waits for the device, the engine is let go of: calls that touch nothing the step uses (freeing
-        # pages it does not write, reserving free ones) run then, not after it.
+        # While a step waits for the device, the engine is let go of: the calls each worker submits ``during_step``
+        # (freeing or reserving pages that no step in flight can write before it ends) run then, not after it.
         self.engine.device_wait = self._thread.device_wait
 
     def _step(self) -> bool:

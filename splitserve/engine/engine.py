@@ -423,8 +423,9 @@ class Engine:
 
         The pages stay held until ``release``, so the transfer can read them. ``hook_for`` is asked, before each
         forward pass, for a layer hook given the sequences whose prompts complete in that pass. A sequence released
-        while a pass waits for the device (``device_wait``) gets no first token and no further pass: its pages are
-        free at once, because only passes queued behind this one on the same stream can write them again.
+        during a pass (from its layer hook, or while it waits for the device in ``device_wait``) gets no first token
+        and no further pass: its pages are free at once, as only passes queued behind this one on the same stream
+        can write them again.
         Raises OutOfBlocks (nothing allocated) when the prompts do not fit now.
         """
         needed = sum(self.blocks.blocks_for(s.num_tokens) for s in seqs)

@@ -172,7 +172,7 @@ class PrefillWorker(WorkerBase):
             with self._lock:
                 job.stage = _Stage.TRANSFERRING
                 aborted = job.aborted
-            if aborted:  # during the pass: nobody wants the token (an abort during the device wait freed its pages)
+            if aborted:  # during the pass: nobody wants the token, and its abort had its pages freed meanwhile
                 job.first.set_exception(_cancelled(job))
                 if job.handle is None:  # freed before its last chunk's pass: it never began a transfer
                     self._release(job)
