@@ -64,8 +64,18 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_turns(rows: Sequence[TurnMetrics]) -> str:
-    headers = ["turn", "requests", "TTFT p50 ms", "p90", "prompt", "new", "computed", "hit rate", "oracle"]
-    headers.append("KV MB moved")
+    headers = [
+        "turn",
+        "requests",
+        "TTFT p50 ms",
+        "p90",
+        "prompt",
+        "new",
+        "computed",
+        "hit rate",
+        "oracle",
+        "KV MB moved",
+    ]
     cells = [
         [
             str(r.turn),
